@@ -1,0 +1,1 @@
+"""One module per ``opt-ray`` subcommand: ``add_parser(subparsers)`` + ``run(args)``."""

@@ -1,0 +1,255 @@
+"""OPT as a decoder-only transformer, in one readable file.
+
+Names match the HF-format checkpoints (``model.decoder.layers.N.self_attn.q_proj`` ...),
+so import/export is a prefix change. The model knows nothing of parallelism: FSDP2 and
+tensor parallelism are applied from outside (``opt_ray.model.parallel``). The attention
+infers its local head count from the q projection's output width, so it runs unchanged
+when that projection is a column-parallel shard.
+
+OPT quirks, all explicit below:
+- learned positions with an offset of 2, computed from the attention mask so that left
+  padding does not shift them;
+- pre-LN everywhere except the released 350m, which is post-LN;
+- the 350m's 512-wide token embedding with project_in / project_out around the stack;
+- the LM head is tied to the token embedding and has no bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from opt_ray.config import ModelConfig
+
+# OPT's position table has two extra rows: ids 0 and 1 were reserved by fairseq
+# (padding_idx + 1), so position p is looked up at row p + 2.
+POSITION_OFFSET = 2
+
+
+class Cache(Protocol):
+    """What the attention needs from a KV cache: append this step's k/v for a layer and
+    get back everything to attend to. The serving engine supplies its own (slots, blocks)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+class KVCache:
+    """The simplest cache: per layer, keys and values concatenated along time.
+    k, v: (B, nh, S, hs)."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.layer_idx = layer_idx
+        self.head_dim = cfg.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = cfg.attention_dropout
+        self.q_proj = nn.Linear(d, d, bias=cfg.enable_bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.enable_bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.enable_bias)
+        self.out_proj = nn.Linear(d, d, bias=cfg.enable_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # OPT scales q (bias included) before QK^T, so SDPA gets scale=1.
+        q = self.q_proj(x) * self.scaling
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        # -1 heads: under tensor parallelism this rank holds only its shard of the heads.
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)        # (B, nh, S, hs), S >= T
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            # A mask-free call is a plain causal one: the fast (flash) path on GPU.
+            is_causal=mask is None and T > 1,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=1.0,
+        )                                                    # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
+        return self.out_proj(y)
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.pre_ln = cfg.do_layer_norm_before
+        self.dropout = cfg.dropout
+        self.act = F.relu if cfg.activation_function == "relu" else F.gelu
+        affine = cfg.layer_norm_elementwise_affine
+        self.self_attn = OPTAttention(cfg, layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.fc1 = nn.Linear(d, cfg.ffn_dim, bias=cfg.enable_bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, d, bias=cfg.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+        # Attention sub-block. Pre-LN normalises the branch input; post-LN (350m) the sum.
+        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h = self.self_attn(h, mask, cache)
+        x = x + F.dropout(h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        # Feed-forward sub-block.
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = self.fc2(self.act(self.fc1(h)))
+        x = x + F.dropout(h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, e = cfg.hidden_size, cfg.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, e, padding_idx=cfg.pad_token_id)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
+        # The 350m embeds in 512 dims and projects in and out of the 1024-wide stack.
+        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
+        # Post-LN stacks end normalised already; pre-LN stacks need a final norm.
+        self.final_layer_norm = (nn.LayerNorm(d, elementwise_affine=cfg.layer_norm_elementwise_affine)
+                                 if cfg.do_layer_norm_before else None)
+        self.layers = nn.ModuleList(OPTDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+
+
+class OPT(nn.Module):
+    """OPT causal LM. ``model(input_ids)`` returns logits (B, T, vocab).
+
+    Optional arguments:
+      attention_mask: (B, S) with 1 for real tokens and 0 for padding, over every key the
+        step attends to (past + current when a cache is used). Left padding is supported.
+      position_ids: (B, T) explicit positions (before the offset of 2); by default they
+        come from the attention mask, or count on from the cache length.
+      cache: a ``Cache`` (``KVCache()`` for plain incremental decoding).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()  # HF layout: model.decoder.*, lm_head
+        self.model.decoder = OPTDecoder(cfg)
+        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.model.decoder.embed_tokens.weight  # tied
+        # Set by training (a recompute-for-memory trade); off for inference.
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @property
+    def decoder(self) -> OPTDecoder:
+        return self.model.decoder
+
+    def reset_parameters(self) -> None:
+        """The paper's init: N(0, 0.006) everywhere, each block's output projections
+        (attention out_proj and fc2) scaled down by 1/sqrt(2L), biases 0, LayerNorm 1/0."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                is_out = name.endswith("self_attn.out_proj") or name.endswith(".fc2")
+                nn.init.normal_(m.weight, mean=0.0, std=out_std if is_out else std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        return self.lm_head(h)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """The decoder's output before the LM head: (B, T, word_embed_proj_dim)."""
+        dec = self.decoder
+        B, T = input_ids.shape
+        past = getattr(cache, "length", 0) if cache is not None else 0
+        if position_ids is None:
+            position_ids = _positions(attention_mask, B, T, past, input_ids.device)
+        x = dec.embed_tokens(input_ids)
+        if dec.project_in is not None:
+            x = dec.project_in(x)
+        x = x + dec.embed_positions(position_ids + POSITION_OFFSET)  # no dropout on embeddings
+        mask = _attention_bias(attention_mask, T) if attention_mask is not None else None
+        if mask is None and past > 0 and T > 1:
+            # Chunked prefill on top of a cache: causal within the chunk, all of the past.
+            mask = _attention_bias(torch.ones(B, past + T, device=x.device), T)
+        for layer in dec.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask, cache)
+        if dec.final_layer_norm is not None:
+            x = dec.final_layer_norm(x)
+        if dec.project_out is not None:
+            x = dec.project_out(x)
+        return x
+
+
+def _positions(attention_mask: torch.Tensor | None, B: int, T: int, past: int,
+               device: torch.device) -> torch.Tensor:
+    """Positions (before the +2 offset). With a mask, position = cumsum(mask) - 1 so left
+    padding does not shift real tokens; padded slots get -1 (row 1 of the table, unused)."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
+    m = attention_mask.long()
+    pos = torch.cumsum(m, dim=1) * m - 1
+    return pos[:, -T:]
+
+
+def _attention_bias(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S), True = may attend, from a key-validity mask (B, S): key j
+    is visible to query i (the i-th of the last T positions) when j <= S - T + i and key j
+    is real. Each query also sees its own key, so rows of left padding (no real key at all)
+    stay finite instead of NaN; real tokens are unaffected since their own key is real."""
+    B, S = attention_mask.shape
+    device = attention_mask.device
+    q_pos = torch.arange(S - T, S, device=device).unsqueeze(1)      # (T, 1)
+    k_pos = torch.arange(S, device=device).unsqueeze(0)             # (1, S)
+    visible = (k_pos <= q_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, S)
+    visible = visible | (k_pos == q_pos).unsqueeze(0)
+    return visible.unsqueeze(1)
