@@ -1,0 +1,389 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    PENDING: _ClassVar[JobState]
+    RUNNING: _ClassVar[JobState]
+    SUCCEEDED: _ClassVar[JobState]
+    FAILED: _ClassVar[JobState]
+    STOPPED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+PENDING: JobState
+RUNNING: JobState
+SUCCEEDED: JobState
+FAILED: JobState
+STOPPED: JobState
+
+class DedupSpec(_message.Message):
+    __slots__ = ("inputs", "output", "workers", "threshold")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    output: str
+    workers: int
+    threshold: float
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class TokenizerSpec(_message.Message):
+    __slots__ = ("corpus", "vocab_size", "output")
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    corpus: str
+    vocab_size: int
+    output: str
+    def __init__(self, corpus: _Optional[str] = ..., vocab_size: _Optional[int] = ..., output: _Optional[str] = ...) -> None: ...
+
+class TokenizeSpec(_message.Message):
+    __slots__ = ("input", "tokenizer", "seq_len", "output", "workers")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    tokenizer: str
+    seq_len: int
+    output: str
+    workers: int
+    def __init__(self, input: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seq_len: _Optional[int] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class TrainSpec(_message.Message):
+    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from")
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    preset: str
+    data: str
+    output: str
+    min_workers: int
+    max_workers: int
+    steps: int
+    resume_from: int
+    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
+
+class EvalSpec(_message.Message):
+    __slots__ = ("checkpoint", "data", "output")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    data: str
+    output: str
+    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+
+class ExportSpec(_message.Message):
+    __slots__ = ("run_dir", "output", "step")
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    run_dir: str
+    output: str
+    step: int
+    def __init__(self, run_dir: _Optional[str] = ..., output: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class StageSpec(_message.Message):
+    __slots__ = ("dedup", "tokenizer", "tokenize", "train", "eval", "export")
+    DEDUP_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    dedup: DedupSpec
+    tokenizer: TokenizerSpec
+    tokenize: TokenizeSpec
+    train: TrainSpec
+    eval: EvalSpec
+    export: ExportSpec
+    def __init__(self, dedup: _Optional[_Union[DedupSpec, _Mapping]] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., export: _Optional[_Union[ExportSpec, _Mapping]] = ...) -> None: ...
+
+class PipelineSpec(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageSpec]
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("name", "dedup", "tokenize", "train", "eval", "export", "pipeline", "tokenizer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dedup: DedupSpec
+    tokenize: TokenizeSpec
+    train: TrainSpec
+    eval: EvalSpec
+    export: ExportSpec
+    pipeline: PipelineSpec
+    tokenizer: TokenizerSpec
+    def __init__(self, name: _Optional[str] = ..., dedup: _Optional[_Union[DedupSpec, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., export: _Optional[_Union[ExportSpec, _Mapping]] = ..., pipeline: _Optional[_Union[PipelineSpec, _Mapping]] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ...) -> None: ...
+
+class Attempt(_message.Message):
+    __slots__ = ("ray_submission_id", "stage", "entrypoint", "state", "message", "start_time", "end_time", "reason")
+    RAY_SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ray_submission_id: str
+    stage: str
+    entrypoint: str
+    state: JobState
+    message: str
+    start_time: float
+    end_time: float
+    reason: str
+    def __init__(self, ray_submission_id: _Optional[str] = ..., stage: _Optional[str] = ..., entrypoint: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "kind", "name", "state", "message", "spec", "attempts", "created", "updated", "run_dir", "stage_index", "stage_count")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kind: str
+    name: str
+    state: JobState
+    message: str
+    spec: JobSpec
+    attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
+    created: float
+    updated: float
+    run_dir: str
+    stage_index: int
+    stage_count: int
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., run_dir: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("active_only", "kind")
+    ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    active_only: bool
+    kind: str
+    def __init__(self, active_only: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ScaleJobRequest(_message.Message):
+    __slots__ = ("job_id", "min_workers", "max_workers")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    min_workers: int
+    max_workers: int
+    def __init__(self, job_id: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
+
+class RollbackJobRequest(_message.Message):
+    __slots__ = ("job_id", "checkpoint_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    checkpoint_step: int
+    def __init__(self, job_id: _Optional[str] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "include_logs", "include_metrics", "from_start")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_LOGS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    FROM_START_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    include_logs: bool
+    include_metrics: bool
+    from_start: bool
+    def __init__(self, job_id: _Optional[str] = ..., include_logs: _Optional[bool] = ..., include_metrics: _Optional[bool] = ..., from_start: _Optional[bool] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("time", "job_id", "status", "log", "metrics_line", "logbook_line")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    METRICS_LINE_FIELD_NUMBER: _ClassVar[int]
+    LOGBOOK_LINE_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    job_id: str
+    status: Job
+    log: str
+    metrics_line: str
+    logbook_line: str
+    def __init__(self, time: _Optional[float] = ..., job_id: _Optional[str] = ..., status: _Optional[_Union[Job, _Mapping]] = ..., log: _Optional[str] = ..., metrics_line: _Optional[str] = ..., logbook_line: _Optional[str] = ...) -> None: ...
+
+class ServeSpec(_message.Message):
+    __slots__ = ("name", "checkpoint", "replicas", "http_port", "grpc_port", "max_batch_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
+    GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    checkpoint: str
+    replicas: int
+    http_port: int
+    grpc_port: int
+    max_batch_size: int
+    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., replicas: _Optional[int] = ..., http_port: _Optional[int] = ..., grpc_port: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class ServeApp(_message.Message):
+    __slots__ = ("name", "spec", "job_id", "state", "message")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: ServeSpec
+    job_id: str
+    state: JobState
+    message: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ServeSpec, _Mapping]] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DeployServeRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ServeSpec
+    def __init__(self, spec: _Optional[_Union[ServeSpec, _Mapping]] = ...) -> None: ...
+
+class UpdateServeRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ServeSpec
+    def __init__(self, spec: _Optional[_Union[ServeSpec, _Mapping]] = ...) -> None: ...
+
+class RemoveServeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListServeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListServeResponse(_message.Message):
+    __slots__ = ("apps",)
+    APPS_FIELD_NUMBER: _ClassVar[int]
+    apps: _containers.RepeatedCompositeFieldContainer[ServeApp]
+    def __init__(self, apps: _Optional[_Iterable[_Union[ServeApp, _Mapping]]] = ...) -> None: ...
+
+class ReadLogbookRequest(_message.Message):
+    __slots__ = ("job_id", "run_dir", "markdown")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    MARKDOWN_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    run_dir: str
+    markdown: bool
+    def __init__(self, job_id: _Optional[str] = ..., run_dir: _Optional[str] = ..., markdown: _Optional[bool] = ...) -> None: ...
+
+class ReadLogbookResponse(_message.Message):
+    __slots__ = ("events", "markdown", "run_dir")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MARKDOWN_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedScalarFieldContainer[str]
+    markdown: str
+    run_dir: str
+    def __init__(self, events: _Optional[_Iterable[str]] = ..., markdown: _Optional[str] = ..., run_dir: _Optional[str] = ...) -> None: ...
+
+class ClusterHealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ComponentHealth(_message.Message):
+    __slots__ = ("name", "ok", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ok: bool
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ClusterHealthResponse(_message.Message):
+    __slots__ = ("ok", "components", "alive_nodes", "total_resources", "available_resources", "dashboard_url", "active_jobs")
+    class TotalResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class AvailableResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OK_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_NODES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    DASHBOARD_URL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    components: _containers.RepeatedCompositeFieldContainer[ComponentHealth]
+    alive_nodes: int
+    total_resources: _containers.ScalarMap[str, float]
+    available_resources: _containers.ScalarMap[str, float]
+    dashboard_url: str
+    active_jobs: int
+    def __init__(self, ok: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., alive_nodes: _Optional[int] = ..., total_resources: _Optional[_Mapping[str, float]] = ..., available_resources: _Optional[_Mapping[str, float]] = ..., dashboard_url: _Optional[str] = ..., active_jobs: _Optional[int] = ...) -> None: ...
