@@ -1,0 +1,476 @@
+"""The divergence guard: OPT-175B's manual divergence interventions, as a policy.
+
+When OPT-175B diverged, the team rolled back to an earlier checkpoint whose fp16 loss
+scale was still healthy (>= 1.0), lowered the learning rate, tightened gradient clipping
+(1.0 -> 0.3) and skipped the data around the blow-up (see ../shared/OPT_FACTS.md). This
+module decides *when* to do that and *what* to do; the training loop does it.
+
+Pure Python (no torch), so it is tested on synthetic loss streams. The loop's side:
+
+    guard = DivergenceGuard(GuardConfig())
+    for step in ...:
+        ... train one optimizer step -> loss, grad_norm, scaler scale (fp16) or None ...
+        verdict = guard.observe(step, loss, grad_norm, loss_scale, batch=sampler_pos)
+        if verdict is not None:
+            target = guard.pick_checkpoint(checkpointer.available_steps())
+            if verdict.give_up:                       # retries spent or nothing to go to
+                raise DivergenceError(verdict)        # exits non-zero with verdict.report
+            ... load checkpoint `target` (but keep this guard's state, not the old one's),
+            lr multiplier = verdict.lr_scale, clip = verdict.new_clip or clip,
+            drop checkpoints verdict.invalidate_checkpoints, skip verdict.skip_steps ...
+        if step % save_every == 0:
+            ... save, with guard.state_dict() inside ...
+            guard.record_checkpoint(step, loss_scale)
+
+Vocabulary. A *step* is the global optimizer-step index; the checkpoint "at step s"
+holds the state after step s. The *onset* of trouble is the first step of the
+uninterrupted streak of elevated losses (above ``onset_factor`` x the running mean) that
+ended in the detection, so the guard rolls back to a checkpoint from before the loss
+started creeping up, not merely the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from opt_ray.config import ConfigError
+from opt_ray.errors import UserError
+
+REASONS = ("nan", "spike", "loss_scale_floor")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class GuardConfig:
+    """Divergence policy. The defaults are the paper's interventions.
+
+    Detection: a non-finite loss (or non-finite grad norm outside fp16, where overflow is
+    the loss scaler's business), a loss above ``spike_factor`` x the mean of the last
+    ``window`` healthy losses (only once ``min_steps`` healthy steps were seen), or an fp16
+    loss scale at or below ``loss_scale_floor``.
+
+    Response: roll back to the last checkpoint before the onset whose loss scale was at
+    least ``min_checkpoint_loss_scale`` (fp16 runs), multiply the LR by ``lr_factor``
+    (compounding over rollbacks), set gradient clipping to ``clip_after_rollback`` (None:
+    leave it), skip the batches of the last ``skip_batches`` steps up to the detection.
+    After ``max_rollbacks`` rollbacks the next detection gives up with a report.
+    """
+    enabled: bool = True
+    spike_factor: float = 1.5
+    # A loss above onset_factor x running mean is "elevated": not yet a spike, but it marks
+    # when the trouble began, and it is kept out of the running mean.
+    onset_factor: float = 1.1
+    window: int = 50
+    min_steps: int = 20
+    check_nan: bool = True
+    # Optional: a grad norm above this factor x its running mean also counts as a spike.
+    grad_spike_factor: float | None = None
+    # fp16 dynamic loss scaling: a scale at/below the floor means the scaler keeps
+    # overflowing, i.e. the run is diverging (fairseq's min_loss_scale default).
+    loss_scale_floor: float | None = 1e-4
+    # OPT rolled back to checkpoints "whose loss scale was >= 1.0".
+    min_checkpoint_loss_scale: float = 1.0
+    lr_factor: float = 0.5
+    clip_after_rollback: float | None = 0.3
+    skip_batches: int = 1
+    max_rollbacks: int = 3
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), f"guard.enabled must be true or false, got {self.enabled!r}")
+        _require(self.spike_factor > 1.0,
+                 f"guard.spike_factor must be > 1 (a spike is loss > factor x running mean; "
+                 f"OPT-scale runs use ~1.5), got {self.spike_factor!r}")
+        _require(1.0 <= self.onset_factor <= self.spike_factor,
+                 f"guard.onset_factor must be in [1, spike_factor={self.spike_factor}] (it marks "
+                 f"the start of the rise before a spike), got {self.onset_factor!r}")
+        _require(isinstance(self.window, int) and self.window >= 1,
+                 f"guard.window must be a positive number of steps, got {self.window!r}")
+        _require(isinstance(self.min_steps, int) and self.min_steps >= 1,
+                 f"guard.min_steps must be >= 1 (healthy steps seen before spikes are judged), "
+                 f"got {self.min_steps!r}")
+        _require(self.grad_spike_factor is None or self.grad_spike_factor > 1.0,
+                 f"guard.grad_spike_factor must be > 1 or None (off), got {self.grad_spike_factor!r}")
+        _require(self.loss_scale_floor is None or self.loss_scale_floor > 0,
+                 f"guard.loss_scale_floor must be > 0 or None (off), got {self.loss_scale_floor!r}")
+        _require(self.min_checkpoint_loss_scale >= 0,
+                 f"guard.min_checkpoint_loss_scale must be >= 0, got {self.min_checkpoint_loss_scale!r}")
+        _require(0.0 < self.lr_factor <= 1.0,
+                 f"guard.lr_factor must be in (0, 1] (the LR is multiplied by it after each "
+                 f"rollback; 1 keeps it), got {self.lr_factor!r}")
+        _require(self.clip_after_rollback is None or self.clip_after_rollback > 0,
+                 f"guard.clip_after_rollback must be > 0 or None (leave clipping as is), "
+                 f"got {self.clip_after_rollback!r}")
+        _require(isinstance(self.skip_batches, int) and self.skip_batches >= 0,
+                 f"guard.skip_batches must be an integer >= 0 (0: skip no data), got {self.skip_batches!r}")
+        _require(isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0,
+                 f"guard.max_rollbacks must be an integer >= 0, got {self.max_rollbacks!r}")
+
+
+@dataclass
+class Verdict:
+    """What the guard found at ``step`` and what the loop should do about it."""
+    reason: str                       # "nan" | "spike" | "loss_scale_floor"
+    step: int                         # the step at which it was detected
+    onset_step: int                   # the first step of the trouble (<= step)
+    loss: float | None
+    grad_norm: float | None
+    loss_scale: float | None
+    running_mean: float | None        # the healthy baseline the loss was compared with
+    attempt: int                      # 1 for the first rollback, 2 for the second, ...
+    max_rollbacks: int
+    lr_factor: float                  # this rollback's LR cut
+    lr_scale: float                   # cumulative multiplier to apply to the LR schedule
+    new_clip: float | None            # gradient clipping to use from now on (None: keep)
+    skip_steps: list[int] = field(default_factory=list)   # steps whose batches to skip
+    skip_batches: list[Any] = field(default_factory=list)  # their batch ids, where given
+    rollback_to: int | None = None    # filled by DivergenceGuard.pick_checkpoint
+    invalidate_checkpoints: list[int] = field(default_factory=list)  # from the bad trajectory
+    give_up: bool = False
+    report: str = ""                  # filled when give_up: what happened, what was tried
+
+    @property
+    def message(self) -> str:
+        """One line for logs and progress bars."""
+        what = {"nan": "non-finite loss/grad norm", "spike": "loss spike",
+                "loss_scale_floor": "fp16 loss scale at its floor"}[self.reason]
+        loss = "nan" if self.loss is None else f"{self.loss:.4g}"
+        base = "" if self.running_mean is None else f" (running mean {self.running_mean:.4g})"
+        return f"{what} at step {self.step}: loss {loss}{base}, trouble began at step {self.onset_step}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["message"] = self.message
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+        d = dict(d)
+        d.pop("message", None)
+        return cls(**d)
+
+
+class DivergenceError(UserError):
+    """The guard gave up: rollbacks exhausted or no healthy checkpoint. ``str(e)`` is the
+    report; the CLI prints it and exits non-zero."""
+
+    def __init__(self, verdict: Verdict):
+        self.verdict = verdict
+        super().__init__(verdict.report or verdict.message)
+
+
+def _finite(x: float | None) -> bool:
+    return x is None or math.isfinite(x)
+
+
+class DivergenceGuard:
+    """Watches (step, loss, grad norm, loss scale) and returns a ``Verdict`` on divergence.
+
+    State (rollbacks so far, LR scale, clip, skipped steps, checkpoint health, the running
+    window) round-trips through ``state_dict``/``load_state_dict`` so a restarted run
+    remembers what was already tried.
+    """
+
+    def __init__(self, cfg: GuardConfig | None = None):
+        self.cfg = cfg or GuardConfig()
+        self._losses: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
+        self._grads: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
+        self._healthy_seen = 0            # healthy observations so far (for min_steps)
+        self._streak_start: int | None = None   # first step of the current elevated streak
+        self._streak_len = 0
+        self._low_scale_since: int | None = None  # first step with fp16 scale below healthy
+        self._checkpoints: dict[int, dict[str, Any]] = {}
+        self._bad_checkpoints: set[int] = set()
+        self.verdicts: list[Verdict] = []
+        self.pending: Verdict | None = None
+        self.lr_scale = 1.0
+        self.clip: float | None = None
+        self.skip_steps: list[int] = []
+        self.skip_batches: list[Any] = []
+        self._batch_ids: dict[int, Any] = {}
+
+    # ---------------------------------------------------------------------------------
+    # Detection
+    # ---------------------------------------------------------------------------------
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks decided so far (give-ups excluded)."""
+        return sum(1 for v in self.verdicts if not v.give_up)
+
+    def running_mean(self) -> float | None:
+        if not self._losses:
+            return None
+        return sum(l for _, l in self._losses) / len(self._losses)
+
+    def observe(self, step: int, loss: float | None, grad_norm: float | None = None,
+                loss_scale: float | None = None, batch: Any = None) -> Verdict | None:
+        """Judge one optimizer step. Returns None while healthy, else a ``Verdict``.
+
+        ``loss_scale`` is the fp16 scaler's scale (None for bf16/fp32). ``batch`` is an
+        optional JSON-able id of the step's batch (e.g. the sampler position), echoed in
+        ``Verdict.skip_batches`` so the loop can skip by id instead of by step.
+        """
+        if not self.cfg.enabled:
+            return None
+        cfg = self.cfg
+        loss = None if loss is None else float(loss)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if batch is not None:
+            self._batch_ids[step] = batch
+            # Only recent ids can ever be skipped; keep the map bounded.
+            for old in [s for s in self._batch_ids if s < step - cfg.window - cfg.skip_batches]:
+                del self._batch_ids[old]
+
+        if loss_scale is not None and loss_scale < cfg.min_checkpoint_loss_scale:
+            if self._low_scale_since is None:
+                self._low_scale_since = step
+        elif loss_scale is not None:
+            self._low_scale_since = None
+
+        mean = self.running_mean()
+        reason = None
+        if cfg.check_nan and (loss is None or not _finite(loss)):
+            reason = "nan"
+        elif cfg.check_nan and loss_scale is None and not _finite(grad_norm):
+            # Under fp16 an inf grad norm is an overflow the scaler skips; elsewhere it is
+            # a real divergence.
+            reason = "nan"
+        elif (cfg.loss_scale_floor is not None and loss_scale is not None
+              and loss_scale <= cfg.loss_scale_floor):
+            reason = "loss_scale_floor"
+        elif loss is None or not math.isfinite(loss):
+            return None  # NaN checks are off: nothing sensible to compare or keep
+        elif self._healthy_seen >= cfg.min_steps and mean is not None and loss > cfg.spike_factor * mean:
+            reason = "spike"
+        elif (cfg.grad_spike_factor is not None and self._healthy_seen >= cfg.min_steps
+              and grad_norm is not None and self._grads
+              and grad_norm > cfg.grad_spike_factor * (sum(g for _, g in self._grads) / len(self._grads))):
+            reason = "spike"
+
+        if reason is None:
+            self._note_healthy(step, loss, grad_norm, mean)
+            return None
+        return self._decide(reason, step, loss, grad_norm, loss_scale, mean)
+
+    def _note_healthy(self, step: int, loss: float, grad_norm: float | None,
+                      mean: float | None) -> None:
+        cfg = self.cfg
+        elevated = (self._healthy_seen >= cfg.min_steps and mean is not None
+                    and loss > cfg.onset_factor * mean)
+        if elevated and self._streak_len < cfg.window:
+            # Keep the rise out of the baseline, and remember when it began.
+            if self._streak_start is None:
+                self._streak_start = step
+            self._streak_len += 1
+            return
+        # A streak as long as the window that never became a spike is a new normal
+        # (e.g. a harder data mix), not trouble: accept it into the baseline.
+        self._streak_start, self._streak_len = None, 0
+        self._losses.append((step, loss))
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self._grads.append((step, grad_norm))
+        self._healthy_seen += 1
+
+    def _onset(self, step: int) -> int:
+        candidates = [step]
+        if self._streak_start is not None:
+            candidates.append(self._streak_start)
+        if self._low_scale_since is not None:
+            candidates.append(self._low_scale_since)
+        return min(candidates)
+
+    def _decide(self, reason: str, step: int, loss: float | None, grad_norm: float | None,
+                loss_scale: float | None, mean: float | None) -> Verdict:
+        cfg = self.cfg
+        onset = self._onset(step)
+        attempt = self.rollbacks + 1
+        lo = max(step - cfg.skip_batches + 1, 0)
+        skip = list(range(lo, step + 1)) if cfg.skip_batches else []
+        v = Verdict(
+            reason=reason, step=step, onset_step=onset,
+            loss=loss if loss is not None and math.isfinite(loss) else None,
+            grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+            loss_scale=loss_scale, running_mean=mean, attempt=attempt,
+            max_rollbacks=cfg.max_rollbacks, lr_factor=cfg.lr_factor,
+            lr_scale=self.lr_scale * cfg.lr_factor,
+            new_clip=cfg.clip_after_rollback if cfg.clip_after_rollback is not None else self.clip,
+            skip_steps=skip,
+            skip_batches=[self._batch_ids[s] for s in skip if s in self._batch_ids],
+        )
+        if attempt > cfg.max_rollbacks:
+            v.lr_scale, v.new_clip, v.skip_steps, v.skip_batches = self.lr_scale, self.clip, [], []
+            self._give_up(v, f"the limit of {cfg.max_rollbacks} rollback(s) (guard.max_rollbacks) is spent")
+        self.pending = v
+        return v
+
+    def _give_up(self, v: Verdict, why: str) -> None:
+        v.give_up = True
+        v.report = self.report(v, why)
+        self.verdicts.append(v)
+
+    # ---------------------------------------------------------------------------------
+    # Checkpoints and rollback
+    # ---------------------------------------------------------------------------------
+
+    def record_checkpoint(self, step: int, loss_scale: float | None = None,
+                          healthy: bool | None = None) -> None:
+        """Note a checkpoint saved at ``step``. ``healthy`` None: the guard judges (not
+        inside an elevated-loss streak and, under fp16, scale >= min_checkpoint_loss_scale)."""
+        if healthy is None:
+            healthy = self._streak_start is None and (
+                loss_scale is None or loss_scale >= self.cfg.min_checkpoint_loss_scale)
+        self._checkpoints[int(step)] = {"loss_scale": loss_scale, "healthy": bool(healthy)}
+        self._bad_checkpoints.discard(int(step))
+
+    def is_usable(self, step: int) -> bool:
+        """Whether a checkpoint may be rolled back (or restarted) to, as far as the guard knows."""
+        if step in self._bad_checkpoints:
+            return False
+        meta = self._checkpoints.get(step)
+        if meta is None:
+            return True  # not seen by this guard (e.g. written before it existed)
+        if not meta["healthy"]:
+            return False
+        ls = meta["loss_scale"]
+        return ls is None or ls >= self.cfg.min_checkpoint_loss_scale
+
+    def pick_checkpoint(self, available_steps: Iterable[int]) -> int | None:
+        """Choose the rollback target for the pending verdict and commit to it.
+
+        The last usable checkpoint strictly before the onset of trouble (the checkpoint
+        at step s is the state after step s, so s < onset is untouched by it). Fills
+        ``rollback_to`` and ``invalidate_checkpoints`` (later checkpoints, from the
+        diverging trajectory), records the LR/clip/skip decisions in the guard's state and
+        truncates the running window to the target. Returns None, and turns the verdict
+        into a give-up with a report, when no checkpoint qualifies or retries are spent.
+        """
+        v = self.pending
+        if v is None:
+            raise RuntimeError("pick_checkpoint() called without a pending verdict from observe()")
+        self.pending = None
+        if v.give_up:
+            return None
+        steps = sorted({int(s) for s in available_steps})
+        usable = [s for s in steps if s < v.onset_step and self.is_usable(s)]
+        if not usable:
+            seen = ", ".join(map(str, steps)) or "none"
+            self._give_up(v, f"no healthy checkpoint before step {v.onset_step} "
+                             f"(available: {seen}); save checkpoints more often "
+                             f"(--save-every) or start from an earlier one")
+            return None
+        target = usable[-1]
+        v.rollback_to = target
+        v.invalidate_checkpoints = [s for s in steps if s > target]
+        self._bad_checkpoints.update(v.invalidate_checkpoints)
+        # Skipped steps at or before the target were trained on in the good trajectory.
+        v.skip_steps = [s for s in v.skip_steps if s > target]
+        v.skip_batches = [self._batch_ids[s] for s in v.skip_steps if s in self._batch_ids]
+        self.skip_steps = sorted(set(self.skip_steps) | set(v.skip_steps))
+        self.skip_batches = self.skip_batches + [b for b in v.skip_batches if b not in self.skip_batches]
+        self.lr_scale = v.lr_scale
+        self.clip = v.new_clip
+        self.verdicts.append(v)
+        # Forget what the diverging trajectory taught the baseline; the replay re-observes it.
+        self._losses = deque(((s, l) for s, l in self._losses if s <= target), maxlen=self.cfg.window)
+        self._grads = deque(((s, g) for s, g in self._grads if s <= target), maxlen=self.cfg.window)
+        self._streak_start, self._streak_len, self._low_scale_since = None, 0, None
+        return target
+
+    def should_skip(self, step: int) -> bool:
+        """Whether the batch that step ``step`` consumed in a diverged trajectory is skipped."""
+        return step in self.skip_steps
+
+    # ---------------------------------------------------------------------------------
+    # Reporting and persistence
+    # ---------------------------------------------------------------------------------
+
+    def report(self, final: Verdict | None = None, why: str = "") -> str:
+        """A few lines saying what went wrong and what was tried (for the give-up error)."""
+        lines = []
+        if final is not None:
+            lines.append(f"training stopped: {final.message}; {why or 'the guard gave up'}.")
+        tried = [v for v in self.verdicts if not v.give_up]
+        if tried:
+            lines.append(f"tried {len(tried)} rollback(s):")
+            for v in tried:
+                clip = f", clip {v.new_clip}" if v.new_clip is not None else ""
+                skip = f", skipped batches of steps {v.skip_steps}" if v.skip_steps else ""
+                lines.append(f"  {v.attempt}. {v.message} -> rolled back to step {v.rollback_to}, "
+                             f"LR x{v.lr_scale:g}{clip}{skip}")
+        else:
+            lines.append("no rollback was tried.")
+        lines.append("next: lower the peak LR (--lr), tighten clipping, raise guard.max_rollbacks, "
+                     "or inspect the data near the failing steps; `opt-ray logbook RUN_DIR` has the chronicle.")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state; store it in every checkpoint."""
+        return {
+            "version": 1,
+            "losses": [list(x) for x in self._losses],
+            "grads": [list(x) for x in self._grads],
+            "healthy_seen": self._healthy_seen,
+            "streak_start": self._streak_start,
+            "streak_len": self._streak_len,
+            "low_scale_since": self._low_scale_since,
+            "checkpoints": {str(k): v for k, v in self._checkpoints.items()},
+            "bad_checkpoints": sorted(self._bad_checkpoints),
+            "verdicts": [v.to_dict() for v in self.verdicts],
+            "lr_scale": self.lr_scale,
+            "clip": self.clip,
+            "skip_steps": list(self.skip_steps),
+            "skip_batches": list(self.skip_batches),
+            "batch_ids": {str(k): v for k, v in self._batch_ids.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        try:
+            self._losses = deque((tuple(x) for x in sd["losses"]), maxlen=self.cfg.window)
+            self._grads = deque((tuple(x) for x in sd["grads"]), maxlen=self.cfg.window)
+            self._healthy_seen = int(sd["healthy_seen"])
+            self._streak_start = sd["streak_start"]
+            self._streak_len = int(sd["streak_len"])
+            self._low_scale_since = sd["low_scale_since"]
+            self._checkpoints = {int(k): dict(v) for k, v in sd["checkpoints"].items()}
+            self._bad_checkpoints = set(int(s) for s in sd["bad_checkpoints"])
+            self.verdicts = [Verdict.from_dict(v) for v in sd["verdicts"]]
+            self.lr_scale = float(sd["lr_scale"])
+            self.clip = sd["clip"]
+            self.skip_steps = [int(s) for s in sd["skip_steps"]]
+            self.skip_batches = list(sd["skip_batches"])
+            self._batch_ids = {int(k): v for k, v in sd["batch_ids"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"divergence guard state is malformed ({e!r}); it must come from "
+                             f"DivergenceGuard.state_dict()") from e
+        self.pending = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state as JSON atomically (for a run-level copy next to the checkpoints,
+        so a crash between a rollback and the next checkpoint does not forget it)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state_dict()))
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike) -> bool:
+        """Load state written by ``save``; False when the file does not exist."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        try:
+            sd = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: divergence guard state is not valid JSON; delete it to "
+                             f"start the guard afresh") from e
+        self.load_state_dict(sd)
+        return True
