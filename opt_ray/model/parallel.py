@@ -1,0 +1,299 @@
+"""Parallelism applied to an ``OPT`` from outside: Megatron-style tensor parallelism with
+fairscale's layers, then FSDP2 (``torch.distributed.fsdp.fully_shard``) over the data group.
+
+The model itself knows nothing of this. ``parallelize`` swaps its linear layers and the
+token embedding for fairscale's parallel ones *keeping the parameter names*, so a TP
+rank's state dict has the same keys as the full model with some tensors cut along one
+dimension (``tp_partition_dims``); ``merge_tp_shards`` / ``split_tp_state`` convert
+between degrees. Then each decoder layer and the root become FSDP2 units.
+
+Layout (OPT as Megatron did it):
+- q/k/v_proj, fc1: ColumnParallelLinear (output features split; heads split across ranks)
+- out_proj, fc2:   RowParallelLinear (input features split; all-reduce; bias replicated)
+- embed_tokens:    VocabParallelEmbedding (vocabulary rows split)
+- lm_head:         ColumnParallelLinear(gather_output=True) sharing the embedding's shard
+- everything else (positions, LayerNorms, project_in/out) replicated.
+
+Why this is not fairscale's FSDP: it needs CUDA streams and fails on CPU (DESIGN.md).
+fairscale's tensor-parallel layers use its global model-parallel group, so tensor
+parallelism is set up with ``init_model_parallel`` (fairscale's ``initialize_model_parallel``).
+
+RNG: tensor-parallel ranks must be seeded identically so that dropout on replicated
+activations draws the same masks on every rank of a tensor group.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from opt_ray.config import ModelConfig
+from opt_ray.errors import UserError
+from opt_ray.model.opt import OPT
+
+
+class ParallelConfigError(UserError, ValueError):
+    """A parallel layout that cannot be built (sizes that do not divide, groups missing)."""
+
+
+# --------------------------------------------------------------------------------------
+# Process groups
+# --------------------------------------------------------------------------------------
+
+def init_model_parallel(tp_size: int):
+    """Build fairscale's tensor/data groups and return ``(dp_group, tp_group)``.
+
+    Needs ``torch.distributed`` initialised. Tensor groups are consecutive ranks
+    ([0, 1], [2, 3], ... for tp 2), data groups strided ([0, 2, ...], [1, 3, ...]), so a
+    tensor group stays inside one node when ranks are numbered node by node. Calling it
+    again with the same size returns the existing groups.
+    """
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    if not dist.is_initialized():
+        raise ParallelConfigError("init_model_parallel needs torch.distributed initialised first "
+                                  "(torch.distributed.init_process_group)")
+    world = dist.get_world_size()
+    if tp_size < 1 or world % tp_size != 0:
+        raise ParallelConfigError(f"tensor-parallel size {tp_size} must be >= 1 and divide the "
+                                  f"world size {world}; pick a divisor of {world}")
+    if mpu.model_parallel_is_initialized():
+        have = mpu.get_model_parallel_world_size()
+        if have != tp_size:
+            raise ParallelConfigError(f"model parallelism is already initialised with tp={have}, "
+                                      f"asked for tp={tp_size}; call "
+                                      f"fairscale.nn.model_parallel.destroy_model_parallel() first")
+    else:
+        mpu.initialize_model_parallel(tp_size)
+    return mpu.get_data_parallel_group(), mpu.get_model_parallel_group()
+
+
+def _tp_world_and_rank(tp_group) -> tuple[int, int]:
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        raise ParallelConfigError("tensor parallelism needs init_model_parallel(tp_size) first")
+    if tp_group is not None and tp_group is not mpu.get_model_parallel_group():
+        # fairscale's layers always communicate over its global group.
+        raise ParallelConfigError("tp_group must be the group returned by init_model_parallel "
+                                  "(fairscale's layers use its global model-parallel group)")
+    return mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank()
+
+
+# --------------------------------------------------------------------------------------
+# Tensor parallelism
+# --------------------------------------------------------------------------------------
+
+# Parameter-name patterns (relative to the OPT root) and the dimension each is split on.
+# Absent names are replicated. Row-parallel biases are added after the all-reduce, so
+# they stay whole.
+_TP_RULES: list[tuple[re.Pattern[str], int]] = [
+    (re.compile(r"layers\.\d+\.self_attn\.[qkv]_proj\.(weight|bias)$"), 0),
+    (re.compile(r"layers\.\d+\.fc1\.(weight|bias)$"), 0),
+    (re.compile(r"layers\.\d+\.self_attn\.out_proj\.weight$"), 1),
+    (re.compile(r"layers\.\d+\.fc2\.weight$"), 1),
+    (re.compile(r"(^|\.)decoder\.embed_tokens\.weight$"), 0),
+    (re.compile(r"(^|\.)lm_head\.weight$"), 0),
+]
+
+
+def _tp_dim(name: str) -> int | None:
+    for pattern, dim in _TP_RULES:
+        if pattern.search(name):
+            return dim
+    return None
+
+
+def tp_partition_dims(model_or_cfg: OPT | ModelConfig) -> dict[str, int]:
+    """Parameter name -> the dimension it is split on under tensor parallelism, for every
+    split tensor of the model's state dict (names as in the full model's ``state_dict()``,
+    ``lm_head.weight`` included). Absent names are replicated on every tensor rank."""
+    cfg = model_or_cfg.config if isinstance(model_or_cfg, OPT) else model_or_cfg
+    with torch.device("meta"):
+        names = list(OPT(cfg).state_dict().keys())
+    return {n: d for n in names if (d := _tp_dim(n)) is not None}
+
+
+def _check_divisible(cfg: ModelConfig, tp: int) -> None:
+    for what, n in (("num_attention_heads", cfg.num_attention_heads), ("ffn_dim", cfg.ffn_dim),
+                    ("vocab_size", cfg.vocab_size)):
+        if n % tp:
+            raise ParallelConfigError(f"tensor-parallel size {tp} must divide model.{what} ({n}); "
+                                      f"choose a tp size that divides it")
+
+
+def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, tp: int, rank: int) -> None:
+    with torch.no_grad():
+        dst.copy_(full.chunk(tp, dim=dim)[rank])
+
+
+def _no_init(w: torch.Tensor) -> torch.Tensor:
+    # fairscale would build and randomly init a full master weight on every rank (and
+    # draw from the global RNG, desynchronising ranks); the real slice is copied in after.
+    return w
+
+
+def apply_tensor_parallel(model: OPT, tp_group=None) -> OPT:
+    """Swap the model's layers for fairscale's tensor-parallel ones, in place, copying
+    this rank's slice of the existing full weights (so tp=2 and tp=1 from the same seed
+    compute the same function). Parameter names are unchanged. Returns ``model``."""
+    from fairscale.nn.model_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                    VocabParallelEmbedding)
+
+    tp, rank = _tp_world_and_rank(tp_group)
+    cfg = model.config
+    _check_divisible(cfg, tp)
+    if tp == 1:
+        return model
+
+    def column(lin: nn.Linear, gather_output: bool) -> nn.Module:
+        new = ColumnParallelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                   gather_output=gather_output, init_method=_no_init)
+        new.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        _copy_shard(new.weight, lin.weight, 0, tp, rank)
+        if lin.bias is not None:
+            _copy_shard(new.bias, lin.bias, 0, tp, rank)
+        return new
+
+    def row(lin: nn.Linear) -> nn.Module:
+        new = RowParallelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                input_is_parallel=True, init_method=_no_init)
+        new.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        _copy_shard(new.weight, lin.weight, 1, tp, rank)
+        if lin.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(lin.bias)
+        return new
+
+    dec = model.decoder
+    for layer in dec.layers:
+        attn = layer.self_attn
+        attn.q_proj = column(attn.q_proj, gather_output=False)
+        attn.k_proj = column(attn.k_proj, gather_output=False)
+        attn.v_proj = column(attn.v_proj, gather_output=False)
+        attn.out_proj = row(attn.out_proj)
+        layer.fc1 = column(layer.fc1, gather_output=False)
+        layer.fc2 = row(layer.fc2)
+
+    old = dec.embed_tokens
+    emb = VocabParallelEmbedding(old.num_embeddings, old.embedding_dim, init_method=_no_init)
+    emb.to(device=old.weight.device, dtype=old.weight.dtype)
+    _copy_shard(emb.weight, old.weight, 0, tp, rank)
+    # fairscale hands padding_idx to F.embedding on *local* row indices; the pad row (no
+    # gradient, as in the full model) lives on one rank only, at its local offset.
+    pad = old.padding_idx
+    emb.padding_idx = (pad - emb.vocab_start_index
+                       if pad is not None and emb.vocab_start_index <= pad < emb.vocab_end_index
+                       else None)
+    dec.embed_tokens = emb
+
+    # The LM head shares the embedding's vocabulary shard; gathering the output gives
+    # full-vocabulary logits, so the loss code does not change.
+    head = ColumnParallelLinear(model.lm_head.in_features, model.lm_head.out_features, bias=False,
+                                gather_output=True, init_method=_no_init)
+    head.weight = emb.weight
+    model.lm_head = head
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# FSDP2
+# --------------------------------------------------------------------------------------
+
+def _dp_mesh(dp_mesh_or_group, device_type: str):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if dp_mesh_or_group is None or isinstance(dp_mesh_or_group, DeviceMesh):
+        return dp_mesh_or_group
+    return DeviceMesh.from_group(dp_mesh_or_group, device_type)
+
+
+def apply_fsdp(model: OPT, dp_mesh_or_group=None, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32,
+               reshard_after_forward: bool = True) -> OPT:
+    """Shard the model with FSDP2 over the data-parallel mesh or group (None: the default
+    world group): one unit per decoder layer, then the root, which keeps the tied token
+    embedding / LM head together with the positions, final norm and projections.
+
+    ``param_dtype`` is the compute dtype of the gathered parameters (None: as stored);
+    gradients are reduced in ``reduce_dtype`` (fp32 by default, as OPT's fp32 Adam did).
+    Returns ``model`` (now an FSDP module: ``optimizer.step`` works on its DTensors)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device_type = next(model.parameters()).device.type
+    mesh = _dp_mesh(dp_mesh_or_group, device_type)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in model.decoder.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again right at the end (LM head), so keep them.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def parallelize(model: OPT, *, tp_size: int = 1, dp_group=None, tp_group=None,
+                param_dtype: torch.dtype | None = None,
+                activation_checkpointing: bool = False, fsdp: bool = True) -> OPT:
+    """Tensor parallelism (when ``tp_size`` > 1; ``init_model_parallel(tp_size)`` must have
+    run), then FSDP2 over ``dp_group`` (None: the whole world when tp is 1, else fairscale's
+    data group), with activation checkpointing per decoder layer if asked. In place;
+    returns ``model``."""
+    import torch.distributed as dist
+
+    if tp_size > 1:
+        from fairscale.nn.model_parallel import initialize as mpu
+
+        tp, _ = _tp_world_and_rank(tp_group)
+        if tp != tp_size:
+            raise ParallelConfigError(f"tp_size={tp_size} but init_model_parallel was called with "
+                                      f"{tp}; use the same size")
+        apply_tensor_parallel(model, tp_group)
+        if dp_group is None:
+            dp_group = mpu.get_data_parallel_group()
+    model.activation_checkpointing = activation_checkpointing
+    if fsdp and dist.is_initialized():
+        apply_fsdp(model, dp_group, param_dtype=param_dtype)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint resharding between tensor-parallel degrees
+# --------------------------------------------------------------------------------------
+
+def merge_tp_shards(shards: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full state dict from the state dicts of every tensor rank (in rank order): split
+    tensors are concatenated along their dimension, replicated ones taken from rank 0."""
+    shards = list(shards)
+    if not shards:
+        raise ParallelConfigError("merge_tp_shards needs at least one shard")
+    keys = list(shards[0].keys())
+    for i, s in enumerate(shards[1:], 1):
+        if set(s.keys()) != set(keys):
+            diff = sorted(set(s.keys()) ^ set(keys))
+            raise ParallelConfigError(f"tensor-parallel shard {i} has different keys from shard 0: "
+                                      f"{diff[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for k in keys:
+        dim = _tp_dim(k)
+        out[k] = torch.cat([s[k] for s in shards], dim=dim) if dim is not None else shards[0][k]
+    return out
+
+
+def split_tp_state(full: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """This tensor rank's state dict from a full one (the inverse of ``merge_tp_shards``)."""
+    if tp_size < 1 or not 0 <= tp_rank < tp_size:
+        raise ParallelConfigError(f"tp_rank {tp_rank} is outside tensor-parallel size {tp_size}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in full.items():
+        dim = _tp_dim(k)
+        if dim is None:
+            out[k] = v
+            continue
+        if v.shape[dim] % tp_size:
+            raise ParallelConfigError(f"{k}: dimension {dim} of size {v.shape[dim]} does not split "
+                                      f"into {tp_size} tensor-parallel shards")
+        out[k] = v.chunk(tp_size, dim=dim)[tp_rank].clone()
+    return out
