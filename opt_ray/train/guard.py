@@ -72,6 +72,9 @@ class GuardConfig:
     onset_factor: float = 1.1
     window: int = 50
     min_steps: int = 20
+    # An elevated streak this long that never became a spike is a new normal (e.g. a
+    # harder data mix): it joins the baseline and stops counting as the onset of trouble.
+    onset_patience: int = 200
     check_nan: bool = True
     # Optional: a grad norm above this factor x its running mean also counts as a spike.
     grad_spike_factor: float | None = None
@@ -95,6 +98,8 @@ class GuardConfig:
                  f"the start of the rise before a spike), got {self.onset_factor!r}")
         _require(isinstance(self.window, int) and self.window >= 1,
                  f"guard.window must be a positive number of steps, got {self.window!r}")
+        _require(isinstance(self.onset_patience, int) and self.onset_patience >= 1,
+                 f"guard.onset_patience must be a positive number of steps, got {self.onset_patience!r}")
         _require(isinstance(self.min_steps, int) and self.min_steps >= 1,
                  f"guard.min_steps must be >= 1 (healthy steps seen before spikes are judged), "
                  f"got {self.min_steps!r}")
@@ -185,8 +190,8 @@ class DivergenceGuard:
         self._losses: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
         self._grads: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
         self._healthy_seen = 0            # healthy observations so far (for min_steps)
-        self._streak_start: int | None = None   # first step of the current elevated streak
-        self._streak_len = 0
+        # The current streak of elevated (step, loss, grad norm): kept out of the baseline.
+        self._streak: list[tuple[int, float, float | None]] = []
         self._low_scale_since: int | None = None  # first step with fp16 scale below healthy
         self._checkpoints: dict[int, dict[str, Any]] = {}
         self._bad_checkpoints: set[int] = set()
@@ -267,24 +272,25 @@ class DivergenceGuard:
         cfg = self.cfg
         elevated = (self._healthy_seen >= cfg.min_steps and mean is not None
                     and loss > cfg.onset_factor * mean)
-        if elevated and self._streak_len < cfg.window:
+        if elevated:
             # Keep the rise out of the baseline, and remember when it began.
-            if self._streak_start is None:
-                self._streak_start = step
-            self._streak_len += 1
-            return
-        # A streak as long as the window that never became a spike is a new normal
-        # (e.g. a harder data mix), not trouble: accept it into the baseline.
-        self._streak_start, self._streak_len = None, 0
-        self._losses.append((step, loss))
-        if grad_norm is not None and math.isfinite(grad_norm):
-            self._grads.append((step, grad_norm))
-        self._healthy_seen += 1
+            self._streak.append((step, loss, grad_norm))
+            if len(self._streak) < cfg.onset_patience:
+                return
+        # A healthy step ends the streak (it was noise); a streak that outlasted
+        # onset_patience is a new normal. Either way the baseline takes it in.
+        joining = self._streak if elevated else self._streak + [(step, loss, grad_norm)]
+        for s, l, g in joining:
+            self._losses.append((s, l))
+            if g is not None and math.isfinite(g):
+                self._grads.append((s, g))
+            self._healthy_seen += 1
+        self._streak = []
 
     def _onset(self, step: int) -> int:
         candidates = [step]
-        if self._streak_start is not None:
-            candidates.append(self._streak_start)
+        if self._streak:
+            candidates.append(self._streak[0][0])
         if self._low_scale_since is not None:
             candidates.append(self._low_scale_since)
         return min(candidates)
@@ -327,7 +333,7 @@ class DivergenceGuard:
         """Note a checkpoint saved at ``step``. ``healthy`` None: the guard judges (not
         inside an elevated-loss streak and, under fp16, scale >= min_checkpoint_loss_scale)."""
         if healthy is None:
-            healthy = self._streak_start is None and (
+            healthy = not self._streak and (
                 loss_scale is None or loss_scale >= self.cfg.min_checkpoint_loss_scale)
         self._checkpoints[int(step)] = {"loss_scale": loss_scale, "healthy": bool(healthy)}
         self._bad_checkpoints.discard(int(step))
@@ -383,7 +389,7 @@ class DivergenceGuard:
         # Forget what the diverging trajectory taught the baseline; the replay re-observes it.
         self._losses = deque(((s, l) for s, l in self._losses if s <= target), maxlen=self.cfg.window)
         self._grads = deque(((s, g) for s, g in self._grads if s <= target), maxlen=self.cfg.window)
-        self._streak_start, self._streak_len, self._low_scale_since = None, 0, None
+        self._streak, self._low_scale_since = [], None
         return target
 
     def should_skip(self, step: int) -> bool:
@@ -420,8 +426,7 @@ class DivergenceGuard:
             "losses": [list(x) for x in self._losses],
             "grads": [list(x) for x in self._grads],
             "healthy_seen": self._healthy_seen,
-            "streak_start": self._streak_start,
-            "streak_len": self._streak_len,
+            "streak": [list(x) for x in self._streak],
             "low_scale_since": self._low_scale_since,
             "checkpoints": {str(k): v for k, v in self._checkpoints.items()},
             "bad_checkpoints": sorted(self._bad_checkpoints),
@@ -438,8 +443,7 @@ class DivergenceGuard:
             self._losses = deque((tuple(x) for x in sd["losses"]), maxlen=self.cfg.window)
             self._grads = deque((tuple(x) for x in sd["grads"]), maxlen=self.cfg.window)
             self._healthy_seen = int(sd["healthy_seen"])
-            self._streak_start = sd["streak_start"]
-            self._streak_len = int(sd["streak_len"])
+            self._streak = [tuple(x) for x in sd["streak"]]
             self._low_scale_since = sd["low_scale_since"]
             self._checkpoints = {int(k): dict(v) for k, v in sd["checkpoints"].items()}
             self._bad_checkpoints = set(int(s) for s in sd["bad_checkpoints"])
