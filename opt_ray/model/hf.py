@@ -1,0 +1,227 @@
+"""HF-format OPT checkpoints in and out: ``from_hf(path)`` and ``to_hf(model, path)``.
+
+A checkpoint directory holds ``config.json`` (an ``OPTConfig``) and the weights as
+``model.safetensors`` or ``pytorch_model.bin`` (or their sharded ``*.index.json`` forms).
+The project's parameter names are the HF names, so loading is a validated copy: every
+problem (missing tensor, wrong shape, unexpected tensor, unknown config field) is reported
+in one ``HFCheckpointError`` that names the key. Weights are read safely: safetensors, or
+``torch.load(weights_only=True)``; never arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from opt_ray.config import ConfigError, ModelConfig
+from opt_ray.errors import UserError
+from opt_ray.model.opt import OPT
+
+
+class HFCheckpointError(UserError, ValueError):
+    """An HF checkpoint directory that cannot be loaded as OPT; the message names the key."""
+
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+BIN_NAME = "pytorch_model.bin"
+
+# HF OPTConfig fields that map one to one onto ModelConfig.
+_MAPPED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
+           "max_position_embeddings", "word_embed_proj_dim", "do_layer_norm_before",
+           "enable_bias", "layer_norm_elementwise_affine", "dropout", "attention_dropout",
+           "activation_function", "init_std", "pad_token_id", "bos_token_id", "eos_token_id")
+
+# Keys that describe how a checkpoint was saved or how HF should generate with it, not the
+# network: PretrainedConfig bookkeeping across transformers 4.x / 5.x, generation defaults
+# that older configs carried, and OPT fields with no effect on the forward pass.
+_BOOKKEEPING = frozenset("""
+    _name_or_path architectures auto_map model_type transformers_version torch_dtype dtype
+    use_cache return_dict output_hidden_states output_attentions output_scores torchscript
+    chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention
+    cross_attention_hidden_size tie_encoder_decoder id2label label2id num_labels problem_type
+    finetuning_task task_specific_params tokenizer_class prefix pruned_heads use_bfloat16
+    tf_legacy_loss gradient_checkpointing sep_token_id decoder_start_token_id
+    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty
+    temperature top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size
+    encoder_no_repeat_ngram_size bad_words_ids num_return_sequences return_dict_in_generate
+    forced_bos_token_id forced_eos_token_id remove_invalid_values
+    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+    layerdrop activation_dropout
+""".split())
+
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+
+def config_from_hf(d: Mapping[str, Any], *, source: str = CONFIG_NAME) -> ModelConfig:
+    """ModelConfig from an HF OPTConfig dict; unknown fields are an error naming the key."""
+    if d.get("model_type", "opt") != "opt":
+        raise HFCheckpointError(f"{source}: model_type is {d['model_type']!r}, expected 'opt'")
+    unknown = sorted(k for k in d if k not in _MAPPED and k not in _BOOKKEEPING
+                     and k not in ("tie_word_embeddings", "_remove_final_layer_norm"))
+    if unknown:
+        raise HFCheckpointError(f"{source}: unknown config field {unknown[0]!r}"
+                                + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                                + "; not an OPT field. Remove it, or check this is an OPT checkpoint")
+    if d.get("tie_word_embeddings", True) is not True:
+        raise HFCheckpointError(f"{source}: tie_word_embeddings is {d['tie_word_embeddings']!r}; "
+                                "OPT ties the LM head to the token embedding, untied heads are not supported")
+    if d.get("_remove_final_layer_norm", False) and d.get("do_layer_norm_before", True):
+        raise HFCheckpointError(f"{source}: _remove_final_layer_norm=true (a pre-LN stack without its "
+                                "final LayerNorm) is not supported")
+    try:
+        return ModelConfig(**{k: d[k] for k in _MAPPED if k in d})
+    except (ConfigError, TypeError) as e:
+        raise HFCheckpointError(f"{source}: invalid OPT config: {e}") from e
+
+
+def config_to_hf(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """An HF OPTConfig dict with every field spelled out."""
+    d: dict[str, Any] = {"architectures": ["OPTForCausalLM"], "model_type": "opt"}
+    d.update({k: getattr(cfg, k) for k in _MAPPED})
+    d.update({"tie_word_embeddings": True, "_remove_final_layer_norm": False, "layerdrop": 0.0,
+              "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch.")})
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of an HF OPTForCausalLM checkpoint for ``cfg`` -> its shape
+    (``lm_head.weight`` included; it is tied and optional in files)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in OPT(cfg).state_dict().items()}
+
+
+def _normalise_key(key: str) -> str:
+    # OPTModel checkpoints (no LM head) store "decoder.*"; OPTForCausalLM "model.decoder.*".
+    return "model." + key if key.startswith("decoder.") else key
+
+
+def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(f))
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise HFCheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e}); "
+                                "is the file complete and a safetensors / torch state dict?") from e
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    for single, index in ((SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json"),
+                          (BIN_NAME, BIN_NAME + ".index.json")):
+        if (path / single).is_file():
+            return _read_weight_file(path / single)
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise HFCheckpointError(f"{path / index}: not a readable shard index ({e})") from e
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                out.update(_read_weight_file(path / shard))
+            return out
+    raise HFCheckpointError(f"{path}: no weights found; expected {SAFETENSORS_NAME} or {BIN_NAME} "
+                            "(or a sharded *.index.json)")
+
+
+def _check_weights(sd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                   source: str) -> None:
+    """All problems at once, in one error: missing, wrongly shaped and unexpected tensors."""
+    problems = []
+    for k, shape in shapes.items():
+        if k not in sd:
+            if k != "lm_head.weight":  # tied: absent in most HF checkpoints
+                problems.append(f"missing tensor {k!r} (expected shape {list(shape)})")
+        elif tuple(sd[k].shape) != shape:
+            problems.append(f"tensor {k!r} has shape {list(sd[k].shape)}, expected {list(shape)}")
+    problems += [f"unexpected tensor {k!r} (shape {list(sd[k].shape)})" for k in sd if k not in shapes]
+    if problems:
+        raise HFCheckpointError(f"{source}: weights do not match config.json: " + "; ".join(problems))
+
+
+def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT:
+    """Load an HF-format OPT checkpoint directory into an ``OPT`` (eval mode).
+
+    ``dtype``: the parameters' dtype (None: float32, whatever the file stores). Tensors
+    are assigned, not copied into a randomly initialised model, so loading needs about
+    one copy of the weights in memory."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise HFCheckpointError(f"{path}: no {CONFIG_NAME}; expected an HF-format OPT checkpoint directory")
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise HFCheckpointError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from e
+    cfg = config_from_hf(raw, source=str(path / CONFIG_NAME))
+
+    sd = {_normalise_key(k): v for k, v in _read_weights(path).items()}
+    _check_weights(sd, expected_shapes(cfg), str(path))
+    emb = sd["model.decoder.embed_tokens.weight"]
+    head = sd.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, emb):
+        raise HFCheckpointError(f"{path}: 'lm_head.weight' differs from 'model.decoder.embed_tokens.weight'; "
+                                "OPT ties them, an untied LM head is not supported")
+
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = OPT(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    # assign=True put a new tensor in embed_tokens only; tie the head to it again.
+    model.lm_head.weight = model.decoder.embed_tokens.weight
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not leftover, leftover  # _check_weights guarantees every tensor was present
+    return model.eval()
+
+
+def to_hf(model: OPT, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as an HF-format checkpoint directory (config.json + model.safetensors)
+    that ``transformers.OPTForCausalLM.from_pretrained`` loads. Written to a temporary
+    directory and renamed into place, so ``path`` is either complete or absent. An existing
+    non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    cfg = model.config
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise HFCheckpointError(f"{path} exists and is not empty; choose a new directory or pass overwrite=True")
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    # The tied head is the embedding; HF omits it (and safetensors refuses shared storage).
+    sd.pop("lm_head.weight", None)
+    shapes = expected_shapes(cfg)
+    shapes.pop("lm_head.weight")
+    # A tensor-parallel or sharded model would write slices under full names: refuse.
+    _check_weights(sd, shapes, "to_hf(model)")
+    sd = {k: v.to("cpu").contiguous() for k, v in sd.items()}
+    dtype = sd["model.decoder.embed_tokens.weight"].dtype
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(sd, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_to_hf(cfg, dtype=dtype), indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
