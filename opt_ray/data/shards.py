@@ -1,0 +1,433 @@
+"""Packed token shards: Arrow IPC files of rows of ``seq_len + 1`` tokens, and their reader.
+
+Layout of a shards artifact (written atomically through ``ArtifactWriter``)::
+
+    manifest.json            kind "shards": seq_len, dtype, tokenizer hash/vocab size,
+                             per split the shards with rows, tokens and sha256, the split
+                             rule, the source artifact's manifest
+    train/shard-00000.arrow  one column ``tokens``: fixed_size_list<uint16|uint32>[seq_len+1]
+    valid/shard-00000.arrow
+
+Packing: every document's tokens are followed by eos and the documents of a split are
+concatenated into one stream (OPT packs across documents, no padding); the stream is cut
+into consecutive, non-overlapping rows of ``seq_len + 1`` tokens (a row gives inputs
+``row[:-1]`` and targets ``row[1:]``). The last partial row is dropped and counted.
+
+Reading: :class:`ShardDataset` memory-maps the files; ``ds[i]`` is a zero-copy numpy view
+into the page cache, so any number of training workers on a host share one copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_file
+from opt_ray.errors import UserError
+
+KIND = "shards"
+SPLITS = ("train", "valid")
+COLUMN = "tokens"
+# Shards of ~64 MiB of uint16 by default: large enough that a 180B-token corpus is a few
+# thousand files, small enough to checksum and move one at a time.
+DEFAULT_SHARD_TOKENS = 1 << 25
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (GPT-2/OPT's 50k vocabulary does), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+class ShardDataset:
+    """Rows of one split of a shards artifact, memory-mapped.
+
+    ``len(ds)`` rows; ``ds[i]`` is a read-only ``np.ndarray`` of ``seq_len + 1`` token ids
+    (a view into the mapped file, no copy); ``ds.batch(rows)`` stacks rows into one array.
+
+    ``verify=True`` checks every shard of the split against the sha256 in the manifest and
+    refuses a mismatch naming the shard. Passing ``tokenizer`` (a ``tokenizers.Tokenizer``
+    or a path for ``load_tokenizer``) refuses shards made with a different vocabulary.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", *, verify: bool = True,
+                 tokenizer: Any = None):
+        self.path = Path(path)
+        self.split = split
+        self.manifest = read_manifest(self.path, kind=KIND)
+        splits = self.manifest.get("splits", {})
+        if split not in splits:
+            raise UserError(f"{self.path} has no split {split!r}; it has {sorted(splits)}")
+        info = splits[split]
+        if not info.get("rows"):
+            raise UserError(f"{self.path}: split {split!r} has no rows (the corpus held too few "
+                            f"tokens for it); re-run 'opt-ray tokenize' with more data, a smaller "
+                            f"--seq-len or a larger --valid-fraction")
+        self.seq_len: int = int(self.manifest["seq_len"])
+        self.vocab_size: int = int(self.manifest["tokenizer"]["vocab_size"])
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.shards: list[dict[str, Any]] = list(info["shards"])
+        if tokenizer is not None:
+            check_tokenizer(self.manifest, tokenizer, where=str(self.path))
+        if verify:
+            # read_manifest names the failing file: the shard the user must regenerate.
+            read_manifest(self.path, verify=[s["name"] for s in self.shards])
+        self._open()
+
+    def _open(self) -> None:
+        import pyarrow as pa
+
+        width = self.seq_len + 1
+        self._chunks: list[np.ndarray] = []
+        starts = [0]
+        self._maps = []
+        for s in self.shards:
+            p = self.path / s["name"]
+            try:
+                mm = pa.memory_map(str(p), "r")
+                reader = pa.ipc.open_file(mm)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise ArtifactError(f"{self.path}: shard {s['name']} cannot be read as Arrow IPC "
+                                    f"({e}); regenerate the shards with 'opt-ray tokenize'") from e
+            self._maps.append(mm)
+            rows = 0
+            for b in range(reader.num_record_batches):
+                col = reader.get_batch(b).column(COLUMN)
+                # flatten() of a null-free fixed-size list is a slice of its child buffer,
+                # and to_numpy(zero_copy_only) maps that buffer without copying.
+                arr = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
+                if arr.dtype != self.dtype:
+                    raise ArtifactError(f"{self.path}: shard {s['name']} holds {arr.dtype}, the "
+                                        f"manifest says {self.dtype}; regenerate the shards")
+                self._chunks.append(arr)
+                starts.append(starts[-1] + len(arr))
+                rows += len(arr)
+            if rows != s["rows"]:
+                raise ArtifactError(f"{self.path}: shard {s['name']} has {rows} rows, the manifest "
+                                    f"says {s['rows']}; regenerate the shards")
+        self._starts = np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        c = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._chunks[c][i - self._starts[c]]
+
+    def batch(self, rows: Sequence[int], dtype: Any = np.int64) -> np.ndarray:
+        """Rows stacked into a new ``[len(rows), seq_len + 1]`` array of ``dtype`` (int64 is
+        what embedding lookups take)."""
+        out = np.empty((len(rows), self.seq_len + 1), dtype=dtype)
+        for k, r in enumerate(rows):
+            out[k] = self[r]
+        return out
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self) * (self.seq_len + 1)
+
+    def __reduce__(self):
+        # Sent to another process (e.g. a Ray worker): reopen the same files there rather
+        # than pickling mapped memory; verification already happened here.
+        return (_reopen, (str(self.path), self.split))
+
+    def __repr__(self) -> str:
+        return (f"ShardDataset({str(self.path)!r}, split={self.split!r}, rows={len(self)}, "
+                f"seq_len={self.seq_len}, vocab_size={self.vocab_size})")
+
+
+def _reopen(path: str, split: str) -> ShardDataset:
+    return ShardDataset(path, split, verify=False)
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, *, where: str) -> None:
+    """Refuse a tokenizer other than the one the shards were made with (``UserError``)."""
+    from opt_ray.data.tokenizer import load_tokenizer, tokenizer_hash
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    rec = manifest["tokenizer"]
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size != rec["vocab_size"] or tokenizer_hash(tok) != rec["hash"]:
+        raise UserError(f"{where} was tokenized with tokenizer {rec['hash'][:12]} (vocab "
+                        f"{rec['vocab_size']}), but the given tokenizer is "
+                        f"{tokenizer_hash(tok)[:12]} (vocab {size}); use the tokenizer the "
+                        f"shards were made with, or re-run 'opt-ray tokenize' with this one")
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+def is_valid_doc(key: str | int, seed: int, fraction: float) -> bool:
+    """Whether a document goes to the validation split: a hash of ``(seed, key)`` against
+    ``fraction``, so the split depends neither on worker count nor on batch boundaries."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}\0{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") < fraction * 2.0**64
+
+
+def encode_docs(tok: Any, texts: Sequence[str], eos_id: int, dtype: Any) -> np.ndarray:
+    """One flat array: each text's ids followed by ``eos_id``. No special tokens are added
+    by the tokenizer itself; the eos separators are the only ones."""
+    if not texts:
+        return np.empty(0, dtype=dtype)
+    flat: list[int] = []
+    # encode_batch_fast skips offset tracking, which packing never needs.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    for enc in encode(list(texts), add_special_tokens=False):
+        flat.extend(enc.ids)
+        flat.append(eos_id)
+    return np.asarray(flat, dtype=dtype)
+
+
+class SplitWriter:
+    """Packs one split's token stream into rows and writes them into Arrow IPC shards."""
+
+    def __init__(self, root: Path, split: str, seq_len: int, dtype: np.dtype,
+                 rows_per_shard: int, batch_rows: int = 1024):
+        self.root, self.split = root, split
+        self.width = seq_len + 1
+        self.dtype = np.dtype(dtype)
+        self.rows_per_shard = max(1, rows_per_shard)
+        self.batch_rows = max(1, min(batch_rows, self.rows_per_shard))
+        self.shards: list[dict[str, Any]] = []
+        self.docs = 0
+        self.stream_tokens = 0
+        self._pending: list[np.ndarray] = []   # tokens not yet in a written row
+        self._pending_n = 0
+        self._writer = None
+        self._shard_rows = 0
+        self._shard_path: Path | None = None
+
+    def add(self, tokens: np.ndarray, docs: int) -> None:
+        """Append a piece of the stream (documents already eos-terminated)."""
+        self.docs += docs
+        self.stream_tokens += len(tokens)
+        self._pending.append(tokens)
+        self._pending_n += len(tokens)
+        if self._pending_n >= self.width * self.batch_rows:
+            self._flush_rows()
+
+    def _flush_rows(self) -> None:
+        stream = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        n_rows = len(stream) // self.width
+        rows = stream[:n_rows * self.width].reshape(n_rows, self.width)
+        rest = stream[n_rows * self.width:]
+        self._pending, self._pending_n = ([rest] if len(rest) else []), len(rest)
+        start = 0
+        while start < n_rows:
+            if self._writer is None:
+                self._new_shard()
+            take = min(n_rows - start, self.rows_per_shard - self._shard_rows)
+            self._write(rows[start:start + take])
+            start += take
+            if self._shard_rows == self.rows_per_shard:
+                self._close_shard()
+
+    def _new_shard(self) -> None:
+        import pyarrow as pa
+
+        name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
+        self._shard_path = self.root / name
+        self._shard_path.parent.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema([pa.field(COLUMN, pa.list_(pa.from_numpy_dtype(self.dtype), self.width),
+                                     nullable=False)],
+                           metadata={"seq_len": str(self.width - 1), "split": self.split})
+        self._schema = schema
+        self._writer = pa.ipc.new_file(str(self._shard_path), schema)
+        self._shard_rows = 0
+        self.shards.append({"name": name, "rows": 0, "tokens": 0})
+
+    def _write(self, rows: np.ndarray) -> None:
+        import pyarrow as pa
+
+        values = pa.array(np.ascontiguousarray(rows).reshape(-1))
+        batch = pa.record_batch([pa.FixedSizeListArray.from_arrays(values, self.width)],
+                                schema=self._schema)
+        self._writer.write_batch(batch)
+        self._shard_rows += len(rows)
+        self.shards[-1]["rows"] += len(rows)
+        self.shards[-1]["tokens"] += int(rows.size)
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self._writer = None
+        self.shards[-1]["sha256"] = sha256_file(self._shard_path)
+
+    def close(self) -> dict[str, Any]:
+        """Write what is left, drop the last partial row, and return the split's summary."""
+        if self._pending_n >= self.width:
+            self._flush_rows()
+        if self._writer is not None:
+            self._close_shard()
+        rows = sum(s["rows"] for s in self.shards)
+        return {"shards": self.shards, "rows": rows, "tokens": rows * self.width,
+                "docs": self.docs, "stream_tokens": self.stream_tokens,
+                "dropped_tail_tokens": self._pending_n}
+
+
+@dataclass
+class TextBatch:
+    """A batch of documents on its way to an encoder; ``valid[k]`` says texts[k]'s split."""
+    texts: list[str]
+    valid: list[bool]
+    chars: int = 0
+
+
+@dataclass
+class EncodedBatch:
+    train: np.ndarray
+    valid: np.ndarray
+    train_docs: int = 0
+    valid_docs: int = 0
+
+
+def encode_text_batch(tok: Any, batch: TextBatch, eos_id: int, dtype: Any) -> EncodedBatch:
+    """What one tokenize worker does with one batch."""
+    train = [t for t, v in zip(batch.texts, batch.valid) if not v]
+    valid = [t for t, v in zip(batch.texts, batch.valid) if v]
+    return EncodedBatch(encode_docs(tok, train, eos_id, dtype), encode_docs(tok, valid, eos_id, dtype),
+                        len(train), len(valid))
+
+
+def text_batches(records: Iterable[dict[str, Any]], *, text_field: str = "text",
+                 id_field: str | None = None, valid_fraction: float = 0.0, seed: int = 0,
+                 batch_chars: int = 1 << 20) -> Iterator[TextBatch]:
+    """Group records into batches of about ``batch_chars`` characters (big enough to
+    amortise a remote call, small enough to keep every worker busy) and assign each
+    document its split. Records without text are skipped."""
+    texts: list[str] = []
+    valid: list[bool] = []
+    chars = 0
+    for ordinal, rec in enumerate(records):
+        text = rec.get(text_field)
+        if text is None and text_field != "text":
+            text = rec.get("text")
+        if not text:
+            continue
+        key = rec.get(id_field) if id_field else None
+        texts.append(text)
+        valid.append(is_valid_doc(ordinal if key is None else key, seed, valid_fraction))
+        chars += len(text)
+        if chars >= batch_chars:
+            yield TextBatch(texts, valid, chars)
+            texts, valid, chars = [], [], 0
+    if texts:
+        yield TextBatch(texts, valid, chars)
+
+
+EncodeMap = Callable[[Iterator[TextBatch]], Iterator[EncodedBatch]]
+
+
+def local_encode_map(tok: Any, eos_id: int, dtype: Any) -> EncodeMap:
+    """Encode in this process (no Ray): the reference the parallel map must equal."""
+    def run(batches: Iterator[TextBatch]) -> Iterator[EncodedBatch]:
+        for b in batches:
+            yield encode_text_batch(tok, b, eos_id, dtype)
+    return run
+
+
+def write_shards(records: Iterable[dict[str, Any]], tok: Any, out: str | os.PathLike, *,
+                 seq_len: int, valid_fraction: float = 0.01, seed: int = 0,
+                 text_field: str = "text", id_field: str | None = None,
+                 encode_map: EncodeMap | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 batch_chars: int = 1 << 20, source: dict[str, Any] | None = None,
+                 progress: bool = False, overwrite: bool = False,
+                 on_batch: Callable[[EncodedBatch], None] | None = None) -> Path:
+    """The tokenize stage: read -> encode (``encode_map``, in-process by default) -> pack
+    -> write, into a shards artifact at ``out`` (atomic: nothing appears on failure).
+
+    Raises ``UserError`` when the corpus has no documents or too few tokens for one row.
+    """
+    from opt_ray import metrics
+    from opt_ray.artifacts import ArtifactWriter
+    from opt_ray.data.tokenizer import describe
+
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    tinfo = describe(tok)
+    dtype = token_dtype(tinfo["vocab_size"])
+    eos = tinfo["special_ids"]["eos"]
+    encode_map = encode_map or local_encode_map(tok, eos, dtype)
+    rows_per_shard = max(1, shard_tokens // (seq_len + 1))
+    tokens_metric = metrics.counter("tokenize_tokens", "tokens written by the tokenize stage")
+    docs_metric = metrics.counter("tokenize_docs", "documents tokenized")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", mininterval=1.0)
+    t0 = time.time()
+    with ArtifactWriter(out, kind=KIND, overwrite=overwrite) as w:
+        writers = {s: SplitWriter(w.path, s, seq_len, dtype, rows_per_shard) for s in SPLITS}
+        batches = text_batches(records, text_field=text_field, id_field=id_field,
+                               valid_fraction=valid_fraction, seed=seed, batch_chars=batch_chars)
+        try:
+            for enc in encode_map(batches):
+                writers["train"].add(enc.train, enc.train_docs)
+                writers["valid"].add(enc.valid, enc.valid_docs)
+                n = len(enc.train) + len(enc.valid)
+                tokens_metric.inc(n)
+                docs_metric.inc(enc.train_docs + enc.valid_docs)
+                if bar is not None:
+                    bar.update(n)
+                if on_batch is not None:
+                    on_batch(enc)
+        finally:
+            if bar is not None:
+                bar.close()
+        summary = {s: wr.close() for s, wr in writers.items()}
+        docs = sum(v["docs"] for v in summary.values())
+        if docs == 0:
+            raise UserError(f"the corpus has no documents with text (field {text_field!r}); "
+                            f"check the input path and --text-field")
+        if summary["train"]["rows"] == 0:
+            raise UserError(f"the corpus has only {summary['train']['stream_tokens']} training "
+                            f"tokens, fewer than one row of --seq-len + 1 = {seq_len + 1}; "
+                            f"add data or lower --seq-len")
+        w.manifest.update({
+            "seq_len": seq_len, "dtype": dtype.name, "tokenizer": tinfo,
+            "splits": summary,
+            "split": {"by": "document", "valid_fraction": valid_fraction, "seed": seed,
+                      "key": id_field or "ordinal",
+                      "rule": "blake2b(f'{seed}\\0{key}') / 2**64 < valid_fraction"},
+            "packing": {"separator": "eos after every document", "eos_id": eos,
+                        "row_tokens": seq_len + 1, "tail": "dropped"},
+            "source": source or {},
+            "tokens_per_second": round(sum(v["stream_tokens"] for v in summary.values())
+                                       / max(time.time() - t0, 1e-9)),
+        })
+    return w.out
+
+
+def source_info(inputs: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """What the shards manifest records about its input: for an artifact directory its
+    manifest's kind, sha256 and counts, so the next stage can trace its lineage."""
+    out: list[dict[str, Any]] = []
+    for p in map(Path, inputs):
+        entry: dict[str, Any] = {"path": str(p.absolute())}
+        mf = p / MANIFEST
+        if p.is_dir() and mf.is_file():
+            m = read_manifest(p)
+            entry.update({"kind": m.get("kind"), "manifest_sha256": sha256_file(mf),
+                          "counts": m.get("counts")})
+        out.append(entry)
+    return {"inputs": out}
