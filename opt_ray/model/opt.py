@@ -150,6 +150,10 @@ class OPT(nn.Module):
       position_ids: (B, T) explicit positions (before the offset of 2); by default they
         come from the attention mask, or count on from the cache length.
       cache: a ``Cache`` (``KVCache()`` for plain incremental decoding).
+      attn_mask: (B, 1, T, S) boolean, True = may attend, used as is instead of the mask
+        built from ``attention_mask``. For callers whose keys are not left-padded, e.g. the
+        serving engine's per-slot caches where row r holds keys 0..len_r-1 of a shared
+        buffer and the rest is stale.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -193,8 +197,9 @@ class OPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
         return self.lm_head(h)
 
     def hidden_states(
@@ -203,6 +208,7 @@ class OPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The decoder's output before the LM head: (B, T, word_embed_proj_dim)."""
         dec = self.decoder
@@ -214,7 +220,9 @@ class OPT(nn.Module):
         if dec.project_in is not None:
             x = dec.project_in(x)
         x = x + dec.embed_positions(position_ids + POSITION_OFFSET)  # no dropout on embeddings
-        mask = _attention_bias(attention_mask, T) if attention_mask is not None else None
+        mask = attn_mask
+        if mask is None and attention_mask is not None:
+            mask = _attention_bias(attention_mask, T)
         if mask is None and past > 0 and T > 1:
             # Chunked prefill on top of a cache: causal within the chunk, all of the past.
             mask = _attention_bias(torch.ones(B, past + T, device=x.device), T)
