@@ -1,0 +1,131 @@
+"""Tokenizers: GPT-2 vocab/merges load identical to transformers' GPT2TokenizerFast,
+tokenizer.json round trips, OPT special ids, training, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opt_ray.data.tokenizer import (load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
+                                    train_tokenizer)
+from opt_ray.errors import UserError
+
+TRAIN_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def main(argv):\n    return 0\n\n\tif x  ==  y:\n        pass",
+    "Zürich, Ελληνικά, русский, 日本語のテキスト, emoji 🤗🚀 and café au lait.",
+    "Numbers 12345 67890 3.14159 and punctuation!?;:'\"()[]{}",
+] * 20
+
+VARIED = [
+    "Hello world",
+    " leading space and trailing space ",
+    "multiple   spaces\tand\ttabs\nand\n\nnewlines\r\n",
+    "Unicode: naïve façade Ångström — “quotes” … ½ ≠ ∞",
+    "CJK 中文字符 日本語 한국어, emoji 🤗👍🏽 family 👨‍👩‍👧",
+    "code: for i in range(10):\n    print(f'{i:>3}')  # comment",
+    "don't can't it's we're THEY'LL I'd",
+    "",
+    "   ",
+    "a" * 300,
+    "unseen words: xylophone quizzaciously bezoar",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """GPT-2 style vocab.json + merges.txt, trained here with `tokenizers` (OPT's special
+    tokens first, as in OPT's released vocabulary)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    d = tmp_path_factory.mktemp("gpt2")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TRAIN_TEXT, vocab_size=600, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
+    bpe.save_model(str(d))
+    assert (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
+    return d
+
+
+def test_vocab_merges_match_transformers(gpt2_dir):
+    from transformers import GPT2TokenizerFast
+
+    ref = GPT2TokenizerFast.from_pretrained(str(gpt2_dir))
+    for tok in (load_tokenizer(gpt2_dir), load_tokenizer(gpt2_dir / "vocab.json")):
+        for text in VARIED:
+            ids = tok.encode(text, add_special_tokens=False).ids
+            assert ids == ref(text, add_special_tokens=False)["input_ids"], text
+            assert tok.decode(ids) == ref.decode(ids) == text
+        batch = [e.ids for e in tok.encode_batch(VARIED, add_special_tokens=False)]
+        assert batch == ref(VARIED, add_special_tokens=False)["input_ids"]
+
+
+def test_hf_tokenizer_json_loads_the_same(gpt2_dir, tmp_path):
+    """An HF checkpoint dir that ships tokenizer.json (written by transformers) loads to
+    the same ids and the same hash as the vocab/merges pair."""
+    from transformers import GPT2TokenizerFast
+
+    GPT2TokenizerFast.from_pretrained(str(gpt2_dir)).save_pretrained(str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    a, b = load_tokenizer(gpt2_dir), load_tokenizer(tmp_path / "hf")
+    for text in VARIED:
+        assert a.encode(text).ids == b.encode(text).ids
+
+
+def test_save_load_round_trip_and_hash(gpt2_dir, tmp_path):
+    tok = load_tokenizer(gpt2_dir)
+    out = save_tokenizer(tok, tmp_path / "t", source={"path": str(gpt2_dir)})
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kind"] == "tokenizer" and set(m["files"]) >= {"tokenizer.json", "vocab.json", "merges.txt"}
+    again = load_tokenizer(out)
+    assert tokenizer_hash(again) == tokenizer_hash(tok) == m["tokenizer"]["hash"]
+    assert tokenizer_hash(load_tokenizer(out / "vocab.json")) == tokenizer_hash(tok)
+    for text in VARIED:
+        assert again.encode(text).ids == tok.encode(text).ids
+    # a different vocabulary hashes differently
+    other = train_tokenizer(TRAIN_TEXT, 300)
+    assert tokenizer_hash(other) != tokenizer_hash(tok)
+
+
+def test_opt_special_ids(gpt2_dir):
+    tok = load_tokenizer(gpt2_dir)
+    assert special_ids(tok) == {"pad": 1, "bos": 2, "eos": 2}
+    # a literal </s> in text is the eos token, not five characters
+    assert 2 in tok.encode("end</s>start").ids
+    trained = train_tokenizer(TRAIN_TEXT, 500)
+    assert special_ids(trained) == {"pad": 1, "bos": 2, "eos": 2}
+    assert trained.token_to_id("<s>") == 0 and trained.token_to_id("<unk>") == 3
+
+
+def test_gpt2_vocab_without_opt_specials(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TRAIN_TEXT, vocab_size=400, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    bpe.save_model(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    eot = tok.token_to_id("<|endoftext|>")
+    assert special_ids(tok) == {"pad": eot, "bos": eot, "eos": eot}
+
+
+def test_trained_tokenizer_round_trips_text():
+    tok = train_tokenizer(TRAIN_TEXT, 700)
+    assert tok.get_vocab_size() <= 700
+    for text in VARIED:
+        assert tok.decode(tok.encode(text).ids) == text  # byte-level: nothing is lost
+
+
+def test_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(UserError, match="neither tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(UserError, match="too small"):
+        train_tokenizer(TRAIN_TEXT, 100)
+    with pytest.raises(UserError, match="no text"):
+        train_tokenizer(iter(["", ""]), 1000)
