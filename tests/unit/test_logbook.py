@@ -1,0 +1,195 @@
+"""The logbook: events written and read in order, the Markdown chronicle, the loss plot,
+version differences, and `opt-ray logbook` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+
+import pytest
+
+from opt_ray.cli import main
+from opt_ray.logbook import (EVENTS, Logbook, log_resume, log_start, log_verdict, plot_loss,
+                             read_metrics, render_markdown, segments, validate_event,
+                             version_diff, versions)
+from opt_ray.train.guard import DivergenceGuard, GuardConfig
+
+
+def write_metrics(run_dir, rows):
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")  # Python writes NaN as NaN, as the trainer does
+
+
+def nan_run(run_dir):
+    """A synthetic run: NaN at step 23 -> guard -> rollback to 20 -> finish at 30."""
+    lb = Logbook(run_dir)
+    log_start(lb, {"preset": "tiny", "steps": 30, "precision": "bf16"}, world_size=1)
+    g = DivergenceGuard(GuardConfig(window=10, min_steps=5))
+    ckpts, step, lr = [], 1, 1e-3
+    while step <= 30:
+        loss = 8.0 - 0.1 * step
+        if step == 23 and not g.verdicts:
+            loss = math.nan
+        write_metrics(run_dir, [{"step": step, "loss": loss, "lr": lr * g.lr_scale, "grad_norm": 1.0}])
+        v = g.observe(step, loss, 1.0)
+        if v is not None:
+            g.pick_checkpoint(ckpts)
+            log_verdict(lb, v, lr_before=lr, clip_before=1.0)
+            step = v.rollback_to + 1
+            continue
+        if step % 10 == 0:
+            ckpts.append(step)
+            g.record_checkpoint(step)
+            lb.event("checkpoint_saved", step=step, loss=loss)
+        step += 1
+    lb.event("finish", status="completed", step=30, loss=loss)
+    return lb
+
+
+def test_event_kind_may_be_a_field_and_nan_stays_json(tmp_path):
+    lb = Logbook(tmp_path)
+    lb.event("chaos", kind="nan", step=3, rank=0)      # kind= is a field, not the event kind
+    lb.event("divergence_detected", step=3, reason="nan", loss=math.nan)
+    lines = (tmp_path / "logbook.jsonl").read_text().splitlines()
+    recs = [json.loads(l, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for l in lines]
+    assert recs[0]["event"] == "chaos" and recs[0]["kind"] == "nan"
+    assert recs[1]["loss"] == "nan"
+
+
+def test_log_verdict_writes_the_intervention_in_order(tmp_path):
+    lb = nan_run(tmp_path)
+    kinds = [e["event"] for e in lb.events()]
+    i = kinds.index("divergence_detected")
+    assert kinds[i:i + 5] == ["divergence_detected", "rollback", "lr_change", "clip_change", "data_skipped"]
+    ev = list(lb.events())
+    assert ev[i + 1]["to_step"] == 20 and ev[i + 2]["new"] == pytest.approx(5e-4)
+    assert ev[i + 4]["steps"] == [23]
+    for e in ev:
+        assert validate_event(e) == [], e
+
+
+def test_validate_event_names_missing_fields():
+    assert validate_event({"event": "rollback", "from_step": 3}) == ["rollback: missing field 'to_step'"]
+    assert validate_event({"event": "bogus"}) == ["unknown event kind 'bogus'"]
+    assert set(EVENTS) >= {"start", "checkpoint_saved", "worker_lost", "restart", "resize",
+                           "divergence_detected", "rollback", "lr_change", "clip_change",
+                           "data_skipped", "failure_budget", "finish", "version_mismatch"}
+
+
+def test_chronicle_lists_events_in_order_with_loss(tmp_path):
+    nan_run(tmp_path)
+    md = render_markdown(tmp_path)
+    chron = md.split("## Chronicle", 1)[1]
+    order = ["Run started", "Checkpoints saved at steps 10, 20", "Non-finite loss",
+             "Rolled back from step 23 to the checkpoint of step 20",
+             "Learning rate lowered from 0.001 to 0.0005", "Gradient clipping tightened from 1 to 0.3",
+             "Skipping the data of step(s) 23", "Checkpoint saved at step 30", "Run completed at step 30"]
+    pos = [chron.find(s) for s in order]
+    assert -1 not in pos, [s for s, p in zip(order, pos) if p == -1]
+    assert pos == sorted(pos)
+    assert "loss non-finite" in chron
+    # The loss of the step the rollback was about (its first run, not the replay).
+    rollback_line = next(l for l in chron.splitlines() if "Rolled back" in l)
+    assert rollback_line.endswith("*(loss nan)*")
+    assert "## Summary" in md and "torch" in md and "Run completed" in md
+    assert '"preset": "tiny"' in md   # the full config is there
+
+
+def test_chronicle_of_an_empty_run_says_so(tmp_path):
+    assert "No events recorded yet" in render_markdown(tmp_path)
+
+
+def test_segments_split_at_rollbacks():
+    rows = [{"step": s} for s in (1, 2, 3, 2, 3, 4, 1)]
+    assert [[r["step"] for r in seg] for seg in segments(rows)] == [[1, 2, 3], [2, 3, 4], [1]]
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    length, ctype = struct.unpack(">I4s", data[8:16])
+    assert ctype == b"IHDR"
+    ihdr = data[16:16 + length]
+    assert struct.unpack(">I", data[16 + length:20 + length])[0] == zlib.crc32(b"IHDR" + ihdr)
+    return struct.unpack(">II", ihdr[:8])
+
+
+def test_plot_writes_a_valid_png(tmp_path):
+    nan_run(tmp_path)
+    out = plot_loss(tmp_path, tmp_path / "plots" / "loss.png")
+    w, h = _png_size(out)
+    assert w > 300 and h > 200
+
+
+def test_plot_without_metrics_is_a_user_error(tmp_path):
+    from opt_ray.errors import UserError
+    with pytest.raises(UserError, match="metrics.jsonl"):
+        plot_loss(tmp_path, tmp_path / "x.png")
+
+
+def test_read_metrics_skips_torn_lines(tmp_path):
+    write_metrics(tmp_path, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": math.nan}])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and math.isnan(rows[1]["loss"])
+
+
+def test_version_diff_and_resume(tmp_path):
+    rec = {"torch": "2.12.0", "ray": "2.60.0", "fairscale": "0.4.13", "apex": "0.1"}
+    cur = {"torch": "2.13.0", "ray": "2.60.0", "fairscale": "0.4.13"}
+    assert version_diff(rec, cur) == {"apex": {"recorded": "0.1", "current": None},
+                                      "torch": {"recorded": "2.12.0", "current": "2.13.0"}}
+    assert version_diff(cur, dict(cur)) == {}
+
+    lb = Logbook(tmp_path)
+    assert log_resume(lb, versions(), step=10) == {}          # same versions: nothing logged
+    assert log_resume(lb, None) == {}
+    diff = log_resume(lb, {**versions(), "torch": "1.0.0"}, step=10, checkpoint="ckpt-10")
+    assert diff["torch"]["recorded"] == "1.0.0"
+    ev = list(lb.events())
+    assert [e["event"] for e in ev] == ["version_mismatch"] and ev[0]["step"] == 10
+    assert "torch 1.0.0 ->" in render_markdown(tmp_path)
+
+
+def test_versions_names_the_numerics_relevant_libraries():
+    v = versions()
+    for name in ("torch", "ray", "python", "opt_ray", "fairscale"):
+        assert name in v
+    assert v["opt_ray"]
+
+
+def test_cli_prints_chronicle_plot_and_json(tmp_path, capsys):
+    nan_run(tmp_path)
+    png = tmp_path / "loss.png"
+    assert main(["logbook", str(tmp_path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "## Chronicle" in out and "Rolled back" in out and "![loss curve](" in out
+    _png_size(png)
+    assert main(["logbook", str(tmp_path), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0])["event"] == "start" and json.loads(lines[-1])["event"] == "finish"
+    md = tmp_path / "out" / "LOGBOOK.md"
+    md.parent.mkdir()
+    assert main(["logbook", str(tmp_path), "--plot", str(png), "--output", str(md)]) == 0
+    assert "![loss curve](../loss.png)" in md.read_text()
+    # --follow on a finished run prints the chronicle and returns.
+    assert main(["logbook", str(tmp_path), "--follow"]) == 0
+
+
+def test_cli_rejects_a_dir_without_logbook(tmp_path, capsys):
+    assert main(["logbook", str(tmp_path)]) == 2
+    assert "no logbook.jsonl" in capsys.readouterr().err
+
+
+def test_loss_at_the_time_uses_metric_timestamps(tmp_path):
+    import time
+    lb = Logbook(tmp_path)
+    write_metrics(tmp_path, [{"step": 5, "loss": 3.25, "time": time.time() - 1}])
+    lb.event("worker_lost", rank=1, step=6)
+    write_metrics(tmp_path, [{"step": 6, "loss": 9.5, "time": time.time() + 1}])
+    line = next(l for l in render_markdown(tmp_path).splitlines() if "Rank 1 lost" in l)
+    assert line.endswith("*(loss 3.25)*")
