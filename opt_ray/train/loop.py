@@ -1,0 +1,609 @@
+"""The training loop: build, train, close. Runs on any ``torch.distributed`` gang.
+
+``train(cfg)`` is what every worker of the gang runs. It needs an initialised process
+group (Ray Train's ``TorchTrainer`` makes one; so does ``torchrun``; without one a
+single-process gloo group is created), and nothing of Ray: the Ray touch points come in
+through ``hooks`` (``actors/train.py``).
+
+One optimizer step, the paper's recipe (../shared/OPT_FACTS.md):
+  1. the sampler hands this data-parallel rank its slice of the global batch
+     (``batch_tokens`` / seq_len rows, whatever the world size);
+  2. micro-batches are accumulated (FSDP2 syncs gradients on the last one only);
+     the loss is a token-level sum divided by the *global* token count, so the update
+     does not depend on how the batch was split over ranks or micro-batches;
+  3. mixed precision: bf16 autocast on CPU, fp16 + dynamic loss scaling (the paper)
+     or bf16 on GPU; fp32 master weights and Adam state;
+  4. global grad norm (over data shards and tensor shards), clip, AdamW step, LR
+     from the warmup + linear-decay-to-10% schedule;
+  5. the divergence guard looks at (loss, grad norm, loss scale) and may roll back;
+  6. metrics.jsonl + Ray metrics; every ``checkpoint_every`` steps a checkpoint.
+
+Determinism: data order is the sampler's (a function of seed and samples consumed),
+dropout is reseeded from (seed, step, micro-batch, data rank) before every micro-batch,
+and every reduction has a fixed order for a fixed world size, so a run that restarts
+from a checkpoint replays the same updates bit for bit (``--deterministic`` also turns
+on ``torch.use_deterministic_algorithms``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from opt_ray.config import ConfigError, ModelConfig, flops_per_token, num_params, preset
+from opt_ray.errors import UserError
+from opt_ray.logbook import Logbook
+from opt_ray.train.chaos import Chaos, parse_chaos
+from opt_ray.train.checkpoint import Checkpointer
+from opt_ray.train.schedule import LRSchedule
+
+METRICS = "metrics.jsonl"
+# The paper warmed up over 375M tokens; a short run warms up over at most a tenth of itself.
+PAPER_WARMUP_TOKENS = 375_000_000
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``opt-ray train`` takes; one CLI flag per field."""
+    data: str
+    output: str
+    preset: str = "tiny"
+    steps: int = 100
+    workers: int | tuple[int, int] = 1          # N or (MIN, MAX): elastic
+    tp: int = 1
+    precision: str | None = None                # None: bf16 on CPU, fp16 on GPU
+    batch_tokens: int | None = None             # None: the preset's (Table 1)
+    micro_batch: int = 8                        # rows per forward/backward
+    lr: float | None = None                     # None: the preset's peak LR
+    warmup_steps: int | None = None             # None: 375M tokens, at most steps // 10
+    decay_steps: int | None = None              # None: decay to 10% at the last step
+    grad_clip: float = 1.0
+    dropout: float = 0.1
+    weight_decay: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep: int = 2
+    milestone_every: int | None = None
+    deterministic: bool = False
+    max_failures: int = 3
+    collective_timeout: float = 300.0           # seconds before a hung collective fails
+    chaos: str = ""
+    activation_checkpointing: bool = False
+    guard: bool = True                          # the divergence guard (issue 6)
+    num_threads: int | None = None              # torch threads per worker (None: as set)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        preset(self.preset)  # raises with the list of presets
+        if isinstance(self.workers, (list, tuple)):
+            self.workers = (int(self.workers[0]), int(self.workers[1]))
+            _require(1 <= self.workers[0] <= self.workers[1],
+                     f"--workers MIN:MAX needs 1 <= MIN <= MAX, got {self.workers[0]}:{self.workers[1]}")
+        else:
+            _require(int(self.workers) >= 1, f"--workers must be >= 1, got {self.workers}")
+        _require(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
+        _require(self.precision in (None, "bf16", "fp16", "fp32"),
+                 f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        _require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        _require(self.micro_batch >= 1, f"--micro-batch must be >= 1, got {self.micro_batch}")
+        _require(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        _require(self.keep >= 2, f"--keep must be >= 2 (the previous checkpoint is the fallback "
+                                 f"when the newest is corrupt), got {self.keep}")
+        _require(self.collective_timeout > 0, f"--collective-timeout must be > 0 seconds")
+        _require(self.max_failures >= -1, f"--max-failures must be >= 0 (or -1: unlimited)")
+        _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        _require(self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
+        parse_chaos(self.chaos)  # bad chaos specs fail before any worker starts
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else int(self.workers)
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else int(self.workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Hooks:
+    """The gang's touch points with the outside (Ray Train); no-ops by default.
+
+    ``report(metrics, checkpoint_dir)`` is called by every rank at each checkpoint (Ray
+    Train's ``report`` is a barrier); ``attempt`` counts worker-group starts of this run.
+    """
+    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, ckpt: None
+    attempt: Callable[[], int] = lambda: 0
+
+
+# --------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------
+
+class DynamicLossScaler:
+    """fp16 dynamic loss scaling (as OPT trained): scale the loss, skip a step whose
+    gradients overflow and halve the scale, double it after ``growth_interval`` clean
+    steps. The scale is identical on every rank (decided from the all-reduced norm)."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 15, growth_interval: int = 2000,
+                 min_scale: float = 2.0 ** -10):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.min_scale = min_scale
+        self._good = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale = max(self.scale / 2, self.min_scale)
+            self._good = 0
+        else:
+            self._good += 1
+            if self._good >= self.growth_interval:
+                self.scale *= 2
+                self._good = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "scale": self.scale, "good": self._good}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        if self.enabled and s.get("enabled"):
+            self.scale, self._good = float(s["scale"]), int(s["good"])
+
+
+def _resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision:
+        if cfg.precision == "fp16" and device.type == "cpu":
+            raise UserError("--precision fp16 needs a GPU (CPU autocast has no fp16 kernels); "
+                            "use --precision bf16 on CPU")
+        return cfg.precision
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one worker's device, for MFU. CPU figures were measured on the
+    development machine (DESIGN.md: ~900 GFLOP/s bf16, ~190 fp32)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        half = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12}
+        for k, v in half.items():
+            if k in name:
+                return v if precision != "fp32" else v / 16
+        return 100e12
+    return 900e9 if precision == "bf16" else 190e9
+
+
+# --------------------------------------------------------------------------------------
+# The trainer: state + one step; train() drives it
+# --------------------------------------------------------------------------------------
+
+class Trainer:
+    """Builds the model, optimizer, data and checkpointer for this rank."""
+
+    def __init__(self, cfg: TrainConfig, hooks: Hooks | None = None):
+        from opt_ray.data.sampler import ResumableSampler
+        from opt_ray.data.shards import ShardDataset
+        from opt_ray.model.opt import OPT
+        from opt_ray.model.parallel import init_model_parallel, parallelize, tp_partition_dims
+
+        self.cfg = cfg
+        self.hooks = hooks or Hooks()
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.run_dir = Path(cfg.output)
+        self.logbook = Logbook(self.run_dir)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
+
+        # -- layout: tensor groups of tp consecutive ranks, data groups across them
+        if self.world % cfg.tp:
+            raise UserError(f"--tp {cfg.tp} must divide the number of workers ({self.world}); "
+                            f"choose --workers as a multiple of --tp")
+        self.dp_group, self.tp_group = init_model_parallel(cfg.tp)
+        self.dp_size = self.world // cfg.tp
+        self.dp_rank = self.rank // cfg.tp
+        self.tp_rank = self.rank % cfg.tp
+
+        # -- data
+        # Rank 0 checks the shards' checksums once per start; the others trust it.
+        self.data = ShardDataset(cfg.data, split="train", verify=self.rank == 0)
+        self.seq_len = int(self.data.seq_len)
+
+        # -- model: the preset's architecture, the tokenizer's vocabulary
+        p = preset(cfg.preset)
+        # Round the vocabulary up to a multiple of 8 (GPT-2's 50265 -> OPT's 50272).
+        vocab = int(math.ceil(int(self.data.vocab_size) / 8) * 8)
+        if self.seq_len > p.model.max_position_embeddings:
+            raise UserError(f"--data has rows of {self.seq_len} tokens but preset {cfg.preset} has "
+                            f"{p.model.max_position_embeddings} positions; re-tokenize with a shorter "
+                            f"--seq-len")
+        self.model_cfg: ModelConfig = p.model.replace(vocab_size=vocab, dropout=cfg.dropout)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = OPT(self.model_cfg).to(self.device)
+        self.tp_dims = tp_partition_dims(self.model_cfg) if cfg.tp > 1 else {}
+        self.model = parallelize(model, tp_size=cfg.tp, dp_group=self.dp_group, tp_group=self.tp_group,
+                                 activation_checkpointing=cfg.activation_checkpointing)
+        self.precision = _resolve_precision(cfg, self.device)
+        self.scaler = DynamicLossScaler(self.precision == "fp16")
+
+        # -- the recipe
+        self.batch_tokens = cfg.batch_tokens or p.batch_tokens
+        self.global_rows = max(self.batch_tokens // self.seq_len, 1)
+        if self.global_rows % self.dp_size:
+            # Round up to a multiple of the data-parallel width: every rank does equal work.
+            self.global_rows += self.dp_size - self.global_rows % self.dp_size
+        self.rows_per_rank = self.global_rows // self.dp_size
+        self.micro = min(cfg.micro_batch, self.rows_per_rank)
+        self.accum = math.ceil(self.rows_per_rank / self.micro)
+        peak = cfg.lr or p.peak_lr
+        tokens_per_step = self.global_rows * self.seq_len
+        warmup = cfg.warmup_steps
+        if warmup is None:
+            warmup = min(math.ceil(PAPER_WARMUP_TOKENS / tokens_per_step), cfg.steps // 10)
+        self.schedule = LRSchedule(peak, warmup, cfg.decay_steps or cfg.steps)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=peak, betas=(0.9, 0.95),
+                                           eps=1e-8, weight_decay=cfg.weight_decay)
+        self.clip = cfg.grad_clip
+        self.sampler = ResumableSampler(len(self.data), seed=cfg.seed)
+        self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
+        self.peak_flops = _peak_flops(self.device, self.precision)
+
+        # -- fault tolerance
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep,
+                                 milestone_every=cfg.milestone_every, dp_group=self.dp_group,
+                                 tp_size=cfg.tp, tp_rank=self.tp_rank, on_event=self._event)
+        self.chaos = Chaos.from_spec(cfg.chaos, self.run_dir, self.rank)
+        self.guard = None
+        if cfg.guard:
+            from opt_ray.train.guard import DivergenceGuard, GuardConfig
+            self.guard = DivergenceGuard(GuardConfig())
+        self.step = 0
+        self.tokens_seen = 0
+
+    # -- events and metrics (rank 0 writes) ------------------------------------------------
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.rank == 0:
+            self.logbook.event(kind, **fields)
+
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state_dict(), "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "clip": self.clip, "tokens_seen": self.tokens_seen,
+            "guard": self.guard.state_dict() if self.guard else None,
+            "world_size": self.world, "dp_size": self.dp_size, "preset": self.cfg.preset,
+            "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "run_id": self.cfg.run_id,
+            "versions": _versions(),
+        }
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save(self) -> Path:
+        milestone = bool(self.cfg.milestone_every and self.step % self.cfg.milestone_every == 0)
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self._train_state(),
+                              chaos=self.chaos, milestone=milestone)
+        if self.guard:
+            self.guard.record_checkpoint(self.step, self.scaler.scale if self.scaler.enabled else None)
+        if self.rank == 0:
+            self.chaos.after_save(self.step, path)
+        self.hooks.report({"step": self.step, "tokens_seen": self.tokens_seen}, path)
+        return path
+
+    def restore(self, path: Path, *, keep_guard: bool = False) -> None:
+        """Load a checkpoint (any world size / TP degree) and restore every piece of state."""
+        state = self.ckpt.load(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.sampler.load_state_dict(state["sampler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.clip = float(state.get("clip", self.cfg.grad_clip))
+        if self.guard and not keep_guard and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
+        if state.get("model", {}).get("vocab_size") not in (None, self.model_cfg.vocab_size):
+            raise UserError(f"checkpoint {path} was trained with vocabulary "
+                            f"{state['model']['vocab_size']}, the data has {self.model_cfg.vocab_size}; "
+                            f"resume with the same --data")
+        if state.get("world_size") != self.world or state.get("tp_size", 1) != self.cfg.tp:
+            self._event("resize", step=self.step, from_world=state.get("world_size"), to_world=self.world,
+                        from_tp=state.get("tp_size", 1), to_tp=self.cfg.tp)
+
+    # -- one optimizer step ------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        step = self.step + 1
+        self.chaos.at_step_start(step)
+        if self.guard and self.guard.should_skip(step):
+            # The guard's data skip: this step's batch of the diverged trajectory is
+            # never trained on; the sampler records the range.
+            start, end = self.sampler.skip(self.global_rows)
+            self._event("data_skipped", step=step, start=start, end=end)
+        batch_pos = self.sampler.consumed
+        rows = self.sampler.next_batch(self.global_rows, self.dp_rank, self.dp_size)
+        lr = self.schedule.apply(self.optimizer, step)
+        loss_factor = self.chaos.loss_factor(step)
+        global_tokens = self.global_rows * self.seq_len
+        t0 = time.perf_counter()
+
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        model.train()
+        for m in range(self.accum):
+            chunk = rows[m * self.micro:(m + 1) * self.micro]
+            batch = torch.from_numpy(self.data.batch(chunk)).to(self.device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            # Dropout masks are a function of (seed, step, micro-batch, data rank): a
+            # replayed step draws the same ones; tensor ranks share them (replicated
+            # activations must be dropped identically).
+            torch.manual_seed(_mix(cfg.seed, step, m, self.dp_rank))
+            sync = m == self.accum - 1
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(sync)
+            with _autocast(self.precision, self.device):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   reduction="sum")
+            loss_sum += loss.detach().double()
+            # FSDP averages gradients over the data-parallel ranks; multiplying by dp_size
+            # turns that into a sum, so the result is d(sum of token losses)/global tokens.
+            scaled = loss * (self.dp_size * loss_factor * self.scaler.scale / global_tokens)
+            scaled.backward()
+
+        loss_val = self._all_reduce_dp(loss_sum) / global_tokens * loss_factor
+        grad_norm = self._grad_norm() / self.scaler.scale
+        finite = math.isfinite(grad_norm) and math.isfinite(loss_val)
+        self.scaler.update(finite)
+        if finite:
+            coef = self.clip / (grad_norm + 1e-6)
+            inv = 1.0 / self.scaler.scale if self.scaler.enabled else 1.0
+            factor = min(coef, 1.0) * inv
+            if factor != 1.0:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+            self.optimizer.step()
+        else:
+            # An overflow (fp16) or a NaN: no update; the guard decides what else to do.
+            self._event("step_skipped", step=step, loss=loss_val, grad_norm=grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+
+        self.step = step
+        self.tokens_seen += global_tokens
+        tps = global_tokens / dt
+        return {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                "loss_scale": self.scaler.scale if self.scaler.enabled else None,
+                "tokens_per_s": tps, "mfu": tps * self.flops_per_token / (self.peak_flops * self.world),
+                "tokens": self.tokens_seen, "world_size": self.world, "step_s": dt,
+                "batch_pos": batch_pos, "time": time.time()}
+
+    def _all_reduce_dp(self, t: torch.Tensor) -> float:
+        t = t.clone()
+        if self.dp_size > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return float(t)
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the gradients: FSDP shards are disjoint over the data group;
+        tensor-parallel splits are disjoint over the tensor group, replicated tensors are
+        counted once."""
+        from torch.distributed.tensor import DTensor
+
+        split = torch.zeros((), dtype=torch.float64)
+        repl = torch.zeros((), dtype=torch.float64)
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            sq = g.detach().double().pow(2).sum().cpu()
+            if name in self.tp_dims:
+                split += sq
+            else:
+                repl += sq
+        buf = torch.stack([split, repl])
+        if self.dp_size > 1:
+            dist.all_reduce(buf, group=self.dp_group)
+        if self.cfg.tp > 1:
+            part = buf[0:1].clone()
+            dist.all_reduce(part, group=self.tp_group)
+            buf[0] = part[0]
+        return float(buf.sum().sqrt())
+
+    # -- the divergence guard's intervention -------------------------------------------
+    def consult_guard(self, rec: dict[str, Any]) -> bool:
+        """Ask the guard about this step; on a verdict roll back. True if it rolled back."""
+        if self.guard is None:
+            return False
+        from opt_ray.train.guard import DivergenceError
+
+        verdict = self.guard.observe(rec["step"], rec["loss"], rec["grad_norm"], rec["loss_scale"],
+                                     batch=rec["batch_pos"])
+        if verdict is None:
+            return False
+        target = self.guard.pick_checkpoint(self.ckpt.available_steps())
+        self._event("divergence", **verdict.to_dict())
+        if verdict.give_up or target is None:
+            self._event("divergence_give_up", report=verdict.report)
+            raise DivergenceError(verdict)
+        path = self.ckpt.latest_valid(max_step=target)
+        if path is None:
+            raise DivergenceError(verdict)
+        self.restore(path, keep_guard=True)
+        self.ckpt.discard(verdict.invalidate_checkpoints)
+        self.schedule.lr_factor = verdict.lr_scale
+        if verdict.new_clip is not None:
+            self.clip = verdict.new_clip
+        self._event("rollback", step=rec["step"], to_step=self.step, lr_factor=verdict.lr_scale,
+                    clip=self.clip, skip_steps=verdict.skip_steps)
+        if self.rank == 0:
+            self.guard.save(self.run_dir / "guard.json")
+        return True
+
+    def close(self) -> None:
+        try:
+            from fairscale.nn.model_parallel import initialize as mpu
+            mpu.destroy_model_parallel()
+        except Exception:  # nothing to tear down
+            pass
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from a few integers (SplitMix64-style), stable across runs."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _versions() -> dict[str, str]:
+    import opt_ray
+    out = {"opt_ray": opt_ray.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("ray", "fairscale", "numpy"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    hw = {"host": socket.gethostname(), "cpus": os.cpu_count(), "device": str(device),
+          "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def _trim_metrics(path: Path, upto_step: int) -> None:
+    """Drop metric lines past ``upto_step``: they belong to a trajectory that is replayed."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn last line from a killed writer
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def _ensure_process_group() -> bool:
+    """Make a 1-process gloo group when run outside a gang; True if we made it."""
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    return True
+
+
+def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
+    """Run (or resume) training on this rank until ``cfg.steps``; returns the last
+    step's metrics. Every rank of the gang calls it."""
+    from opt_ray import metrics as rm
+
+    own_pg = _ensure_process_group()
+    hooks = hooks or Hooks()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, hooks)
+        rank = trainer.rank
+        run_dir = trainer.run_dir
+        attempt = hooks.attempt()
+        trainer.ckpt.clean_partial()
+        latest = trainer.ckpt.latest_valid()
+        if latest is not None:
+            trainer.restore(latest)
+            if rank == 0:
+                _trim_metrics(run_dir / METRICS, trainer.step)
+            # A rollback after the checkpoint is remembered in guard.json.
+            if trainer.guard and (run_dir / "guard.json").exists():
+                from opt_ray.train.guard import DivergenceGuard
+                newer = DivergenceGuard(trainer.guard.cfg)
+                newer.load(run_dir / "guard.json")
+                if len(newer.verdicts) > len(trainer.guard.verdicts):
+                    trainer.guard = newer
+                    trainer.schedule.lr_factor = newer.lr_scale
+                    trainer.clip = newer.clip or trainer.clip
+        elif rank == 0:
+            _trim_metrics(run_dir / METRICS, 0)
+        start_kind = "restart" if attempt > 0 else ("resume" if latest is not None else "start")
+        trainer._event(start_kind, step=trainer.step, attempt=attempt, checkpoint=str(latest) if latest else None,
+                       config=cfg.to_dict(), model=trainer.model_cfg.to_dict(),
+                       params=num_params(trainer.model_cfg), world_size=trainer.world,
+                       dp=trainer.dp_size, tp=cfg.tp, precision=trainer.precision,
+                       global_rows=trainer.global_rows, micro_batch=trainer.micro,
+                       grad_accum=trainer.accum, seq_len=trainer.seq_len,
+                       versions=_versions(), hardware=_hardware(trainer.device))
+        if attempt > 0 and rank == 0:
+            rm.counter("train_restarts", "training gang restarts").inc(1)
+
+        gauges = {k: rm.gauge(f"train_{k}", f"training {k} (last optimizer step)")
+                  for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
+        last: dict[str, Any] = {}
+        metrics_path = run_dir / METRICS
+        while trainer.step < cfg.steps:
+            rec = trainer.train_step()
+            if trainer.consult_guard(rec):
+                continue
+            last = rec
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                for k, g in gauges.items():
+                    if rec[k] is not None and math.isfinite(rec[k]):
+                        g.set(rec[k])
+            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+                trainer.save()
+        trainer._event("finish", step=trainer.step, tokens=trainer.tokens_seen,
+                       loss=last.get("loss"))
+        return last
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if own_pg:
+            dist.destroy_process_group()
