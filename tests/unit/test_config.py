@@ -102,3 +102,21 @@ def test_optim_defaults_follow_the_paper():
     assert o.min_lr_ratio == 0.1 and o.grad_clip == 1.0
     with pytest.raises(ConfigError, match="betas"):
         OptimConfig(betas=(0.9, 1.0))
+
+
+def test_model_info_command(capsys):
+    import json
+
+    from opt_ray.cli import main
+    assert main(["model", "info", "--preset", "125m", "--json", "--gpus", "4"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == num_params(preset("125m").model)
+    assert info["train"]["state_bytes"] == 16 * info["params"]
+    assert info["train"]["state_bytes_per_gpu"] == 4 * info["params"]
+    # k and v, 12 layers, 768 wide, 2 bytes
+    assert info["infer"]["kv_cache_bytes_per_token"] == 2 * 12 * 768 * 2
+    assert main(["model", "info"]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in PRESETS)
+    assert main(["model", "info", "--preset", "7b"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
