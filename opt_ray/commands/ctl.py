@@ -1,16 +1,349 @@
-"""`opt-ray ctl`: control-plane client: submit, status, watch, cancel, scale, rollback, serve, logbook."""
+"""`opt-ray ctl`: the control-plane client: submit, status, list, watch, cancel, scale,
+rollback, serve, logbook, health.
+
+Relative paths are made absolute here (the server does not share your working
+directory). The token comes from ``--token-file`` or ``$OPT_RAY_TOKEN``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
 
 from opt_ray.errors import UserError
 
+STAGE_ORDER = ("dedup", "tokenizer", "tokenize", "train", "export")
+
+
+def _workers(text: str) -> tuple[int, int]:
+    """'2' -> (2, 2); '1:4' -> (1, 4)."""
+    try:
+        lo, _, hi = text.partition(":")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers {text!r}: use N or MIN:MAX") from None
+
+
+def _abs(p: str) -> str:
+    return os.path.abspath(p) if p else ""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ctl", help="control-plane client: submit, status, watch, cancel, scale, rollback, serve, logbook", description="control-plane client: submit, status, watch, cancel, scale, rollback, serve, logbook.")
+    p = sub.add_parser("ctl", help="control-plane client: submit, status, watch, cancel, scale, "
+                                   "rollback, serve, logbook",
+                       description="Talk to 'opt-ray control' over gRPC.")
+    p.add_argument("--target", default=os.environ.get("OPT_RAY_CONTROL", "127.0.0.1:50051"),
+                   help="control server host:port (default: $OPT_RAY_CONTROL or 127.0.0.1:50051)")
+    p.add_argument("--token-file", default=None, help="bearer token file (default: $OPT_RAY_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="CA (PEM) that signed the server's certificate")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
+    p.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
+    p.add_argument("--json", action="store_true", help="print responses as JSON")
+    cmds = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
+
+    s = cmds.add_parser("submit", help="submit a stage or a whole pipeline as Ray job(s)")
+    s.add_argument("--name", default="", help="a label for the job")
+    s.add_argument("--watch", action="store_true", help="watch the job after submitting it")
+    kinds = s.add_subparsers(dest="kind", metavar="KIND", required=True)
+    k = kinds.add_parser("dedup", help="opt-ray dedup INPUT... --output DIR")
+    k.add_argument("inputs", nargs="+")
+    k.add_argument("--output", required=True)
+    k.add_argument("--workers", type=int, default=0)
+    k.add_argument("--threshold", type=float, default=0.0)
+    k = kinds.add_parser("tokenizer", help="opt-ray tokenizer train CORPUS --vocab-size N --output DIR")
+    k.add_argument("corpus")
+    k.add_argument("--vocab-size", type=int, required=True)
+    k.add_argument("--output", required=True)
+    k = kinds.add_parser("tokenize", help="opt-ray tokenize DEDUP_DIR --tokenizer T --seq-len L --output DIR")
+    k.add_argument("input")
+    k.add_argument("--tokenizer", required=True)
+    k.add_argument("--seq-len", type=int, required=True)
+    k.add_argument("--output", required=True)
+    k.add_argument("--workers", type=int, default=0)
+    k = kinds.add_parser("train", help="opt-ray train --preset P --data SHARDS --output RUN_DIR ...")
+    _train_args(k)
+    k.add_argument("--data", required=True)
+    k.add_argument("--output", required=True)
+    k = kinds.add_parser("eval", help="opt-ray eval --checkpoint PATH --data SHARDS")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--data", required=True)
+    k.add_argument("--output", default="")
+    k = kinds.add_parser("export", help="opt-ray export RUN_DIR --output HF_DIR")
+    k.add_argument("run_dir")
+    k.add_argument("--output", required=True)
+    k.add_argument("--step", type=int, default=0)
+    k = kinds.add_parser("pipeline", help="dedup -> tokenizer -> tokenize -> train -> export, "
+                                          "outputs under --work-dir")
+    k.add_argument("inputs", nargs="+", help="corpus files or directories")
+    k.add_argument("--work-dir", required=True, help="every stage writes WORK_DIR/<stage>")
+    k.add_argument("--stages", default=",".join(STAGE_ORDER),
+                   help=f"comma-separated subset, in order (default: {','.join(STAGE_ORDER)})")
+    k.add_argument("--tokenizer", default="", help="use this tokenizer (skips the tokenizer stage)")
+    k.add_argument("--vocab-size", type=int, default=8192)
+    k.add_argument("--seq-len", type=int, default=128)
+    k.add_argument("--dedup-workers", type=int, default=0)
+    _train_args(k)
+
+    cmds.add_parser("status", help="a job's state and attempts").add_argument("job")
+    k = cmds.add_parser("list", help="all jobs")
+    k.add_argument("--active", action="store_true")
+    k.add_argument("--kind", default="")
+    k = cmds.add_parser("watch", help="follow a job live until it ends")
+    k.add_argument("job")
+    k.add_argument("--no-logs", action="store_true")
+    k.add_argument("--new-only", action="store_true", help="skip what happened before now")
+    cmds.add_parser("cancel", help="stop a job").add_argument("job")
+    k = cmds.add_parser("scale", help="restart a training job with a new worker range")
+    k.add_argument("job")
+    k.add_argument("--workers", type=_workers, required=True, help="N or MIN:MAX")
+    k = cmds.add_parser("rollback", help="restart a training job from a checkpoint step")
+    k.add_argument("job")
+    k.add_argument("--checkpoint", type=int, required=True, help="checkpoint step")
+    k = cmds.add_parser("logbook", help="a job's or run directory's logbook")
+    k.add_argument("target", help="JOB id or RUN_DIR")
+    k.add_argument("--markdown", action="store_true", help="the rendered chronicle")
+    cmds.add_parser("health", help="cluster and control-plane health")
+
+    sv = cmds.add_parser("serve", help="deploy, update, remove or list serving apps")
+    sa = sv.add_subparsers(dest="serve_action", metavar="ACTION", required=True)
+    for name in ("deploy", "update"):
+        k = sa.add_parser(name)
+        k.add_argument("name")
+        k.add_argument("--checkpoint", required=True, help="HF-format directory (opt-ray export)")
+        k.add_argument("--replicas", type=int, default=0)
+        k.add_argument("--http-port", type=int, default=0)
+        k.add_argument("--grpc-port", type=int, default=0)
+        k.add_argument("--max-batch-size", type=int, default=0)
+    sa.add_parser("remove").add_argument("name")
+    sa.add_parser("list")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise UserError("'opt-ray ctl' is not implemented yet")
+def _train_args(k: argparse.ArgumentParser) -> None:
+    k.add_argument("--preset", default="tiny")
+    k.add_argument("--steps", type=int, default=100)
+    k.add_argument("--workers", type=_workers, default=(1, 1), help="N or MIN:MAX (default: 1)")
+
+
+# ---------------------------------------------------------------------- specs from flags
+
+def build_spec(a: argparse.Namespace):
+    from opt_ray.v1 import control_pb2 as pb
+    spec = pb.JobSpec(name=a.name)
+    if a.kind == "dedup":
+        spec.dedup.CopyFrom(pb.DedupSpec(inputs=[_abs(i) for i in a.inputs], output=_abs(a.output),
+                                         workers=a.workers, threshold=a.threshold))
+    elif a.kind == "tokenizer":
+        spec.tokenizer.CopyFrom(pb.TokenizerSpec(corpus=_abs(a.corpus), vocab_size=a.vocab_size,
+                                                 output=_abs(a.output)))
+    elif a.kind == "tokenize":
+        spec.tokenize.CopyFrom(pb.TokenizeSpec(input=_abs(a.input), tokenizer=_abs(a.tokenizer),
+                                               seq_len=a.seq_len, output=_abs(a.output),
+                                               workers=a.workers))
+    elif a.kind == "train":
+        spec.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=_abs(a.data), output=_abs(a.output),
+                                         min_workers=a.workers[0], max_workers=a.workers[1],
+                                         steps=a.steps))
+    elif a.kind == "eval":
+        spec.eval.CopyFrom(pb.EvalSpec(checkpoint=_abs(a.checkpoint), data=_abs(a.data),
+                                       output=_abs(a.output)))
+    elif a.kind == "export":
+        spec.export.CopyFrom(pb.ExportSpec(run_dir=_abs(a.run_dir), output=_abs(a.output),
+                                           step=a.step))
+    else:
+        spec.pipeline.CopyFrom(pipeline_spec(a))
+    return spec
+
+
+def pipeline_spec(a: argparse.Namespace):
+    """The pipeline's stages with each output under WORK_DIR, chained into the next."""
+    from opt_ray.v1 import control_pb2 as pb
+    wanted = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGE_ORDER]
+    if unknown:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from "
+                        f"{','.join(STAGE_ORDER)}")
+    if a.tokenizer and "tokenizer" in wanted:
+        wanted.remove("tokenizer")
+    work = _abs(a.work_dir)
+    d = {n: os.path.join(work, n) for n in ("dedup", "tokenizer", "shards", "run", "hf")}
+    tokenizer = _abs(a.tokenizer) or d["tokenizer"]
+    stages = []
+    for name in wanted:
+        st = pb.StageSpec()
+        if name == "dedup":
+            st.dedup.CopyFrom(pb.DedupSpec(inputs=[_abs(i) for i in a.inputs], output=d["dedup"],
+                                           workers=a.dedup_workers))
+        elif name == "tokenizer":
+            st.tokenizer.CopyFrom(pb.TokenizerSpec(corpus=d["dedup"], vocab_size=a.vocab_size,
+                                                   output=d["tokenizer"]))
+        elif name == "tokenize":
+            st.tokenize.CopyFrom(pb.TokenizeSpec(input=d["dedup"], tokenizer=tokenizer,
+                                                 seq_len=a.seq_len, output=d["shards"],
+                                                 workers=a.dedup_workers))
+        elif name == "train":
+            st.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=d["shards"], output=d["run"],
+                                           min_workers=a.workers[0], max_workers=a.workers[1],
+                                           steps=a.steps))
+        else:
+            st.export.CopyFrom(pb.ExportSpec(run_dir=d["run"], output=d["hf"]))
+        stages.append(st)
+    return pb.PipelineSpec(stages=stages)
+
+
+# ---------------------------------------------------------------------- output
+
+def _job_line(job) -> str:
+    from opt_ray.v1 import control_pb2 as pb
+    stage = (f" stage {job.stage_index + 1}/{job.stage_count}" if job.stage_count > 1 else "")
+    return (f"{job.job_id:<36} {pb.JobState.Name(job.state):<9} {job.kind:<9}{stage} "
+            f"{job.message}")
+
+
+def _print_job(job) -> None:
+    from opt_ray.v1 import control_pb2 as pb
+    print(_job_line(job))
+    if job.run_dir:
+        print(f"  run dir: {job.run_dir}")
+    for a in job.attempts:
+        print(f"  {a.ray_submission_id}  {pb.JobState.Name(a.state):<9} {a.reason}")
+        print(f"    {a.entrypoint}")
+        if a.message:
+            print(f"    {a.message}")
+
+
+def _metrics_summary(line: str) -> str:
+    try:
+        m = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    keys = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+    parts = [f"{k} {m[k]:.4g}" if isinstance(m.get(k), float) else f"{k} {m[k]}"
+             for k in keys if k in m]
+    return "  ".join(parts) if parts else line
+
+
+def watch(client, job_id: str, *, logs: bool, from_start: bool, as_json: bool) -> int:
+    """Live display: status transitions, logs as they come, a one-line metrics ticker."""
+    from google.protobuf import json_format
+    from opt_ray.v1 import control_pb2 as pb
+    tty = sys.stdout.isatty()
+    ticker = False
+    last = None
+    for ev in client.watch(job_id, logs=logs, metrics=True, from_start=from_start):
+        if as_json:
+            print(json_format.MessageToJson(ev, indent=None), flush=True)
+            continue
+        which = ev.WhichOneof("event")
+        if which == "metrics_line" and tty:
+            print("\r\033[K" + _metrics_summary(ev.metrics_line), end="", flush=True)
+            ticker = True
+            continue
+        if ticker:
+            print()
+            ticker = False
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
+        if which == "status":
+            last = ev.status
+            print(f"[{stamp}] {_job_line(ev.status)}", flush=True)
+        elif which == "log":
+            sys.stdout.write(ev.log)
+            sys.stdout.flush()
+        elif which == "metrics_line":
+            print(f"[{stamp}] metrics {_metrics_summary(ev.metrics_line)}", flush=True)
+        else:
+            print(f"[{stamp}] logbook {ev.logbook_line}", flush=True)
+    if ticker:
+        print()
+    if last is None:
+        return 1
+    return 0 if last.state == pb.SUCCEEDED else 1
+
+
+def _out(msg, as_json: bool, text) -> None:
+    from google.protobuf import json_format
+    if as_json:
+        print(json_format.MessageToJson(msg, preserving_proto_field_name=True))
+    else:
+        text(msg)
+
+
+def run(a: argparse.Namespace) -> int:
+    import grpc
+    from opt_ray.control.auth import read_token
+    from opt_ray.control.client import ControlClient
+    from opt_ray.v1 import control_pb2 as pb
+
+    token = read_token(a.token_file)
+    client = ControlClient(a.target, token, tls=a.tls, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
+                           tls_key=a.tls_key)
+    c = a.ctl_command
+    try:
+        if c == "submit":
+            job = client.submit(build_spec(a))
+            _out(job, a.json, _print_job)
+            if a.watch:
+                return watch(client, job.job_id, logs=True, from_start=True, as_json=a.json)
+        elif c == "status":
+            _out(client.get(a.job), a.json, _print_job)
+        elif c == "list":
+            jobs = client.list(active_only=a.active, kind=a.kind)
+            _out(pb.ListJobsResponse(jobs=jobs), a.json,
+                 lambda r: [print(_job_line(j)) for j in r.jobs])
+        elif c == "watch":
+            return watch(client, a.job, logs=not a.no_logs, from_start=not a.new_only,
+                         as_json=a.json)
+        elif c == "cancel":
+            _out(client.cancel(a.job), a.json, _print_job)
+        elif c == "scale":
+            _out(client.scale(a.job, *a.workers), a.json, _print_job)
+        elif c == "rollback":
+            _out(client.rollback(a.job, a.checkpoint), a.json, _print_job)
+        elif c == "logbook":
+            is_dir = os.path.sep in a.target or os.path.isdir(a.target)
+            r = (client.logbook(run_dir=_abs(a.target), markdown=a.markdown) if is_dir
+                 else client.logbook(job_id=a.target, markdown=a.markdown))
+            _out(r, a.json, lambda r: print(r.markdown if a.markdown and r.markdown
+                                            else "\n".join(r.events)))
+        elif c == "health":
+            def show(h):
+                print(f"{'OK' if h.ok else 'DEGRADED'}  nodes {h.alive_nodes}  active jobs "
+                      f"{h.active_jobs}  dashboard {h.dashboard_url}")
+                for comp in h.components:
+                    print(f"  {'ok ' if comp.ok else 'BAD'} {comp.name}: {comp.detail}")
+                if h.total_resources:
+                    print("  resources (available/total): " + ", ".join(
+                        f"{k} {h.available_resources.get(k, 0):g}/{v:g}"
+                        for k, v in sorted(h.total_resources.items())))
+            h = client.health()
+            _out(h, a.json, show)
+            return 0 if h.ok else 1
+        elif c == "serve":
+            sa = a.serve_action
+            if sa in ("deploy", "update"):
+                spec = pb.ServeSpec(name=a.name, checkpoint=_abs(a.checkpoint),
+                                    replicas=a.replicas, http_port=a.http_port,
+                                    grpc_port=a.grpc_port, max_batch_size=a.max_batch_size)
+                app = client.deploy_serve(spec) if sa == "deploy" else client.update_serve(spec)
+            elif sa == "remove":
+                app = client.remove_serve(a.name)
+            else:
+                _out(pb.ListServeResponse(apps=client.list_serve()), a.json,
+                     lambda r: [print(f"{x.name:<20} {pb.JobState.Name(x.state):<9} {x.job_id} "
+                                      f"{x.spec.checkpoint}") for x in r.apps])
+                return 0
+            _out(app, a.json, lambda x: print(f"{x.name}: {pb.JobState.Name(x.state)} "
+                                              f"(job {x.job_id}) {x.message}"))
+        return 0
+    except grpc.RpcError as e:
+        code = e.code()
+        print(f"opt-ray ctl {c}: {code.name}: {e.details()}", file=sys.stderr)
+        return 2 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                             grpc.StatusCode.UNAUTHENTICATED,
+                             grpc.StatusCode.FAILED_PRECONDITION) else 1
+    finally:
+        client.close()

@@ -119,7 +119,7 @@ class PipelineSpec(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "dedup", "tokenize", "train", "eval", "export", "pipeline", "tokenizer")
+    __slots__ = ("name", "dedup", "tokenize", "train", "eval", "export", "pipeline", "tokenizer", "serve")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEDUP_FIELD_NUMBER: _ClassVar[int]
     TOKENIZE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class JobSpec(_message.Message):
     EXPORT_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    SERVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dedup: DedupSpec
     tokenize: TokenizeSpec
@@ -136,7 +137,8 @@ class JobSpec(_message.Message):
     export: ExportSpec
     pipeline: PipelineSpec
     tokenizer: TokenizerSpec
-    def __init__(self, name: _Optional[str] = ..., dedup: _Optional[_Union[DedupSpec, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., export: _Optional[_Union[ExportSpec, _Mapping]] = ..., pipeline: _Optional[_Union[PipelineSpec, _Mapping]] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ...) -> None: ...
+    serve: ServeSpec
+    def __init__(self, name: _Optional[str] = ..., dedup: _Optional[_Union[DedupSpec, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., export: _Optional[_Union[ExportSpec, _Mapping]] = ..., pipeline: _Optional[_Union[PipelineSpec, _Mapping]] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ..., serve: _Optional[_Union[ServeSpec, _Mapping]] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("ray_submission_id", "stage", "entrypoint", "state", "message", "start_time", "end_time", "reason")
@@ -159,7 +161,7 @@ class Attempt(_message.Message):
     def __init__(self, ray_submission_id: _Optional[str] = ..., stage: _Optional[str] = ..., entrypoint: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "kind", "name", "state", "message", "spec", "attempts", "created", "updated", "run_dir", "stage_index", "stage_count")
+    __slots__ = ("job_id", "kind", "name", "state", "message", "spec", "attempts", "created", "updated", "run_dir", "stage_index", "stage_count", "plan")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +174,7 @@ class Job(_message.Message):
     RUN_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     kind: str
     name: str
@@ -184,7 +187,18 @@ class Job(_message.Message):
     run_dir: str
     stage_index: int
     stage_count: int
-    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., run_dir: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
+    plan: _containers.RepeatedCompositeFieldContainer[PlannedStage]
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., run_dir: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., plan: _Optional[_Iterable[_Union[PlannedStage, _Mapping]]] = ...) -> None: ...
+
+class PlannedStage(_message.Message):
+    __slots__ = ("kind", "argv", "run_dir")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    run_dir: str
+    def __init__(self, kind: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., run_dir: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)

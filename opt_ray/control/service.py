@@ -1,0 +1,534 @@
+"""``ControlService``: the gRPC servicer. Specs in, Ray jobs out, state in the registry.
+
+Life of a job: ``SubmitJob`` validates the spec (``specs.SpecValidator``), plans one
+command line per stage, records the job, then submits stage 0 as a Ray job whose
+submission id is ``opt-ray-<job_id>-<attempt>``. A reconciler thread polls Ray for every
+active job, records state changes, submits a pipeline's next stage when the previous
+one succeeded, and writes control events to the job's logbook. Because the record is
+written before Ray is asked, and the reconciler only needs the submission id, a
+restarted server picks every job up where it was: that is the reattach.
+
+Scale and rollback of training stop the Ray job, wait until it has exited (so two
+trainers never write one run directory), then resubmit the training stage with the new
+worker range (resuming from the latest checkpoint) or with ``--resume-from STEP``.
+Serving applications are long-lived Ray jobs with an ``opt-ray serve`` entrypoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from opt_ray import metrics
+from opt_ray.control.ray_jobs import JobBackend, JobNotFound, RayJobStatus, entrypoint
+from opt_ray.control.registry import TERMINAL, Registry, parse_json, read_jsonl_from
+from opt_ray.control.specs import SpecError, SpecValidator, Stage
+from opt_ray.errors import UserError
+from opt_ray.logbook import LOGBOOK
+from opt_ray.v1 import control_pb2 as pb
+from opt_ray.v1 import control_pb2_grpc as pb_grpc
+
+STATE_NAMES = {v: k for k, v in pb.JobState.items()}
+
+M_SUBMITTED = metrics.counter("control_jobs_submitted", "control jobs accepted by SubmitJob",
+                              ("kind",))
+M_RAY_JOBS = metrics.counter("control_ray_jobs_submitted",
+                             "Ray jobs submitted by the control plane (stages, resubmissions)",
+                             ("stage", "reason"))
+M_FINISHED = metrics.counter("control_jobs_finished", "control jobs that reached a final state",
+                             ("kind", "state"))
+M_ACTIONS = metrics.counter("control_actions", "cancel / scale / rollback / serve actions",
+                            ("action",))
+M_ACTIVE = metrics.gauge("control_active_jobs", "control jobs not yet in a final state")
+M_REJECTED = metrics.counter("control_unauthenticated", "calls rejected for a missing or "
+                             "wrong bearer token")
+M_INVALID = metrics.counter("control_invalid_specs", "specs rejected with INVALID_ARGUMENT")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Precondition(RuntimeError):
+    pass
+
+
+class Unavailable(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _status(context: grpc.ServicerContext):
+    """Map the service's exceptions to gRPC status codes (context.abort raises)."""
+    try:
+        yield
+    except UserError as e:
+        M_INVALID.inc()
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except NotFound as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except Precondition as e:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except (Unavailable, OSError) as e:  # requests' ConnectionError is an OSError
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+class ControlService(pb_grpc.ControlServiceServicer):
+    def __init__(self, registry: Registry, validator: SpecValidator, backend: JobBackend, *,
+                 opt_ray_bin: str = "opt-ray", poll_interval: float = 1.0,
+                 stop_timeout: float = 120.0):
+        self.registry = registry
+        self.validator = validator
+        self.backend = backend
+        self.opt_ray_bin = opt_ray_bin
+        self.poll_interval = poll_interval
+        self.stop_timeout = stop_timeout
+        # One lock orders every state change of every job; Ray calls made under it are
+        # short HTTP requests. Jobs being stopped-and-resubmitted are in _busy so the
+        # reconciler does not read their intermediate STOPPED as the job's end.
+        self._lock = threading.RLock()
+        self._busy: set[str] = set()
+        self._unsettled: set[str] = set()  # final jobs whose last Ray job may still run
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the reconciler; it immediately reattaches to the registry's active jobs."""
+        self._thread = threading.Thread(target=self._reconcile_loop, name="opt-ray-reconciler",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.is_set():
+            ids = self.registry.active_job_ids()
+            for job_id in ids + sorted(self._unsettled):
+                try:
+                    self.reconcile(job_id)
+                except Exception as e:  # keep reconciling the others; health shows Ray errors
+                    print(f"opt-ray control: reconcile {job_id}: {type(e).__name__}: {e}",
+                          flush=True)
+            M_ACTIVE.set(len(ids))
+            self._stop.wait(self.poll_interval)
+
+    # ------------------------------------------------------------------ core
+
+    def _event(self, job: pb.Job, kind: str, **fields) -> None:
+        self.registry.logbook(job.job_id).event(kind, job_id=job.job_id, **fields)
+
+    def _submit_stage(self, job: pb.Job, index: int, reason: str) -> pb.Job:
+        """Record attempt N for stage ``index``, then submit it to Ray."""
+        plan = job.plan[index]
+        sid = f"opt-ray-{job.job_id}-{len(job.attempts) + 1}"
+        ep = entrypoint(self.opt_ray_bin, list(plan.argv))
+        att = job.attempts.add(ray_submission_id=sid, stage=plan.kind, entrypoint=ep,
+                               state=pb.PENDING, reason=reason, start_time=time.time())
+        job.stage_index = index
+        job.state = pb.PENDING if index == 0 else pb.RUNNING
+        job.message = f"{plan.kind}: submitted as Ray job {sid}"
+        self.registry.put_job(job)
+        try:
+            self.backend.submit(ep, sid, {"opt_ray_job": job.job_id, "stage": plan.kind,
+                                          "reason": reason[:100]})
+        except Exception as e:
+            att.state = job.state = pb.FAILED
+            att.message = job.message = f"Ray refused the job: {type(e).__name__}: {e}"
+            att.end_time = time.time()
+            self.registry.put_job(job)
+            self._event(job, "stage_submit_failed", stage=plan.kind, error=att.message)
+            raise Unavailable(f"could not submit {plan.kind} to Ray: {e}") from e
+        M_RAY_JOBS.inc(tags={"stage": plan.kind, "reason": reason.split()[0]})
+        self._event(job, "stage_submitted", stage=plan.kind, index=index,
+                    ray_submission_id=sid, entrypoint=ep, reason=reason)
+        return job
+
+    def reconcile(self, job_id: str) -> pb.Job | None:
+        """Bring one job's record up to date with Ray; advance pipelines."""
+        with self._lock:
+            job = self.registry.get_job(job_id)
+            if job is None or job_id in self._busy or not job.attempts:
+                return job
+            att = job.attempts[-1]
+            if job.state in TERMINAL and att.state in TERMINAL:
+                self._unsettled.discard(job_id)
+                return job
+            try:
+                st = self.backend.status(att.ray_submission_id)
+            except JobNotFound:
+                st = RayJobStatus(pb.FAILED, f"Ray has no job {att.ray_submission_id}: the "
+                                             f"cluster was restarted or the submission never "
+                                             f"reached it; resubmit the job")
+            changed = (st.state, st.message) != (att.state, att.message)
+            att.state, att.message = st.state, st.message
+            if st.end_time:
+                att.end_time = st.end_time
+            if job.state in TERMINAL:  # cancelled: only settle the attempt's record
+                if changed:
+                    self.registry.put_job(job)
+                return job
+            if not changed:
+                return job
+            self._event(job, "stage_state", stage=att.stage, state=STATE_NAMES[st.state],
+                        ray_submission_id=att.ray_submission_id, message=st.message)
+            if st.state == pb.SUCCEEDED and job.stage_index + 1 < len(job.plan):
+                i = job.stage_index + 1
+                return self._submit_stage(job, i, f"pipeline stage {i + 1}/{len(job.plan)}")
+            job.state = st.state if (st.state != pb.PENDING or job.stage_index == 0) else pb.RUNNING
+            job.message = f"{att.stage}: {STATE_NAMES[st.state]}" + (f": {st.message}"
+                                                                     if st.message else "")
+            self.registry.put_job(job)
+            if job.state in TERMINAL:
+                M_FINISHED.inc(tags={"kind": job.kind, "state": STATE_NAMES[job.state]})
+                self._event(job, "job_finished", state=STATE_NAMES[job.state],
+                            message=job.message)
+            return job
+
+    def _job(self, job_id: str) -> pb.Job:
+        if not job_id:
+            raise SpecError("job_id is required")
+        job = self.registry.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}; 'opt-ray ctl list' shows the known jobs")
+        return job
+
+    def _stop_and_wait(self, job: pb.Job) -> None:
+        """Stop the job's current Ray job and wait until Ray reports it ended."""
+        att = job.attempts[-1]
+        if att.state in TERMINAL:
+            return
+        try:
+            self.backend.stop(att.ray_submission_id)
+        except JobNotFound:
+            return
+        deadline = time.time() + self.stop_timeout
+        while time.time() < deadline:
+            try:
+                st = self.backend.status(att.ray_submission_id)
+            except JobNotFound:
+                return
+            if st.state in TERMINAL:
+                att.state, att.message, att.end_time = st.state, st.message, st.end_time or time.time()
+                return
+            time.sleep(0.5)
+        raise Unavailable(f"Ray job {att.ray_submission_id} did not stop within "
+                          f"{self.stop_timeout:.0f} s; try again or stop it with "
+                          f"'ray job stop {att.ray_submission_id}'")
+
+    @contextlib.contextmanager
+    def _exclusive(self, job_id: str):
+        with self._lock:
+            if job_id in self._busy:
+                raise Precondition(f"job {job_id} is being changed by another call; retry")
+            self._busy.add(job_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(job_id)
+
+    # ------------------------------------------------------------------ jobs API
+
+    def submit(self, spec: pb.JobSpec) -> pb.Job:
+        kind, stages = self.validator.job(spec)
+        return self._create(kind, spec, stages)
+
+    def _create(self, kind: str, spec: pb.JobSpec, stages: list[Stage]) -> pb.Job:
+        now = time.time()
+        job = pb.Job(job_id=self.registry.new_job_id(kind), kind=kind, name=spec.name,
+                     state=pb.PENDING, spec=spec, created=now, stage_count=len(stages))
+        for s in stages:
+            job.plan.add(kind=s.kind, argv=s.argv, run_dir=str(s.run_dir or ""))
+        job.run_dir = next((str(s.run_dir) for s in stages if s.run_dir), "")
+        with self._lock:
+            self.registry.put_job(job)
+            self._event(job, "job_submitted", kind=kind, name=spec.name,
+                        stages=[s.kind for s in stages])
+            M_SUBMITTED.inc(tags={"kind": kind})
+            return self._submit_stage(job, 0, "submit")
+
+    def _restart_training(self, job_id: str, action: str, edit, describe) -> pb.Job:
+        """Stop a training job and resubmit its training stage with ``edit`` applied to
+        its TrainSpec. Shared by scale and rollback."""
+        with self._exclusive(job_id):
+            job = self._job(job_id)
+            idx = job.stage_index
+            if not job.plan or job.plan[idx].kind != "train":
+                raise Precondition(f"job {job_id} is not training now (its current stage is "
+                                   f"{job.plan[idx].kind if job.plan else 'none'}); only a "
+                                   f"training stage can be scaled or rolled back")
+            if job.state == pb.SUCCEEDED:
+                raise Precondition(f"job {job_id} already finished; submit a new training job")
+            train = (job.spec.train if job.kind == "train"
+                     else job.spec.pipeline.stages[idx].train)
+            new = pb.TrainSpec()
+            new.CopyFrom(train)
+            edit(new)
+            name = "spec.train" if job.kind == "train" else f"spec.pipeline.stages[{idx}].train"
+            produced = [Path(p.run_dir) for p in job.plan if p.run_dir]
+            stage = self.validator.train(new, name, produced)
+            self._stop_and_wait(job)
+            before = describe(train)
+            train.CopyFrom(new)
+            del job.plan[idx].argv[:]
+            job.plan[idx].argv.extend(stage.argv)
+            with self._lock:
+                self._event(job, f"job_{action}", before=before, after=describe(new),
+                            ray_submission_id=job.attempts[-1].ray_submission_id)
+                M_ACTIONS.inc(tags={"action": action})
+                return self._submit_stage(job, idx, f"{action} {before} -> {describe(new)}")
+
+    # ------------------------------------------------------------------ gRPC methods
+
+    def SubmitJob(self, request, context):
+        with _status(context):
+            return self.submit(request.spec)
+
+    def GetJob(self, request, context):
+        with _status(context):
+            self._job(request.job_id)
+            return self.reconcile(request.job_id)
+
+    def ListJobs(self, request, context):
+        with _status(context):
+            jobs = [j for j in self.registry.jobs()
+                    if (not request.active_only or j.state not in TERMINAL)
+                    and (not request.kind or j.kind == request.kind)]
+            return pb.ListJobsResponse(jobs=jobs)
+
+    def CancelJob(self, request, context):
+        with _status(context):
+            with self._exclusive(request.job_id):
+                job = self._job(request.job_id)
+                if job.state in TERMINAL:
+                    return job
+                att = job.attempts[-1] if job.attempts else None
+                if att is not None and att.state not in TERMINAL:
+                    try:
+                        self.backend.stop(att.ray_submission_id)
+                    except JobNotFound:
+                        pass
+                # Cancelling returns at once; the reconciler records when Ray has
+                # actually stopped the job (attempt state), the job is STOPPED now so
+                # no further pipeline stage is submitted.
+                job.state = pb.STOPPED
+                job.message = "cancelled by user"
+                with self._lock:
+                    job = self.registry.put_job(job)
+                    self._unsettled.add(job.job_id)
+                    self._event(job, "job_cancelled")
+                    M_ACTIONS.inc(tags={"action": "cancel"})
+                    M_FINISHED.inc(tags={"kind": job.kind, "state": "STOPPED"})
+                return job
+
+    def ScaleJob(self, request, context):
+        with _status(context):
+            self.validator.workers("", request.min_workers, request.max_workers)
+
+            def edit(t: pb.TrainSpec) -> None:
+                t.min_workers, t.max_workers = request.min_workers, request.max_workers or request.min_workers
+                t.resume_from = 0  # scaling continues from the latest checkpoint
+
+            return self._restart_training(request.job_id, "scaled", edit,
+                                          lambda t: f"{t.min_workers}:{t.max_workers or t.min_workers}")
+
+    def RollbackJob(self, request, context):
+        with _status(context):
+            if request.checkpoint_step <= 0:
+                raise SpecError("checkpoint_step must be a positive checkpoint step; "
+                                "'opt-ray ctl logbook JOB' lists the saved checkpoints")
+
+            def edit(t: pb.TrainSpec) -> None:
+                t.resume_from = request.checkpoint_step
+
+            return self._restart_training(request.job_id, "rolled_back", edit,
+                                          lambda t: f"step {t.resume_from or 'latest'}")
+
+    def WatchJob(self, request, context):
+        with _status(context):
+            self._job(request.job_id)
+        yield from self.watch(request, context.is_active)
+
+    def watch(self, request: pb.WatchJobRequest, is_active=lambda: True) -> Iterator[pb.JobEvent]:
+        """Status transitions, new log text and run-file lines until the job is final."""
+        job_id = request.job_id
+        log_off: dict[str, int] = {}
+        logs_done: set[str] = set()
+        file_off: dict[Path, int] = {}
+        last_key = None
+        first = True
+        while True:
+            job = self.reconcile(job_id) or self._job(job_id)
+            final = job.state in TERMINAL and (not job.attempts or job.attempts[-1].state in TERMINAL)
+            key = (job.state, job.stage_index, len(job.attempts), job.message,
+                   job.attempts[-1].state if job.attempts else 0)
+            if key != last_key:
+                last_key = key
+                yield pb.JobEvent(time=time.time(), job_id=job_id, status=job)
+            if request.include_logs:
+                for att in job.attempts:
+                    sid = att.ray_submission_id
+                    if sid in logs_done:
+                        continue
+                    try:
+                        text = self.backend.logs(sid)
+                    except Exception:  # not started yet, or Ray lost it: nothing to stream
+                        text = ""
+                    if first and not request.from_start:
+                        log_off[sid] = len(text)
+                    new = text[log_off.get(sid, 0):]
+                    log_off[sid] = len(text)
+                    if new:
+                        yield pb.JobEvent(time=time.time(), job_id=job_id, log=new)
+                    if att.state in TERMINAL:
+                        logs_done.add(sid)
+            files: list[tuple[Path, str]] = [
+                (self.registry.logbook(job_id).path, "logbook_line")]
+            if job.run_dir:
+                files.append((Path(job.run_dir) / LOGBOOK, "logbook_line"))
+                if request.include_metrics:
+                    files.append((Path(job.run_dir) / "metrics.jsonl", "metrics_line"))
+            for path, field in files:
+                if first and not request.from_start:
+                    file_off[path] = path.stat().st_size if path.exists() else 0
+                lines, file_off[path] = read_jsonl_from(path, file_off.get(path, 0))
+                for ln in lines:
+                    yield pb.JobEvent(time=time.time(), job_id=job_id, **{field: ln})
+            first = False
+            if final or not is_active():
+                return
+            time.sleep(self.poll_interval)
+
+    # ------------------------------------------------------------------ serving
+
+    def _app_state(self, app: pb.ServeApp) -> pb.ServeApp:
+        job = self.reconcile(app.job_id) if app.job_id else None
+        if job is not None:
+            app.state, app.message = job.state, job.message
+        return app
+
+    def _deploy(self, spec: pb.ServeSpec, action: str) -> pb.ServeApp:
+        stage = self.validator.serve(spec)
+        job = self._create("serve", pb.JobSpec(name=f"serve {spec.name}", serve=spec), [stage])
+        M_ACTIONS.inc(tags={"action": action})
+        return self.registry.put_app(pb.ServeApp(name=spec.name, spec=spec, job_id=job.job_id,
+                                                 state=job.state, message=job.message))
+
+    def DeployServe(self, request, context):
+        with _status(context):
+            old = self.registry.get_app(request.spec.name)
+            if old is not None and self._app_state(old).state not in TERMINAL:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"serving app {request.spec.name!r} is deployed (job "
+                              f"{old.job_id}); use UpdateServe ('opt-ray ctl serve update')")
+            return self._deploy(request.spec, "serve_deploy")
+
+    def UpdateServe(self, request, context):
+        with _status(context):
+            old = self.registry.get_app(request.spec.name)
+            if old is None:
+                raise NotFound(f"no serving app {request.spec.name!r}; deploy it first")
+            self.validator.serve(request.spec)  # reject a bad update before stopping anything
+            # The old job is stopped before the new one starts: the HTTP/gRPC ports are
+            # the same, so both cannot run at once. The app is down while replicas load.
+            with self._exclusive(old.job_id):
+                job = self.registry.get_job(old.job_id)
+                if job is not None:
+                    self._stop_and_wait(job)
+                    job.state, job.message = pb.STOPPED, "replaced by UpdateServe"
+                    self.registry.put_job(job)
+                    self._unsettled.add(job.job_id)
+            return self._deploy(request.spec, "serve_update")
+
+    def RemoveServe(self, request, context):
+        with _status(context):
+            app = self.registry.get_app(request.name)
+            if app is None:
+                raise NotFound(f"no serving app {request.name!r}; 'opt-ray ctl serve list'")
+            with self._exclusive(app.job_id):
+                job = self.registry.get_job(app.job_id)
+                if job is not None and job.state not in TERMINAL:
+                    self._stop_and_wait(job)
+                    job.state, job.message = pb.STOPPED, "removed by RemoveServe"
+                    self.registry.put_job(job)
+                    self._unsettled.add(job.job_id)
+            self.registry.delete_app(request.name)
+            M_ACTIONS.inc(tags={"action": "serve_remove"})
+            app.state, app.message = pb.STOPPED, "removed"
+            return app
+
+    def ListServe(self, request, context):
+        with _status(context):
+            return pb.ListServeResponse(apps=[self._app_state(a) for a in self.registry.apps()])
+
+    # ------------------------------------------------------------------ logbook, health
+
+    def read_logbook(self, job_id: str = "", run_dir: str = "") -> tuple[list[str], str]:
+        """(events as JSON lines sorted by time, run_dir). A job's control events and its
+        run directory's logbook are merged into one chronicle."""
+        lines: list[str] = []
+        if job_id:
+            job = self._job(job_id)
+            run_dir = job.run_dir
+            lines += read_jsonl_from(self.registry.logbook(job_id).path, 0)[0]
+        elif run_dir:
+            run_dir = str(self.validator.path("run_dir", run_dir, must_exist=True))
+        else:
+            raise SpecError("give job_id or run_dir")
+        if run_dir:
+            lines += read_jsonl_from(Path(run_dir) / LOGBOOK, 0)[0]
+        keyed = [((parse_json(ln) or {}).get("time", 0.0), i, ln) for i, ln in enumerate(lines)]
+        return [ln for _, _, ln in sorted(keyed, key=lambda t: (float(t[0] or 0), t[1]))], run_dir
+
+    def ReadLogbook(self, request, context):
+        with _status(context):
+            events, run_dir = self.read_logbook(request.job_id, request.run_dir)
+            md = ""
+            if request.markdown and run_dir:
+                from opt_ray import logbook as lb
+                render = getattr(lb, "render_markdown", None)
+                if render is not None:
+                    try:
+                        md = render(run_dir)
+                    except Exception as e:  # a chronicle that fails to render is no error
+                        md = f"(could not render the chronicle: {type(e).__name__}: {e})"
+            return pb.ReadLogbookResponse(events=events, markdown=md or "", run_dir=run_dir)
+
+    def ClusterHealth(self, request, context):
+        with _status(context):
+            h = self.backend.health()
+            resp = pb.ClusterHealthResponse(dashboard_url=h.get("dashboard_url", ""),
+                                            alive_nodes=h.get("alive_nodes", 0))
+            resp.total_resources.update(h.get("total", {}))
+            resp.available_resources.update(h.get("available", {}))
+            for name in ("ray", "job_api"):
+                if name in h:
+                    ok, detail = h[name]
+                    resp.components.add(name=name, ok=ok, detail=detail)
+            probe = self.registry.state_dir / ".health-probe"
+            try:
+                probe.write_text("ok")
+                probe.unlink()
+                resp.components.add(name="registry", ok=True, detail=str(self.registry.state_dir))
+            except OSError as e:
+                resp.components.add(name="registry", ok=False,
+                                    detail=f"{self.registry.state_dir}: {e.strerror}")
+            alive = self._thread is not None and self._thread.is_alive()
+            resp.components.add(name="reconciler", ok=alive,
+                                detail="running" if alive else "not running")
+            active = self.registry.active_job_ids()
+            resp.active_jobs = len(active)
+            resp.ok = all(c.ok for c in resp.components)
+            return resp
+
+

@@ -1,0 +1,241 @@
+"""Typed job specs -> validated ``opt-ray`` command lines.
+
+The control plane never imports a stage: it turns a spec into the same command line a
+user would pass to ``ray job submit -- opt-ray ...``. Before anything is submitted every
+spec is checked here: paths must be absolute and, after resolving symlinks, inside one
+of the server's allowed roots; sizes and worker counts must be within ``Bounds``. A
+violation raises ``SpecError`` naming the field (``spec.train.min_workers``) and the
+fix; the service answers it with INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opt_ray.errors import UserError
+from opt_ray.v1 import control_pb2 as pb
+
+
+class SpecError(UserError):
+    """A spec field is invalid; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Limits on what one control call may ask of the cluster."""
+    max_workers: int = 1024
+    max_steps: int = 10_000_000
+    min_seq_len: int = 8
+    max_seq_len: int = 65_536
+    min_vocab_size: int = 260  # 256 byte symbols plus a few specials
+    max_vocab_size: int = 1_000_000
+    max_inputs: int = 10_000
+    max_stages: int = 16
+    max_replicas: int = 256
+
+
+@dataclass
+class Stage:
+    """One Ray job to run: ``opt-ray <argv...>``."""
+    kind: str
+    argv: list[str]
+    outputs: list[Path] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class SpecValidator:
+    """Validates specs against allowed roots and bounds, and builds their command lines."""
+
+    def __init__(self, allowed_roots: list[str | os.PathLike], bounds: Bounds = Bounds()):
+        if not allowed_roots:
+            raise UserError("the control server needs at least one --allowed-root directory")
+        self.roots = [Path(os.path.realpath(r)) for r in allowed_roots]
+        self.bounds = bounds
+
+    # ------------------------------------------------------------------ fields
+
+    def path(self, name: str, value: str, *, must_exist: bool = False,
+             produced: list[Path] = (), must_not_exist: bool = False) -> Path:
+        """An absolute path inside an allowed root. ``produced`` lists outputs of
+        earlier pipeline stages, which count as existing."""
+        if not value:
+            raise SpecError(f"{name} is required: give an absolute path inside "
+                            f"{self._roots_text()}")
+        if "\x00" in value:
+            raise SpecError(f"{name} contains a NUL byte")
+        p = Path(value)
+        if not p.is_absolute():
+            raise SpecError(f"{name}={value!r} must be an absolute path (the server does not "
+                            f"share your working directory); opt-ray ctl makes paths absolute")
+        real = Path(os.path.realpath(p))
+        if not any(_is_within(real, r) for r in self.roots):
+            raise SpecError(f"{name}={value!r} is outside the allowed roots "
+                            f"{self._roots_text()}; use a path inside one of them or start "
+                            f"the server with --allowed-root covering it")
+        if must_exist and not real.exists() and not any(_is_within(real, o) for o in produced):
+            raise SpecError(f"{name}={value!r} does not exist; run the stage that writes it "
+                            f"first, or submit both as one pipeline")
+        if must_not_exist and real.exists():
+            raise SpecError(f"{name}={value!r} already exists; choose a new output directory "
+                            f"(artifacts are immutable)")
+        return real
+
+    def _roots_text(self) -> str:
+        return "[" + ", ".join(str(r) for r in self.roots) + "]"
+
+    def _int(self, name: str, value: int, lo: int, hi: int, *, zero_ok: bool = False) -> int:
+        if zero_ok and value == 0:
+            return 0
+        if not lo <= value <= hi:
+            raise SpecError(f"{name}={value} is out of bounds; use {lo}..{hi}"
+                            + (" (or 0 for the default)" if zero_ok else ""))
+        return value
+
+    def workers(self, prefix: str, lo: int, hi: int) -> tuple[int, int]:
+        lo = self._int(f"{prefix}min_workers", lo, 1, self.bounds.max_workers)
+        hi = hi or lo
+        self._int(f"{prefix}max_workers", hi, 1, self.bounds.max_workers)
+        if hi < lo:
+            raise SpecError(f"{prefix}max_workers={hi} is below min_workers={lo}; "
+                            f"give a range MIN:MAX with MIN <= MAX")
+        return lo, hi
+
+    # ------------------------------------------------------------------ stages
+
+    def dedup(self, s: pb.DedupSpec, name: str = "spec.dedup", produced=()) -> Stage:
+        if not s.inputs:
+            raise SpecError(f"{name}.inputs is empty; give at least one corpus file or directory")
+        if len(s.inputs) > self.bounds.max_inputs:
+            raise SpecError(f"{name}.inputs has {len(s.inputs)} entries (max "
+                            f"{self.bounds.max_inputs}); pass directories instead of files")
+        inputs = [self.path(f"{name}.inputs[{i}]", v, must_exist=True, produced=produced)
+                  for i, v in enumerate(s.inputs)]
+        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        argv = ["dedup", *map(str, inputs), "--output", str(out)]
+        if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
+            argv += ["--workers", str(s.workers)]
+        if s.threshold:
+            if not 0.0 < s.threshold <= 1.0:
+                raise SpecError(f"{name}.threshold={s.threshold} must be in (0, 1] "
+                                f"(a Jaccard similarity; OPT used 0.95)")
+            argv += ["--threshold", repr(s.threshold)]
+        return Stage("dedup", argv, [out])
+
+    def tokenizer(self, s: pb.TokenizerSpec, name: str = "spec.tokenizer", produced=()) -> Stage:
+        corpus = self.path(f"{name}.corpus", s.corpus, must_exist=True, produced=produced)
+        self._int(f"{name}.vocab_size", s.vocab_size, self.bounds.min_vocab_size,
+                  self.bounds.max_vocab_size)
+        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        return Stage("tokenizer", ["tokenizer", "train", str(corpus), "--vocab-size",
+                                   str(s.vocab_size), "--output", str(out)], [out])
+
+    def tokenize(self, s: pb.TokenizeSpec, name: str = "spec.tokenize", produced=()) -> Stage:
+        inp = self.path(f"{name}.input", s.input, must_exist=True, produced=produced)
+        tok = self.path(f"{name}.tokenizer", s.tokenizer, must_exist=True, produced=produced)
+        self._int(f"{name}.seq_len", s.seq_len, self.bounds.min_seq_len, self.bounds.max_seq_len)
+        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        argv = ["tokenize", str(inp), "--tokenizer", str(tok), "--seq-len", str(s.seq_len),
+                "--output", str(out)]
+        if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
+            argv += ["--workers", str(s.workers)]
+        return Stage("tokenize", argv, [out])
+
+    def train(self, s: pb.TrainSpec, name: str = "spec.train", produced=()) -> Stage:
+        from opt_ray.config import PRESETS  # config only: no torch, no Ray
+        if s.preset not in PRESETS:
+            raise SpecError(f"{name}.preset={s.preset!r} is unknown; choose one of "
+                            f"{', '.join(PRESETS)}")
+        data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
+        # An existing run directory is allowed: training resumes from its checkpoints.
+        out = self.path(f"{name}.output", s.output)
+        lo, hi = self.workers(f"{name}.", s.min_workers, s.max_workers)
+        self._int(f"{name}.steps", s.steps, 1, self.bounds.max_steps)
+        if s.resume_from < 0 or s.resume_from > s.steps:
+            raise SpecError(f"{name}.resume_from={s.resume_from} must be a checkpoint step in "
+                            f"0..steps ({s.steps}); 0 resumes from the latest checkpoint")
+        argv = ["train", "--preset", s.preset, "--data", str(data), "--output", str(out),
+                "--workers", f"{lo}:{hi}" if hi != lo else str(lo), "--steps", str(s.steps)]
+        if s.resume_from:
+            argv += ["--resume-from", str(s.resume_from)]
+        return Stage("train", argv, [out], run_dir=out)
+
+    def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:
+        ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True, produced=produced)
+        data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
+        argv = ["eval", "--checkpoint", str(ckpt), "--data", str(data)]
+        outs = []
+        if s.output:
+            out = self.path(f"{name}.output", s.output, must_not_exist=True)
+            argv += ["--output", str(out)]
+            outs.append(out)
+        return Stage("eval", argv, outs)
+
+    def export(self, s: pb.ExportSpec, name: str = "spec.export", produced=()) -> Stage:
+        run = self.path(f"{name}.run_dir", s.run_dir, must_exist=True, produced=produced)
+        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        argv = ["export", str(run), "--output", str(out)]
+        if s.step < 0:
+            raise SpecError(f"{name}.step={s.step} must be >= 0 (0: the latest checkpoint)")
+        if s.step:
+            argv += ["--step", str(s.step)]
+        return Stage("export", argv, [out])
+
+    def serve(self, s: pb.ServeSpec, name: str = "spec") -> Stage:
+        if not s.name or not s.name.replace("-", "").replace("_", "").isalnum() or len(s.name) > 64:
+            raise SpecError(f"{name}.name={s.name!r} must be 1-64 letters, digits, '-' or '_'")
+        ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True)
+        argv = ["serve", "--checkpoint", str(ckpt), "--name", s.name]
+        if self._int(f"{name}.replicas", s.replicas, 1, self.bounds.max_replicas, zero_ok=True):
+            argv += ["--replicas", str(s.replicas)]
+        for fld, flag in (("http_port", "--http-port"), ("grpc_port", "--grpc-port")):
+            if self._int(f"{name}.{fld}", getattr(s, fld), 1024, 65535, zero_ok=True):
+                argv += [flag, str(getattr(s, fld))]
+        if self._int(f"{name}.max_batch_size", s.max_batch_size, 1, 4096, zero_ok=True):
+            argv += ["--max-batch-size", str(s.max_batch_size)]
+        return Stage("serve", argv)
+
+    # ------------------------------------------------------------------ whole jobs
+
+    def stage(self, st: pb.StageSpec, name: str, produced: list[Path]) -> Stage:
+        which = st.WhichOneof("stage")
+        if which is None:
+            raise SpecError(f"{name} sets no stage; set one of dedup, tokenizer, tokenize, "
+                            f"train, eval, export")
+        return getattr(self, which)(getattr(st, which), f"{name}.{which}", produced)
+
+    def job(self, spec: pb.JobSpec) -> tuple[str, list[Stage]]:
+        """(kind, stages) for a submitted spec; a single stage unless a pipeline."""
+        kind = spec.WhichOneof("kind")
+        if kind is None:
+            raise SpecError("spec sets no job kind; set one of dedup, tokenizer, tokenize, "
+                            "train, eval, export, pipeline")
+        if len(spec.name) > 128:
+            raise SpecError("spec.name is longer than 128 characters")
+        if kind == "serve":
+            raise SpecError("spec.serve: serving applications are managed with DeployServe / "
+                            "UpdateServe / RemoveServe ('opt-ray ctl serve deploy')")
+        if kind != "pipeline":
+            return kind, [getattr(self, kind)(getattr(spec, kind))]
+        stages_spec = spec.pipeline.stages
+        if not stages_spec:
+            raise SpecError("spec.pipeline.stages is empty; give at least one stage")
+        if len(stages_spec) > self.bounds.max_stages:
+            raise SpecError(f"spec.pipeline.stages has {len(stages_spec)} stages "
+                            f"(max {self.bounds.max_stages})")
+        produced: list[Path] = []
+        stages = []
+        for i, st in enumerate(stages_spec):
+            stage = self.stage(st, f"spec.pipeline.stages[{i}]", produced)
+            for o in stage.outputs:
+                if o in produced:
+                    raise SpecError(f"spec.pipeline.stages[{i}] writes {o}, which an earlier "
+                                    f"stage already writes; give each stage its own output")
+            produced += stage.outputs
+            stages.append(stage)
+        return kind, stages
