@@ -57,6 +57,16 @@ EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "version_mismatch": ("resumed under other library versions than the checkpoint recorded",
                          ("diff", "[step]", "[checkpoint]")),
     "chaos": ("a fault was injected on purpose (drills)", ("kind", "step", "[rank]")),
+    # Kinds the training loop, checkpointer and gang write besides the ones above.
+    "divergence": ("the divergence guard fired (the loop's name; fields of guard.Verdict)",
+                   ("step", "reason", "[loss]", "[running_mean]", "[onset_step]", "[attempt]",
+                    "[rollback_to]", "[lr_scale]", "[new_clip]", "[skip_steps]", "[give_up]")),
+    "divergence_give_up": ("the guard gave up; the run stops", ("report",)),
+    "step_skipped": ("a step's update was skipped (fp16 overflow or NaN)", ("step", "[loss]", "[grad_norm]")),
+    "checkpoint_corrupt": ("a checkpoint failed its checksum and was skipped", ("step", "reason", "[path]")),
+    "checkpoint_partial_removed": ("a half-written checkpoint was cleaned up", ("path",)),
+    "failure_budget_exceeded": ("the gang failed more often than --max-failures allows",
+                                ("max_failures", "reason")),
     "finish": ("the run ended", ("status", "[step]", "[loss]", "[reason]", "[report]")),
 }
 
@@ -288,6 +298,13 @@ def describe(e: dict[str, Any]) -> str:
     """One event as a sentence: what happened and what was done."""
     k = e.get("event")
     g = e.get
+    if k in ("start", "resume", "restart") and g("config") is not None and k != "start":
+        # The loop writes a full start-like record on every (re)start.
+        att = f" (attempt {g('attempt')})" if g("attempt") else ""
+        ws = f" on {g('world_size')} worker(s)" if g("world_size") is not None else ""
+        what = "Gang restarted" if k == "restart" else "Run resumed"
+        ck = f" from the checkpoint of step {g('step')}" if g("checkpoint") else " from scratch"
+        return f"{what}{att}{ck}{ws}; training continues at step {(g('step') or 0) + 1}."
     if k == "start":
         cfg = g("config") or {}
         bits = [f"{key} {cfg[key]}" for key in ("preset", "precision", "steps", "workers", "tp")
@@ -295,17 +312,35 @@ def describe(e: dict[str, Any]) -> str:
         if g("world_size") is not None:
             bits.append(f"world size {g('world_size')}")
         s = "Run started" + (f" ({', '.join(map(str, bits))})" if bits else "")
+        if g("precision") and not (isinstance(cfg, dict) and cfg.get("precision")):
+            bits.append(str(g("precision")))
         if g("resumed_from") is not None:
             s += f", resuming from step {g('resumed_from')}"
         return s + "."
     if k == "checkpoint_saved":
         ls = f", loss scale {_fmt(g('loss_scale'))}" if g("loss_scale") is not None else ""
         return f"Checkpoint saved at step {g('step')}{ls}."
+    if k == "checkpoint_corrupt":
+        return f"Checkpoint of step {g('step')} failed its checks ({g('reason')}); using an earlier one."
+    if k == "checkpoint_partial_removed":
+        return f"Removed a half-written checkpoint ({Path(str(g('path'))).name})."
+    if k == "step_skipped":
+        return f"Update of step {g('step')} skipped: loss {_fmt(g('loss'))}, grad norm {_fmt(g('grad_norm'))}."
+    if k == "divergence_give_up":
+        return "The divergence guard gave up; the run stops."
+    if k == "failure_budget_exceeded":
+        return f"Failure budget exceeded (--max-failures {g('max_failures')}): {g('reason')}."
     if k == "checkpoint_rejected":
         fb = f"; falling back to step {g('fallback_step')}" if g("fallback_step") is not None else ""
         return f"Checkpoint of step {g('step')} rejected: {g('reason')}{fb}."
     if k == "worker_lost":
-        who = f"Rank {g('rank')}" if g("rank") is not None else "A worker"
+        ranks = g("ranks")
+        who = (f"Rank {g('rank')}" if g("rank") is not None else
+               f"Rank(s) {', '.join(map(str, ranks))}" if ranks else "A worker")
+        if not g("error") and isinstance(g("errors"), dict) and g("errors"):
+            first = str(next(iter(g("errors").values())))
+            e = dict(e, error=first if len(first) <= 160 else first[:160] + "...")
+            g = e.get
         where = f" on {g('node')}" if g("node") else ""
         at = f" at step {g('step')}" if g("step") is not None else ""
         err = f": {g('error')}" if g("error") else ""
@@ -320,8 +355,11 @@ def describe(e: dict[str, Any]) -> str:
         ws = f" on {g('world_size')} worker(s)" if g("world_size") is not None else ""
         return f"Training resumed at step {g('step')}{ws}."
     if k == "resize":
-        return f"Gang resized from {g('old_world_size')} to {g('new_world_size')} worker(s)."
-    if k == "divergence_detected":
+        old, new = g("old_world_size", g("from_world")), g("new_world_size", g("to_world"))
+        tp = (f" (tensor parallel {g('from_tp')} -> {g('to_tp')})"
+              if g("from_tp") is not None and g("from_tp") != g("to_tp") else "")
+        return f"Gang resized from {old} to {new} worker(s){tp}."
+    if k in ("divergence_detected", "divergence"):
         what = {"nan": "Non-finite loss or gradient", "spike": "Loss spike",
                 "loss_scale_floor": "fp16 loss scale at its floor"}.get(g("reason"), str(g("reason")))
         base = f" against a running mean of {_fmt(g('running_mean'))}" if g("running_mean") is not None else ""
@@ -329,20 +367,35 @@ def describe(e: dict[str, Any]) -> str:
                  if g("onset_step") is not None and g("onset_step") != g("step") else "")
         att = (f" (intervention {g('attempt')} of at most {g('max_rollbacks')})"
                if g("attempt") is not None and g("max_rollbacks") is not None and not g("give_up") else "")
-        s = f"{what} at step {g('step')}: loss {_fmt(g('loss'))}{base}{onset}{att}."
+        loss = g("loss")
+        if loss is None and g("reason") == "nan":
+            loss = "non-finite"  # the guard keeps NaN out of JSON as None
+        s = f"{what} at step {g('step')}: loss {_fmt(loss)}{base}{onset}{att}."
         if g("give_up"):
             s += " The guard gave up: retries exhausted or no healthy checkpoint left."
         return s
     if k == "rollback":
         inv = g("invalidated") or []
         dropped = f"; checkpoints {', '.join(map(str, inv))} discarded as part of the diverged trajectory" if inv else ""
-        return f"Rolled back from step {g('from_step')} to the checkpoint of step {g('to_step')}{dropped}."
+        done = []  # the loop records the whole intervention on the rollback event
+        if g("lr_factor") is not None:
+            done.append(f"LR now x{_fmt(g('lr_factor'))} of the schedule")
+        if g("clip") is not None:
+            done.append(f"gradient clipping {_fmt(g('clip'))}")
+        if g("skip_steps"):
+            done.append(f"the batches of step(s) {', '.join(map(str, g('skip_steps')))} will be skipped")
+        then = f"; {', '.join(done)}" if done else ""
+        return (f"Rolled back from step {g('from_step', g('step'))} to the checkpoint of step "
+                f"{g('to_step')}{dropped}{then}.")
     if k == "lr_change":
         if g("old") is not None and g("new") is not None:
             return f"Learning rate lowered from {_fmt(g('old'))} to {_fmt(g('new'))} (x{_fmt(g('factor'))})."
         return f"Learning rate multiplied by {_fmt(g('factor'))} (now x{_fmt(g('scale'))} of the schedule)."
     if k == "clip_change":
         return f"Gradient clipping tightened from {_fmt(g('old'))} to {_fmt(g('new'))}."
+    if k == "data_skipped" and g("start") is not None:
+        return (f"Skipped the batch of step {g('step')} (samples {g('start')}..{g('end')} of the "
+                f"data stream); it is not trained on in this epoch.")
     if k == "data_skipped":
         steps = g("steps") or []
         b = g("batches") or []
@@ -361,7 +414,7 @@ def describe(e: dict[str, Any]) -> str:
         who = f" on rank {g('rank')}" if g("rank") is not None else ""
         return f"Drill: injected `{g('kind')}` at step {g('step')}{who}."
     if k == "finish":
-        status = g("status", "ended")
+        status = g("status", "completed")
         at = f" at step {g('step')}" if g("step") is not None else ""
         loss = f", final loss {_fmt(g('loss'))}" if g("loss") is not None else ""
         why = f": {g('reason')}" if g("reason") else ""
@@ -438,9 +491,13 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
     if finite:
         lines.append(f"- **Loss**: {_fmt(finite[0]['loss'])} at step {finite[0]['step']} -> "
                      f"{_fmt(finite[-1]['loss'])} at step {finite[-1]['step']}")
-    counts = {k: kinds.count(k) for k in ("restart", "worker_lost", "divergence_detected", "rollback",
-                                          "data_skipped", "checkpoint_saved", "checkpoint_rejected",
-                                          "chaos")}
+    # Canonical name -> the kinds that count as it (the loop writes some under other names).
+    groups = {"restart": ("restart",), "worker_lost": ("worker_lost",),
+              "divergence": ("divergence_detected", "divergence"), "rollback": ("rollback",),
+              "data_skipped": ("data_skipped",), "checkpoint_saved": ("checkpoint_saved",),
+              "checkpoint_rejected": ("checkpoint_rejected", "checkpoint_corrupt"),
+              "chaos": ("chaos",)}
+    counts = {k: sum(kinds.count(x) for x in xs) for k, xs in groups.items()}
     lines.append("- **Counts**: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in counts.items()))
     if starts:
         s0 = starts[0]
@@ -467,7 +524,8 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
         if d != day:
             day = d
             lines += ["", f"### {d.isoformat() if d else 'undated'}", ""]
-        loss = e.get("loss") if e.get("event") in ("divergence_detected", "checkpoint_saved") else None
+        loss = (e.get("loss") if e.get("event") in ("divergence_detected", "divergence", "checkpoint_saved")
+                else None)
         if folded:
             loss = None  # a run of routine saves spans many losses; none is "the" loss
         elif loss is None:
@@ -487,6 +545,7 @@ _MARKS = {  # event kind -> (colour, label); vertical lines on the loss plot
     "restart": ("tab:orange", "restart"),
     "resume": ("tab:orange", "resume"),
     "divergence_detected": ("tab:purple", "divergence"),
+    "divergence": ("tab:purple", "divergence"),
     "chaos": ("0.6", "injected fault"),
 }
 
@@ -550,7 +609,7 @@ def plot_loss(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
         if kind == "rollback":
             x = _num(e.get("to_step"))
         if kind == "restart":
-            x = _num(e.get("from_step"))
+            x = _num(e.get("from_step", e.get("step")))
         if x is None:
             continue
         colour, label = _MARKS[kind]

@@ -193,3 +193,39 @@ def test_loss_at_the_time_uses_metric_timestamps(tmp_path):
     write_metrics(tmp_path, [{"step": 6, "loss": 9.5, "time": time.time() + 1}])
     line = next(l for l in render_markdown(tmp_path).splitlines() if "Rank 1 lost" in l)
     assert line.endswith("*(loss 3.25)*")
+
+
+def test_chronicle_reads_the_training_loops_event_names(tmp_path):
+    """The loop, checkpointer and gang write some events under their own names/fields
+    (divergence, rollback with the intervention, data_skipped with stream positions,
+    worker_lost with ranks/errors, restart with the resumed step)."""
+    lb = Logbook(tmp_path)
+    lb.event("start", step=0, attempt=0, checkpoint=None, config={"preset": "tiny"}, world_size=2,
+             precision="bf16", versions={"torch": "2.13.0"}, hardware={"cpus": 2})
+    lb.event("checkpoint_saved", step=10, path="/r/checkpoints/step-10", bytes=5, milestone=False)
+    lb.event("chaos", kind="nan", step=13, rank=0)
+    lb.event("divergence", reason="nan", step=13, onset_step=13, loss=None, running_mean=6.2,
+             attempt=1, max_rollbacks=3, rollback_to=10, lr_scale=0.5, new_clip=0.3,
+             skip_steps=[13], give_up=False, report="")
+    lb.event("rollback", step=13, to_step=10, lr_factor=0.5, clip=0.3, skip_steps=[13])
+    lb.event("data_skipped", step=13, start=96, end=104)
+    lb.event("worker_lost", ranks=[1], errors={"1": "ActorDiedError('SIGKILL')"})
+    lb.event("restart", step=10, attempt=1, checkpoint="/r/checkpoints/step-10",
+             config={"preset": "tiny"}, world_size=2)
+    lb.event("checkpoint_corrupt", step=20, path="/r/checkpoints/step-20", reason="sha256 mismatch")
+    lb.event("finish", step=30, tokens=100, loss=4.5)
+    chron = render_markdown(tmp_path).split("## Chronicle", 1)[1]
+    order = ["Run started", "Checkpoint saved at step 10", "Drill: injected `nan` at step 13",
+             "Non-finite loss or gradient at step 13: loss non-finite",
+             "Rolled back from step 13 to the checkpoint of step 10; LR now x0.5 of the schedule, "
+             "gradient clipping 0.3, the batches of step(s) 13 will be skipped",
+             "Skipped the batch of step 13 (samples 96..104",
+             "Rank(s) 1 lost: ActorDiedError('SIGKILL')",
+             "Gang restarted (attempt 1) from the checkpoint of step 10 on 2 worker(s); training "
+             "continues at step 11",
+             "Checkpoint of step 20 failed its checks (sha256 mismatch)",
+             "Run completed at step 30, final loss 4.5"]
+    pos = [chron.find(s) for s in order]
+    assert -1 not in pos, [s for s, p in zip(order, pos) if p == -1]
+    assert pos == sorted(pos)
+    assert "divergence 1" in render_markdown(tmp_path)  # counted in the summary
