@@ -124,8 +124,9 @@ class ControlService(pb_grpc.ControlServiceServicer):
 
     # ------------------------------------------------------------------ core
 
-    def _event(self, job: pb.Job, kind: str, **fields) -> None:
-        self.registry.logbook(job.job_id).event(kind, job_id=job.job_id, **fields)
+    def _event(self, job: pb.Job, event: str, **fields) -> None:
+        self.registry.logbook(job.job_id).event(event, job_id=job.job_id, source="control",
+                                                **fields)
 
     def _submit_stage(self, job: pb.Job, index: int, reason: str) -> pb.Job:
         """Record attempt N for stage ``index``, then submit it to Ray."""
@@ -252,7 +253,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
         job.run_dir = next((str(s.run_dir) for s in stages if s.run_dir), "")
         with self._lock:
             self.registry.put_job(job)
-            self._event(job, "job_submitted", kind=kind, name=spec.name,
+            self._event(job, "job_submitted", job_kind=kind, name=spec.name,
                         stages=[s.kind for s in stages])
             M_SUBMITTED.inc(tags={"kind": kind})
             return self._submit_stage(job, 0, "submit")

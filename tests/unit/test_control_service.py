@@ -1,0 +1,312 @@
+"""The control service over real gRPC on 127.0.0.1, with a fake job backend (no Ray).
+
+The fake records submissions and lets the test move each Ray job through its states,
+so pipelines, cancel, scale, rollback, restart-reattach and watch are checked exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from opt_ray.control.client import ControlClient
+from opt_ray.control.ray_jobs import JobNotFound, RayJobStatus
+from opt_ray.control.registry import Registry
+from opt_ray.control.server import build_server, stop_server
+from opt_ray.control.service import ControlService
+from opt_ray.control.specs import SpecValidator
+from opt_ray.v1 import control_pb2 as pb
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class FakeBackend:
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+
+    def submit(self, entrypoint, submission_id, metadata):
+        with self.lock:
+            assert submission_id not in self.jobs, "submission ids must be unique"
+            self.jobs[submission_id] = {"entrypoint": entrypoint, "state": pb.PENDING,
+                                        "logs": "", "metadata": metadata}
+            self.order.append(submission_id)
+        return submission_id
+
+    def set(self, sid, state, logs=""):
+        with self.lock:
+            self.jobs[sid]["state"] = state
+            self.jobs[sid]["logs"] += logs
+
+    def status(self, sid):
+        with self.lock:
+            if sid not in self.jobs:
+                raise JobNotFound(sid)
+            return RayJobStatus(self.jobs[sid]["state"])
+
+    def stop(self, sid):
+        self.set(sid, pb.STOPPED)
+
+    def logs(self, sid):
+        with self.lock:
+            return self.jobs[sid]["logs"]
+
+    def health(self):
+        return {"dashboard_url": "http://fake", "job_api": (True, "fake")}
+
+    def last(self):
+        return self.order[-1]
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A running server over a fake backend; ``env.restart()`` replaces the server
+    process state (new registry, service, port) while keeping the state dir."""
+    class Env:
+        pass
+    e = Env()
+    e.root = tmp_path / "data"
+    e.root.mkdir()
+    (e.root / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    e.state = tmp_path / "state"
+    e.backend = FakeBackend()
+
+    def start():
+        e.service = ControlService(Registry(e.state), SpecValidator([e.root]), e.backend,
+                                   opt_ray_bin="opt-ray", poll_interval=0.05, stop_timeout=5)
+        e.server, e.port = build_server(e.service, token=TOKEN, port=0)
+        e.client = ControlClient(f"127.0.0.1:{e.port}", TOKEN, timeout=10)
+
+    def stop():
+        e.client.close()
+        stop_server(e.server, e.service, grace=0)
+
+    e.start, e.stop = start, stop
+    e.restart = lambda: (stop(), start())
+    start()
+    yield e
+    stop()
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def dedup_spec(e, out="dedup"):
+    return pb.JobSpec(dedup=pb.DedupSpec(inputs=[str(e.root / "corpus.jsonl")],
+                                         output=str(e.root / out), workers=2))
+
+
+def test_submit_builds_the_opt_ray_command_and_tracks_ray_state(env):
+    job = env.client.submit(dedup_spec(env))
+    assert job.state == pb.PENDING and job.kind == "dedup"
+    sid = env.backend.last()
+    assert sid == job.attempts[0].ray_submission_id
+    ep = env.backend.jobs[sid]["entrypoint"]
+    assert ep == (f"opt-ray dedup {env.root / 'corpus.jsonl'} --output {env.root / 'dedup'} "
+                  f"--workers 2")
+    assert env.backend.jobs[sid]["metadata"]["opt_ray_job"] == job.job_id
+    env.backend.set(sid, pb.RUNNING)
+    wait_for(lambda: env.client.get(job.job_id).state == pb.RUNNING)
+    env.backend.set(sid, pb.SUCCEEDED)
+    assert wait_for(lambda: env.client.get(job.job_id).state == pb.SUCCEEDED)
+    assert [j.job_id for j in env.client.list()] == [job.job_id]
+    assert env.client.list(active_only=True) == []
+
+
+def test_pipeline_submits_each_stage_after_the_previous_succeeds(env):
+    r = env.root
+    spec = pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
+        pb.StageSpec(dedup=pb.DedupSpec(inputs=[str(r / "corpus.jsonl")], output=str(r / "d"))),
+        pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=str(r / "d"), vocab_size=512,
+                                                output=str(r / "tok"))),
+        pb.StageSpec(tokenize=pb.TokenizeSpec(input=str(r / "d"), tokenizer=str(r / "tok"),
+                                              seq_len=64, output=str(r / "shards"))),
+        pb.StageSpec(train=pb.TrainSpec(preset="tiny", data=str(r / "shards"),
+                                        output=str(r / "run"), min_workers=1, max_workers=2,
+                                        steps=10)),
+    ]))
+    job = env.client.submit(spec)
+    assert job.stage_count == 4 and job.run_dir == str(r / "run")
+    kinds = []
+    for i in range(4):
+        sid = wait_for(lambda: len(env.backend.order) == i + 1 and env.backend.last())
+        kinds.append(env.backend.jobs[sid]["entrypoint"].split()[1])
+        env.backend.set(sid, pb.SUCCEEDED)
+    assert kinds == ["dedup", "tokenizer", "tokenize", "train"]
+    assert "--workers 1:2 --steps 10" in env.backend.jobs[env.backend.last()]["entrypoint"]
+    done = wait_for(lambda: (j := env.client.get(job.job_id)).state == pb.SUCCEEDED and j)
+    assert len(done.attempts) == 4 and done.stage_index == 3
+
+
+def test_failed_stage_fails_the_pipeline_and_stops_it(env):
+    r = env.root
+    spec = pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
+        pb.StageSpec(dedup=pb.DedupSpec(inputs=[str(r / "corpus.jsonl")], output=str(r / "d"))),
+        pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=str(r / "d"), vocab_size=512,
+                                                output=str(r / "tok")))]))
+    job = env.client.submit(spec)
+    env.backend.set(env.backend.last(), pb.FAILED)
+    done = wait_for(lambda: (j := env.client.get(job.job_id)).state == pb.FAILED and j)
+    assert len(env.backend.order) == 1 and "dedup" in done.message
+
+
+def test_cancel_stops_the_ray_job(env):
+    job = env.client.submit(dedup_spec(env))
+    sid = env.backend.last()
+    env.backend.set(sid, pb.RUNNING)
+    out = env.client.cancel(job.job_id)
+    assert out.state == pb.STOPPED
+    assert env.backend.jobs[sid]["state"] == pb.STOPPED
+    wait_for(lambda: env.client.get(job.job_id).attempts[0].state == pb.STOPPED)
+
+
+def _train_job(env):
+    (env.root / "shards").mkdir()
+    return env.client.submit(pb.JobSpec(train=pb.TrainSpec(
+        preset="tiny", data=str(env.root / "shards"), output=str(env.root / "run"),
+        min_workers=1, max_workers=1, steps=100)))
+
+
+def test_scale_stops_and_resubmits_the_run_with_the_new_range(env):
+    job = _train_job(env)
+    first = env.backend.last()
+    env.backend.set(first, pb.RUNNING)
+    out = env.client.scale(job.job_id, 2, 4)
+    assert env.backend.jobs[first]["state"] == pb.STOPPED
+    assert len(out.attempts) == 2 and out.attempts[1].reason.startswith("scaled 1:1 -> 2:4")
+    ep = env.backend.jobs[env.backend.last()]["entrypoint"]
+    assert "--workers 2:4" in ep and "--resume-from" not in ep
+    assert out.spec.train.min_workers == 2 and out.spec.train.max_workers == 4
+    # The old attempt's STOPPED must not end the job: the new attempt is what counts.
+    env.backend.set(env.backend.last(), pb.RUNNING)
+    wait_for(lambda: env.client.get(job.job_id).state == pb.RUNNING)
+    events = [e for e in env.client.logbook(job_id=job.job_id).events if "job_scaled" in e]
+    assert events, "the scale is recorded in the job's logbook"
+
+
+def test_rollback_resubmits_with_resume_from(env):
+    job = _train_job(env)
+    env.backend.set(env.backend.last(), pb.RUNNING)
+    out = env.client.rollback(job.job_id, 50)
+    assert out.attempts[-1].entrypoint.endswith("--resume-from 50")
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.rollback(job.job_id, 500)  # beyond the run's steps
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_scale_rejects_a_job_that_is_not_training(env):
+    job = env.client.submit(dedup_spec(env))
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.scale(job.job_id, 2, 2)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.scale("no-such-job", 2, 2)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_restart_keeps_jobs_and_reattaches(env):
+    job = env.client.submit(dedup_spec(env))
+    sid = env.backend.last()
+    env.backend.set(sid, pb.RUNNING)
+    wait_for(lambda: env.client.get(job.job_id).state == pb.RUNNING)
+    env.restart()  # a new server process state over the same state dir
+    assert [j.job_id for j in env.client.list(active_only=True)] == [job.job_id]
+    env.backend.set(sid, pb.SUCCEEDED)
+    # The reconciler of the new server follows the same Ray job to its end.
+    wait_for(lambda: env.client.get(job.job_id).state == pb.SUCCEEDED)
+
+
+def test_a_ray_job_lost_with_its_cluster_fails_with_a_clear_message(env):
+    job = env.client.submit(dedup_spec(env))
+    del env.backend.jobs[env.backend.last()]
+    done = wait_for(lambda: (j := env.client.get(job.job_id)).state == pb.FAILED and j)
+    assert "Ray has no job" in done.message
+
+
+def test_watch_streams_status_logs_metrics_and_logbook_until_the_end(env):
+    job = _train_job(env)
+    sid = env.backend.last()
+    run = env.root / "run"
+    run.mkdir()
+    events: list[pb.JobEvent] = []
+
+    def consume():
+        events.extend(env.client.watch(job.job_id, timeout=20))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    env.backend.set(sid, pb.RUNNING, logs="step 1\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.5}\n{"step": 2, "lo')  # torn line
+    (run / "logbook.jsonl").write_text('{"time": 1, "event": "run_started"}\n')
+    time.sleep(0.3)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('ss": 9.1}\n')
+    env.backend.set(sid, pb.SUCCEEDED, logs="done\n")
+    t.join(20)
+    assert not t.is_alive(), "the stream ends when the job is final"
+    states = [e.status.state for e in events if e.WhichOneof("event") == "status"]
+    assert states[0] == pb.PENDING and states[-1] == pb.SUCCEEDED and pb.RUNNING in states
+    assert "".join(e.log for e in events) == "step 1\ndone\n"
+    assert [e.metrics_line for e in events if e.metrics_line] == [
+        '{"step": 1, "loss": 9.5}', '{"step": 2, "loss": 9.1}']
+    lb = [e.logbook_line for e in events if e.logbook_line]
+    assert any("run_started" in ln for ln in lb) and any("stage_submitted" in ln for ln in lb)
+
+
+def test_logbook_merges_control_events_with_the_run_dir(env):
+    job = _train_job(env)
+    run = env.root / "run"
+    run.mkdir()
+    (run / "logbook.jsonl").write_text('{"time": 1.0, "event": "run_started"}\n')
+    r = env.client.logbook(job_id=job.job_id)
+    assert r.run_dir == str(run)
+    assert '"run_started"' in r.events[0] and any("job_submitted" in e for e in r.events)
+    r2 = env.client.logbook(run_dir=str(run))
+    assert len(r2.events) == 1
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.logbook(run_dir="/etc")
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_serve_deploy_update_remove(env):
+    (env.root / "hf").mkdir()
+    spec = pb.ServeSpec(name="opt", checkpoint=str(env.root / "hf"), replicas=2)
+    app = env.client.deploy_serve(spec)
+    first = env.backend.last()
+    assert "opt-ray serve --checkpoint" in env.backend.jobs[first]["entrypoint"]
+    assert "--replicas 2" in env.backend.jobs[first]["entrypoint"]
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.deploy_serve(spec)
+    assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    spec.replicas = 3
+    app2 = env.client.update_serve(spec)
+    assert app2.job_id != app.job_id and env.backend.jobs[first]["state"] == pb.STOPPED
+    assert [a.name for a in env.client.list_serve()] == ["opt"]
+    env.client.remove_serve("opt")
+    assert env.backend.jobs[env.backend.last()]["state"] == pb.STOPPED
+    assert env.client.list_serve() == []
+
+
+def test_health(env):
+    h = env.client.health()
+    assert h.ok and {c.name for c in h.components} >= {"job_api", "registry", "reconciler"}
+
+
+def test_registry_survives_and_is_written_atomically(env):
+    job = env.client.submit(dedup_spec(env))
+    files = list((env.state / "jobs").iterdir())
+    assert [f.name for f in files] == [f"{job.job_id}.json"], "no temporary files left behind"
+    reg = Registry(env.state)
+    assert reg.get_job(job.job_id).attempts[0].ray_submission_id == env.backend.last()
