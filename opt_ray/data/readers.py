@@ -1,0 +1,260 @@
+"""Streaming corpus readers: jsonl (plain, .gz, .zst), Parquet, and directories.
+
+``iter_records(inputs)`` yields one dict per document with every original field, plus a
+stable id under ``ID_KEY`` (``"opt_ray_id"``):
+
+- ``id_field`` given: ``str(record[id_field])`` (a record without it is bad input);
+- else the record's own ``opt_ray_id`` when it has one (so a dedup output read back keeps
+  the ids the dedup report names);
+- else generated: ``f"{name}:{n}"``, where ``n`` is the 1-based line number (jsonl) or row
+  number (Parquet) and ``name`` the file name without its extension, prefixed with the
+  input directory's name and sub-path for files found in a directory (``corpus/sub/a:12``).
+  A ``.txt`` file is one document whose id is just ``name``.
+
+Accepted inputs: ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz`` or ``.zst``), ``*.parquet``,
+``*.txt``, and directories (searched recursively, sorted, hidden entries skipped) holding
+such files, e.g. a dedup output directory of Parquet shards.
+
+Memory stays bounded: jsonl is read line by line, Parquet in record batches, a ``.txt``
+file is one document. Bad records (malformed JSON, non-UTF-8 bytes, a missing or empty
+text) go to an ``InputErrors`` collector with file and line, and reading continues; without
+a collector, or with ``InputErrors(strict=True)``, the first one raises ``UserError``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from opt_ray.errors import UserError
+
+ID_KEY = "opt_ray_id"
+
+# Longest suffix first so that "a.jsonl.gz" is matched as ".jsonl.gz", not ".gz".
+_FORMATS = [
+    (".jsonl.zst", "jsonl"), (".jsonl.gz", "jsonl"), (".ndjson.zst", "jsonl"),
+    (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+    (".parquet", "parquet"), (".txt", "txt"),
+]
+SUPPORTED = ", ".join(s for s, _ in _FORMATS)
+_WORD = re.compile(r"\w")
+
+
+def file_format(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(kind, suffix)`` for a supported file name, else None."""
+    name = os.fspath(path).lower()
+    for suffix, kind in _FORMATS:
+        if name.endswith(suffix):
+            return kind, suffix
+    return None
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    kind: str          # "jsonl" | "parquet" | "txt"
+    name: str          # id prefix: file name without extension, with directory prefix
+
+
+def resolve_inputs(inputs: list[str]) -> list[InputFile]:
+    """Expand ``inputs`` into the files to read, in order, and check each is readable.
+
+    Raises ``UserError`` naming the first missing, unreadable or unsupported input; call it
+    before starting any work.
+    """
+    if not inputs:
+        raise UserError("no input given: pass one or more files or directories")
+    files: list[InputFile] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise UserError(f"input {raw!r} does not exist; check the path")
+        if p.is_dir():
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise UserError(f"input directory {raw!r} is not readable; check its permissions")
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for fn in sorted(filenames):
+                    if fn.startswith(".") or file_format(fn) is None:
+                        continue
+                    fp = Path(dirpath) / fn
+                    kind, suffix = file_format(fn)
+                    rel = fp.relative_to(p).as_posix()
+                    found.append(InputFile(fp, kind, f"{p.name}/{rel[:-len(suffix)]}"))
+            if not found:
+                raise UserError(f"input directory {raw!r} holds no supported files "
+                                f"({SUPPORTED})")
+            files.extend(found)
+        else:
+            fmt = file_format(p)
+            if fmt is None:
+                raise UserError(f"input {raw!r} has an unsupported format; use one of "
+                                f"{SUPPORTED} or a directory of them")
+            files.append(InputFile(p, fmt[0], p.name[:-len(fmt[1])]))
+    for f in files:
+        try:
+            with open(f.path, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            raise UserError(f"input {f.path} cannot be read ({e.strerror}); check its "
+                            f"permissions") from e
+    return files
+
+
+@dataclass
+class InputErrors:
+    """Bad records, counted per file and kind, with up to ``max_examples`` line numbers
+    per file. ``strict=True`` turns the first one into a ``UserError``."""
+
+    strict: bool = False
+    max_examples: int = 100
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, file: str, line: int, kind: str, detail: str = "") -> None:
+        if self.strict:
+            raise UserError(f"{file}:{line}: {kind.replace('_', ' ')}{': ' + detail if detail else ''}"
+                            f" (run without --strict to skip and report bad records)")
+        f = self.files.setdefault(file, {"count": 0, "by_kind": {}, "examples": []})
+        f["count"] += 1
+        f["by_kind"][kind] = f["by_kind"].get(kind, 0) + 1
+        if len(f["examples"]) < self.max_examples:
+            f["examples"].append({"line": line, "kind": kind, "detail": detail[:200]})
+
+    @property
+    def total(self) -> int:
+        return sum(f["count"] for f in self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        by_kind: dict[str, int] = {}
+        for f in self.files.values():
+            for k, v in f["by_kind"].items():
+                by_kind[k] = by_kind.get(k, 0) + v
+        return {"total": self.total, "by_kind": by_kind, "files": self.files}
+
+
+class _Raise(InputErrors):
+    def add(self, file: str, line: int, kind: str, detail: str = "") -> None:
+        raise UserError(f"{file}:{line}: {kind.replace('_', ' ')}{': ' + detail if detail else ''}")
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
+                                                                           closefd=True))
+    return open(path, "rb")
+
+
+def _finish(rec: dict, f: InputFile, n: int, text_field: str, id_field: str | None,
+            errors: InputErrors, gen_id: str) -> dict | None:
+    """Check the text and attach the id; None (after reporting) for a bad record."""
+    text = rec.get(text_field)
+    if not isinstance(text, str):
+        kind = "missing_text" if text is None else "text_not_string"
+        errors.add(str(f.path), n, kind, f"field {text_field!r}")
+        return None
+    if not _WORD.search(text):
+        errors.add(str(f.path), n, "empty_text", f"field {text_field!r} has no words")
+        return None
+    if id_field is not None:
+        if rec.get(id_field) is None:
+            errors.add(str(f.path), n, "missing_id", f"field {id_field!r}")
+            return None
+        rec[ID_KEY] = str(rec[id_field])
+    elif not isinstance(rec.get(ID_KEY), str):
+        rec[ID_KEY] = gen_id
+    return rec
+
+
+def _iter_jsonl(f: InputFile, text_field: str, id_field: str | None,
+                errors: InputErrors) -> Iterator[dict]:
+    with _open_binary(f.path) as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing newline) are not records
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.add(str(f.path), n, "non_utf8", f"byte {e.start}: {e.reason}")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.add(str(f.path), n, "malformed_json", e.msg)
+                continue
+            if not isinstance(rec, dict):
+                errors.add(str(f.path), n, "malformed_json", "line is not a JSON object")
+                continue
+            out = _finish(rec, f, n, text_field, id_field, errors, f"{f.name}:{n}")
+            if out is not None:
+                yield out
+
+
+def _iter_parquet(f: InputFile, text_field: str, id_field: str | None,
+                  errors: InputErrors, batch_size: int) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(f.path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"input {f.path} is not a readable Parquet file ({e})") from e
+    n = 0
+    for batch in pf.iter_batches(batch_size=batch_size):
+        for rec in batch.to_pylist():
+            n += 1
+            out = _finish(rec, f, n, text_field, id_field, errors, f"{f.name}:{n}")
+            if out is not None:
+                yield out
+
+
+def _iter_txt(f: InputFile, text_field: str, id_field: str | None,
+              errors: InputErrors) -> Iterator[dict]:
+    data = f.path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        errors.add(str(f.path), line, "non_utf8", f"byte {e.start}: {e.reason}")
+        return
+    out = _finish({text_field: text}, f, 1, text_field, None, errors, f.name)
+    if out is not None:
+        yield out
+
+
+def iter_file(f: InputFile, *, text_field: str = "text", id_field: str | None = None,
+              errors: InputErrors | None = None, batch_size: int = 1024) -> Iterator[dict]:
+    """Records of one resolved input file (see ``iter_records``)."""
+    errors = errors if errors is not None else _Raise()
+    if f.kind == "jsonl":
+        yield from _iter_jsonl(f, text_field, id_field, errors)
+    elif f.kind == "parquet":
+        yield from _iter_parquet(f, text_field, id_field, errors, batch_size)
+    else:
+        yield from _iter_txt(f, text_field, id_field, errors)
+
+
+def iter_records(inputs: list[str], *, text_field: str = "text", id_field: str | None = None,
+                 errors: InputErrors | None = None) -> Iterator[dict]:
+    """Stream the documents of ``inputs`` (files and directories, see the module doc).
+
+    Each record is a dict with all its original fields plus ``ID_KEY`` (``"opt_ray_id"``,
+    a stable string id). Records whose ``text_field`` is missing, not a string or has no
+    words, malformed JSON lines and non-UTF-8 lines are reported to ``errors`` (an
+    ``InputErrors``) and skipped; with ``errors=None`` the first one raises ``UserError``.
+    Every input is checked before the first record is read.
+    """
+    files = resolve_inputs(list(inputs))  # eagerly: a bad path fails at the call
+
+    def gen() -> Iterator[dict]:
+        for f in files:
+            yield from iter_file(f, text_field=text_field, id_field=id_field, errors=errors)
+    return gen()
