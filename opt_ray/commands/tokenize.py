@@ -1,16 +1,80 @@
-"""`opt-ray tokenize`: tokenize a dedup output into packed Arrow token shards."""
+"""`opt-ray tokenize`: tokenize a dedup output into packed Arrow token shards.
+
+Reads the corpus on the driver, encodes batches on ``--workers`` Ray actors (or in this
+process with ``--workers 0``), packs documents separated by eos into rows of
+``--seq-len + 1`` tokens and writes a shards artifact (see ``opt_ray.data.shards``).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from opt_ray.errors import UserError
+from opt_ray.ray_util import add_ray_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenize", help="tokenize a dedup output into packed Arrow token shards", description="tokenize a dedup output into packed Arrow token shards.")
+    p = sub.add_parser("tokenize", help="tokenize a dedup output into packed Arrow token shards",
+                       description="Tokenize a corpus (a dedup output directory, or any jsonl/"
+                                   "parquet/txt input) into packed Arrow IPC token shards with a "
+                                   "train/valid split by document.")
+    p.add_argument("inputs", nargs="+", metavar="DEDUP_DIR",
+                   help="dedup output directory (or corpus files / directories)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer artifact dir, tokenizer.json, or a dir with vocab.json + merges.txt")
+    p.add_argument("--seq-len", type=int, required=True,
+                   help="training sequence length; rows hold seq_len + 1 tokens")
+    p.add_argument("--output", required=True, help="shards artifact directory to write")
+    p.add_argument("--workers", type=int, default=2,
+                   help="Ray encoder actors, one CPU each; 0 encodes in this process (default: 2)")
+    p.add_argument("--valid-fraction", type=float, default=0.02,
+                   help="fraction of documents held out for validation (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default: 0)")
+    p.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
+    p.add_argument("--id-field", default=None,
+                   help="record field with a stable document id for the split (default: the "
+                        "reader's id)")
+    p.add_argument("--shard-tokens", type=int, default=None,
+                   help="tokens per shard file (default: 32Mi)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'opt-ray tokenize' is not implemented yet")
+    from opt_ray.data.readers import InputErrors, iter_records
+    from opt_ray.data.shards import DEFAULT_SHARD_TOKENS, source_info, token_dtype, write_shards
+    from opt_ray.data.tokenizer import load_tokenizer, special_ids
+    from opt_ray.errors import UserError
+
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    tok = load_tokenizer(args.tokenizer)
+    errors = InputErrors()
+    records = iter_records(args.inputs, text_field=args.text_field, id_field=args.id_field,
+                           errors=errors)
+    encode_map = None
+    if args.workers > 0:
+        from actors.tokenize import ray_encode_map
+        from opt_ray.ray_util import init_ray
+
+        init_ray(args.address, num_cpus=args.num_cpus)
+        encode_map = ray_encode_map(tok, special_ids(tok)["eos"],
+                                    token_dtype(tok.get_vocab_size()), args.workers)
+    source = {**source_info(args.inputs), "tokenizer_path": args.tokenizer}
+    out = write_shards(records, tok, args.output, seq_len=args.seq_len,
+                       valid_fraction=args.valid_fraction, seed=args.seed,
+                       text_field=args.text_field, id_field=args.id_field, encode_map=encode_map,
+                       shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                       source={**source, "bad_records": errors.to_dict()},
+                       progress=not args.no_progress, overwrite=args.overwrite)
+    from opt_ray.artifacts import read_manifest
+
+    m = read_manifest(out)
+    sp = m["splits"]
+    print(f"tokenize: {out}: train {sp['train']['rows']} rows ({sp['train']['docs']} docs), "
+          f"valid {sp['valid']['rows']} rows ({sp['valid']['docs']} docs), seq_len {m['seq_len']}, "
+          f"{m['dtype']}, {m['tokens_per_second']} tokens/s")
+    if errors.total:
+        print(f"tokenize: skipped {errors.total} bad records (see the manifest)")
+    return 0

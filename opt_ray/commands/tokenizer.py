@@ -1,4 +1,9 @@
-"""`opt-ray tokenizer`: load (GPT-2 vocab/merges or tokenizer.json) or train a byte-level BPE tokenizer."""
+"""`opt-ray tokenizer`: load (GPT-2 vocab/merges or tokenizer.json) or train a byte-level BPE tokenizer.
+
+Either way the result is a tokenizer artifact: ``tokenizer.json`` (plus GPT-2 style
+``vocab.json`` / ``merges.txt``) beside a manifest, which tokenize, training, evaluation
+and serving all load with ``opt_ray.data.tokenizer.load_tokenizer``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,60 @@ from opt_ray.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="load (GPT-2 vocab/merges or tokenizer.json) or train a byte-level BPE tokenizer", description="load (GPT-2 vocab/merges or tokenizer.json) or train a byte-level BPE tokenizer.")
-    p.set_defaults(func=run)
+    p = sub.add_parser("tokenizer", help="load (GPT-2 vocab/merges or tokenizer.json) or train a byte-level BPE tokenizer",
+                       description="Load a GPT-2/OPT tokenizer (vocab.json + merges.txt or "
+                                   "tokenizer.json, e.g. an HF OPT checkpoint directory) or train "
+                                   "a byte-level BPE on a corpus, and save it as a tokenizer artifact.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+
+    load = actions.add_parser("load", help="import an existing tokenizer",
+                              description="Import vocab.json + merges.txt or tokenizer.json (a file "
+                                          "or a directory holding them) as a tokenizer artifact.")
+    load.add_argument("path", metavar="PATH", help="tokenizer.json, vocab.json, or a directory with either")
+    load.add_argument("--output", required=True, help="tokenizer artifact directory to write")
+    load.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+    train = actions.add_parser("train", help="train a byte-level BPE on a corpus",
+                               description="Train a GPT-2 style byte-level BPE (OPT special tokens "
+                                           "<s> 0, <pad> 1, </s> 2, <unk> 3) on a corpus.")
+    train.add_argument("corpus", nargs="+", metavar="CORPUS",
+                       help="jsonl[.gz|.zst], parquet, txt files or directories (a dedup output too)")
+    train.add_argument("--vocab-size", type=int, required=True,
+                       help="vocabulary size including the 4 special tokens (OPT: 50265)")
+    train.add_argument("--output", required=True, help="tokenizer artifact directory to write")
+    train.add_argument("--min-frequency", type=int, default=2,
+                       help="minimum pair count for a merge (default: 2)")
+    train.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=run, _parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'opt-ray tokenizer' is not implemented yet")
+    from pathlib import Path
+
+    from opt_ray.data.tokenizer import describe, load_tokenizer, save_tokenizer, train_tokenizer
+
+    if args.action == "load":
+        tok = load_tokenizer(args.path)
+        source = {"from": "load", "path": str(Path(args.path).absolute())}
+    elif args.action == "train":
+        from opt_ray.data.readers import InputErrors, iter_records
+        from opt_ray.data.shards import source_info
+
+        errors = InputErrors()
+        records = iter_records(args.corpus, text_field=args.text_field, errors=errors)
+        tok = train_tokenizer((r[args.text_field] for r in records), args.vocab_size,
+                              min_frequency=args.min_frequency)
+        source = {"from": "train", **source_info(args.corpus), "vocab_size": args.vocab_size,
+                  "min_frequency": args.min_frequency, "bad_records": errors.to_dict()}
+        if errors.total:
+            print(f"tokenizer: skipped {errors.total} bad records (see the manifest)")
+    else:
+        args._parser.print_help()
+        raise UserError("choose an action: 'opt-ray tokenizer load PATH --output DIR' or "
+                        "'opt-ray tokenizer train CORPUS --vocab-size N --output DIR'")
+    out = save_tokenizer(tok, args.output, source=source, overwrite=args.overwrite)
+    info = describe(tok)
+    print(f"tokenizer: {out} (vocab {info['vocab_size']}, special ids {info['special_ids']}, "
+          f"hash {info['hash'][:12]})")
+    return 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -33,6 +33,7 @@ from opt_ray.errors import UserError
 
 KIND = "shards"
 SPLITS = ("train", "valid")
+ID_KEY = "opt_ray_id"  # the stable id opt_ray.data.readers attaches to every record
 COLUMN = "tokens"
 # Shards of ~64 MiB of uint16 by default: large enough that a 180B-token corpus is a few
 # thousand files, small enough to checksum and move one at a time.
@@ -308,7 +309,7 @@ def encode_text_batch(tok: Any, batch: TextBatch, eos_id: int, dtype: Any) -> En
 
 def text_batches(records: Iterable[dict[str, Any]], *, text_field: str = "text",
                  id_field: str | None = None, valid_fraction: float = 0.0, seed: int = 0,
-                 batch_chars: int = 1 << 20) -> Iterator[TextBatch]:
+                 batch_chars: int = 1 << 18) -> Iterator[TextBatch]:
     """Group records into batches of about ``batch_chars`` characters (big enough to
     amortise a remote call, small enough to keep every worker busy) and assign each
     document its split. Records without text are skipped."""
@@ -321,7 +322,9 @@ def text_batches(records: Iterable[dict[str, Any]], *, text_field: str = "text",
             text = rec.get("text")
         if not text:
             continue
-        key = rec.get(id_field) if id_field else None
+        # The reader's stable id (a dedup output keeps the ids its report names), so the
+        # split of a document does not move when other documents are added or removed.
+        key = rec.get(id_field) if id_field else rec.get(ID_KEY)
         texts.append(text)
         valid.append(is_valid_doc(ordinal if key is None else key, seed, valid_fraction))
         chars += len(text)
@@ -347,9 +350,8 @@ def write_shards(records: Iterable[dict[str, Any]], tok: Any, out: str | os.Path
                  seq_len: int, valid_fraction: float = 0.01, seed: int = 0,
                  text_field: str = "text", id_field: str | None = None,
                  encode_map: EncodeMap | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 batch_chars: int = 1 << 20, source: dict[str, Any] | None = None,
-                 progress: bool = False, overwrite: bool = False,
-                 on_batch: Callable[[EncodedBatch], None] | None = None) -> Path:
+                 batch_chars: int = 1 << 18, source: dict[str, Any] | None = None,
+                 progress: bool = False, overwrite: bool = False) -> Path:
     """The tokenize stage: read -> encode (``encode_map``, in-process by default) -> pack
     -> write, into a shards artifact at ``out`` (atomic: nothing appears on failure).
 
@@ -370,12 +372,13 @@ def write_shards(records: Iterable[dict[str, Any]], tok: Any, out: str | os.Path
     rows_per_shard = max(1, shard_tokens // (seq_len + 1))
     tokens_metric = metrics.counter("tokenize_tokens", "tokens written by the tokenize stage")
     docs_metric = metrics.counter("tokenize_docs", "documents tokenized")
+    rate_metric = metrics.gauge("tokenize_tokens_per_second", "tokenize stage throughput so far")
 
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", mininterval=1.0)
-    t0 = time.time()
+    t0, done = time.time(), 0
     with ArtifactWriter(out, kind=KIND, overwrite=overwrite) as w:
         writers = {s: SplitWriter(w.path, s, seq_len, dtype, rows_per_shard) for s in SPLITS}
         batches = text_batches(records, text_field=text_field, id_field=id_field,
@@ -385,12 +388,12 @@ def write_shards(records: Iterable[dict[str, Any]], tok: Any, out: str | os.Path
                 writers["train"].add(enc.train, enc.train_docs)
                 writers["valid"].add(enc.valid, enc.valid_docs)
                 n = len(enc.train) + len(enc.valid)
+                done += n
                 tokens_metric.inc(n)
                 docs_metric.inc(enc.train_docs + enc.valid_docs)
+                rate_metric.set(done / max(time.time() - t0, 1e-9))
                 if bar is not None:
                     bar.update(n)
-                if on_batch is not None:
-                    on_batch(enc)
         finally:
             if bar is not None:
                 bar.close()
@@ -407,13 +410,12 @@ def write_shards(records: Iterable[dict[str, Any]], tok: Any, out: str | os.Path
             "seq_len": seq_len, "dtype": dtype.name, "tokenizer": tinfo,
             "splits": summary,
             "split": {"by": "document", "valid_fraction": valid_fraction, "seed": seed,
-                      "key": id_field or "ordinal",
+                      "key": id_field or f"{ID_KEY} (else the record's ordinal)",
                       "rule": "blake2b(f'{seed}\\0{key}') / 2**64 < valid_fraction"},
             "packing": {"separator": "eos after every document", "eos_id": eos,
                         "row_tokens": seq_len + 1, "tail": "dropped"},
             "source": source or {},
-            "tokens_per_second": round(sum(v["stream_tokens"] for v in summary.values())
-                                       / max(time.time() - t0, 1e-9)),
+            "tokens_per_second": round(done / max(time.time() - t0, 1e-9)),
         })
     return w.out
 
