@@ -1,0 +1,290 @@
+"""The control plane against a real local Ray cluster started by this module.
+
+The cluster: ``ray start --head`` on 127.0.0.1 with its own free ports and its own
+``--temp-dir``, in a new session, with Ray's token authentication on. It is NOT stopped
+with ``ray stop`` (that kills every Ray on the machine, including other people's): the
+fixture kills only the processes of its session and those whose command line names its
+temp dir, TERM then KILL.
+
+What it shows: a pipeline submitted through the gRPC client runs as Ray jobs, is watched
+to completion and has a logbook; the control server is killed (-9) while the pipeline
+runs and a restarted server still lists it, watches it and submits its next stage; the
+same stage runs with ``ray job submit -- opt-ray ...``; auth and spec errors on the real
+server; ``opt_ray_`` metrics on the node's metrics export endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from opt_ray.control.client import ControlClient
+from opt_ray.v1 import control_pb2 as pb
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+OPT_RAY = str(VENV_BIN / "opt-ray")
+
+
+def _stage_available(name: str) -> bool:
+    """A stage has landed when its CLI takes --output (the stubs take nothing)."""
+    out = subprocess.run([OPT_RAY, *name.split(), "--help"], capture_output=True, text=True)
+    return out.returncode == 0 and "--output" in out.stdout
+
+
+def _session_pids(sid: int, marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        # Field 6 of /proc/PID/stat is the session id (after the ")" that ends comm).
+        session = int(stat.rsplit(")", 1)[1].split()[3])
+        if session == sid or marker in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def _kill_tree(sid: int, marker: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _session_pids(sid, marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while pids and time.time() < deadline and _session_pids(sid, marker):
+            time.sleep(0.2)
+
+
+class Cluster:
+    def __init__(self):
+        # Ray's unix socket paths must stay short: a temp dir under /tmp, not tmp_path.
+        self.temp_dir = tempfile.mkdtemp(prefix="ort-ctl-", dir="/tmp")
+        self.gcs_port, self.dash_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.ray_token = secrets.token_hex(16)
+        self.env = {**os.environ,
+                    "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    # Ray's own token authentication on, to show the control plane works
+                    # with it: processes that share this environment carry the token.
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token,
+                    "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+        self.env.pop("RAY_ADDRESS")
+        cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1",
+               "--port", str(self.gcs_port), "--dashboard-port", str(self.dash_port),
+               "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+               "--num-cpus", "2", "--temp-dir", self.temp_dir,
+               "--metrics-export-port", str(self.metrics_port),
+               "--system-config", json.dumps({"metrics_report_interval_ms": 1000}),
+               "--disable-usage-stats"]
+        # A new session: every daemon `ray start` leaves behind keeps this session id,
+        # which is how teardown finds exactly this cluster's processes.
+        p = subprocess.Popen(cmd, env=self.env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.sid = p.pid
+        out, _ = p.communicate(timeout=180)
+        if p.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{out}")
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+
+    def stop(self) -> None:
+        _kill_tree(self.sid, self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class ControlServer:
+    def __init__(self, cluster: Cluster, work: Path, state: Path):
+        self.cluster, self.work, self.state = cluster, work, state
+        self.token = secrets.token_urlsafe(24)
+        self.token_file = work.parent / "control.token"
+        self.token_file.write_text(self.token)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.work.parent / "control.log", "a")
+        self.proc = subprocess.Popen(
+            [OPT_RAY, "control", "--address", self.cluster.address, "--port", str(self.port),
+             "--token-file", str(self.token_file), "--state-dir", str(self.state),
+             "--allowed-root", str(self.work), "--poll-interval", "0.5"],
+            env=self.cluster.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.logs()
+            try:
+                with self.client() as c:
+                    c.health()
+                return
+            except grpc.RpcError:
+                time.sleep(0.5)
+        raise AssertionError("control server did not come up:\n" + self.logs())
+
+    def logs(self) -> str:
+        return (self.work.parent / "control.log").read_text()
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(30)
+        self.log.close()
+
+    def client(self, token: str | None = None) -> ControlClient:
+        return ControlClient(f"127.0.0.1:{self.port}", token or self.token, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    base = tmp_path_factory.mktemp("control")
+    work = base / "work"
+    work.mkdir()
+    docs = [f"document {i} about topic {i % 7}: " + " ".join(f"w{i}_{j}" for j in range(40))
+            for i in range(40)]
+    docs += docs[:10]  # exact duplicates for dedup to drop
+    (work / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return work
+
+
+@pytest.fixture(scope="module")
+def server(cluster, work):
+    s = ControlServer(cluster, work, work.parent / "state")
+    s.start()
+    yield s
+    s.kill(signal.SIGTERM)
+
+
+def _pipeline(work: Path) -> pb.JobSpec:
+    """Two dedup stages if only dedup exists; with tokenizer and tokenize when they do."""
+    stages = [pb.StageSpec(dedup=pb.DedupSpec(inputs=[str(work / "corpus.jsonl")],
+                                              output=str(work / "p-dedup"), workers=1))]
+    if _stage_available("tokenizer train") and _stage_available("tokenize"):
+        stages += [
+            pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=str(work / "p-dedup"),
+                                                    vocab_size=300, output=str(work / "p-tok"))),
+            pb.StageSpec(tokenize=pb.TokenizeSpec(input=str(work / "p-dedup"),
+                                                  tokenizer=str(work / "p-tok"), seq_len=32,
+                                                  output=str(work / "p-shards"), workers=1))]
+    else:
+        stages.append(pb.StageSpec(dedup=pb.DedupSpec(inputs=[str(work / "corpus.jsonl")],
+                                                      output=str(work / "p-dedup2"), workers=1)))
+    return pb.JobSpec(name="integration pipeline", pipeline=pb.PipelineSpec(stages=stages))
+
+
+def test_pipeline_survives_a_control_server_restart_and_is_watched_to_the_end(server, work):
+    if not _stage_available("dedup"):
+        pytest.fail("opt-ray dedup has not landed: nothing real to run as a Ray job")
+    with server.client() as c:
+        job = c.submit(_pipeline(work))
+        # Kill the control server (-9: no cleanup) while the first stage is a Ray job.
+        deadline = time.time() + 120
+        while c.get(job.job_id).state == pb.PENDING and time.time() < deadline:
+            time.sleep(0.2)
+        assert c.get(job.job_id).state == pb.RUNNING
+    server.kill()
+    server.start()
+    with server.client() as c:
+        assert job.job_id in [j.job_id for j in c.list()]
+        events = list(c.watch(job.job_id, timeout=240))
+        final = c.get(job.job_id)
+    assert final.state == pb.SUCCEEDED, (final, server.logs())
+    assert len(final.attempts) == final.stage_count >= 2, "the restarted server ran the next stage"
+    statuses = [e.status for e in events if e.WhichOneof("event") == "status"]
+    assert statuses[-1].state == pb.SUCCEEDED
+    logs = "".join(e.log for e in events)
+    assert logs, "the Ray job logs were streamed"
+    for out in ("p-dedup",):
+        assert (work / out / "manifest.json").exists()
+    with server.client() as c:
+        lb = c.logbook(job_id=job.job_id)
+    kinds = [json.loads(e)["event"] for e in lb.events]
+    assert kinds[0] == "job_submitted" and kinds[-1] == "job_finished"
+    assert kinds.count("stage_submitted") == final.stage_count
+
+
+def test_the_same_stage_runs_with_ray_job_submit(cluster, work):
+    if not _stage_available("dedup"):
+        pytest.fail("opt-ray dedup has not landed")
+    out = work / "cli-dedup"
+    r = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--",
+                        "opt-ray", "dedup", str(work / "corpus.jsonl"), "--output", str(out),
+                        "--workers", "1"],
+                       env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    assert (out / "manifest.json").exists()
+
+
+def test_real_server_refuses_bad_tokens_and_bad_specs(server, work):
+    with server.client(token="not-the-token-at-all-0000") as c:
+        with pytest.raises(grpc.RpcError) as ei:
+            c.list()
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    from opt_ray.v1 import control_pb2_grpc as pb_grpc
+    with pytest.raises(grpc.RpcError) as ei:
+        pb_grpc.ControlServiceStub(ch).ListJobs(pb.ListJobsRequest(), timeout=10)
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+    # Through the CLI: an input outside the allowed root is INVALID_ARGUMENT, exit 2.
+    r = subprocess.run([OPT_RAY, "ctl", "--target", f"127.0.0.1:{server.port}", "--token-file",
+                        str(server.token_file), "submit", "dedup", "/etc/hostname", "--output",
+                        str(work / "nope")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr and "allowed roots" in r.stderr
+    r = subprocess.run([OPT_RAY, "ctl", "--target", f"127.0.0.1:{server.port}", "--token-file",
+                        str(server.token_file), "health"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "nodes 1" in r.stdout, r.stdout + r.stderr
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def test_opt_ray_metrics_on_the_export_endpoint(server, cluster, work):
+    # The control server is a Ray driver of this cluster; it exports its opt_ray_control_
+    # metrics through the node's metrics agent like every stage does. Submit something so
+    # that the counters move during this run.
+    with server.client() as c:
+        c.submit(pb.JobSpec(dedup=pb.DedupSpec(inputs=[str(work / "corpus.jsonl")],
+                                               output=str(work / "m-dedup"), workers=1)))
+    found: set[str] = set()
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        text = _scrape(cluster.metrics_port)
+        found = {ln.split("{")[0].split()[0] for ln in text.splitlines()
+                 if "opt_ray_" in ln and not ln.startswith("#")}
+        if any("opt_ray_control_jobs_submitted" in n for n in found):
+            break
+        time.sleep(2)
+    assert any("opt_ray_control_jobs_submitted" in n for n in found), sorted(found)
+    print("opt_ray_ metrics exported:", sorted(found))
