@@ -1,0 +1,197 @@
+"""The dedup algorithm without Ray: bands, buckets, verification, clusters, output."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+
+from opt_ray.artifacts import read_manifest
+from opt_ray.data.dedup import (REPORT, BucketTable, DedupConfig, LocalBackend, UnionFind,
+                                candidate_probability, choose_bands, natural_key, run_dedup)
+from opt_ray.data.minhash import jaccard, shingle_set
+from opt_ray.data.readers import ID_KEY, iter_records
+from opt_ray.errors import UserError
+
+N_WORDS = 204          # 200 shingles of 5 words
+
+
+class Words:
+    """Globally unique words, so every shingle is unique and Jaccard is known exactly."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def take(self, k: int) -> list[str]:
+        out = [f"w{self.n + i}z" for i in range(k)]
+        self.n += k
+        return out
+
+
+def tail_variant(words: list[str], k: int, fresh: Words) -> list[str]:
+    # Replacing the last k of 204 words leaves 200 - k shared shingles of 200:
+    # J = (200 - k) / (200 + k): k=2 -> 0.980, 4 -> 0.961, 5 -> 0.951, 6 -> 0.942, 10 -> 0.905.
+    return words[:-k] + fresh.take(k)
+
+
+def planted_corpus(seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    fresh = Words()
+    docs: list[list[str]] = []
+    for g in range(40):
+        base = fresh.take(N_WORDS)
+        docs.append(base)
+        for k in rng.sample([2, 4, 5, 6, 10], rng.randint(1, 4)):
+            docs.append(tail_variant(base, k, fresh))
+    for _ in range(30):                      # singletons
+        docs.append(fresh.take(rng.randint(3, 300)))
+    texts = [" ".join(d) for d in docs]
+    # Exact duplicates up to case and punctuation: same word sequence, same shingle set.
+    texts.append(texts[3].upper().replace(" ", ", "))
+    texts.append(texts[3])
+    # The chain: A ~ B (0.951), B ~ C (0.951), A vs C 0.905 < 0.95.
+    a = fresh.take(N_WORDS)
+    b = a[:-5] + fresh.take(5)
+    c = fresh.take(5) + b[5:]
+    texts += [" ".join(a), " ".join(b), " ".join(c)]
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    return [{"text": texts[i], "doc": f"d{n}", "extra": {"n": n}} for n, i in enumerate(order)]
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_choose_bands_meets_target():
+    for t in (0.95, 0.9, 0.85, 0.8):
+        b, r = choose_bands(t, 128)
+        assert b * r <= 128 and candidate_probability(t, b, r) >= 0.99
+        # The next larger r would miss the target: we took the most selective one.
+        assert candidate_probability(t, 128 // (r + 1), r + 1) < 0.99
+    assert choose_bands(0.95, 128) == (8, 16)
+    assert DedupConfig().probability_at_threshold >= 0.99
+    with pytest.raises(UserError, match="--bands and --rows"):
+        DedupConfig(bands=4)
+    with pytest.raises(UserError, match="--num-perm"):
+        DedupConfig(bands=20, rows=10)
+
+
+def test_bucket_table_is_idempotent_per_batch():
+    t = BucketTable()
+    t.add(0, np.array([5, 5, 7], dtype=np.uint64), np.array([0, 1, 2]))
+    t.add(1, np.array([5, 7], dtype=np.uint64), np.array([3, 4]))
+    first = t.candidate_pairs()
+    t.add(1, np.array([5, 7], dtype=np.uint64), np.array([3, 4]))   # a retried batch
+    assert (t.candidate_pairs() == first).all()
+    assert first.tolist() == [[0, 1], [0, 3], [1, 3], [2, 4]]
+    assert t.candidate_pairs(np.array([1])).tolist() == [[0, 3], [2, 4]]
+
+
+def test_union_find_and_natural_key():
+    uf = UnionFind(5)
+    assert uf.union(0, 1) and uf.union(3, 4) and not uf.union(1, 0)
+    assert uf.find(1) == uf.find(0) != uf.find(3)
+    assert sorted(["a:10", "a:9", "a:100", "b:1"], key=natural_key) == ["a:9", "a:10", "a:100", "b:1"]
+
+
+def check_output(recs, report, threshold, ngram=5):
+    """The two guarantees, checked against brute-force exact Jaccard."""
+    by_id = {r["doc"]: r for r in recs}
+    sets = {d: shingle_set(r["text"], ngram) for d, r in by_id.items()}
+    removed = {m for c in report["clusters"] for m in c["members"][1:]}
+    kept = set(by_id) - removed
+    # 1. no kept pair at >= threshold remains
+    for x, y in itertools.combinations(sorted(kept), 2):
+        assert jaccard(sets[x], sets[y]) < threshold, (x, y)
+    # 2. every removed doc has a verified partner >= threshold in its own cluster
+    for c in report["clusters"]:
+        assert c["keep"] == min(c["members"], key=natural_key)
+        partners = {m: [] for m in c["members"]}
+        for x, y, s in c["edges"]:
+            assert abs(jaccard(sets[x], sets[y]) - s) < 1e-6 and s >= threshold
+            partners[x].append(y)
+            partners[y].append(x)
+        for m in c["members"][1:]:
+            assert partners[m], m
+    return kept, removed
+
+
+@pytest.mark.parametrize("threshold", [0.95, 0.9])
+def test_planted_near_duplicates(tmp_path, threshold):
+    recs = planted_corpus()
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    cfg = DedupConfig(threshold=threshold, batch_docs=16, num_buckets=3, verify_chunk=8)
+    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg,
+                       LocalBackend(cfg), id_field="doc")
+    kept, removed = check_output(recs, report, threshold)
+    c = report["counts"]
+    assert c["docs"] == len(recs) and c["docs_kept"] == len(kept) and c["exact_duplicates"] == 2
+    assert c["duplicates_removed"] == len(removed) > 40
+    # Output: exactly the kept records, every field preserved, readable by iter_records.
+    out = list(iter_records([str(tmp_path / "out")]))
+    assert sorted(r["doc"] for r in out) == sorted(kept)
+    orig = {r["doc"]: r for r in recs}
+    for r in out:
+        assert r["text"] == orig[r["doc"]]["text"] and r["extra"] == orig[r["doc"]]["extra"]
+        assert r[ID_KEY] == r["doc"]
+    m = read_manifest(tmp_path / "out", kind="dedup", verify=True)
+    assert REPORT in m["files"] and m["counts"]["docs_kept"] == len(kept)
+
+
+def test_chain_removes_only_through_verified_edges(tmp_path):
+    fresh = Words()
+    a = fresh.take(N_WORDS)
+    b = a[:-5] + fresh.take(5)
+    c = fresh.take(5) + b[5:]
+    recs = [{"text": " ".join(w), "doc": n} for n, w in zip("abc", (a, b, c))]
+    assert jaccard(shingle_set(recs[0]["text"]), shingle_set(recs[2]["text"])) < 0.95
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    cfg = DedupConfig()
+    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg,
+                       LocalBackend(cfg), id_field="doc")
+    [cluster] = report["clusters"]
+    assert cluster["keep"] == "a" and cluster["members"] == ["a", "b", "c"]
+    assert sorted(tuple(sorted(e[:2])) for e in cluster["edges"]) == [("a", "b"), ("b", "c")]
+
+
+def test_below_threshold_pair_is_kept(tmp_path):
+    fresh = Words()
+    a = fresh.take(N_WORDS)
+    recs = [{"text": " ".join(a)}, {"text": " ".join(tail_variant(a, 6, fresh))}]  # J 0.942
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    cfg = DedupConfig()
+    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg))
+    assert report["counts"]["docs_kept"] == 2 and report["clusters"] == []
+
+
+def test_bad_input_reported_and_strict(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"text": "one two three four five six"}\n{"text": \n'
+                  b'{"text": "\xff\xfe"}\n{"no_text": 1}\n{"text": ""}\n'
+                  b'{"text": "one two three four five six"}\n')
+    cfg = DedupConfig()
+    report = run_dedup([str(p)], str(tmp_path / "out"), cfg, LocalBackend(cfg))
+    errs = report["input_errors"]
+    assert errs["total"] == 4
+    assert [(e["line"], e["kind"]) for e in errs["files"][str(p)]["examples"]] == [
+        (2, "malformed_json"), (3, "non_utf8"), (4, "missing_text"), (5, "empty_text")]
+    assert report["counts"]["docs_kept"] == 1 and report["counts"]["exact_duplicates"] == 1
+    with pytest.raises(UserError, match=r"in.jsonl:2"):
+        run_dedup([str(p)], str(tmp_path / "out2"), cfg, LocalBackend(cfg), strict=True)
+    assert not (tmp_path / "out2").exists()          # atomic: nothing left behind
+    assert not list(tmp_path.glob(".out2*"))
+
+
+def test_duplicate_ids_and_existing_output(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "a b", "k": 1}, {"text": "c d", "k": 1}])
+    cfg = DedupConfig()
+    with pytest.raises(UserError, match="occurs twice"):
+        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg),
+                  id_field="k")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="--overwrite"):
+        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg))
