@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "reader's id)")
     p.add_argument("--shard-tokens", type=int, default=None,
                    help="tokens per shard file (default: 32Mi)")
+    p.add_argument("--batch-chars", type=int, default=1 << 18,
+                   help="characters of text per batch sent to a worker (default: 262144)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_ray_args(p)
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.batch_chars < 1:
+        raise UserError(f"--batch-chars must be >= 1, got {args.batch_chars}")
     tok = load_tokenizer(args.tokenizer)
     errors = InputErrors()
     records = iter_records(args.inputs, text_field=args.text_field, id_field=args.id_field,
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                        valid_fraction=args.valid_fraction, seed=args.seed,
                        text_field=args.text_field, id_field=args.id_field, encode_map=encode_map,
                        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                       batch_chars=args.batch_chars,
                        source={**source, "bad_records": errors.to_dict()},
                        progress=not args.no_progress, overwrite=args.overwrite)
     from opt_ray.artifacts import read_manifest

@@ -121,3 +121,25 @@ def test_uint32_when_vocab_is_large(tmp_path):
     out = write_shards(iter(docs), big, tmp_path / "s", seq_len=9, valid_fraction=0.0)
     ds = ShardDataset(out)
     assert ds[0].dtype == np.uint32 and int(np.stack(list(ds)).max()) > 65535
+
+
+def test_cli_tokenize_in_process_and_empty_corpus(tok, tmp_path, capsys):
+    from opt_ray.cli import main
+    from opt_ray.data.tokenizer import save_tokenizer
+
+    tdir = save_tokenizer(tok, tmp_path / "tok")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in _docs(120)))
+    rc = main(["tokenize", str(corpus), "--tokenizer", str(tdir), "--seq-len", "16",
+               "--output", str(tmp_path / "s"), "--workers", "0", "--no-progress"])
+    assert rc == 0
+    ds = ShardDataset(tmp_path / "s", tokenizer=tdir)
+    assert ds.manifest["source"]["inputs"][0]["path"] == str(corpus)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "   "}) + "\n" + json.dumps({"id": 1}) + "\n")
+    rc = main(["tokenize", str(empty), "--tokenizer", str(tdir), "--seq-len", "16",
+               "--output", str(tmp_path / "e"), "--workers", "0", "--no-progress"])
+    assert rc == 2
+    assert "no documents" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -129,3 +129,22 @@ def test_errors(tmp_path):
         train_tokenizer(TRAIN_TEXT, 100)
     with pytest.raises(UserError, match="no text"):
         train_tokenizer(iter(["", ""]), 1000)
+
+
+def test_cli_load_and_train(gpt2_dir, tmp_path, capsys):
+    from opt_ray.cli import main
+
+    assert main(["tokenizer", "load", str(gpt2_dir), "--output", str(tmp_path / "a")]) == 0
+    assert tokenizer_hash(load_tokenizer(tmp_path / "a")) == tokenizer_hash(load_tokenizer(gpt2_dir))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TRAIN_TEXT))
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "450",
+                 "--output", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["tokenizer"]["special_ids"] == {"pad": 1, "bos": 2, "eos": 2}
+    assert m["source"]["inputs"][0]["path"] == str(corpus)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    assert main(["tokenizer", "train", str(empty), "--vocab-size", "450",
+                 "--output", str(tmp_path / "e")]) == 2
+    assert "no text" in capsys.readouterr().err and not (tmp_path / "e").exists()
