@@ -507,7 +507,9 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
                 if o in needed:
                     texts_by_ord[o] = rec[text_field]
             bar = _progress(len(pairs), "pair", "dedup: verify", progress)
-            window = cfg.verify_chunk * 2 * max(1, backend.num_workers)
+            # A fixed window (not a function of the worker count) keeps the report, which
+            # pairs were skipped as already connected, identical for any --workers.
+            window = cfg.verify_chunk * 8
             for w0 in range(0, len(pairs), window):
                 win = pairs[w0:w0 + window]
                 live = np.array([uf.find(int(i)) != uf.find(int(j)) for i, j in win], dtype=bool)

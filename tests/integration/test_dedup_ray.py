@@ -1,0 +1,80 @@
+"""The dedup stage on a local Ray: same result as the in-process backend; the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+from test_dedup_lib import check_output, planted_corpus, write_jsonl  # noqa: E402
+
+from opt_ray.cli import main
+from opt_ray.data.dedup import DedupConfig, LocalBackend, run_dedup
+from opt_ray.data.readers import iter_records
+
+
+def strip_timings(report: dict) -> dict:
+    r = dict(report)
+    for k in ("timings", "throughput_mb_s", "params", "inputs"):
+        r.pop(k)
+    return r
+
+
+@pytest.mark.slow
+def test_ray_backend_matches_local(ray_local, tmp_path):
+    from actors.dedup import RayBackend
+    recs = planted_corpus(seed=1)
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    cfg = DedupConfig(batch_docs=20, num_buckets=3, verify_chunk=16)
+    backend = RayBackend(cfg, num_workers=2)
+    try:
+        ray_report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "ray"), cfg,
+                               backend, id_field="doc")
+    finally:
+        backend.close()
+    local = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "local"), cfg,
+                      LocalBackend(cfg), id_field="doc")
+    assert strip_timings(ray_report) == strip_timings(local)
+    check_output(recs, ray_report, cfg.threshold)
+    assert ray_report["counts"]["duplicates_removed"] > 0
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(ray_local, tmp_path, capsys):
+    recs = planted_corpus(seed=2)
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine words here ok"}\nnot json\n')
+    out = tmp_path / "out"
+    rc = main(["dedup", str(tmp_path / "in.jsonl"), str(tmp_path / "bad.jsonl"), "--output",
+               str(out), "--threshold", "0.9", "--workers", "2", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / "dedup_report.json").read_text())
+    assert summary["kept"] == report["counts"]["docs_kept"] == len(list(iter_records([str(out)])))
+    assert report["input_errors"]["files"][str(tmp_path / "bad.jsonl")]["examples"] == [
+        {"line": 2, "kind": "malformed_json", "detail": "Expecting value"}]
+    assert report["params"]["threshold"] == 0.9 and report["params"]["bands"] == 12
+    # The output is a valid input: a second pass finds nothing more to remove.
+    rc = main(["dedup", str(out), "--output", str(tmp_path / "again"), "--threshold", "0.9",
+               "--no-progress"])
+    assert rc == 0
+    again = json.loads((tmp_path / "again" / "dedup_report.json").read_text())
+    assert again["counts"]["duplicates_removed"] == 0
+
+
+def test_cli_missing_input_exits_2_with_one_line(tmp_path, capsys):
+    rc = main(["dedup", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "nope.jsonl" in err and "does not exist" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_bands_exits_2(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "a b c"}])
+    rc = main(["dedup", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"),
+               "--bands", "3"])
+    assert rc == 2 and "--rows" in capsys.readouterr().err
