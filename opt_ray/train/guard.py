@@ -212,6 +212,22 @@ class DivergenceGuard:
         """Rollbacks decided so far (give-ups excluded)."""
         return sum(1 for v in self.verdicts if not v.give_up)
 
+    @property
+    def gave_up(self) -> Verdict | None:
+        """The give-up verdict, if the guard gave up (then the run must not go on)."""
+        return next((v for v in reversed(self.verdicts) if v.give_up), None)
+
+    def raise_if_gave_up(self) -> None:
+        """Raise ``DivergenceError`` when restored state says the guard already gave up.
+
+        A gang restarted by Ray Train after the guard's ``DivergenceError`` would otherwise
+        resume from the last checkpoint and carry on as if nothing happened (the injected
+        or data-borne trouble may not recur). Call after loading guard state at (re)start,
+        and ``save`` the guard before raising on a give-up so the restart sees it."""
+        v = self.gave_up
+        if v is not None:
+            raise DivergenceError(v)
+
     def running_mean(self) -> float | None:
         if not self._losses:
             return None

@@ -262,3 +262,17 @@ def test_a_lasting_plateau_becomes_the_new_baseline():
     assert g.running_mean() == pytest.approx(5.0)
     g.record_checkpoint(60)
     assert g.is_usable(60)
+
+
+def test_a_give_up_survives_a_restart(tmp_path):
+    g = DivergenceGuard(small_cfg(max_rollbacks=0))
+    feed(g, range(1, 11), save_every=5)
+    g.raise_if_gave_up()                      # healthy: nothing to raise
+    v = g.observe(11, math.nan, 1.0)
+    g.pick_checkpoint([5, 10])
+    g.save(tmp_path / "guard.json")
+    restarted = DivergenceGuard(small_cfg(max_rollbacks=0))
+    restarted.load(tmp_path / "guard.json")
+    assert restarted.gave_up == v
+    with pytest.raises(DivergenceError, match="limit of 0 rollback"):
+        restarted.raise_if_gave_up()
