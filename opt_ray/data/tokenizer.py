@@ -12,6 +12,12 @@ tokenizer comes from one of:
 
 Every stage after this one loads the same ``tokenizer.json`` through :func:`load_tokenizer`
 and identifies it by :func:`tokenizer_hash`, which shards record and training checks.
+
+Encoding convention (OPT's, as its HF tokenizer): for vocabularies with ``</s>``,
+``tok.encode(text).ids`` starts with bos ``</s>`` (id 2), which is what precedes every
+document in the packed training stream; ``tok.encode(text, add_special_tokens=False)``
+gives the bare ids (what the tokenize stage uses). A ``tokenizer.json`` is loaded with the
+post-processor it ships.
 """
 
 from __future__ import annotations
@@ -63,6 +69,21 @@ def _register_specials(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+def _opt_post_processor(tok: Tokenizer) -> Tokenizer:
+    """OPT's convention (as its HF tokenizer): ``encode(text)`` starts with bos ``</s>``,
+    which is also what precedes every document in the packed training stream.
+    ``encode(text, add_special_tokens=False)`` gives the bare ids. A vocabulary without
+    ``</s>`` (plain GPT-2) keeps GPT-2's convention: no bos."""
+    eos_id = tok.token_to_id(EOS)
+    if eos_id is not None:
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B",
+                                          special_tokens=[(EOS, eos_id)]),
+        ])
+    return tok
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a directory or a file.
 
@@ -78,7 +99,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if (p / "tokenizer.json").is_file():
             p = p / "tokenizer.json"
         elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            return _register_specials(_from_vocab_merges(p / "vocab.json", p / "merges.txt"))
+            return _opt_post_processor(_register_specials(
+                _from_vocab_merges(p / "vocab.json", p / "merges.txt")))
         else:
             raise UserError(f"{p} holds neither tokenizer.json nor vocab.json + merges.txt; "
                             f"create one with 'opt-ray tokenizer train' or 'opt-ray tokenizer load'")
@@ -88,7 +110,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if not vocab_file.is_file() or not merges_file.is_file():
             raise UserError(f"{p}: a GPT-2 vocabulary needs vocab.json and merges.txt side by "
                             f"side in {p.parent}")
-        return _register_specials(_from_vocab_merges(vocab_file, merges_file))
+        return _opt_post_processor(_register_specials(_from_vocab_merges(vocab_file, merges_file)))
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:
@@ -186,7 +208,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     if seen["docs"] == 0:
         raise UserError("the corpus has no text to train a tokenizer on (every record was "
                         "empty or there were none); check the input path and --text-field")
-    return _register_specials(tok)
+    return _opt_post_processor(_register_specials(tok))
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, *, source: dict[str, Any] | None = None,

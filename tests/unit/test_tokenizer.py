@@ -66,11 +66,15 @@ def test_hf_tokenizer_json_loads_the_same(gpt2_dir, tmp_path):
     the same ids and the same hash as the vocab/merges pair."""
     from transformers import GPT2TokenizerFast
 
-    GPT2TokenizerFast.from_pretrained(str(gpt2_dir)).save_pretrained(str(tmp_path / "hf"))
+    # special tokens as in OPT's tokenizer_config.json
+    GPT2TokenizerFast.from_pretrained(str(gpt2_dir), bos_token="</s>", eos_token="</s>",
+                                      unk_token="<unk>", pad_token="<pad>"
+                                      ).save_pretrained(str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     a, b = load_tokenizer(gpt2_dir), load_tokenizer(tmp_path / "hf")
     for text in VARIED:
-        assert a.encode(text).ids == b.encode(text).ids
+        assert a.encode(text, add_special_tokens=False).ids == b.encode(text, add_special_tokens=False).ids
+    assert tokenizer_hash(a) == tokenizer_hash(b)
 
 
 def test_save_load_round_trip_and_hash(gpt2_dir, tmp_path):
@@ -148,3 +152,13 @@ def test_cli_load_and_train(gpt2_dir, tmp_path, capsys):
     assert main(["tokenizer", "train", str(empty), "--vocab-size", "450",
                  "--output", str(tmp_path / "e")]) == 2
     assert "no text" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_encode_prepends_bos_like_opt(gpt2_dir, tmp_path):
+    """OPT's HF tokenizer prepends </s> (2); so do ours, and saving keeps it."""
+    for tok in (load_tokenizer(gpt2_dir), train_tokenizer(TRAIN_TEXT, 500)):
+        bare = tok.encode("Hello world", add_special_tokens=False).ids
+        assert tok.encode("Hello world").ids == [2] + bare
+        assert tok.decode(tok.encode("Hello world").ids) == "Hello world"
+        again = load_tokenizer(save_tokenizer(tok, tmp_path / str(id(tok))))
+        assert again.encode("Hello world").ids == [2] + bare
