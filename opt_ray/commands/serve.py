@@ -3,14 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import time
 
-from opt_ray.errors import UserError
+from opt_ray.ray_util import add_ray_args, init_ray
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve generation from Ray Serve replicas (OpenAI-compatible HTTP + gRPC)", description="serve generation from Ray Serve replicas (OpenAI-compatible HTTP + gRPC).")
+    p = sub.add_parser("serve", help="serve generation from Ray Serve replicas (OpenAI-compatible HTTP + gRPC)",
+                       description="Deploy a continuous-batching generation app on Ray Serve: "
+                                   "POST /v1/completions (OpenAI-compatible, stream: true as SSE), "
+                                   "GET /v1/models, and gRPC opt_ray.v1.GenerationService. Blocks "
+                                   "until Ctrl-C, then shuts the app down.")
+    p.add_argument("--checkpoint", required=True,
+                   help="HF-format checkpoint dir, or a training run dir holding an export")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: dir name)")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale between --replicas and this many on ongoing requests")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000, help="0 = no gRPC")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together per replica")
+    p.add_argument("--max-model-len", type=int, default=None, help="tokens per KV slot (default: context)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV memory budget per replica")
+    p.add_argument("--max-waiting", type=int, default=64, help="bounded queue per replica (then 429)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'opt-ray serve' is not implemented yet")
+    from ray import serve
+
+    from actors.serve import build_app, start
+    from opt_ray.errors import UserError
+    from opt_ray.serve.engine import EngineConfig, resolve_checkpoint
+
+    if args.replicas < 1:
+        raise UserError(f"--replicas must be >= 1, got {args.replicas}")
+    resolve_checkpoint(args.checkpoint)          # fail fast, before starting Ray
+    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                 kv_cache_bytes=args.kv_cache_bytes, max_waiting=args.max_waiting,
+                                 dtype=args.dtype)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    app = build_app(args.checkpoint, model_name=args.model_name, engine_config=engine_config,
+                    replicas=args.replicas, max_replicas=args.max_replicas, host=args.host,
+                    grpc_port=args.grpc_port or None)
+    start(app, host=args.host, http_port=args.http_port)
+    print(f"opt-ray serve: OpenAI-compatible API at http://{args.host}:{args.http_port}/v1 "
+          f"(POST /v1/completions, GET /v1/models)", flush=True)
+    if args.grpc_port:
+        print(f"opt-ray serve: gRPC opt_ray.v1.GenerationService at {args.host}:{args.grpc_port}", flush=True)
+    print("opt-ray serve: Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        serve.shutdown()

