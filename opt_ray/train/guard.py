@@ -14,6 +14,7 @@ Pure Python (no torch), so it is tested on synthetic loss streams. The loop's si
         if verdict is not None:
             target = guard.pick_checkpoint(checkpointer.available_steps())
             if verdict.give_up:                       # retries spent or nothing to go to
+                guard.save(run_dir / "guard.json")    # so a restarted gang knows
                 raise DivergenceError(verdict)        # exits non-zero with verdict.report
             ... load checkpoint `target` (but keep this guard's state, not the old one's),
             lr multiplier = verdict.lr_scale, clip = verdict.new_clip or clip,
@@ -21,6 +22,10 @@ Pure Python (no torch), so it is tested on synthetic loss streams. The loop's si
         if step % save_every == 0:
             ... save, with guard.state_dict() inside ...
             guard.record_checkpoint(step, loss_scale)
+
+    and at every (re)start, after loading guard state from the checkpoint / guard.json:
+    ``guard.raise_if_gave_up()`` (Ray Train retries a worker's DivergenceError like any
+    failure; the restarted gang must not train on as if nothing happened).
 
 Vocabulary. A *step* is the global optimizer-step index; the checkpoint "at step s"
 holds the state after step s. The *onset* of trouble is the first step of the
