@@ -12,6 +12,7 @@ import collections
 import os
 from typing import Any, Iterator
 
+import numpy as np
 import ray
 
 from opt_ray.data.shards import EncodedBatch, EncodeMap, TextBatch, encode_text_batch
@@ -35,28 +36,57 @@ class TokenizeWorker:
         return encode_text_batch(self.tok, batch, self.eos_id, self.dtype)
 
 
-def ray_encode_map(tok: Any, eos_id: int, dtype: Any, workers: int, *,
-                   in_flight_per_worker: int = 2) -> EncodeMap:
-    """An ``EncodeMap`` over ``workers`` actors with at most ``in_flight_per_worker``
-    batches queued per actor (enough to hide the driver's reading, bounded memory)."""
-    available = int(ray.cluster_resources().get("CPU", workers))
-    if workers > available:
-        print(f"tokenize: {workers} workers requested, the cluster has {available} CPUs; "
-              f"using {available}", flush=True)
-        workers = max(1, available)
+class TokenizePool:
+    """``workers`` encoder actors; :meth:`map` is an ``EncodeMap`` for ``write_shards``.
 
-    def run(batches: Iterator[TextBatch]) -> Iterator[EncodedBatch]:
+    Batches go round-robin with at most ``in_flight_per_worker`` queued per actor (enough
+    to hide the driver's reading, bounded memory) and come back in submission order.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, tok: Any, eos_id: int, dtype: Any, workers: int, *,
+                 in_flight_per_worker: int = 2):
+        available = int(ray.cluster_resources().get("CPU", workers))
+        if workers > available:
+            print(f"tokenize: {workers} workers requested, the cluster has {available} CPUs; "
+                  f"using {available}", flush=True)
+            workers = max(1, available)
+        self.workers = workers
+        self.in_flight = workers * in_flight_per_worker
         tok_json = tok.to_str()
-        pool = [TokenizeWorker.remote(tok_json, eos_id, str(dtype)) for _ in range(workers)]
+        self.actors = [TokenizeWorker.remote(tok_json, eos_id, str(np.dtype(dtype)))
+                       for _ in range(workers)]
+
+    def wait_ready(self) -> None:
+        """Block until every actor has started (start-up is otherwise paid by the first
+        batches)."""
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+
+    def map(self, batches: Iterator[TextBatch]) -> Iterator[EncodedBatch]:
         pending: collections.deque = collections.deque()
-        try:
-            for i, b in enumerate(batches):
-                pending.append(pool[i % workers].encode.remote(b))
-                if len(pending) >= workers * in_flight_per_worker:
-                    yield ray.get(pending.popleft())
-            while pending:
+        for i, b in enumerate(batches):
+            pending.append(self.actors[i % self.workers].encode.remote(b))
+            if len(pending) >= self.in_flight:
                 yield ray.get(pending.popleft())
-        finally:
-            for a in pool:
-                ray.kill(a)
+        while pending:
+            yield ray.get(pending.popleft())
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> "TokenizePool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def ray_encode_map(tok: Any, eos_id: int, dtype: Any, workers: int) -> EncodeMap:
+    """A one-shot ``EncodeMap``: starts a :class:`TokenizePool` when the stage starts
+    reading and stops it when the stage is done (or fails)."""
+    def run(batches: Iterator[TextBatch]) -> Iterator[EncodedBatch]:
+        with TokenizePool(tok, eos_id, dtype, workers) as pool:
+            yield from pool.map(batches)
     return run
