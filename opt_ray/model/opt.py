@@ -74,10 +74,7 @@ class OPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        # OPT scales q (bias included) before QK^T, so SDPA gets scale=1.
-        q = self.q_proj(x) * self.scaling
-        k = self.k_proj(x)
-        v = self.v_proj(x)
+        q, k, v = self._qkv(x)
         # -1 heads: under tensor parallelism this rank holds only its shard of the heads.
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -90,10 +87,24 @@ class OPTAttention(nn.Module):
             # A mask-free call is a plain causal one: the fast (flash) path on GPU.
             is_causal=mask is None and T > 1,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=1.0,
+            # OPT scales q (bias included) before QK^T; (s*q).k = s*(q.k), so SDPA's own
+            # scale does it without a separate multiply over q.
+            scale=self.scaling,
         )                                                    # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
         return self.out_proj(y)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v, each (B, T, nh*hs). Plain linears are run as one GEMM over the
+        concatenated weights (one pass over x, one bigger matmul forward and backward);
+        the parameters and checkpoint names stay q/k/v_proj. Tensor-parallel projections
+        (fairscale's, which wrap their own communication) are called one by one."""
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        if not (type(q) is type(k) is type(v) is nn.Linear):
+            return q(x), k(x), v(x)
+        w = torch.cat([q.weight, k.weight, v.weight])
+        b = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        return F.linear(x, w, b).split([q.out_features, k.out_features, v.out_features], dim=-1)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -154,6 +165,9 @@ class OPT(nn.Module):
         built from ``attention_mask``. For callers whose keys are not left-padded, e.g. the
         serving engine's per-slot caches where row r holds keys 0..len_r-1 of a shared
         buffer and the rest is stale.
+      targets: (B, T) next-token ids (-100 = ignore). When given, the model returns the
+        mean cross-entropy over the non-ignored targets (fp32 scalar) instead of logits,
+        computed chunk by chunk so the (B*T, vocab) logits are never held at once.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -198,9 +212,17 @@ class OPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         attn_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
-        return self.lm_head(h)
+        if targets is None:
+            return self.lm_head(h)
+        if type(self.lm_head) is not nn.Linear:
+            # A tensor-parallel head gathers the vocabulary itself: plain cross-entropy.
+            logits = self.lm_head(h)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return lm_head_loss(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
 
     def hidden_states(
         self,
@@ -236,6 +258,71 @@ class OPT(nn.Module):
         if dec.project_out is not None:
             x = dec.project_out(x)
         return x
+
+
+# Target id that contributes no loss (padding), as in torch's cross_entropy and HF labels.
+IGNORE_INDEX = -100
+# Logit elements per chunk of the fused LM-head loss: 32M (128 MiB in fp32).
+_LOSS_CHUNK_ELEMENTS = 1 << 25
+
+
+def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (N,), ignoring
+    ``IGNORE_INDEX``, without materialising the (N, vocab) logits: rows are processed in
+    chunks and the gradients w.r.t. ``h`` and ``weight`` are computed in the same pass
+    (softmax - one-hot), so backward is just a scale. Matmuls run in the autocast dtype
+    when autocast is on; the softmax and the loss in fp32."""
+    # Gradients are computed in forward only when a backward can follow (grad mode is
+    # off inside Function.forward, so decide here).
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LMHeadLoss.apply(h, weight, targets, grad)
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                grad: bool) -> torch.Tensor:
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        with torch.autocast(dev, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            N, V = h.shape[0], weight.shape[0]
+            valid = targets != IGNORE_INDEX
+            # Mean over real targets; an all-ignored batch gives 0 rather than NaN.
+            denom = valid.sum().clamp(min=1).to(torch.float32)
+            tgt = targets.clamp(min=0).unsqueeze(1)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hc) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
+            for s in range(0, N, rows):
+                e = min(s + rows, N)
+                logits = (hc[s:e] @ wc.t()).float()                       # (n, V)
+                lse = torch.logsumexp(logits, dim=1)
+                picked = logits.gather(1, tgt[s:e]).squeeze(1)
+                loss += ((lse - picked) * valid[s:e]).sum()
+                if need_h or need_w:
+                    # d(mean loss)/d logits = (softmax - onehot) / denom, 0 on ignored rows.
+                    g = logits.sub_(lse.unsqueeze(1)).exp_()
+                    g.scatter_add_(1, tgt[s:e], torch.full_like(picked, -1.0).unsqueeze(1))
+                    g.mul_((valid[s:e] / denom).unsqueeze(1))
+                    g = g.to(dtype)
+                    if need_h:
+                        grad_h[s:e] = g @ wc
+                    if need_w:
+                        grad_w += (g.t() @ hc[s:e]).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss / denom
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None
 
 
 def _positions(attention_mask: torch.Tensor | None, B: int, T: int, past: int,

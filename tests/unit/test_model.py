@@ -186,3 +186,36 @@ def test_bf16_autocast_close_to_fp32():
             low = ours(ids)
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [{}, POST_LN], ids=["pre_ln", "post_ln_proj"])
+def test_fused_loss_matches_cross_entropy_on_logits(kw, monkeypatch):
+    """model(ids, targets=t): same loss and grads as cross-entropy over full logits,
+    with ignored targets and more than one chunk."""
+    import opt_ray.model.opt as opt_mod
+    monkeypatch.setattr(opt_mod, "_LOSS_CHUNK_ELEMENTS", 7 * SMALL["vocab_size"])  # 7-row chunks
+    ours, _ = _pair(**kw)
+    ids = _ids(B=3, T=10)
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    targets[1, :4] = -100
+
+    ours.zero_grad()
+    logits = ours(ids)
+    ref = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    ours.zero_grad()
+    loss = ours(ids, targets=targets)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-7, rtol=1e-5, msg=n)
+
+    with torch.no_grad():  # eval: no gradient pass, same value
+        torch.testing.assert_close(ours(ids, targets=targets), ref.detach(), atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ours(ids, targets=targets)
+    assert abs(low.item() - ref.item()) < 0.02 * ref.item()
