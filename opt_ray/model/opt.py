@@ -100,7 +100,9 @@ class OPTAttention(nn.Module):
         the parameters and checkpoint names stay q/k/v_proj. Tensor-parallel projections
         (fairscale's, which wrap their own communication) are called one by one."""
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        if not (type(q) is type(k) is type(v) is nn.Linear):
+        # Without autograd (serving) the concatenation would copy all three weights on
+        # every call, which at decode batch sizes costs as much as the matmul itself.
+        if not (type(q) is type(k) is type(v) is nn.Linear) or not torch.is_grad_enabled():
             return q(x), k(x), v(x)
         w = torch.cat([q.weight, k.weight, v.weight])
         b = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
