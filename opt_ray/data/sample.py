@@ -181,10 +181,16 @@ def write_sample_corpus(out_dir: str | os.PathLike, *, n_docs: int | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     originals = _originals(n_docs, DEFAULT_TARGET_CHARS)
     variants = _plant_variants(originals, random.Random(seed))
+    # Shuffle, but keep every original before its variants: a dedup that keeps the first
+    # occurrence (or the lowest id: "d00012" < "d00012~exact") then removes exactly the
+    # planted variants.
+    order = random.Random(seed + 1)
+    keys = {d["id"]: order.random() for d in originals}
     records = [{**d, "dup_of": None, "variant": "original"} for d in originals]
     records += [{k: v for k, v in d.items() if k != "jaccard"} for d in variants]
-    # Interleave so that duplicates are not next to their originals.
-    random.Random(seed + 1).shuffle(records)
+    for d in variants:
+        keys[d["id"]] = order.uniform(keys[d["dup_of"]], 1.0)
+    records.sort(key=lambda r: keys[r["id"]])
 
     path = out_dir / f"{name}.jsonl"
     _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

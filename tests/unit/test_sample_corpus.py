@@ -58,6 +58,9 @@ def test_records_and_planted_variants(small):
             assert v["text"] == orig["text"]
         else:
             assert v["text"] != orig["text"]
+    pos = {r["id"]: i for i, r in enumerate(recs)}
+    assert all(pos[v["dup_of"]] < pos[v["id"]] for v in variants)   # originals come first
+    assert max(pos[v["id"]] - pos[v["dup_of"]] for v in variants) > 10  # but not adjacent
     assert any(r["source"].startswith("pydoc:") for r in recs)
     assert any(r["source"].startswith("stdlib:") for r in recs)
 
