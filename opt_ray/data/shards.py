@@ -219,6 +219,8 @@ class SplitWriter:
     def add(self, tokens: np.ndarray, docs: int) -> None:
         """Append a piece of the stream (documents already eos-terminated)."""
         self.docs += docs
+        if not len(tokens):
+            return
         self.stream_tokens += len(tokens)
         self._pending.append(tokens)
         self._pending_n += len(tokens)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -32,8 +31,6 @@ from typing import Any, Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from opt_ray.errors import UserError
-
-log = logging.getLogger(__name__)
 
 # fairseq's dictionary order, which OPT's released vocabulary keeps: pad 1, bos = eos 2.
 OPT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
