@@ -1,0 +1,284 @@
+"""Training-step benchmark: opt-ray's OPT vs transformers.OPTForCausalLM, side by side.
+
+One step = forward + backward + AdamW step on one batch, under autocast (bf16 by default),
+for both models built with the same weights, in one process, steps interleaved (the
+order alternates every repeat) so that machine noise hits both alike. Both sides use the
+same optimizer settings (the paper's AdamW; torch's fused kernel where available).
+
+- opt-ray: ``loss = model(inputs, targets=targets)`` (the fused, chunked LM-head loss)
+- transformers: ``loss = model(input_ids=ids, labels=ids).loss`` (its own loss path)
+
+Peak memory is measured fairly in separate child processes, one per side, each building
+only its own model: the RSS high-water mark (``ru_maxrss``) over the steps, minus the RSS
+after set-up (CPU), or ``torch.cuda.max_memory_allocated`` (GPU). Achieved FLOP/s use
+``flops_per_token`` (6N + 12 L d T) against a big bf16 matmul timed in the same run.
+
+    python bench/train_step.py                                   # 125m, 4 x 512, CPU, bf16
+    python bench/train_step.py --preset 1.3b --seq-len 2048 --device cuda --batch 8
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, and bench/tokenize.py
+# would shadow the standard library's tokenize: put the repository root there instead.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from opt_ray.config import flops_per_token, preset  # noqa: E402
+
+# Dense bf16 tensor-core peaks (no sparsity), for MFU on GPUs.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="125m")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"],
+                   help="autocast dtype (fp16 on CUDA only)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    p.add_argument("--no-hf", action="store_true", help="time opt-ray only (no transformers side)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="override the preset's dropout (default: the preset's 0.1, both sides)")
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- the two sides -----------------------------------------------------------------------
+
+def build(args: argparse.Namespace, sides: list[str]) -> dict:
+    """Models (same weights), optimizers and the batch for the requested sides."""
+    from opt_ray.model import OPT
+    from opt_ray.model.hf import config_to_hf
+
+    cfg = preset(args.preset).model
+    if args.dropout is not None:
+        cfg = cfg.replace(dropout=args.dropout)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the preset's {cfg.max_position_embeddings} positions")
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    models = {}
+    if "ours" in sides:
+        models["ours"] = OPT(cfg).to(dev)
+    if "hf" in sides:
+        import transformers
+        hcfg = transformers.OPTConfig(**config_to_hf(cfg))
+        hcfg._attn_implementation = "sdpa"  # transformers' fastest built-in path
+        hf = transformers.OPTForCausalLM(hcfg).to(dev)
+        if "ours" in models:
+            hf.load_state_dict(models["ours"].state_dict())
+        models["hf"] = hf
+    fused = _fused_adamw_ok(dev)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
+                                 weight_decay=0.1, fused=fused) for k, m in models.items()}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq_len), generator=g).to(dev)
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100  # the same T-1 predictions per row that HF's labels shift gives
+    for m in models.values():
+        m.train()
+    return {"cfg": cfg, "models": models, "opts": opts, "ids": ids, "targets": targets,
+            "fused_adamw": fused, "autocast": torch.bfloat16 if args.dtype == "bf16" else torch.float16}
+
+
+def _fused_adamw_ok(dev: torch.device) -> bool:
+    try:
+        p = torch.nn.Parameter(torch.zeros(2, device=dev))
+        p.grad = torch.zeros(2, device=dev)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def step(side: str, s: dict) -> float:
+    """One training step; returns the loss."""
+    m, opt, ids = s["models"][side], s["opts"][side], s["ids"]
+    with torch.autocast(ids.device.type, dtype=s["autocast"]):
+        if side == "ours":
+            loss = m(ids, targets=s["targets"])
+        else:
+            loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()  # also a device sync point
+
+
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dev: str, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a big square matmul in ``dtype`` (the machine's practical peak)."""
+    n = 8192 if dev == "cuda" else 2048
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b
+    _sync(dev)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        for _ in range(10 if dev == "cuda" else 1):
+            a @ b
+        _sync(dev)
+        best = max(best, (10 if dev == "cuda" else 1) * 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+# -- memory children -----------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) so that it covers the steps only,
+    not imports or model construction. Linux >= 4.0."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def child(args: argparse.Namespace) -> None:
+    """Build one side only, run warmup + 2 steps, report its peak memory."""
+    import transformers  # noqa: F401  (same libraries resident on both sides)
+    s = build(args, [args.child])
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+        if not _reset_rss_peak():
+            raise SystemExit("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
+    for _ in range(args.warmup + 2):
+        step(args.child, s)
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _rss_peak_bytes()
+    print(json.dumps({"side": args.child, "base_bytes": base, "peak_bytes": peak,
+                      "step_peak_bytes": peak - base}))
+
+
+def measure_memory(args: argparse.Namespace, side: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--preset", args.preset, "--batch", str(args.batch),
+           "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype,
+           "--warmup", str(args.warmup)]
+    if args.dropout is not None:
+        cmd += ["--dropout", str(args.dropout)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- main ----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    sides = ["ours"] if args.no_hf else ["ours", "hf"]
+    s = build(args, sides)
+    cfg, tokens = s["cfg"], args.batch * args.seq_len
+    fpt = flops_per_token(cfg, args.seq_len)
+    peak = matmul_peak(args.device, s["autocast"])
+
+    for _ in range(args.warmup):
+        for side in sides:
+            step(side, s)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    losses: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(args.repeats):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            _sync(args.device)
+            t = time.perf_counter()
+            losses[side].append(step(side, s))
+            times[side].append(time.perf_counter() - t)
+    peak = max(peak, matmul_peak(args.device, s["autocast"]))
+
+    result: dict = {
+        "bench": "train_step", "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+        "tokens_per_step": tokens, "device": args.device, "autocast": args.dtype,
+        "dropout": cfg.dropout, "fused_adamw": s["fused_adamw"], "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": _machine(args.device), "flops_per_token": fpt,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+    }
+    for side in sides:
+        med = statistics.median(times[side])
+        tps = tokens / med
+        result[side] = {"step_s": [round(t, 3) for t in times[side]], "step_s_median": round(med, 3),
+                        "tokens_per_s": round(tps, 1), "achieved_gflops": round(tps * fpt / 1e9, 1),
+                        "fraction_of_matmul_peak": round(tps * fpt / peak, 3),
+                        "loss_first": round(losses[side][0], 4), "loss_last": round(losses[side][-1], 4)}
+        if args.device == "cuda":
+            name = torch.cuda.get_device_name()
+            nominal = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+            if nominal:
+                result[side]["mfu"] = round(tps * fpt / nominal, 3)
+    if "hf" in sides:
+        pair = [h / o for o, h in zip(times["ours"], times["hf"])]
+        result["speedup_median_of_medians"] = round(statistics.median(times["hf"]) / statistics.median(times["ours"]), 3)
+        result["speedup_per_repeat"] = [round(x, 3) for x in pair]
+    if not args.no_memory:
+        # After the timing, one child per side, one at a time.
+        del s
+        for side in sides:
+            mem = measure_memory(args, side)
+            result[side]["peak_mem_mib"] = round(mem["peak_bytes"] / 2 ** 20, 1)
+            result[side]["step_peak_mem_mib"] = round(mem["step_peak_bytes"] / 2 ** 20, 1)
+        if "hf" in sides:
+            result["memory_ratio_step_peak"] = round(result["ours"]["step_peak_mem_mib"] /
+                                                     result["hf"]["step_peak_mem_mib"], 3)
+    print(json.dumps(result, indent=2))
+
+
+def _machine(dev: str) -> str:
+    if dev == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
