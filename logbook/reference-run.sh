@@ -20,6 +20,8 @@ opt_ray() { "$PY" -m opt_ray.cli "$@"; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT" logbook/reference
+# Absolute paths: Ray Train workers do not run in this directory.
+OUT=$(cd "$OUT" && pwd)
 "$PY" -c 'import sys; from opt_ray.data.sample import write_sample_corpus; print(write_sample_corpus(sys.argv[1]))' "$OUT/corpus"
 opt_ray dedup "$OUT/corpus" --output "$OUT/dedup" --workers 1 --buckets 1 --num-cpus 2 --no-progress
 opt_ray tokenizer train "$OUT/dedup" --vocab-size 4096 --output "$OUT/tokenizer"
