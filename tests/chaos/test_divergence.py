@@ -194,6 +194,11 @@ def test_retries_exhausted_stop_with_a_report(shards, tmp_path):
     assert "finish" not in kinds(ev) or ev[first(ev, "finish")].get("status") == "failed"
 
 
+# Missing in the loop (issue 5's files), found by this test: Ray Train retries the
+# worker's DivergenceError like any failure, the restarted gang resumes from the last
+# checkpoint (the injected faults do not recur) and the run exits 0. Fix: guard.save()
+# before raising, guard.raise_if_gave_up() after restoring. Strict: XPASS once fixed.
+@pytest.mark.xfail(strict=True, reason="a guard give-up is retried by Ray Train and the run exits 0")
 @pytest.mark.slow
 def test_retries_exhausted_exit_non_zero_through_the_cli(shards, tmp_path):
     run = tmp_path / "giveup-cli"
@@ -242,3 +247,38 @@ def test_killed_worker_logbook_shows_loss_restart_and_resumed_step(shards, tmp_p
     assert "Run completed at step 10" in chron
     png = plot_loss(run, tmp_path / "kill.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------
+# Resuming under other library versions than the checkpoint recorded is logged
+# --------------------------------------------------------------------------------------
+
+# Missing in the loop (issue 5's file), found by this test: Trainer.restore() does not
+# call opt_ray.logbook.log_resume(logbook, state["versions"], step=...). Strict: once the
+# loop logs it, this XPASSes and the marker must go.
+@pytest.mark.xfail(strict=True, reason="loop does not call logbook.log_resume on resume yet")
+def test_resume_under_other_versions_logs_the_difference(shards, tmp_path):
+    from opt_ray.artifacts import sha256_file, write_json_atomic
+    from opt_ray.train.checkpoint import MANIFEST, TRAIN_STATE, committed
+
+    run = tmp_path / "versions"
+    run_inprocess(shards, run, steps=5, checkpoint_every=5)
+    # Pretend the checkpoint was written under an older torch (re-sealing its manifest,
+    # as a checkpoint written by that torch would be).
+    _, ckpt = committed(run / "checkpoints")[-1]
+    state = json.loads((ckpt / TRAIN_STATE).read_text())
+    assert "versions" in state, "checkpoints must record the library versions they were written with"
+    state["versions"] = {**state["versions"], "torch": "1.13.1"}
+    write_json_atomic(ckpt / TRAIN_STATE, state)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"][TRAIN_STATE] = {"sha256": sha256_file(ckpt / TRAIN_STATE),
+                                      "bytes": (ckpt / TRAIN_STATE).stat().st_size}
+    write_json_atomic(ckpt / MANIFEST, manifest)
+
+    run_inprocess(shards, run, steps=7, checkpoint_every=5)
+    ev = events(run)
+    mism = [e for e in ev if e["event"] == "version_mismatch"]
+    assert mism, f"resuming under torch {state['versions']['torch']} -> current was not logged: {kinds(ev)}"
+    assert mism[0]["diff"]["torch"]["recorded"] == "1.13.1"
+    assert first(ev, "resume") <= first(ev, "version_mismatch")
+    assert "torch 1.13.1 ->" in render_markdown(run)
