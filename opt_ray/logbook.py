@@ -487,7 +487,13 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
     if finish:
         lines.append(f"- **Outcome**: {describe(finish)}")
     else:
-        lines.append("- **Outcome**: no `finish` event yet (still running, or the driver died)")
+        # The gang and the guard record why a run stopped even when no finish follows.
+        stop = next((e for e in reversed(events) if e.get("event") in
+                     ("failure_budget_exceeded", "divergence_give_up")), None)
+        if stop is not None:
+            lines.append(f"- **Outcome**: failed. {describe(stop)}")
+        else:
+            lines.append("- **Outcome**: no `finish` event yet (still running, or the driver died)")
     if finite:
         lines.append(f"- **Loss**: {_fmt(finite[0]['loss'])} at step {finite[0]['step']} -> "
                      f"{_fmt(finite[-1]['loss'])} at step {finite[-1]['step']}")
@@ -531,8 +537,10 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
         elif loss is None:
             loss = _loss_before(rows, _num(e.get("time")), e.get("step", e.get("from_step")))
         lines.append(format_entry(e, text, loss, show_step=not folded))
-    if finish and finish.get("report"):
-        lines += ["", "## Report", "", "```", str(finish["report"]), "```"]
+    report = next((e.get("report") for e in reversed(events)
+                   if e.get("event") in ("finish", "divergence_give_up") and e.get("report")), None)
+    if report:
+        lines += ["", "## Report", "", "```", str(report), "```"]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 

@@ -229,3 +229,12 @@ def test_chronicle_reads_the_training_loops_event_names(tmp_path):
     assert -1 not in pos, [s for s, p in zip(order, pos) if p == -1]
     assert pos == sorted(pos)
     assert "divergence 1" in render_markdown(tmp_path)  # counted in the summary
+
+
+def test_a_run_the_guard_stopped_says_why(tmp_path):
+    lb = Logbook(tmp_path)
+    lb.event("start", config={"preset": "tiny"})
+    lb.event("divergence_give_up", report="training stopped: loss spike at step 9; tried 3 rollback(s)")
+    md = render_markdown(tmp_path)
+    assert "**Outcome**: failed. The divergence guard gave up" in md
+    assert "## Report" in md and "tried 3 rollback(s)" in md
