@@ -127,5 +127,9 @@ class RayBackend:
         return ray.get(refs)
 
     def close(self) -> None:
+        try:   # let queued bucket adds land first, so killing them is quiet
+            ray.get(self._adds, timeout=30)
+        except Exception:  # noqa: BLE001 - closing anyway; the run's own errors surfaced
+            pass
         for a in self.workers + self.buckets:
             ray.kill(a)

@@ -24,8 +24,9 @@ The stage, in order (``run_dedup`` drives it; a ``Backend`` says where the work 
    of its verified partner B, never because of A. Each cluster keeps its lowest id
    (natural order: ``doc9`` < ``doc10``); every removed document has a verified partner
    >= threshold in its cluster, which the report lists.
-6. **Output.** Kept records, all input fields, as Parquet shards, with ``dedup_report.json``
-   and ``manifest.json``, through ``ArtifactWriter`` (atomic).
+6. **Output.** Kept records, all input fields, as Parquet shards, with ``dedup_report.json``,
+   ``metrics.jsonl`` (one line per signature batch and per phase) and ``manifest.json``,
+   through ``ArtifactWriter`` (atomic).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class DedupConfig:
     bands: int | None = None
     rows: int | None = None
     verify: bool = True          # exact Jaccard; False = MinHash estimate (faster, approximate)
-    batch_docs: int = 512        # documents per signature task
+    batch_docs: int = 512        # documents per signature task, at most
+    batch_bytes: int = 1 << 20   # text bytes per signature task, at most (long documents)
     num_buckets: int = 2         # bucket tables (actors)
     verify_chunk: int = 2048     # candidate pairs per verification task
     shard_rows: int = 50_000     # kept records per output Parquet shard
@@ -105,7 +107,7 @@ class DedupConfig:
         if self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm:
             raise UserError(f"--bands x --rows ({self.bands} x {self.rows}) must be between 1 "
                             f"and --num-perm ({self.num_perm})")
-        for name in ("batch_docs", "num_buckets", "verify_chunk", "shard_rows"):
+        for name in ("batch_docs", "batch_bytes", "num_buckets", "verify_chunk", "shard_rows"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -431,11 +433,16 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
         max_in_flight = 2 * max(1, backend.num_workers)
         bar = _progress(None, "doc", "dedup: signatures", progress)
 
+        steps: list[dict[str, Any]] = []   # -> metrics.jsonl, one line per batch / phase
+
         def collect(wait_all: bool = False) -> None:
             for batch_id, dig in backend.done_batches(wait_all=wait_all):
                 digests[batch_id] = dig
                 bar.update(len(dig))
                 _M_DOCS.inc(len(dig))
+                steps.append({"phase": "signature_batch", "batch": batch_id, "docs": len(dig),
+                              "batches_done": len(digests),
+                              "elapsed_s": round(time.perf_counter() - t_start, 4)})
                 if on_batch is not None:
                     on_batch(len(digests))
 
@@ -452,7 +459,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
             text = rec[text_field]
             texts.append(text)
             batch_bytes += len(text.encode("utf-8"))
-            if len(texts) >= cfg.batch_docs:
+            if len(texts) >= cfg.batch_docs or batch_bytes >= cfg.batch_bytes:
                 batch_bases.append(len(corpus.ids) - len(texts))
                 backend.submit_batch(len(batch_bases) - 1, batch_bases[-1], texts)
                 corpus.nbytes += batch_bytes
@@ -562,6 +569,10 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
             "input_errors": errors.to_dict(), "clusters": clusters,
         }
         (writer.path / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        steps += [{"phase": k[:-2], "seconds": round(v, 4)} for k, v in timings.items()]
+        steps.append({"phase": "done", **counts})
+        with open(writer.path / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in steps)
         writer.manifest.update({"inputs": report["inputs"], "config": params,
                                 "counts": counts, "shards": shards})
     return report

@@ -13,7 +13,9 @@ stable id under ``ID_KEY`` (``"opt_ray_id"``):
 
 Accepted inputs: ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz`` or ``.zst``), ``*.parquet``,
 ``*.txt``, and directories (searched recursively, sorted, hidden entries skipped) holding
-such files, e.g. a dedup output directory of Parquet shards.
+such files. A dedup output directory is read as exactly the Parquet shards its
+manifest lists; in any directory holding a ``manifest.json``, the side files
+``metrics.jsonl`` and ``logbook.jsonl`` are not corpus text and are skipped.
 
 Memory stays bounded: jsonl is read line by line, Parquet in record batches, a ``.txt``
 file is one document. Bad records (malformed JSON, non-UTF-8 bytes, a missing or empty
@@ -55,6 +57,26 @@ def file_format(path: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
+# Files a stage writes next to its data (opt_ray.logbook); never corpus text.
+_ARTIFACT_SIDE_FILES = {"metrics.jsonl", "logbook.jsonl"}
+
+
+def _artifact_shards(d: Path) -> list[str] | None:
+    """The data files of a dedup artifact directory, as its manifest lists them; None for
+    any other directory."""
+    mf = d / "manifest.json"
+    if not mf.is_file():
+        return None
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"input directory {d} has an unreadable manifest.json ({e}); "
+                        f"re-run the stage that wrote it") from e
+    if manifest.get("kind") != "dedup":
+        return None
+    return [s["file"] for s in manifest.get("shards", [])]
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: Path
@@ -78,11 +100,20 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
         if p.is_dir():
             if not os.access(p, os.R_OK | os.X_OK):
                 raise UserError(f"input directory {raw!r} is not readable; check its permissions")
+            shards = _artifact_shards(p)
+            if shards is not None:
+                files.extend(InputFile(p / fn, file_format(fn)[0],
+                                       f"{p.name}/{fn[:-len(file_format(fn)[1])]}")
+                             for fn in shards)
+                continue
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                artifact = "manifest.json" in filenames
                 for fn in sorted(filenames):
                     if fn.startswith(".") or file_format(fn) is None:
+                        continue
+                    if artifact and fn in _ARTIFACT_SIDE_FILES:
                         continue
                     fp = Path(dirpath) / fn
                     kind, suffix = file_format(fn)

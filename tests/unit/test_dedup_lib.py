@@ -139,7 +139,10 @@ def test_planted_near_duplicates(tmp_path, threshold):
         assert r["text"] == orig[r["doc"]]["text"] and r["extra"] == orig[r["doc"]]["extra"]
         assert r[ID_KEY] == r["doc"]
     m = read_manifest(tmp_path / "out", kind="dedup", verify=True)
-    assert REPORT in m["files"] and m["counts"]["docs_kept"] == len(kept)
+    assert REPORT in m["files"] and "metrics.jsonl" in m["files"]
+    assert m["counts"]["docs_kept"] == len(kept)
+    steps = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(s["docs"] for s in steps if s["phase"] == "signature_batch") == len(recs)
 
 
 def test_chain_removes_only_through_verified_edges(tmp_path):
