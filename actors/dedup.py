@@ -77,6 +77,7 @@ class RayBackend:
         self._pending: dict[Any, tuple[int, int, list]] = {}
         self._parts: list[list[tuple[int, Any]]] = [[] for _ in self.buckets]
         self._adds: list = []
+        self.repairs = 0   # bucket actors re-filled after a restart lost their state
 
     def worker_pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])
@@ -114,6 +115,7 @@ class RayBackend:
                            for b, p in zip(self.buckets, self._parts)])
         for k, res in enumerate(results):
             if res is None:
+                self.repairs += 1
                 ray.get([self.buckets[k].add.remote(bid, part) for bid, part in self._parts[k]])
                 results[k] = ray.get(self.buckets[k].candidate_pairs.remote(
                     drop_ref, len(self._parts[k])))

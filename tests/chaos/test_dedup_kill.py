@@ -69,4 +69,6 @@ def test_killed_actor_is_retried_and_output_identical(ray_local, tmp_path, victi
     finally:
         backend.close()
     assert killed and new_pid != pid          # it really died and was restarted
+    # A restarted bucket actor comes back empty; the driver must have re-filled it.
+    assert backend.repairs == (1 if victim == "bucket" else 0)
     assert output_of(tmp_path / "killed") == output_of(tmp_path / "clean")
