@@ -92,13 +92,15 @@ class RayBackend:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def done_batches(self, wait_all: bool = False) -> list[tuple[int, np.ndarray]]:
+    def done_batches(self, block: bool) -> list[tuple[int, np.ndarray]]:
         if not self._pending:
             return []
-        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=None)
-        more, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        pending = list(self._pending)
+        if block:
+            ray.wait(pending, num_returns=1, timeout=None)
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
         out = []
-        for ref in dict.fromkeys(ready + more):
+        for ref in ready:
             batch_id, k, parts = self._pending.pop(ref)
             self._load[k] -= 1
             for b, part in enumerate(parts):

@@ -165,9 +165,9 @@ def bench_scaling(texts: list[str], trials: int) -> dict:
                 backend.submit_batch(b, n, batch)
                 n += len(batch)
                 while backend.in_flight() >= 2 * workers:
-                    backend.done_batches()
+                    backend.done_batches(block=True)
             while backend.in_flight():
-                backend.done_batches()
+                backend.done_batches(block=True)
         t = best_of(trials, run)
         backend.close()
         res[f"workers_{workers}_mb_s"] = round(mb / t, 2)

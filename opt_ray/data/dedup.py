@@ -289,7 +289,8 @@ class Backend(Protocol):
     num_workers: int
 
     def submit_batch(self, batch_id: int, base: int, texts: list[str]) -> None: ...
-    def done_batches(self, wait_all: bool = False) -> list[tuple[int, np.ndarray]]: ...
+    def done_batches(self, block: bool) -> list[tuple[int, np.ndarray]]:
+        """Finished batches ``(batch_id, digests)``; ``block``: wait for at least one."""
     def in_flight(self) -> int: ...
     def candidate_pairs(self, drop: np.ndarray) -> np.ndarray: ...
     def verify(self, chunks: list[tuple[np.ndarray, dict[int, str]]]) -> list[np.ndarray]: ...
@@ -311,7 +312,7 @@ class LocalBackend:
             table.add(batch_id, keys, ords)
         self._done.append((batch_id, dig))
 
-    def done_batches(self, wait_all: bool = False) -> list[tuple[int, np.ndarray]]:
+    def done_batches(self, block: bool) -> list[tuple[int, np.ndarray]]:
         out, self._done = self._done, []
         return out
 
@@ -435,8 +436,8 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
 
         steps: list[dict[str, Any]] = []   # -> metrics.jsonl, one line per batch / phase
 
-        def collect(wait_all: bool = False) -> None:
-            for batch_id, dig in backend.done_batches(wait_all=wait_all):
+        def collect(block: bool) -> None:
+            for batch_id, dig in backend.done_batches(block):
                 digests[batch_id] = dig
                 bar.update(len(dig))
                 _M_DOCS.inc(len(dig))
@@ -465,16 +466,17 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
                 corpus.nbytes += batch_bytes
                 _M_BYTES.inc(batch_bytes)
                 texts, batch_bytes = [], 0
+                # Keep every worker busy (two batches each) without unbounded queues.
                 while backend.in_flight() >= max_in_flight:
-                    collect()
-                collect()
+                    collect(block=True)
+                collect(block=False)
         if texts:
             batch_bases.append(len(corpus.ids) - len(texts))
             backend.submit_batch(len(batch_bases) - 1, batch_bases[-1], texts)
             corpus.nbytes += batch_bytes
             _M_BYTES.inc(batch_bytes)
         while len(digests) < len(batch_bases):
-            collect(wait_all=True)
+            collect(block=True)
         bar.close()
         del seen, texts
         n = len(corpus.ids)
