@@ -65,7 +65,9 @@ def main() -> int:
                 n += sum(len(e.ids) for e in encode(texts[i:i + 1000], add_special_tokens=False))
             return time.perf_counter() - t0, n, time.process_time() - c0
 
-        def stage(encode_map=None) -> tuple[float, int]:
+        def stage(encode_map=None, cold: bool = False) -> tuple[float, int]:
+            if cold:
+                wait_cpus_free()
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -78,6 +80,17 @@ def main() -> int:
             return dt, sum(s["stream_tokens"] for s in m["splits"].values()), cpu
 
         encode_cpus: list[float] = []
+
+        def wait_cpus_free(timeout: float = 60.0) -> None:
+            """ray.kill is asynchronous: a trial must not start while the previous trial's
+            actors still hold the CPUs, or the new actors queue behind them (which would
+            charge the 2-worker runs, which need every CPU, for the previous run's exit)."""
+            import ray
+
+            deadline = time.monotonic() + timeout
+            while (ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0)
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
 
         def best(fn, *a) -> dict:
             encode_cpus.clear()
@@ -111,9 +124,10 @@ def main() -> int:
             try:
                 dtype = token_dtype(tok.get_vocab_size())
                 for w in (1, 2):
-                    res[f"stage_ray_{w}_workers"] = best(stage, ray_encode_map(tok, eos, dtype, w))
+                    res[f"stage_ray_{w}_workers"] = best(stage, ray_encode_map(tok, eos, dtype, w), True)
                     # the same with the actors already started: the stage's steady state,
                     # what matters for corpora bigger than this one
+                    wait_cpus_free()
                     t0 = time.perf_counter()
                     with TokenizePool(tok, eos, dtype, w) as pool:
                         pool.wait_ready()
