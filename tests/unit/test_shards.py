@@ -143,3 +143,13 @@ def test_cli_tokenize_in_process_and_empty_corpus(tok, tmp_path, capsys):
     assert rc == 2
     assert "no documents" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_pickles_by_path_for_workers(tok, tmp_path):
+    import pickle
+
+    out = write_shards(iter(_docs(60)), tok, tmp_path / "s", seq_len=8, valid_fraction=0.0)
+    ds = ShardDataset(out)
+    again = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 1000          # a reference, not the data
+    assert len(again) == len(ds) and np.array_equal(again[5], ds[5])
