@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import argparse
 
-from opt_ray.errors import UserError
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a training checkpoint to HF format (safetensors) for serving", description="export a training checkpoint to HF format (safetensors) for serving.")
+    p = sub.add_parser("export", help="export a training checkpoint to HF format (safetensors) for serving",
+                       description="Export a training checkpoint (a run directory: its newest valid "
+                                   "checkpoint, or a checkpoints/step_N directory) to an HF-format "
+                                   "directory that `opt-ray serve` and transformers load. Tensor- and "
+                                   "data-parallel shards are merged.")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory or checkpoint directory")
+    p.add_argument("--output", required=True, help="HF checkpoint directory to write")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="weight dtype to write (default fp32, the master weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'opt-ray export' is not implemented yet")
+    import torch
+
+    from opt_ray.model.hf import to_hf
+    from opt_ray.train.checkpoint import load_model, read_train_state, resolve
+
+    ckpt = resolve(args.checkpoint)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = load_model(ckpt, dtype=dtype)
+    out = to_hf(model, args.output, overwrite=args.overwrite)
+    step = read_train_state(ckpt)["step"]
+    print(f"exported {ckpt} (step {step}) to {out}")
+    return 0

@@ -126,7 +126,9 @@ class Chaos:
     def after_save(self, step: int, ckpt_dir: Path) -> None:
         """Corrupt the just-committed checkpoint (call on one rank only)."""
         for ev in self._mine("corrupt", step):
-            files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+            # The largest file: a model/optimizer shard, the part that matters.
+            files = sorted((p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != "manifest.json"),
+                           key=lambda p: (-p.stat().st_size, str(p)))
             if files and self._claim(ev, file=str(files[0])):
                 with open(files[0], "r+b") as f:
                     f.write(b"\x00chaos\x00" * 8)

@@ -316,7 +316,10 @@ class Checkpointer:
                 per_name.setdefault(name, [{} for _ in shards])[j][fqn] = t
         state: dict[str, dict[str, torch.Tensor]] = {}
         for name, per_shard in per_name.items():
-            local = split_tp_state(merge_tp_shards(per_shard), self.tp_size, self.tp_rank)
+            if all(t.dim() == 0 for t in per_shard[0].values()):
+                local = per_shard[0]  # Adam's step counters: scalars, equal on every rank
+            else:
+                local = split_tp_state(merge_tp_shards(per_shard), self.tp_size, self.tp_rank)
             for fqn, t in local.items():
                 state.setdefault(fqn, {})[name] = t
         groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
@@ -362,3 +365,25 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_model(ckpt: str | os.PathLike, *, dtype: torch.dtype | None = None):
+    """An ``OPT`` (plain, unsharded) with the weights of a training checkpoint; ``ckpt``
+    may be a run directory (its newest valid checkpoint) or a checkpoint. For export/eval."""
+    from opt_ray.config import ModelConfig
+    from opt_ray.model.opt import OPT
+
+    path = resolve(ckpt)
+    cfg = ModelConfig.from_dict(read_train_state(path)["model"])
+    sd = load_model_state(path)
+    with torch.device("meta"):
+        model = OPT(cfg)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.lm_head.weight = model.decoder.embed_tokens.weight  # re-tie after assign
+    missing = [k for k, v in model.state_dict().items() if v.is_meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing[:3]}...; it is not a full "
+                              f"opt-ray training checkpoint")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -240,7 +240,8 @@ class Trainer:
         if self.world % cfg.tp:
             raise UserError(f"--tp {cfg.tp} must divide the number of workers ({self.world}); "
                             f"choose --workers as a multiple of --tp")
-        self.dp_group, self.tp_group = init_model_parallel(cfg.tp)
+        with _group_timeout(cfg.collective_timeout):
+            self.dp_group, self.tp_group = init_model_parallel(cfg.tp)
         self.dp_size = self.world // cfg.tp
         self.dp_rank = self.rank // cfg.tp
         self.tp_rank = self.rank % cfg.tp
@@ -483,6 +484,30 @@ class Trainer:
             mpu.destroy_model_parallel()
         except Exception:  # nothing to tear down
             pass
+
+
+@contextmanager
+def _group_timeout(seconds: float):
+    """Make process groups created inside (fairscale's tensor/data groups, which FSDP
+    communicates over) time out after ``seconds`` like the world group.
+
+    ``new_group`` without a timeout falls back to torch's 30-minute default, not the
+    world group's, and fairscale passes none: a hung peer would then stall the gang for
+    half an hour instead of failing it after ``--collective-timeout``."""
+    import datetime
+
+    from torch.distributed import distributed_c10d as c10d
+
+    saved = c10d.default_pg_timeout, getattr(c10d, "default_pg_nccl_timeout", None)
+    c10d.default_pg_timeout = datetime.timedelta(seconds=seconds)
+    if saved[1] is not None:
+        c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=seconds)
+    try:
+        yield
+    finally:
+        c10d.default_pg_timeout = saved[0]
+        if saved[1] is not None:
+            c10d.default_pg_nccl_timeout = saved[1]
 
 
 def _mix(*xs: int) -> int:

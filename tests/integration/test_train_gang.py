@@ -33,7 +33,7 @@ def tiny_cfg(data: Path, out: Path, **kw):
 
     base = dict(data=str(data), output=str(out), preset="tiny", steps=6, batch_tokens=8 * 32,
                 micro_batch=2, checkpoint_every=2, keep=2, deterministic=True, lr=2e-3,
-                warmup_steps=1, max_failures=2, collective_timeout=30, guard=False)
+                warmup_steps=1, max_failures=3, collective_timeout=30, guard=False)
     base.update(kw)
     return TrainConfig(**base)
 
