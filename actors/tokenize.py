@@ -57,10 +57,16 @@ class TokenizePool:
         self.actors = [TokenizeWorker.remote(tok_json, eos_id, str(np.dtype(dtype)))
                        for _ in range(workers)]
 
-    def wait_ready(self) -> None:
-        """Block until every actor has started (start-up is otherwise paid by the first
-        batches)."""
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
+    def wait_ready(self, warn_after_s: float = 30.0) -> None:
+        """Block until every actor has started. Says so when that takes long: actors
+        wait for free CPUs, which another job on the cluster may hold."""
+        refs = [a.__ray_ready__.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=warn_after_s)
+        if len(ready) < len(refs):
+            print(f"tokenize: {len(refs) - len(ready)} of {len(refs)} encoder actors are still "
+                  f"waiting for a free CPU after {warn_after_s:.0f}s; other work on the cluster "
+                  f"holds them (lower --workers or free the cluster)", flush=True)
+        ray.get(refs)
 
     def map(self, batches: Iterator[TextBatch]) -> Iterator[EncodedBatch]:
         pending: collections.deque = collections.deque()
@@ -88,5 +94,6 @@ def ray_encode_map(tok: Any, eos_id: int, dtype: Any, workers: int) -> EncodeMap
     reading and stops it when the stage is done (or fails)."""
     def run(batches: Iterator[TextBatch]) -> Iterator[EncodedBatch]:
         with TokenizePool(tok, eos_id, dtype, workers) as pool:
+            pool.wait_ready()
             yield from pool.map(batches)
     return run
