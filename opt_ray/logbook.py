@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -294,6 +295,37 @@ def _loss_before(rows: list[dict[str, Any]], t: float | None, step: Any) -> Any:
     return before[-1].get("loss") if before else None
 
 
+# Errors a rank reports because *another* rank failed: symptoms, listed after the cause.
+_SYMPTOMS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def _short_error(text: str, limit: int = 110) -> str:
+    """``RuntimeError('[/path/pair.cc:553] Connection closed ...')`` -> the type and the
+    first sentence of the message, without source paths or multi-line dumps."""
+    text = str(text)
+    # The gang truncates reprs, so the closing parenthesis may be gone.
+    m = re.match(r"(\w+)\((.*)", text, re.S)
+    kind, msg = (m.group(1), m.group(2).rstrip(")").strip("'\"")) if m else ("", text)
+    msg = re.sub(r"^\[[^\]]*\]\s*", "", msg)          # gloo's "[file.cc:123] " prefix
+    msg = msg.replace("\\n", "\n").split("\n")[0].split(". ")[0].strip().rstrip(".")
+    if len(msg) > limit:
+        msg = msg[:limit] + "..."
+    return f"{kind}: {msg}" if kind and msg else (kind or msg)
+
+
+def _describe_failures(errors: dict[str, Any]) -> str:
+    """One sentence for a gang failure: the rank(s) that failed first, then the ranks that
+    only saw their peer go (a broken or timed-out collective)."""
+    cause, symptom = [], []
+    for rank, err in sorted(errors.items(), key=lambda kv: str(kv[0])):
+        (symptom if any(x in str(err) for x in _SYMPTOMS) else cause).append((rank, err))
+    parts = [f"rank {r} failed ({_short_error(e)})" for r, e in cause]
+    parts += [f"rank {r} {'saw its collective time out' if 'Timed out' in str(e) else 'lost its peer'} "
+              f"({_short_error(e)})" for r, e in symptom]
+    text = "; ".join(parts)
+    return "Worker failure: " + text + "."
+
+
 def describe(e: dict[str, Any]) -> str:
     """One event as a sentence: what happened and what was done."""
     k = e.get("event")
@@ -334,13 +366,11 @@ def describe(e: dict[str, Any]) -> str:
         fb = f"; falling back to step {g('fallback_step')}" if g("fallback_step") is not None else ""
         return f"Checkpoint of step {g('step')} rejected: {g('reason')}{fb}."
     if k == "worker_lost":
+        if not g("error") and isinstance(g("errors"), dict) and g("errors"):
+            return _describe_failures(g("errors"))
         ranks = g("ranks")
         who = (f"Rank {g('rank')}" if g("rank") is not None else
                f"Rank(s) {', '.join(map(str, ranks))}" if ranks else "A worker")
-        if not g("error") and isinstance(g("errors"), dict) and g("errors"):
-            first = str(next(iter(g("errors").values())))
-            e = dict(e, error=first if len(first) <= 160 else first[:160] + "...")
-            g = e.get
         where = f" on {g('node')}" if g("node") else ""
         at = f" at step {g('step')}" if g("step") is not None else ""
         err = f": {g('error')}" if g("error") else ""
@@ -442,6 +472,19 @@ def _entries(events: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str, bo
             if j > i:
                 steps = ", ".join(str(x.get("step")) for x in events[i:j + 1])
                 out.append((e, f"Checkpoints saved at steps {steps}.", True))
+                i = j + 1
+                continue
+        if e.get("event") == "chaos":
+            # NaN and spike drills fire on every rank: one entry for all of them.
+            j = i
+            while (j + 1 < len(events) and events[j + 1].get("event") == "chaos"
+                   and events[j + 1].get("kind") == e.get("kind")
+                   and events[j + 1].get("step") == e.get("step")):
+                j += 1
+            if j > i:
+                ranks = ", ".join(sorted(str(x.get("rank")) for x in events[i:j + 1]))
+                out.append((e, f"Drill: injected `{e.get('kind')}` at step {e.get('step')} on ranks {ranks}.",
+                            False))
                 i = j + 1
                 continue
         out.append((e, describe(e), False))
@@ -626,10 +669,19 @@ def plot_loss(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
         seen.add(label)
     if finite_all and min(finite_all) > 0 and max(finite_all) / min(finite_all) > 4:
         ax.set_yscale("log")  # an injected x10 spike would flatten a linear axis
+    # The step that diverged never reaches metrics.jsonl (the guard rolls back first):
+    # mark it at the top edge with what the guard saw.
+    for e in events:
+        if e.get("event") in ("divergence", "divergence_detected") and _num(e.get("step")) is not None:
+            loss = e.get("loss")
+            label = f"{e.get('reason')} ({_fmt(loss)})" if _num(loss) is not None else str(e.get("reason"))
+            ax.plot([e["step"]], [top], "v", color="tab:purple", ms=7)
+            ax.annotate(label, (e["step"], top), textcoords="offset points", xytext=(4, -12),
+                        fontsize=7, color="tab:purple")
     ax.set_ylabel("loss")
     ax.set_title(f"{run_dir.name}: training loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")  # loss falls: the lower left stays empty
     if has_lr:
         axes[1][0].set_ylabel("learning rate")
         axes[1][0].grid(alpha=0.3)

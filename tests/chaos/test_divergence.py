@@ -240,7 +240,7 @@ def test_killed_worker_logbook_shows_loss_restart_and_resumed_step(shards, tmp_p
 
     md = render_markdown(run)
     chron = md.split("## Chronicle", 1)[1]
-    lost_line = next(l for l in chron.splitlines() if "lost" in l)
+    lost_line = next(l for l in chron.splitlines() if "Worker failure: rank 1 failed" in l)
     assert "*(loss " in lost_line  # the loss at the time
     restart_line = next(l for l in chron.splitlines() if "Gang restarted" in l)
     assert "from the checkpoint of step 3" in restart_line and "continues at step 4" in restart_line

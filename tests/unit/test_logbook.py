@@ -220,7 +220,7 @@ def test_chronicle_reads_the_training_loops_event_names(tmp_path):
              "Rolled back from step 13 to the checkpoint of step 10; LR now x0.5 of the schedule, "
              "gradient clipping 0.3, the batches of step(s) 13 will be skipped",
              "Skipped the batch of step 13 (samples 96..104",
-             "Rank(s) 1 lost: ActorDiedError('SIGKILL')",
+             "Worker failure: rank 1 failed (ActorDiedError: SIGKILL)",
              "Gang restarted (attempt 1) from the checkpoint of step 10 on 2 worker(s); training "
              "continues at step 11",
              "Checkpoint of step 20 failed its checks (sha256 mismatch)",
@@ -238,3 +238,23 @@ def test_a_run_the_guard_stopped_says_why(tmp_path):
     md = render_markdown(tmp_path)
     assert "**Outcome**: failed. The divergence guard gave up" in md
     assert "## Report" in md and "tried 3 rollback(s)" in md
+
+
+def test_worker_failure_names_the_cause_before_the_symptoms(tmp_path):
+    lb = Logbook(tmp_path)
+    lb.event("worker_lost", ranks=[0, 1], errors={
+        "0": "RuntimeError('[/x/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:5829. This is ...')",
+        "1": 'WorkerHealthCheckFailedError("A worker health check failed.\\nWorker info: Worker(\\n  actor=Ac'})
+    line = next(l for l in render_markdown(tmp_path).splitlines() if "Worker failure" in l)
+    assert ("rank 1 failed (WorkerHealthCheckFailedError: A worker health check failed); "
+            "rank 0 lost its peer (RuntimeError: Connection closed by peer [127.0.0.1]:5829)") in line
+
+
+def test_a_drill_fired_on_every_rank_is_one_entry(tmp_path):
+    lb = Logbook(tmp_path)
+    lb.event("chaos", kind="nan", step=34, rank=1)
+    lb.event("chaos", kind="nan", step=34, rank=0)
+    lb.event("chaos", kind="kill", step=40, rank=1)
+    chron = render_markdown(tmp_path).split("## Chronicle", 1)[1]
+    assert "Drill: injected `nan` at step 34 on ranks 0, 1." in chron
+    assert chron.count("Drill:") == 2
