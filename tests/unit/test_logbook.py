@@ -258,3 +258,31 @@ def test_a_drill_fired_on_every_rank_is_one_entry(tmp_path):
     chron = render_markdown(tmp_path).split("## Chronicle", 1)[1]
     assert "Drill: injected `nan` at step 34 on ranks 0, 1." in chron
     assert chron.count("Drill:") == 2
+
+
+def test_follow_prints_new_events_until_finish(tmp_path):
+    import io
+    import threading
+    import time
+
+    from opt_ray.logbook import follow
+
+    lb = Logbook(tmp_path)
+    lb.event("start", config={})                      # already shown: skipped
+
+    def writer():
+        for kind, f in [("checkpoint_saved", {"step": 5}), ("restart", {"from_step": 5}),
+                        ("finish", {"step": 9})]:
+            time.sleep(0.05)
+            lb.event(kind, **f)
+        lb.event("checkpoint_saved", step=99)          # after finish: not printed
+
+    t = threading.Thread(target=writer)
+    t.start()
+    out = io.StringIO()
+    follow(tmp_path, skip=1, poll_s=0.02, out=out)
+    t.join()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert "Checkpoint saved at step 5" in lines[0] and "Gang restarted" in lines[1]
+    assert "Run completed at step 9" in lines[2]
