@@ -313,6 +313,8 @@ def run(a: argparse.Namespace) -> int:
             def show(h):
                 print(f"{'OK' if h.ok else 'DEGRADED'}  nodes {h.alive_nodes}  active jobs "
                       f"{h.active_jobs}  dashboard {h.dashboard_url}")
+                if h.metrics_endpoints:
+                    print("  metrics: " + ", ".join(f"http://{m}/metrics" for m in h.metrics_endpoints))
                 for comp in h.components:
                     print(f"  {'ok ' if comp.ok else 'BAD'} {comp.name}: {comp.detail}")
                 if h.total_resources:

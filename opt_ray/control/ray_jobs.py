@@ -103,6 +103,8 @@ class RayJobBackend:
                 import ray
                 nodes = [n for n in ray.nodes() if n.get("Alive")]
                 out["alive_nodes"] = len(nodes)
+                out["metrics_endpoints"] = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}"
+                                            for n in nodes if n.get("MetricsExportPort")]
                 out["total"] = {k: float(v) for k, v in ray.cluster_resources().items()
                                 if not k.startswith("node:")}
                 out["available"] = {k: float(v) for k, v in ray.available_resources().items()

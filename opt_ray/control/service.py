@@ -539,6 +539,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
             h = self.backend.health()
             resp = pb.ClusterHealthResponse(dashboard_url=h.get("dashboard_url", ""),
                                             alive_nodes=h.get("alive_nodes", 0))
+            resp.metrics_endpoints.extend(h.get("metrics_endpoints", []))
             resp.total_resources.update(h.get("total", {}))
             resp.available_resources.update(h.get("available", {}))
             for name in ("ray", "job_api"):

@@ -373,7 +373,7 @@ class ComponentHealth(_message.Message):
     def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ClusterHealthResponse(_message.Message):
-    __slots__ = ("ok", "components", "alive_nodes", "total_resources", "available_resources", "dashboard_url", "active_jobs")
+    __slots__ = ("ok", "components", "alive_nodes", "total_resources", "available_resources", "dashboard_url", "active_jobs", "metrics_endpoints")
     class TotalResourcesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +395,7 @@ class ClusterHealthResponse(_message.Message):
     AVAILABLE_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     DASHBOARD_URL_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     components: _containers.RepeatedCompositeFieldContainer[ComponentHealth]
     alive_nodes: int
@@ -402,4 +403,5 @@ class ClusterHealthResponse(_message.Message):
     available_resources: _containers.ScalarMap[str, float]
     dashboard_url: str
     active_jobs: int
-    def __init__(self, ok: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., alive_nodes: _Optional[int] = ..., total_resources: _Optional[_Mapping[str, float]] = ..., available_resources: _Optional[_Mapping[str, float]] = ..., dashboard_url: _Optional[str] = ..., active_jobs: _Optional[int] = ...) -> None: ...
+    metrics_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ok: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., alive_nodes: _Optional[int] = ..., total_resources: _Optional[_Mapping[str, float]] = ..., available_resources: _Optional[_Mapping[str, float]] = ..., dashboard_url: _Optional[str] = ..., active_jobs: _Optional[int] = ..., metrics_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...

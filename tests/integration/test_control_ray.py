@@ -95,6 +95,15 @@ class Cluster:
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
                "--num-cpus", "2", "--temp-dir", self.temp_dir,
                "--metrics-export-port", str(self.metrics_port),
+               # Every fixed default port too: other people's clusters on this machine
+               # hold the defaults (52365 for the dashboard agent, ...), and an agent
+               # that cannot bind leaves the job server with "No available agent".
+               "--dashboard-agent-listen-port", str(free_port()),
+               "--dashboard-agent-grpc-port", str(free_port()),
+               "--runtime-env-agent-port", str(free_port()),
+               "--ray-client-server-port", str(free_port()),
+               "--node-manager-port", str(free_port()),
+               "--object-manager-port", str(free_port()),
                "--system-config", json.dumps({"metrics_report_interval_ms": 1000}),
                "--disable-usage-stats"]
         # A new session: every daemon `ray start` leaves behind keeps this session id,
@@ -281,20 +290,25 @@ def _scrape(port: int) -> str:
 
 
 def test_opt_ray_metrics_on_the_export_endpoint(server, cluster, work):
-    # The control server is a Ray driver of this cluster; it exports its opt_ray_control_
-    # metrics through the node's metrics agent like every stage does. Submit something so
-    # that the counters move during this run.
+    # Where to scrape comes from Ray's node info (MetricsExportPort), via ClusterHealth;
+    # scraped on 127.0.0.1 since the node may advertise another interface.
     with server.client() as c:
+        endpoints = list(c.health().metrics_endpoints)
+        assert [e.rsplit(":", 1)[1] for e in endpoints] == [str(cluster.metrics_port)]
+        port = int(endpoints[0].rsplit(":", 1)[1])
+        # A dedup job during this test: its workers report opt_ray_dedup_*; the control
+        # server (a Ray driver of this cluster) reports opt_ray_control_*.
         c.submit(pb.JobSpec(dedup=pb.DedupSpec(inputs=[str(work / "corpus.jsonl")],
                                                output=str(work / "m-dedup"), workers=1)))
+    want = ("ray_opt_ray_control_jobs_submitted_total", "ray_opt_ray_dedup_docs_total")
     found: set[str] = set()
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     while time.time() < deadline:
-        text = _scrape(cluster.metrics_port)
+        text = _scrape(port)
         found = {ln.split("{")[0].split()[0] for ln in text.splitlines()
                  if "opt_ray_" in ln and not ln.startswith("#")}
-        if any("opt_ray_control_jobs_submitted" in n for n in found):
+        if all(w in found for w in want):
             break
         time.sleep(2)
-    assert any("opt_ray_control_jobs_submitted" in n for n in found), sorted(found)
+    assert all(w in found for w in want), sorted(found)
     print("opt_ray_ metrics exported:", sorted(found))
