@@ -567,7 +567,13 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
 
     lines += ["## Chronicle", ""]
     day = None
+    cfg0 = starts[0].get("config") if starts and isinstance(starts[0].get("config"), dict) else {}
+    budget = cfg0.get("max_failures")
     for e, text, folded in _entries(events):
+        if (e.get("event") == "restart" and isinstance(e.get("attempt"), int) and e["attempt"] > 0
+                and isinstance(budget, int) and budget >= 0):
+            # Each gang restart spends one failure of --max-failures.
+            text += f" Failure budget: {e['attempt']} of {budget} used."
         t = _utc(e.get("time"))
         d = t.date() if t else None
         if d != day:

@@ -200,7 +200,7 @@ def test_chronicle_reads_the_training_loops_event_names(tmp_path):
     (divergence, rollback with the intervention, data_skipped with stream positions,
     worker_lost with ranks/errors, restart with the resumed step)."""
     lb = Logbook(tmp_path)
-    lb.event("start", step=0, attempt=0, checkpoint=None, config={"preset": "tiny"}, world_size=2,
+    lb.event("start", step=0, attempt=0, checkpoint=None, config={"preset": "tiny", "max_failures": 3}, world_size=2,
              precision="bf16", versions={"torch": "2.13.0"}, hardware={"cpus": 2})
     lb.event("checkpoint_saved", step=10, path="/r/checkpoints/step-10", bytes=5, milestone=False)
     lb.event("chaos", kind="nan", step=13, rank=0)
@@ -222,7 +222,7 @@ def test_chronicle_reads_the_training_loops_event_names(tmp_path):
              "Skipped the batch of step 13 (samples 96..104",
              "Worker failure: rank 1 failed (ActorDiedError: SIGKILL)",
              "Gang restarted (attempt 1) from the checkpoint of step 10 on 2 worker(s); training "
-             "continues at step 11",
+             "continues at step 11. Failure budget: 1 of 3 used.",
              "Checkpoint of step 20 failed its checks (sha256 mismatch)",
              "Run completed at step 30, final loss 4.5"]
     pos = [chron.find(s) for s in order]
