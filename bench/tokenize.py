@@ -10,7 +10,8 @@ file) and the same byte-level BPE (trained here, ``--vocab-size``):
 * stage on Ray with 1 and 2 encoder actors (local Ray, actor start-up included):
   goal 2 workers >= 1.6x one.
 
-Each figure is the best of ``--trials`` runs (the machines are shared and noisy).
+Each figure is the best of ``--trials`` runs, the configurations interleaved trial by
+trial (the machines are shared and noisy).
 Run: ``python -m bench.tokenize [--repeat 2] [--trials 2] [--vocab-size 8192]``.
 """
 
@@ -65,9 +66,7 @@ def main() -> int:
                 n += sum(len(e.ids) for e in encode(texts[i:i + 1000], add_special_tokens=False))
             return time.perf_counter() - t0, n, time.process_time() - c0
 
-        def stage(encode_map=None, cold: bool = False) -> tuple[float, int]:
-            if cold:
-                wait_cpus_free()
+        def stage(encode_map=None) -> tuple[float, int, float, float]:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -75,11 +74,8 @@ def main() -> int:
                          valid_fraction=0.01, encode_map=encode_map)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             m = json.loads((out / "manifest.json").read_text())
-            if encode_map is not None:  # Ray: the driver's own work is the CPU not encoding
-                encode_cpus.append(m["encode_cpu_seconds"])
-            return dt, sum(s["stream_tokens"] for s in m["splits"].values()), cpu
-
-        encode_cpus: list[float] = []
+            return (dt, sum(s["stream_tokens"] for s in m["splits"].values()), cpu,
+                    m["encode_cpu_seconds"])
 
         def wait_cpus_free(timeout: float = 60.0) -> None:
             """ray.kill is asynchronous: a trial must not start while the previous trial's
@@ -92,29 +88,30 @@ def main() -> int:
                    and time.monotonic() < deadline):
                 time.sleep(0.1)
 
-        def best(fn, *a) -> dict:
-            encode_cpus.clear()
-            runs = [fn(*a) for _ in range(args.trials)]
-            dt, n, _ = min(runs)
+        def summary(runs: list) -> dict:
+            dt, n = min(runs)[:2]
             cpu = min(r[2] for r in runs)
-            extra = {"workers_encode_cpu_seconds": round(min(encode_cpus), 3)} if encode_cpus else {}
             # driver-process CPU seconds: for the in-process runs this is the one core's
             # work, a fairer per-core measure than wall time on a loaded machine
-            return {"seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt),
-                    "driver_cpu_seconds": round(cpu, 3), "tokens_per_cpu_s": round(n / cpu),
-                    "all_seconds": [round(r[0], 3) for r in runs], **extra}
+            out = {"seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt),
+                   "driver_cpu_seconds": round(cpu, 3), "tokens_per_cpu_s": round(n / cpu),
+                   "all_seconds": [round(r[0], 3) for r in runs]}
+            if len(runs[0]) > 3:
+                out["encode_cpu_seconds"] = round(min(r[3] for r in runs), 3)
+            if len(runs[0]) > 4:
+                out["actor_startup_seconds"] = [round(r[4], 3) for r in runs]
+            return out
 
         res: dict = {"bench": "tokenize", "machine": f"{platform.node()} {os.cpu_count()} cpus",
                      "corpus_chars": chars, "docs": len(texts), "vocab_size": tok.get_vocab_size(),
-                     "seq_len": args.seq_len}
-        res["raw_encode_batch"] = best(raw, False)
-        res["raw_encode_batch_fast"] = best(raw, True)
-        res["stage_in_process"] = best(stage)
-        assert res["stage_in_process"]["tokens"] == res["raw_encode_batch"]["tokens"] + len(texts)
-        res["stage_vs_raw_per_core"] = round(res["stage_in_process"]["tokens_per_s"]
-                                             / res["raw_encode_batch"]["tokens_per_s"], 3)
-        res["stage_vs_raw_per_core_cpu_time"] = round(res["stage_in_process"]["tokens_per_cpu_s"]
-                                                      / res["raw_encode_batch"]["tokens_per_cpu_s"], 3)
+                     "seq_len": args.seq_len, "load_average_1m_start": os.getloadavg()[0]}
+        # Trials interleave the configurations so that each sees the same (drifting) load.
+        runs: dict[str, list] = {k: [] for k in ("raw_encode_batch", "raw_encode_batch_fast",
+                                                 "stage_in_process")}
+        for _ in range(args.trials):
+            runs["raw_encode_batch"].append(raw(False))
+            runs["raw_encode_batch_fast"].append(raw(True))
+            runs["stage_in_process"].append(stage())
         if not args.no_ray:
             import ray
 
@@ -123,19 +120,30 @@ def main() -> int:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
                 dtype = token_dtype(tok.get_vocab_size())
-                for w in (1, 2):
-                    res[f"stage_ray_{w}_workers"] = best(stage, ray_encode_map(tok, eos, dtype, w), True)
-                    # the same with the actors already started: the stage's steady state,
-                    # what matters for corpora bigger than this one
-                    wait_cpus_free()
-                    t0 = time.perf_counter()
-                    with TokenizePool(tok, eos, dtype, w) as pool:
-                        pool.wait_ready()
-                        startup = time.perf_counter() - t0
-                        res[f"stage_ray_{w}_workers_warm"] = {
-                            **best(stage, pool.map), "actor_startup_seconds": round(startup, 3)}
+                for _ in range(args.trials):
+                    for w in (1, 2):
+                        # the whole stage, actors started by it
+                        wait_cpus_free()
+                        runs.setdefault(f"stage_ray_{w}_workers", []).append(
+                            stage(ray_encode_map(tok, eos, dtype, w)))
+                        # the same with the actors already started: the stage's steady
+                        # state, what matters for corpora bigger than this one
+                        wait_cpus_free()
+                        t0 = time.perf_counter()
+                        with TokenizePool(tok, eos, dtype, w) as pool:
+                            pool.wait_ready()
+                            startup = time.perf_counter() - t0
+                            runs.setdefault(f"stage_ray_{w}_workers_warm", []).append(
+                                (*stage(pool.map), startup))
             finally:
                 ray.shutdown()
+        res.update({k: summary(v) for k, v in runs.items()})
+        assert res["stage_in_process"]["tokens"] == res["raw_encode_batch"]["tokens"] + len(texts)
+        res["stage_vs_raw_per_core"] = round(res["stage_in_process"]["tokens_per_s"]
+                                             / res["raw_encode_batch"]["tokens_per_s"], 3)
+        res["stage_vs_raw_per_core_cpu_time"] = round(res["stage_in_process"]["tokens_per_cpu_s"]
+                                                      / res["raw_encode_batch"]["tokens_per_cpu_s"], 3)
+        if not args.no_ray:
             res["ray_2_vs_1_workers"] = round(res["stage_ray_2_workers"]["tokens_per_s"]
                                               / res["stage_ray_1_workers"]["tokens_per_s"], 3)
             res["ray_2_vs_1_workers_warm"] = round(res["stage_ray_2_workers_warm"]["tokens_per_s"]
@@ -143,11 +151,11 @@ def main() -> int:
             # Amdahl bound from CPU accounting (load-independent): the driver (read, split,
             # pack, write) is serial, encoding splits over the workers.
             drv = res["stage_ray_1_workers"]["driver_cpu_seconds"]
-            enc = res["stage_ray_1_workers"]["workers_encode_cpu_seconds"]
+            enc = res["stage_ray_1_workers"]["encode_cpu_seconds"]
             res["ray_2_vs_1_bound_from_cpu"] = round(max(drv, enc) / max(drv, enc / 2), 3)
-            res["load_average_1m"] = os.getloadavg()[0]
             res["ray_1_worker_vs_raw"] = round(res["stage_ray_1_workers"]["tokens_per_s"]
                                                / res["raw_encode_batch"]["tokens_per_s"], 3)
+        res["load_average_1m_end"] = os.getloadavg()[0]
         res["goals"] = {"stage_vs_raw_per_core": ">= 0.8", "ray_2_vs_1_workers": ">= 1.6"}
         print(json.dumps(res))
     finally:
