@@ -136,6 +136,9 @@ def bench_signatures(texts: list[str], trials: int) -> dict:
 
 
 def bench_scaling(texts: list[str], trials: int) -> dict:
+    """Signature throughput through 1 vs 2 worker actors. Both settings use the same two
+    warm actors (the 1-worker runs submit to the first only) and alternate trial by
+    trial, so a burst of load from other users of the machine hits both alike."""
     import ray
 
     from actors.dedup import RayBackend
@@ -151,27 +154,32 @@ def bench_scaling(texts: list[str], trials: int) -> dict:
             batches.append(cur)
             cur, size = [], 0
     batches += [cur] if cur else []
-    res = {}
-    for workers in (1, 2):
-        backend = RayBackend(cfg, workers)
-        backend.worker_pids()          # actors up
-        for k in range(workers):        # and warm (kernel loaded)
-            ray.get(backend.workers[k].process.options(num_returns=1 + cfg.num_buckets)
-                    .remote(0, ["warm up text"])[0])
+    backend = RayBackend(cfg, 2)
+    for w in backend.workers:        # actors up and warm (kernel loaded)
+        ray.get(w.process.options(num_returns=1 + cfg.num_buckets).remote(0, ["warm up"])[0])
 
-        def run():
-            n = 0
-            for b, batch in enumerate(batches):
-                backend.submit_batch(b, n, batch)
-                n += len(batch)
-                while backend.in_flight() >= 2 * workers:
-                    backend.done_batches(block=True)
-            while backend.in_flight():
+    def run(workers: int) -> float:
+        backend.num_workers = workers   # least-loaded choice among the first `workers`
+        t0 = time.perf_counter()
+        n = 0
+        for b, batch in enumerate(batches):
+            backend.submit_batch(b, n, batch)
+            n += len(batch)
+            while backend.in_flight() >= 2 * workers:
                 backend.done_batches(block=True)
-        t = best_of(trials, run)
-        backend.close()
-        res[f"workers_{workers}_mb_s"] = round(mb / t, 2)
-    res["speedup_2_vs_1"] = round(res["workers_2_mb_s"] / res["workers_1_mb_s"], 2)
+        while backend.in_flight():
+            backend.done_batches(block=True)
+        return time.perf_counter() - t0
+
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(max(trials, 3)):
+        for workers in (1, 2):
+            times[workers].append(run(workers))
+    backend.num_workers = 2
+    backend.close()
+    res = {f"workers_{w}_mb_s": round(mb / min(ts), 2) for w, ts in times.items()}
+    res["speedup_2_vs_1"] = round(min(times[1]) / min(times[2]), 2)
+    res["speedup_per_trial"] = [round(a / b, 2) for a, b in zip(times[1], times[2])]
     return res
 
 
@@ -193,8 +201,10 @@ def bench_end_to_end(docs, tmp: Path, ray_backend: bool) -> dict:
         startup = time.perf_counter() - t
     else:
         backend = LocalBackend(cfg)
-    try:
-        rep = run_dedup([str(src)], str(out), cfg, backend, id_field="path", overwrite=True)
+    try:   # best of two runs: the shared machine's load comes in bursts
+        rep = min((run_dedup([str(src)], str(out), cfg, backend, id_field="path",
+                             overwrite=True) for _ in range(2)),
+                  key=lambda r: r["timings"]["total_s"])
     finally:
         backend.close()
     return {"mb_s": rep["throughput_mb_s"], "seconds": rep["timings"],

@@ -44,15 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", required=True, metavar="DIR",
                    help="output directory (must not exist unless --overwrite)")
     p.add_argument("--threshold", type=float, default=0.95,
-                   help="remove documents with Jaccard similarity >= this to a kept one's "
-                        "cluster (default 0.95, as OPT)")
+                   help="two documents are duplicates when the Jaccard similarity of their "
+                        "shingle sets is >= this (default 0.95, as OPT)")
     p.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5)")
     p.add_argument("--num-perm", type=int, default=128,
                    help="MinHash permutations (default 128)")
     p.add_argument("--seed", type=int, default=1, help="MinHash seed (default 1, as datasketch)")
     p.add_argument("--bands", type=int, default=None,
-                   help="LSH bands (with --rows; default: chosen for >= 99%% recall at the "
-                        "threshold)")
+                   help="LSH bands (with --rows; default: the most selective split with "
+                        ">= 99%% candidate probability at the threshold)")
     p.add_argument("--rows", type=int, default=None, help="rows per LSH band (with --bands)")
     p.add_argument("--workers", type=int, default=2,
                    help="dedup worker actors (1 CPU each; default 2)")
