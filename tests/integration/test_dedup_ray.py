@@ -78,3 +78,29 @@ def test_cli_bad_bands_exits_2(tmp_path, capsys):
     rc = main(["dedup", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"),
                "--bands", "3"])
     assert rc == 2 and "--rows" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_metrics_reach_the_ray_metrics_endpoint(ray_local, tmp_path):
+    import time
+    import urllib.request
+
+    from actors.dedup import RayBackend
+    write_jsonl(tmp_path / "in.jsonl", planted_corpus(seed=3))
+    cfg = DedupConfig(batch_docs=30)
+    backend = RayBackend(cfg, num_workers=2)
+    try:
+        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, backend)
+    finally:
+        backend.close()
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    want = {"ray_opt_ray_dedup_docs_total", "ray_opt_ray_dedup_candidate_pairs_total",
+            "ray_opt_ray_dedup_duplicates_total"}
+    seen: set[str] = set()
+    for _ in range(30):      # exported every second (conftest), scraped here
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        seen = {ln.split("{")[0] for ln in text.decode().splitlines() if ln.startswith("ray_opt_ray_dedup")}
+        if want <= seen:
+            break
+        time.sleep(1)
+    assert want <= seen, seen
