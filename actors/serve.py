@@ -102,7 +102,7 @@ class GenerationEngine:
                 TPOT.observe((last - first) / (tokens / req.params.n - 1))
 
     def stats(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.engine.stats())
+        return {"replica": self.replica, **dataclasses.asdict(self.engine.stats())}
 
     def check_health(self) -> None:
         # The fatal tier: a dead engine fails the health check and Serve replaces us.

@@ -134,6 +134,7 @@ class EngineStats:
     kv_cache_bytes: int
     steps: int
     output_tokens: int
+    aborted_requests: int
 
 
 # --------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ class Engine:
         self._known: set[str] = set()
         self.steps = 0
         self.output_tokens = 0
+        self.aborted = 0
 
     # ---- thread-safe intake ------------------------------------------------------------
 
@@ -347,6 +349,7 @@ class Engine:
             kv_cache_bytes=self.kv.nbytes,
             steps=self.steps,
             output_tokens=self.output_tokens,
+            aborted_requests=self.aborted,
         )
 
     # ---- the step ------------------------------------------------------------------------
@@ -380,6 +383,7 @@ class Engine:
         for rid in aborts:
             self._known.discard(rid)
             if rid in self.running:
+                self.aborted += 1
                 run = self.running.pop(rid)
                 for s in run.seqs:
                     self._free(s.slot)
@@ -389,6 +393,7 @@ class Engine:
             else:
                 kept = [r for r in self.waiting if r.request_id != rid]
                 if len(kept) != len(self.waiting):
+                    self.aborted += 1
                     self.waiting = deque(kept)
                     outputs.append(RequestOutput(rid, [], True, 0))
         return outputs

@@ -220,7 +220,7 @@ def test_cancel_mid_stream_frees_slot_and_kv(engine):
                     break
                 await asyncio.sleep(0.02)
             assert st.running_requests == 0 and st.free_slots == st.num_slots and st.kv_tokens_used == 0
-            assert st.output_tokens < 200
+            assert st.output_tokens < 200 and st.aborted_requests == 1
         finally:
             loop.stop()
     asyncio.run(main())
