@@ -194,10 +194,13 @@ def log_resume(logbook: Logbook, recorded_versions: dict[str, Any] | None,
 
     Logs a ``version_mismatch`` event with the difference when there is one (OPT-175B
     learned the hard way that a library upgrade can change training dynamics) and
-    returns the difference ({} when identical or when nothing was recorded)."""
+    returns the difference ({} when identical or when nothing was recorded). Only the
+    names the checkpoint recorded are compared: a writer that recorded fewer libraries
+    than ``versions()`` lists is not a mismatch."""
     if not recorded_versions:
         return {}
-    diff = version_diff(recorded_versions, versions())
+    current = versions()
+    diff = version_diff(recorded_versions, {k: current.get(k) for k in recorded_versions})
     if diff:
         logbook.event("version_mismatch", diff=diff, **fields)
     return diff

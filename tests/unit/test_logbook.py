@@ -153,6 +153,10 @@ def test_version_diff_and_resume(tmp_path):
     ev = list(lb.events())
     assert [e["event"] for e in ev] == ["version_mismatch"] and ev[0]["step"] == 10
     assert "torch 1.0.0 ->" in render_markdown(tmp_path)
+    # A checkpoint that recorded fewer libraries is compared on those only.
+    assert log_resume(lb, {"torch": versions()["torch"]}) == {}
+    assert log_resume(lb, {"torch": versions()["torch"], "apex": "0.1"}) == {
+        "apex": {"recorded": "0.1", "current": None}}
 
 
 def test_versions_names_the_numerics_relevant_libraries():
