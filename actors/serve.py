@@ -204,7 +204,7 @@ class OpenAIIngress:
             err = _as_api_error(e)
             if err is not None:
                 raise err from e
-            logger.warning("request %s failed: %s: %s", req.request_id, type(e).__mro__, e)
+            logger.warning("request %s failed: %r", req.request_id, e)
             raise
         return first, gen
 

@@ -337,14 +337,17 @@ class Engine:
             return bool(self.waiting or self.running or self._new or self._aborts)
 
     def stats(self) -> EngineStats:
+        """A snapshot; safe to call from another thread while ``step`` runs (the list()
+        copies happen under the GIL, so the dicts cannot change mid-iteration)."""
+        running = list(self.running.values())
         return EngineStats(
             num_slots=self.kv.num_slots,
             free_slots=len(self.free_slots),
-            running_requests=len(self.running),
-            running_seqs=sum(len(r.seqs) for r in self.running.values()),
+            running_requests=len(running),
+            running_seqs=sum(len(r.seqs) for r in running),
             waiting_requests=len(self.waiting) + len(self._new),
             kv_tokens_used=sum(len(r.req.prompt_token_ids) + len(s.token_ids)
-                               for r in self.running.values() for s in r.seqs),
+                               for r in running for s in r.seqs),
             kv_tokens_capacity=self.kv.num_slots * self.max_model_len,
             kv_cache_bytes=self.kv.nbytes,
             steps=self.steps,
