@@ -229,6 +229,9 @@ class Trainer:
         self.world = dist.get_world_size()
         self.run_dir = Path(cfg.output)
         self.logbook = Logbook(self.run_dir)
+        # Drills and operators find a rank's process here (e.g. to SIGKILL it).
+        (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "pids" / f"rank{self.rank}.pid").write_text(f"{os.getpid()}\n")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         if cfg.num_threads:

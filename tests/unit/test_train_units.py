@@ -1,0 +1,91 @@
+"""Training gang pieces without a gang: LR schedule, chaos specs, checkpoint commit and
+verification, config validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from opt_ray.errors import UserError
+from opt_ray.train.chaos import Chaos, parse_chaos
+from opt_ray.train.checkpoint import committed, resolve, verify
+from opt_ray.train.schedule import LRSchedule
+
+
+def test_schedule_warmup_then_linear_decay_to_ten_percent():
+    s = LRSchedule(1e-3, warmup_steps=10, decay_steps=110)
+    assert s.lr(1) == pytest.approx(1e-4)
+    assert s.lr(10) == pytest.approx(1e-3)
+    assert s.lr(60) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))
+    assert s.lr(110) == pytest.approx(1e-4)
+    assert s.lr(500) == pytest.approx(1e-4)  # stays at the floor past the end
+    s.lr_factor = 0.5  # the guard's cut, checkpointed with the schedule
+    assert s.lr(10) == pytest.approx(5e-4)
+    t = LRSchedule(1e-3, 10, 110)
+    t.load_state_dict(s.state_dict())
+    assert t.lr(10) == s.lr(10)
+
+
+def test_chaos_spec_parsing():
+    evs = parse_chaos("kill:rank=1:step=5, hang:rank=0:step=8,corrupt:step=6,spike:step=3:factor=4")
+    assert [(e.kind, e.rank, e.step) for e in evs] == [("kill", 1, 5), ("hang", 0, 8), ("corrupt", 0, 6),
+                                                       ("spike", 0, 3)]
+    assert evs[-1].factor == 4.0
+    assert parse_chaos("") == []
+    for bad in ("explode:step=1", "kill:rank=1", "kill:step=x", "kill:when=3:step=2"):
+        with pytest.raises(UserError, match="--chaos"):
+            parse_chaos(bad)
+
+
+def test_chaos_fires_once_per_run(tmp_path):
+    a = Chaos.from_spec("nan:step=2,spike:step=3:factor=10", tmp_path, rank=0)
+    assert a.loss_factor(1) == 1.0
+    assert math.isnan(a.loss_factor(2))                   # fires now
+    assert a.loss_factor(2) == 1.0                        # not again in this process
+    b = Chaos.from_spec("nan:step=2,spike:step=3:factor=10", tmp_path, rank=0)
+    assert b.loss_factor(2) == 1.0                        # nor after a restart
+    assert b.loss_factor(3) == 10.0
+    assert (tmp_path / "chaos" / "nan-rank0-step2.fired").exists()
+
+
+def _fake_ckpt(root, step, payload=b"weights"):
+    from opt_ray.artifacts import sha256_file
+
+    d = root / f"step_{step:08d}"
+    (d / "tp0").mkdir(parents=True)
+    (d / "tp0" / "0.distcp").write_bytes(payload)
+    (d / "train_state.json").write_text(json.dumps({"step": step}))
+    files = {str(p.relative_to(d)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in d.rglob("*") if p.is_file()}
+    (d / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+    return d
+
+
+def test_checkpoint_verification_and_fallback(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    _fake_ckpt(root, 2)
+    newest = _fake_ckpt(root, 4)
+    (root / ".tmp-step_00000006").mkdir()  # a save killed midway: not a checkpoint
+    assert [s for s, _ in committed(root)] == [2, 4]
+    assert resolve(tmp_path / "run") == newest
+    (newest / "tp0" / "0.distcp").write_bytes(b"garbage")
+    assert "sha256" in verify(newest)
+    assert resolve(tmp_path / "run").name == "step_00000002"
+    with pytest.raises(UserError, match="corrupt"):
+        resolve(newest)
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        resolve(tmp_path / "nothing")
+
+
+def test_train_config_validation(tmp_path):
+    from opt_ray.train.loop import TrainConfig
+
+    ok = TrainConfig(data="d", output="o", workers=(1, 2))
+    assert (ok.min_workers, ok.max_workers) == (1, 2)
+    for kw, needle in ((dict(workers=(3, 2)), "MIN:MAX"), (dict(keep=1), "--keep"),
+                       (dict(precision="fp8"), "--precision"), (dict(chaos="boom:step=1"), "--chaos"),
+                       (dict(preset="7b"), "preset")):
+        with pytest.raises(UserError, match=needle):
+            TrainConfig(data="d", output="o", **kw)
