@@ -57,6 +57,9 @@ class BucketActor:
     def add(self, batch_id: int, part: tuple[np.ndarray, np.ndarray]) -> None:
         self.table.add(batch_id, *part)
 
+    def clear(self) -> None:
+        self.table = BucketTable()
+
     def candidate_pairs(self, drop: np.ndarray, expected_batches: int) -> np.ndarray | None:
         if len(self.table) != expected_batches:
             return None   # restarted and lost state: the driver re-sends
@@ -75,9 +78,17 @@ class RayBackend:
         self._load = [0] * num_workers
         # digest ref -> (batch id, worker index, partition refs)
         self._pending: dict[Any, tuple[int, int, list]] = {}
-        self._parts: list[list[tuple[int, Any]]] = [[] for _ in self.buckets]
+        # bucket index -> {batch id: partition ref}, kept to re-fill a restarted bucket
+        self._parts: list[dict[int, Any]] = [{} for _ in self.buckets]
         self._adds: list = []
         self.repairs = 0   # bucket actors re-filled after a restart lost their state
+
+    def start(self) -> None:
+        """Forget any previous run: the backend's actors can serve several runs."""
+        assert not self._pending, "start() while batches are in flight"
+        ray.get([b.clear.remote() for b in self.buckets])
+        self._parts = [{} for _ in self.buckets]
+        self._adds = []
 
     def worker_pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])
@@ -104,7 +115,7 @@ class RayBackend:
             batch_id, k, parts = self._pending.pop(ref)
             self._load[k] -= 1
             for b, part in enumerate(parts):
-                self._parts[b].append((batch_id, part))
+                self._parts[b][batch_id] = part
                 self._adds.append(self.buckets[b].add.remote(batch_id, part))
             out.append((batch_id, ray.get(ref)))
         return out
@@ -118,7 +129,8 @@ class RayBackend:
         for k, res in enumerate(results):
             if res is None:
                 self.repairs += 1
-                ray.get([self.buckets[k].add.remote(bid, part) for bid, part in self._parts[k]])
+                ray.get([self.buckets[k].add.remote(bid, part)
+                         for bid, part in self._parts[k].items()])
                 results[k] = ray.get(self.buckets[k].candidate_pairs.remote(
                     drop_ref, len(self._parts[k])))
                 if results[k] is None:

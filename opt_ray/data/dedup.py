@@ -288,6 +288,9 @@ class Backend(Protocol):
 
     num_workers: int
 
+    def start(self) -> None:
+        """Begin a run (a backend may serve several runs in turn)."""
+
     def submit_batch(self, batch_id: int, base: int, texts: list[str]) -> None: ...
     def done_batches(self, block: bool) -> list[tuple[int, np.ndarray]]:
         """Finished batches ``(batch_id, digests)``; ``block``: wait for at least one."""
@@ -305,6 +308,10 @@ class LocalBackend:
         self.num_workers = 1
         self.tables = [BucketTable() for _ in range(cfg.num_buckets)]
         self._done: list[tuple[int, np.ndarray]] = []
+
+    def start(self) -> None:
+        self.tables = [BucketTable() for _ in range(self.cfg.num_buckets)]
+        self._done = []
 
     def submit_batch(self, batch_id: int, base: int, texts: list[str]) -> None:
         dig, parts = process_batch(texts, base, self.cfg)
@@ -426,6 +433,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
     with writer:
         # 1. signatures, band keys -> buckets ------------------------------------------
         t0 = time.perf_counter()
+        backend.start()
         errors = InputErrors(strict=strict)
         corpus = _Corpus()
         seen: dict[str, int] = {}

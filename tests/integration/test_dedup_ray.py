@@ -104,3 +104,17 @@ def test_metrics_reach_the_ray_metrics_endpoint(ray_local, tmp_path):
             break
         time.sleep(1)
     assert want <= seen, seen
+
+
+@pytest.mark.slow
+def test_backend_serves_runs_in_turn(ray_local, tmp_path):
+    from actors.dedup import RayBackend
+    write_jsonl(tmp_path / "in.jsonl", planted_corpus(seed=4))
+    cfg = DedupConfig(batch_docs=25)
+    backend = RayBackend(cfg, num_workers=2)
+    try:
+        first = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "a"), cfg, backend)
+        second = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "b"), cfg, backend)
+    finally:
+        backend.close()
+    assert strip_timings(first) == strip_timings(second) and backend.repairs == 0
