@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    print("opt-ray control: shutting down (jobs keep running in Ray)", flush=True)
+    print("opt-ray control: shutting down; " + ("jobs keep running in Ray" if args.address else
+          "the embedded Ray and its jobs stop with it (use --address for jobs that outlive "
+          "the control server)"), flush=True)
     stop_server(server, service)
     return 0

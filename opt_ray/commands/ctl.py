@@ -46,9 +46,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmds = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
 
     s = cmds.add_parser("submit", help="submit a stage or a whole pipeline as Ray job(s)")
-    s.add_argument("--name", default="", help="a label for the job")
-    s.add_argument("--watch", action="store_true", help="watch the job after submitting it")
-    kinds = s.add_subparsers(dest="kind", metavar="KIND", required=True)
+    # Options every KIND takes, so they may come anywhere after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default="", help="a label for the job")
+    common.add_argument("--watch", action="store_true", help="watch the job after submitting it")
+    _kinds = s.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    class kinds:  # add_parser with the common options
+        @staticmethod
+        def add_parser(name, **kw):
+            return _kinds.add_parser(name, parents=[common], **kw)
     k = kinds.add_parser("dedup", help="opt-ray dedup INPUT... --output DIR")
     k.add_argument("inputs", nargs="+")
     k.add_argument("--output", required=True)
@@ -68,10 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _train_args(k)
     k.add_argument("--data", required=True)
     k.add_argument("--output", required=True)
-    k = kinds.add_parser("eval", help="opt-ray eval --checkpoint PATH --data SHARDS")
-    k.add_argument("--checkpoint", required=True)
+    k = kinds.add_parser("eval", help="opt-ray eval CHECKPOINT --data SHARDS")
+    k.add_argument("checkpoint", help="run dir, checkpoint dir or HF dir")
     k.add_argument("--data", required=True)
-    k.add_argument("--output", default="")
+    k.add_argument("--split", default="")
+    k.add_argument("--max-rows", type=int, default=0)
     k = kinds.add_parser("export", help="opt-ray export RUN_DIR --output HF_DIR")
     k.add_argument("run_dir")
     k.add_argument("--output", required=True)
@@ -115,9 +123,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         k.add_argument("name")
         k.add_argument("--checkpoint", required=True, help="HF-format directory (opt-ray export)")
         k.add_argument("--replicas", type=int, default=0)
+        k.add_argument("--max-replicas", type=int, default=0)
         k.add_argument("--http-port", type=int, default=0)
         k.add_argument("--grpc-port", type=int, default=0)
-        k.add_argument("--max-batch-size", type=int, default=0)
+        k.add_argument("--max-num-seqs", type=int, default=0)
     sa.add_parser("remove").add_argument("name")
     sa.add_parser("list")
     p.set_defaults(func=run)
@@ -150,7 +159,7 @@ def build_spec(a: argparse.Namespace):
                                          steps=a.steps))
     elif a.kind == "eval":
         spec.eval.CopyFrom(pb.EvalSpec(checkpoint=_abs(a.checkpoint), data=_abs(a.data),
-                                       output=_abs(a.output)))
+                                       split=a.split, max_rows=a.max_rows))
     elif a.kind == "export":
         spec.export.CopyFrom(pb.ExportSpec(run_dir=_abs(a.run_dir), output=_abs(a.output),
                                            step=a.step))
@@ -328,8 +337,9 @@ def run(a: argparse.Namespace) -> int:
             sa = a.serve_action
             if sa in ("deploy", "update"):
                 spec = pb.ServeSpec(name=a.name, checkpoint=_abs(a.checkpoint),
-                                    replicas=a.replicas, http_port=a.http_port,
-                                    grpc_port=a.grpc_port, max_batch_size=a.max_batch_size)
+                                    replicas=a.replicas, max_replicas=a.max_replicas,
+                                    http_port=a.http_port, grpc_port=a.grpc_port,
+                                    max_num_seqs=a.max_num_seqs)
                 app = client.deploy_serve(spec) if sa == "deploy" else client.update_serve(spec)
             elif sa == "remove":
                 app = client.remove_serve(a.name)

@@ -42,6 +42,7 @@ class JobBackend(Protocol):
     def stop(self, submission_id: str) -> None: ...
     def logs(self, submission_id: str) -> str: ...
     def health(self) -> dict: ...
+    def shutdown_serve(self) -> None: ...
 
 
 class RayJobBackend:
@@ -88,6 +89,16 @@ class RayJobBackend:
 
     def logs(self, submission_id: str) -> str:
         return self._client.get_job_logs(submission_id)
+
+    def shutdown_serve(self) -> None:
+        """Shut Ray Serve down on the cluster. ``opt-ray serve`` removes its app when it
+        exits cleanly, but a Ray job stop (SIGTERM, then SIGKILL) can end it first and
+        leave the app serving; the serve stage runs one app per cluster, so the whole
+        of Serve goes."""
+        if not self._driver_connected:
+            return
+        from ray import serve
+        serve.shutdown()
 
     def health(self) -> dict:
         """Node and resource counts (when this process is a Ray driver) and whether the

@@ -454,6 +454,22 @@ class ControlService(pb_grpc.ControlServiceServicer):
         return self.registry.put_app(pb.ServeApp(name=spec.name, spec=spec, job_id=job.job_id,
                                                  state=job.state, message=job.message))
 
+    def _stop_serve_job(self, job_id: str, why: str) -> None:
+        with self._exclusive(job_id):
+            job = self.registry.get_job(job_id)
+            if job is not None and job.attempts:
+                self._stop_and_wait(job)
+                if job.state not in TERMINAL:
+                    job.state, job.message = pb.STOPPED, why
+                self.registry.put_job(job)
+                self._unsettled.add(job.job_id)
+                self._event(job, "serve_stopped", reason=why)
+        try:
+            self.backend.shutdown_serve()
+        except Exception as e:  # Serve already gone is the common case
+            print(f"opt-ray control: serve shutdown after {why}: {type(e).__name__}: {e}",
+                  flush=True)
+
     def DeployServe(self, request, context):
         with _status(context):
             old = self.registry.get_app(request.spec.name)
@@ -471,13 +487,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
             self.validator.serve(request.spec)  # reject a bad update before stopping anything
             # The old job is stopped before the new one starts: the HTTP/gRPC ports are
             # the same, so both cannot run at once. The app is down while replicas load.
-            with self._exclusive(old.job_id):
-                job = self.registry.get_job(old.job_id)
-                if job is not None:
-                    self._stop_and_wait(job)
-                    job.state, job.message = pb.STOPPED, "replaced by UpdateServe"
-                    self.registry.put_job(job)
-                    self._unsettled.add(job.job_id)
+            self._stop_serve_job(old.job_id, "replaced by UpdateServe")
             return self._deploy(request.spec, "serve_update")
 
     def RemoveServe(self, request, context):
@@ -485,13 +495,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
             app = self.registry.get_app(request.name)
             if app is None:
                 raise NotFound(f"no serving app {request.name!r}; 'opt-ray ctl serve list'")
-            with self._exclusive(app.job_id):
-                job = self.registry.get_job(app.job_id)
-                if job is not None and job.state not in TERMINAL:
-                    self._stop_and_wait(job)
-                    job.state, job.message = pb.STOPPED, "removed by RemoveServe"
-                    self.registry.put_job(job)
-                    self._unsettled.add(job.job_id)
+            self._stop_serve_job(app.job_id, "removed by RemoveServe")
             self.registry.delete_app(request.name)
             M_ACTIONS.inc(tags={"action": "serve_remove"})
             app.state, app.message = pb.STOPPED, "removed"

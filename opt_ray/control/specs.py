@@ -168,36 +168,45 @@ class SpecValidator:
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:
         ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True, produced=produced)
         data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
-        argv = ["eval", "--checkpoint", str(ckpt), "--data", str(data)]
-        outs = []
-        if s.output:
-            out = self.path(f"{name}.output", s.output, must_not_exist=True)
-            argv += ["--output", str(out)]
-            outs.append(out)
-        return Stage("eval", argv, outs)
+        argv = ["eval", str(ckpt), "--data", str(data)]
+        if s.split:
+            if not s.split.replace("_", "").isalnum():
+                raise SpecError(f"{name}.split={s.split!r} must be a split name like 'valid'")
+            argv += ["--split", s.split]
+        if s.max_rows < 0:
+            raise SpecError(f"{name}.max_rows={s.max_rows} must be >= 0 (0: all rows)")
+        if s.max_rows:
+            argv += ["--max-rows", str(s.max_rows)]
+        return Stage("eval", argv)
 
     def export(self, s: pb.ExportSpec, name: str = "spec.export", produced=()) -> Stage:
         run = self.path(f"{name}.run_dir", s.run_dir, must_exist=True, produced=produced)
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
-        argv = ["export", str(run), "--output", str(out)]
         if s.step < 0:
-            raise SpecError(f"{name}.step={s.step} must be >= 0 (0: the latest checkpoint)")
-        if s.step:
-            argv += ["--step", str(s.step)]
-        return Stage("export", argv, [out])
+            raise SpecError(f"{name}.step={s.step} must be >= 0 (0: the newest checkpoint)")
+        # A step is a checkpoint directory of the run (layout of opt_ray.train.checkpoint).
+        src = run / "checkpoints" / f"step_{s.step:08d}" if s.step else run
+        if s.step and not any(_is_within(run, o) for o in produced) and not src.is_dir():
+            raise SpecError(f"{name}.step={s.step}: {src} does not exist; 'opt-ray ctl "
+                            f"logbook' lists the run's checkpoints")
+        return Stage("export", ["export", str(src), "--output", str(out)], [out])
 
     def serve(self, s: pb.ServeSpec, name: str = "spec") -> Stage:
-        if not s.name or not s.name.replace("-", "").replace("_", "").isalnum() or len(s.name) > 64:
-            raise SpecError(f"{name}.name={s.name!r} must be 1-64 letters, digits, '-' or '_'")
+        if not s.name or not s.name.replace("-", "").replace("_", "").replace(".", "").isalnum() \
+                or len(s.name) > 64:
+            raise SpecError(f"{name}.name={s.name!r} must be 1-64 letters, digits, '-', '_' or '.'")
         ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True)
-        argv = ["serve", "--checkpoint", str(ckpt), "--name", s.name]
+        argv = ["serve", "--checkpoint", str(ckpt), "--model-name", s.name]
         if self._int(f"{name}.replicas", s.replicas, 1, self.bounds.max_replicas, zero_ok=True):
             argv += ["--replicas", str(s.replicas)]
+        if self._int(f"{name}.max_replicas", s.max_replicas, max(1, s.replicas),
+                     self.bounds.max_replicas, zero_ok=True):
+            argv += ["--max-replicas", str(s.max_replicas)]
         for fld, flag in (("http_port", "--http-port"), ("grpc_port", "--grpc-port")):
             if self._int(f"{name}.{fld}", getattr(s, fld), 1024, 65535, zero_ok=True):
                 argv += [flag, str(getattr(s, fld))]
-        if self._int(f"{name}.max_batch_size", s.max_batch_size, 1, 4096, zero_ok=True):
-            argv += ["--max-batch-size", str(s.max_batch_size)]
+        if self._int(f"{name}.max_num_seqs", s.max_num_seqs, 1, 4096, zero_ok=True):
+            argv += ["--max-num-seqs", str(s.max_num_seqs)]
         return Stage("serve", argv)
 
     # ------------------------------------------------------------------ whole jobs

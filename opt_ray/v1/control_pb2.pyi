@@ -77,14 +77,16 @@ class TrainSpec(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
-    __slots__ = ("checkpoint", "data", "output")
+    __slots__ = ("checkpoint", "data", "split", "max_rows")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     data: str
-    output: str
-    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+    split: str
+    max_rows: int
+    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., split: _Optional[str] = ..., max_rows: _Optional[int] = ...) -> None: ...
 
 class ExportSpec(_message.Message):
     __slots__ = ("run_dir", "output", "step")
@@ -281,20 +283,22 @@ class JobEvent(_message.Message):
     def __init__(self, time: _Optional[float] = ..., job_id: _Optional[str] = ..., status: _Optional[_Union[Job, _Mapping]] = ..., log: _Optional[str] = ..., metrics_line: _Optional[str] = ..., logbook_line: _Optional[str] = ...) -> None: ...
 
 class ServeSpec(_message.Message):
-    __slots__ = ("name", "checkpoint", "replicas", "http_port", "grpc_port", "max_batch_size")
+    __slots__ = ("name", "checkpoint", "replicas", "max_replicas", "http_port", "grpc_port", "max_num_seqs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
     GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
-    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     name: str
     checkpoint: str
     replicas: int
+    max_replicas: int
     http_port: int
     grpc_port: int
-    max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., replicas: _Optional[int] = ..., http_port: _Optional[int] = ..., grpc_port: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., http_port: _Optional[int] = ..., grpc_port: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class ServeApp(_message.Message):
     __slots__ = ("name", "spec", "job_id", "state", "message")

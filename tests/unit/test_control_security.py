@@ -37,6 +37,7 @@ class RefusingBackend:
     def stop(self, sid): ...
     def logs(self, sid): return ""
     def health(self): return {}
+    def shutdown_serve(self): ...
 
 
 def _start(tmp_path, credentials=None):

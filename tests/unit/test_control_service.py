@@ -63,6 +63,9 @@ class FakeBackend:
     def health(self):
         return {"dashboard_url": "http://fake", "job_api": (True, "fake")}
 
+    def shutdown_serve(self):
+        self.serve_shutdowns = getattr(self, "serve_shutdowns", 0) + 1
+
     def last(self):
         return self.order[-1]
 
@@ -307,17 +310,19 @@ def test_logbook_merges_control_events_with_the_run_dir(env):
 
 def test_serve_deploy_update_remove(env):
     (env.root / "hf").mkdir()
-    spec = pb.ServeSpec(name="opt", checkpoint=str(env.root / "hf"), replicas=2)
+    spec = pb.ServeSpec(name="opt", checkpoint=str(env.root / "hf"), replicas=2, http_port=8001)
     app = env.client.deploy_serve(spec)
     first = env.backend.last()
-    assert "opt-ray serve --checkpoint" in env.backend.jobs[first]["entrypoint"]
-    assert "--replicas 2" in env.backend.jobs[first]["entrypoint"]
+    assert env.backend.jobs[first]["entrypoint"] == (
+        f"opt-ray serve --checkpoint {env.root / 'hf'} --model-name opt --replicas 2 "
+        f"--http-port 8001")
     with pytest.raises(grpc.RpcError) as ei:
         env.client.deploy_serve(spec)
     assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS
     spec.replicas = 3
     app2 = env.client.update_serve(spec)
     assert app2.job_id != app.job_id and env.backend.jobs[first]["state"] == pb.STOPPED
+    assert env.backend.serve_shutdowns == 1, "a killed serve driver leaves Serve up: shut it"
     assert [a.name for a in env.client.list_serve()] == ["opt"]
     env.client.remove_serve("opt")
     assert env.backend.jobs[env.backend.last()]["state"] == pb.STOPPED
@@ -335,3 +340,20 @@ def test_registry_survives_and_is_written_atomically(env):
     assert [f.name for f in files] == [f"{job.job_id}.json"], "no temporary files left behind"
     reg = Registry(env.state)
     assert reg.get_job(job.job_id).attempts[0].ray_submission_id == env.backend.last()
+
+
+def test_export_and_eval_command_lines(env):
+    run = env.root / "run"
+    (run / "checkpoints" / "step_00000040").mkdir(parents=True)
+    job = env.client.submit(pb.JobSpec(export=pb.ExportSpec(run_dir=str(run), output=str(env.root / "hf"),
+                                                            step=40)))
+    assert job.attempts[0].entrypoint == (f"opt-ray export {run}/checkpoints/step_00000040 "
+                                          f"--output {env.root / 'hf'}")
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.submit(pb.JobSpec(export=pb.ExportSpec(run_dir=str(run),
+                                                          output=str(env.root / "hf2"), step=7)))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "step=7" in ei.value.details()
+    (env.root / "shards").mkdir()
+    job = env.client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=str(run), data=str(env.root / "shards"),
+                                                        max_rows=64)))
+    assert job.attempts[0].entrypoint == f"opt-ray eval {run} --data {env.root / 'shards'} --max-rows 64"
