@@ -53,7 +53,7 @@ def test_gang_trains_and_reports(reference):
     assert (reference / "checkpoint_manager_snapshot.json").exists()
     # Retention: the newest two only.
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
-        f"step_{STEPS - 2:08d}", f"step_{STEPS:08d}"]
+        f"step_{STEPS - 1:08d}", f"step_{STEPS:08d}"]
 
 
 def _kill_from_outside(run_dir: Path, *, after_restarts: int, at_step: int, done: threading.Event,

@@ -129,3 +129,21 @@ def test_resume_on_fewer_workers_and_other_tp(ray_local, shards, tmp_path):
     assert resize and resize[0]["from_tp"] == 2 and resize[0]["to_world"] == 1
     # The resharded model kept learning rather than starting over.
     assert ms[4]["loss"] < ms[0]["loss"] - 0.3
+
+
+def test_export_and_eval(shards, tmp_path, capsys):
+    """`opt-ray export` writes an HF checkpoint that evaluates exactly like the training
+    checkpoint it came from (`opt-ray eval` on both)."""
+    from opt_ray.cli import main
+    from opt_ray.train.loop import train
+
+    train(tiny_cfg(shards, tmp_path / "run", steps=2))
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    capsys.readouterr()
+    results = []
+    for model in (tmp_path / "run", tmp_path / "hf"):
+        assert main(["eval", str(model), "--data", str(shards), "--max-rows", "16"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
+    assert results[0]["rows"] == 16 and results[0]["loss"] < 6.0
