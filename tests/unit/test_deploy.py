@@ -245,10 +245,29 @@ def test_serve_args_are_accepted_by_the_builder():
     standalone, _ = _serve_apps()
     for app in standalone["applications"]:
         kw = parse_args(app["args"])
-        assert kw["checkpoint"] and kw["engine_config"].dtype == "float16"
+        assert kw["checkpoint"] and kw["engine_config"].dtype == "bfloat16"
     with pytest.raises(UserError, match="unknown key"):
         parse_args({"checkpoint": "/x", "replica": 2})
     with pytest.raises(UserError, match="unknown field"):
         parse_args({"checkpoint": "/x", "engine": {"max_seqs": 2}})
     with pytest.raises(UserError, match="checkpoint"):
         parse_args({})
+
+
+def test_serve_config_equals_the_documented_opt_ray_serve_command():
+    """serve-config.yaml documents the `opt-ray serve` command it is equivalent to; the
+    command's flags and the config's args must build the same application."""
+    from actors.serve_app import parse_args
+
+    (cmd,) = [c for w, c in all_commands() if w == "serve-config.yaml" and c.split()[1] == "serve"]
+    flags = build_parser().parse_args(shlex.split(cmd)[1:])
+    standalone, _ = _serve_apps()
+    (app,) = standalone["applications"]
+    kw = parse_args(app["args"])
+    eng = kw["engine_config"]
+    assert (kw["checkpoint"], kw.get("model_name"), kw.get("replicas", 1), kw.get("max_replicas"),
+            kw.get("host"), kw.get("grpc_port")) == \
+        (flags.checkpoint, flags.model_name, flags.replicas, flags.max_replicas, flags.host,
+         flags.grpc_port or None)
+    assert (eng.max_num_seqs, eng.max_model_len, eng.kv_cache_bytes, eng.max_waiting, eng.dtype) == \
+        (flags.max_num_seqs, flags.max_model_len, flags.kv_cache_bytes, flags.max_waiting, flags.dtype)
