@@ -136,6 +136,8 @@ def _train_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--preset", default="tiny")
     k.add_argument("--steps", type=int, default=100)
     k.add_argument("--workers", type=_workers, default=(1, 1), help="N or MIN:MAX (default: 1)")
+    k.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (default: the stage's)")
 
 
 # ---------------------------------------------------------------------- specs from flags
@@ -156,7 +158,7 @@ def build_spec(a: argparse.Namespace):
     elif a.kind == "train":
         spec.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=_abs(a.data), output=_abs(a.output),
                                          min_workers=a.workers[0], max_workers=a.workers[1],
-                                         steps=a.steps))
+                                         steps=a.steps, checkpoint_every=a.checkpoint_every))
     elif a.kind == "eval":
         spec.eval.CopyFrom(pb.EvalSpec(checkpoint=_abs(a.checkpoint), data=_abs(a.data),
                                        split=a.split, max_rows=a.max_rows))
@@ -197,7 +199,7 @@ def pipeline_spec(a: argparse.Namespace):
         elif name == "train":
             st.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=d["shards"], output=d["run"],
                                            min_workers=a.workers[0], max_workers=a.workers[1],
-                                           steps=a.steps))
+                                           steps=a.steps, checkpoint_every=a.checkpoint_every))
         else:
             st.export.CopyFrom(pb.ExportSpec(run_dir=d["run"], output=d["hf"]))
         stages.append(st)

@@ -161,6 +161,9 @@ class SpecValidator:
                             f"0..steps ({s.steps}); 0 resumes from the latest checkpoint")
         argv = ["train", "--preset", s.preset, "--data", str(data), "--output", str(out),
                 "--workers", f"{lo}:{hi}" if hi != lo else str(lo), "--steps", str(s.steps)]
+        if self._int(f"{name}.checkpoint_every", s.checkpoint_every, 1, self.bounds.max_steps,
+                     zero_ok=True):
+            argv += ["--checkpoint-every", str(s.checkpoint_every)]
         if s.resume_from:
             argv += ["--resume-from", str(s.resume_from)]
         return Stage("train", argv, [out], run_dir=out)

@@ -59,7 +59,7 @@ class TokenizeSpec(_message.Message):
     def __init__(self, input: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seq_len: _Optional[int] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from")
+    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class TrainSpec(_message.Message):
     MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     preset: str
     data: str
     output: str
@@ -74,7 +75,8 @@ class TrainSpec(_message.Message):
     max_workers: int
     steps: int
     resume_from: int
-    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
+    checkpoint_every: int
+    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
     __slots__ = ("checkpoint", "data", "split", "max_rows")
