@@ -270,7 +270,9 @@ def bench_accuracy(docs, tmp: Path) -> dict:
              "bands_rows": [cfg.bands, cfg.rows],
              "pair_recall": round(sum(map(together, truth)) / len(truth), 5) if truth else None,
              "pair_recall_below_1": round(sum(map(together, near)) / len(near), 5) if near else None,
-             "removed": len(removed), "false_removals": len(removed - partners)}
+             "removed": len(removed), "false_removals": len(removed - partners),
+             "candidate_pairs": rep["counts"]["candidate_pairs"],
+             "end_to_end_in_process_mb_s": rep["throughput_mb_s"], "seconds": rep["timings"]}
         # LSH alone, on the pairs that are not identical (identical ones always collide).
         for label, (b, rr) in [("lsh_candidate_recall_below_1", (cfg.bands, cfg.rows)),
                                ("lsh_candidate_recall_below_1_datasketch_optimum", (3, 42))]:
