@@ -182,8 +182,8 @@ def work(tmp_path_factory):
     base = tmp_path_factory.mktemp("control")
     work = base / "work"
     work.mkdir()
-    docs = [f"document {i} about topic {i % 7}: " + " ".join(f"w{i}_{j}" for j in range(40))
-            for i in range(40)]
+    docs = [f"document {i} about topic {i % 7}: " + " ".join(f"w{i % 13}_{j}" for j in range(80))
+            for i in range(150)]
     docs += docs[:10]  # exact duplicates for dedup to drop
     (work / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return work
@@ -245,6 +245,35 @@ def test_pipeline_survives_a_control_server_restart_and_is_watched_to_the_end(se
     kinds = [json.loads(e)["event"] for e in lb.events]
     assert kinds[0] == "job_submitted" and kinds[-1] == "job_finished"
     assert kinds.count("stage_submitted") == final.stage_count
+
+
+def test_scale_a_training_run_and_it_resumes_from_its_checkpoint(server, work):
+    """ScaleJob on a real run: the Ray job is stopped, resubmitted with the new worker
+    range, and training resumes from its newest checkpoint (its own `resume` event).
+    RollbackJob differs only in the flag it adds (`--resume-from STEP`, unit-tested)."""
+    shards = work / "p-shards"
+    if not (shards / "manifest.json").exists():
+        pytest.fail("needs the shards the pipeline test writes (it runs first in this module)")
+    run = work / "run"
+    with server.client() as c:
+        job = c.submit(pb.JobSpec(train=pb.TrainSpec(
+            preset="tiny", data=str(shards), output=str(run), min_workers=1, max_workers=1,
+            steps=8, checkpoint_every=2)))
+        deadline = time.time() + 240
+        while not list((run / "checkpoints").glob("step_*")):
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            assert c.get(job.job_id).state in (pb.PENDING, pb.RUNNING), c.get(job.job_id)
+            time.sleep(0.5)
+        scaled = c.scale(job.job_id, 1, 2)
+        assert scaled.attempts[0].state == pb.STOPPED
+        assert "--workers 1:2" in scaled.attempts[-1].entrypoint
+        final = c.wait(job.job_id, timeout=300)
+        events = [json.loads(e) for e in c.logbook(job_id=job.job_id).events]
+    assert final.state == pb.SUCCEEDED, final
+    kinds = [e["event"] for e in events]
+    assert "job_scaled" in kinds
+    resumed = [e for e in events[kinds.index("job_scaled"):] if e["event"] == "resume"]
+    assert resumed and resumed[0]["step"] >= 2, kinds
 
 
 def test_the_same_stage_runs_with_ray_job_submit(cluster, work):
