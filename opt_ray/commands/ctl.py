@@ -112,7 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("job")
     k.add_argument("--checkpoint", type=int, required=True, help="checkpoint step")
     k = cmds.add_parser("logbook", help="a job's or run directory's logbook")
-    k.add_argument("target", help="JOB id or RUN_DIR")
+    k.add_argument("what", metavar="JOB|RUN_DIR", help="a job id or a run directory")
     k.add_argument("--markdown", action="store_true", help="the rendered chronicle")
     cmds.add_parser("health", help="cluster and control-plane health")
 
@@ -315,9 +315,9 @@ def run(a: argparse.Namespace) -> int:
         elif c == "rollback":
             _out(client.rollback(a.job, a.checkpoint), a.json, _print_job)
         elif c == "logbook":
-            is_dir = os.path.sep in a.target or os.path.isdir(a.target)
-            r = (client.logbook(run_dir=_abs(a.target), markdown=a.markdown) if is_dir
-                 else client.logbook(job_id=a.target, markdown=a.markdown))
+            is_dir = os.path.sep in a.what or os.path.isdir(a.what)
+            r = (client.logbook(run_dir=_abs(a.what), markdown=a.markdown) if is_dir
+                 else client.logbook(job_id=a.what, markdown=a.markdown))
             _out(r, a.json, lambda r: print(r.markdown if a.markdown and r.markdown
                                             else "\n".join(r.events)))
         elif c == "health":

@@ -6,6 +6,7 @@ so pipelines, cancel, scale, rollback, restart-reattach and watch are checked ex
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -357,3 +358,33 @@ def test_export_and_eval_command_lines(env):
     job = env.client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=str(run), data=str(env.root / "shards"),
                                                         max_rows=64)))
     assert job.attempts[0].entrypoint == f"opt-ray eval {run} --data {env.root / 'shards'} --max-rows 64"
+
+
+def test_ctl_cli_against_the_server(env, capsys, monkeypatch):
+    """`opt-ray ctl` end to end on the fake backend: submit, status, list, watch, logbook,
+    health, cancel; a wrong token exits 2 with UNAUTHENTICATED."""
+    from opt_ray.cli import main
+    monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
+    monkeypatch.chdir(env.root)  # relative paths become absolute on the client side
+    base = ["ctl", "--target", f"127.0.0.1:{env.port}"]
+    assert main(base + ["submit", "dedup", "corpus.jsonl", "--output", "cli-out",
+                        "--name", "from-cli"]) == 0
+    out = capsys.readouterr().out
+    job_id = out.split()[0]
+    assert f"opt-ray dedup {env.root / 'corpus.jsonl'} --output {env.root / 'cli-out'}" in out
+    assert main(base + ["--json", "list"]) == 0
+    assert json.loads(capsys.readouterr().out)["jobs"][0]["name"] == "from-cli"
+    sid = env.backend.last()
+    env.backend.set(sid, pb.SUCCEEDED, logs="dedup: kept 1 of 1\n")
+    assert main(base + ["watch", job_id]) == 0
+    out = capsys.readouterr().out
+    assert "SUCCEEDED" in out and "dedup: kept 1 of 1" in out
+    assert main(base + ["status", job_id]) == 0 and sid in capsys.readouterr().out
+    assert main(base + ["logbook", job_id]) == 0
+    assert "job_finished" in capsys.readouterr().out
+    assert main(base + ["health"]) == 0 and "reconciler" in capsys.readouterr().out
+    assert main(base + ["cancel", job_id]) == 0  # already final: unchanged
+    assert "SUCCEEDED" in capsys.readouterr().out
+    monkeypatch.setenv("OPT_RAY_TOKEN", "a-wrong-token-of-enough-length")
+    assert main(base + ["list"]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
