@@ -158,8 +158,12 @@ def bench_scaling(texts: list[str], trials: int) -> dict:
     for w in backend.workers:        # actors up and warm (kernel loaded)
         ray.get(w.process.options(num_returns=1 + cfg.num_buckets).remote(0, ["warm up"])[0])
 
+    cpu = {"driver": 0.0, "workers": 0.0}
+
     def run(workers: int) -> float:
         backend.num_workers = workers   # least-loaded choice among the first `workers`
+        w0 = sum(ray.get([w.cpu_seconds.remote() for w in backend.workers]))
+        c0 = time.process_time()
         t0 = time.perf_counter()
         n = 0
         for b, batch in enumerate(batches):
@@ -169,7 +173,10 @@ def bench_scaling(texts: list[str], trials: int) -> dict:
                 backend.done_batches(block=True)
         while backend.in_flight():
             backend.done_batches(block=True)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        cpu["driver"] += time.process_time() - c0
+        cpu["workers"] += sum(ray.get([w.cpu_seconds.remote() for w in backend.workers])) - w0
+        return wall
 
     times: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(max(trials, 3)):
@@ -180,6 +187,11 @@ def bench_scaling(texts: list[str], trials: int) -> dict:
     res = {f"workers_{w}_mb_s": round(mb / min(ts), 2) for w, ts in times.items()}
     res["speedup_2_vs_1"] = round(min(times[1]) / min(times[2]), 2)
     res["speedup_per_trial"] = [round(a / b, 2) for a, b in zip(times[1], times[2])]
+    # Amdahl from CPU accounting: with the driver's serial share f of all CPU, two
+    # workers can be at most 1 / (f + (1 - f) / 2) faster than one.
+    f = cpu["driver"] / (cpu["driver"] + cpu["workers"])
+    res["cpu_s_driver_vs_workers"] = [round(cpu["driver"], 2), round(cpu["workers"], 2)]
+    res["speedup_bound_from_cpu"] = round(1 / (f + (1 - f) / 2), 2)
     return res
 
 
