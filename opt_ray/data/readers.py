@@ -139,6 +139,10 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
     return files
 
 
+def _describe(file: str, line: int, kind: str, detail: str) -> str:
+    return f"{file}:{line}: {kind.replace('_', ' ')}" + (f": {detail}" if detail else "")
+
+
 @dataclass
 class InputErrors:
     """Bad records, counted per file and kind, with up to ``max_examples`` line numbers
@@ -150,8 +154,8 @@ class InputErrors:
 
     def add(self, file: str, line: int, kind: str, detail: str = "") -> None:
         if self.strict:
-            raise UserError(f"{file}:{line}: {kind.replace('_', ' ')}{': ' + detail if detail else ''}"
-                            f" (run without --strict to skip and report bad records)")
+            raise UserError(f"{_describe(file, line, kind, detail)} (run without --strict to "
+                            f"skip and report bad records)")
         f = self.files.setdefault(file, {"count": 0, "by_kind": {}, "examples": []})
         f["count"] += 1
         f["by_kind"][kind] = f["by_kind"].get(kind, 0) + 1
@@ -172,7 +176,7 @@ class InputErrors:
 
 class _Raise(InputErrors):
     def add(self, file: str, line: int, kind: str, detail: str = "") -> None:
-        raise UserError(f"{file}:{line}: {kind.replace('_', ' ')}{': ' + detail if detail else ''}")
+        raise UserError(_describe(file, line, kind, detail))
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:

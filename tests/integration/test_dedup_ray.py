@@ -99,7 +99,8 @@ def test_metrics_reach_the_ray_metrics_endpoint(ray_local, tmp_path):
     seen: set[str] = set()
     for _ in range(30):      # exported every second (conftest), scraped here
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        seen = {ln.split("{")[0] for ln in text.decode().splitlines() if ln.startswith("ray_opt_ray_dedup")}
+        seen = {ln.split("{")[0] for ln in text.decode().splitlines()
+                if ln.startswith("ray_opt_ray_dedup")}
         if want <= seen:
             break
         time.sleep(1)

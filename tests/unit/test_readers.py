@@ -50,7 +50,8 @@ def test_directory_of_txt_and_existing_id_kept(tmp_path):
     assert [(r[ID_KEY], r["body"]) for r in out] == [("corpus/one", "first file"),
                                                      ("corpus/sub/two", "second file")]
     # A record that already carries an id (e.g. a dedup output read back) keeps it.
-    pq.write_table(pa.Table.from_pylist([{"text": "a b", ID_KEY: "orig:5"}]), tmp_path / "s.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": "a b", ID_KEY: "orig:5"}]),
+                   tmp_path / "s.parquet")
     assert next(iter(iter_records([str(tmp_path / "s.parquet")])))[ID_KEY] == "orig:5"
 
 
