@@ -372,3 +372,25 @@ def start(app, *, host: str = "127.0.0.1", http_port: int = 8000, name: str = AP
     """Start Serve's HTTP proxy on host:http_port and deploy; returns once it runs."""
     serve.start(http_options={"host": host, "port": http_port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for Serve config files and ``serve run``:
+    ``serve run actors.serve:app_builder checkpoint=PATH replicas=2 max_num_seqs=8``.
+    Keys: checkpoint (required), model_name, replicas, max_replicas, host, grpc_port
+    (0 = none), and any ``EngineConfig`` field."""
+    from opt_ray.errors import UserError
+    args = dict(args)
+    if "checkpoint" not in args:
+        raise UserError("app_builder needs checkpoint=PATH (an HF-format dir)")
+    engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    engine_kw = {k: (v if k == "dtype" else int(v)) for k, v in args.items() if k in engine_fields}
+    unknown = set(args) - set(engine_fields) - {"checkpoint", "model_name", "replicas", "max_replicas",
+                                                 "host", "grpc_port"}
+    if unknown:
+        raise UserError(f"app_builder: unknown argument(s) {sorted(unknown)}")
+    max_replicas = args.get("max_replicas")
+    return build_app(args["checkpoint"], model_name=args.get("model_name"),
+                     engine_config=EngineConfig(**engine_kw), replicas=int(args.get("replicas", 1)),
+                     max_replicas=int(max_replicas) if max_replicas else None,
+                     host=args.get("host", "127.0.0.1"), grpc_port=int(args.get("grpc_port", 9000)) or None)
