@@ -18,6 +18,11 @@ from opt_ray.errors import UserError
 from opt_ray.v1 import control_pb2 as pb
 
 
+# Progress bars are for terminals: in a Ray job log (the dashboard, WatchJob) every
+# carriage-return update becomes text. The stages that draw one take this flag.
+NO_PROGRESS = ("--no-progress",)
+
+
 class SpecError(UserError):
     """A spec field is invalid; the message names the field and the fix."""
 
@@ -117,7 +122,7 @@ class SpecValidator:
         inputs = [self.path(f"{name}.inputs[{i}]", v, must_exist=True, produced=produced)
                   for i, v in enumerate(s.inputs)]
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
-        argv = ["dedup", *map(str, inputs), "--output", str(out)]
+        argv = ["dedup", *map(str, inputs), "--output", str(out), *NO_PROGRESS]
         if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
             argv += ["--workers", str(s.workers)]
         if s.threshold:
@@ -141,7 +146,7 @@ class SpecValidator:
         self._int(f"{name}.seq_len", s.seq_len, self.bounds.min_seq_len, self.bounds.max_seq_len)
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
         argv = ["tokenize", str(inp), "--tokenizer", str(tok), "--seq-len", str(s.seq_len),
-                "--output", str(out)]
+                "--output", str(out), *NO_PROGRESS]
         if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
             argv += ["--workers", str(s.workers)]
         return Stage("tokenize", argv, [out])
@@ -160,7 +165,8 @@ class SpecValidator:
             raise SpecError(f"{name}.resume_from={s.resume_from} must be a checkpoint step in "
                             f"0..steps ({s.steps}); 0 resumes from the latest checkpoint")
         argv = ["train", "--preset", s.preset, "--data", str(data), "--output", str(out),
-                "--workers", f"{lo}:{hi}" if hi != lo else str(lo), "--steps", str(s.steps)]
+                "--workers", f"{lo}:{hi}" if hi != lo else str(lo), "--steps", str(s.steps),
+                *NO_PROGRESS]
         if self._int(f"{name}.checkpoint_every", s.checkpoint_every, 1, self.bounds.max_steps,
                      zero_ok=True):
             argv += ["--checkpoint-every", str(s.checkpoint_every)]

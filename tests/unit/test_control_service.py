@@ -123,7 +123,7 @@ def test_submit_builds_the_opt_ray_command_and_tracks_ray_state(env):
     assert sid == job.attempts[0].ray_submission_id
     ep = env.backend.jobs[sid]["entrypoint"]
     assert ep == (f"opt-ray dedup {env.root / 'corpus.jsonl'} --output {env.root / 'dedup'} "
-                  f"--workers 2")
+                  f"--no-progress --workers 2")
     assert env.backend.jobs[sid]["metadata"]["opt_ray_job"] == job.job_id
     env.backend.set(sid, pb.RUNNING)
     wait_for(lambda: env.client.get(job.job_id).state == pb.RUNNING)
@@ -153,7 +153,7 @@ def test_pipeline_submits_each_stage_after_the_previous_succeeds(env):
         kinds.append(env.backend.jobs[sid]["entrypoint"].split()[1])
         env.backend.set(sid, pb.SUCCEEDED)
     assert kinds == ["dedup", "tokenizer", "tokenize", "train"]
-    assert "--workers 1:2 --steps 10" in env.backend.jobs[env.backend.last()]["entrypoint"]
+    assert "--workers 1:2 --steps 10 --no-progress" in env.backend.jobs[env.backend.last()]["entrypoint"]
     done = wait_for(lambda: (j := env.client.get(job.job_id)).state == pb.SUCCEEDED and j)
     assert len(done.attempts) == 4 and done.stage_index == 3
 
@@ -371,7 +371,8 @@ def test_ctl_cli_against_the_server(env, capsys, monkeypatch):
                         "--name", "from-cli"]) == 0
     out = capsys.readouterr().out
     job_id = out.split()[0]
-    assert f"opt-ray dedup {env.root / 'corpus.jsonl'} --output {env.root / 'cli-out'}" in out
+    assert (f"opt-ray dedup {env.root / 'corpus.jsonl'} --output {env.root / 'cli-out'} "
+            f"--no-progress") in out
     assert main(base + ["--json", "list"]) == 0
     assert json.loads(capsys.readouterr().out)["jobs"][0]["name"] == "from-cli"
     sid = env.backend.last()
