@@ -413,6 +413,11 @@ def _write_shards(out_dir: Path, records: Iterable[dict], shard_rows: int,
     return shards
 
 
+def _changed(ordinal: int) -> UserError:
+    return UserError(f"the inputs changed while dedup ran (document {ordinal} differs from "
+                     f"the first read); re-run on inputs that stay put")
+
+
 def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend, *,
               text_field: str = "text", id_field: str | None = None, strict: bool = False,
               overwrite: bool = False, progress: bool = False,
@@ -519,8 +524,9 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
         if len(pairs):
             needed = set(np.unique(pairs).tolist())
             texts_by_ord: dict[int, str] = {}
-            throwaway = InputErrors()
-            for o, rec in enumerate(_good_records(files, text_field, id_field, throwaway)):
+            for o, rec in enumerate(_good_records(files, text_field, id_field, InputErrors())):
+                if o < n and corpus.ids[o] != rec[ID_KEY]:
+                    raise _changed(o)
                 if o in needed:
                     texts_by_ord[o] = rec[text_field]
             bar = _progress(len(pairs), "pair", "dedup: verify", progress)
@@ -555,9 +561,18 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend
 
         # 6. output -------------------------------------------------------------------
         t0 = time.perf_counter()
-        kept_records = (rec for rec in _good_records(files, text_field, id_field, InputErrors())
-                        if rec[ID_KEY] not in removed)
-        shards = _write_shards(writer.path, kept_records, cfg.shard_rows, text_field)
+        def kept_records() -> Iterator[dict]:
+            # The inputs are read a third time; ordinals must still match the first read.
+            o = -1
+            for o, rec in enumerate(_good_records(files, text_field, id_field, InputErrors())):
+                if o >= n or corpus.ids[o] != rec[ID_KEY]:
+                    raise _changed(o)
+                if rec[ID_KEY] not in removed:
+                    yield rec
+            if o != n - 1:
+                raise _changed(o + 1)
+
+        shards = _write_shards(writer.path, kept_records(), cfg.shard_rows, text_field)
         timings["write_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
 

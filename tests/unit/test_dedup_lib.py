@@ -198,3 +198,17 @@ def test_duplicate_ids_and_existing_output(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="--overwrite"):
         run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg))
+
+
+def test_inputs_changing_mid_run_fail_cleanly(tmp_path):
+    p = tmp_path / "in.jsonl"
+    write_jsonl(p, [{"text": f"document number {i} with some words"} for i in range(10)])
+    cfg = DedupConfig()
+
+    def append_once(n_done: int) -> None:
+        with open(p, "a") as f:
+            f.write(json.dumps({"text": "a late arrival"}) + "\n")
+
+    with pytest.raises(UserError, match="inputs changed"):
+        run_dedup([str(p)], str(tmp_path / "out"), cfg, LocalBackend(cfg), on_batch=append_once)
+    assert not (tmp_path / "out").exists()
