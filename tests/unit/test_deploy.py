@@ -238,36 +238,56 @@ def test_serve_configs_agree_and_point_at_a_real_builder():
             assert f'name="{d}"' in serve_src, f"no Serve deployment named {d} in actors/serve.py"
 
 
-def test_serve_args_are_accepted_by_the_builder():
-    from actors.serve_app import parse_args
+def _app_signature(app) -> tuple:
+    """What a built Serve application would deploy: the ingress's and the engine's
+    constructor arguments and the engine's replica/autoscaling settings."""
+    ingress = app._bound_deployment
+    engine = ingress.init_args[0]._bound_deployment
+    dc = engine._deployment_config
+    auto = dc.autoscaling_config
+    return (ingress.name, ingress.init_args[1:], engine.name, engine.init_args,
+            dc.num_replicas if auto is None else None,
+            None if auto is None else (auto.min_replicas, auto.max_replicas))
+
+
+@pytest.fixture
+def fake_hf(tmp_path):
+    """An HF-format directory as far as checkpoint resolution goes (the builder only
+    checks that it is one; no weights are loaded until a replica starts)."""
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def test_serve_args_are_accepted_by_the_builder(fake_hf):
+    from actors.serve import app_builder
     from opt_ray.errors import UserError
 
     standalone, _ = _serve_apps()
     for app in standalone["applications"]:
-        kw = parse_args(app["args"])
-        assert kw["checkpoint"] and kw["engine_config"].dtype == "bfloat16"
-    with pytest.raises(UserError, match="unknown key"):
-        parse_args({"checkpoint": "/x", "replica": 2})
-    with pytest.raises(UserError, match="unknown field"):
-        parse_args({"checkpoint": "/x", "engine": {"max_seqs": 2}})
-    with pytest.raises(UserError, match="checkpoint"):
-        parse_args({})
+        built = app_builder({**app["args"], "checkpoint": str(fake_hf)})
+        assert _app_signature(built)[0] == "OpenAIIngress"
+    with pytest.raises(UserError, match="unknown"):
+        app_builder({"checkpoint": str(fake_hf), "replica": 2})
 
 
-def test_serve_config_equals_the_documented_opt_ray_serve_command():
-    """serve-config.yaml documents the `opt-ray serve` command it is equivalent to; the
-    command's flags and the config's args must build the same application."""
-    from actors.serve_app import parse_args
+def test_serve_config_equals_the_documented_opt_ray_serve_command(fake_hf):
+    """serve-config.yaml documents the `opt-ray serve` command it is equivalent to; both
+    must build the same application (the command's mapping of flags, as in
+    opt_ray/commands/serve.py, onto actors.serve.build_app)."""
+    from actors.serve import app_builder, build_app
+    from opt_ray.serve.engine import EngineConfig
 
     (cmd,) = [c for w, c in all_commands() if w == "serve-config.yaml" and c.split()[1] == "serve"]
-    flags = build_parser().parse_args(shlex.split(cmd)[1:])
-    standalone, _ = _serve_apps()
-    (app,) = standalone["applications"]
-    kw = parse_args(app["args"])
-    eng = kw["engine_config"]
-    assert (kw["checkpoint"], kw.get("model_name"), kw.get("replicas", 1), kw.get("max_replicas"),
-            kw.get("host"), kw.get("grpc_port")) == \
-        (flags.checkpoint, flags.model_name, flags.replicas, flags.max_replicas, flags.host,
-         flags.grpc_port or None)
-    assert (eng.max_num_seqs, eng.max_model_len, eng.kv_cache_bytes, eng.max_waiting, eng.dtype) == \
-        (flags.max_num_seqs, flags.max_model_len, flags.kv_cache_bytes, flags.max_waiting, flags.dtype)
+    f = build_parser().parse_args(shlex.split(cmd)[1:])
+    (app,) = _serve_apps()[0]["applications"]
+    assert app["args"]["checkpoint"] == f.checkpoint
+    from_config = app_builder({**app["args"], "checkpoint": str(fake_hf)})
+    from_cli = build_app(str(fake_hf), model_name=f.model_name, replicas=f.replicas,
+                         max_replicas=f.max_replicas, host=f.host, grpc_port=f.grpc_port or None,
+                         engine_config=EngineConfig(max_num_seqs=f.max_num_seqs,
+                                                    max_model_len=f.max_model_len,
+                                                    kv_cache_bytes=f.kv_cache_bytes,
+                                                    max_waiting=f.max_waiting, dtype=f.dtype))
+    assert _app_signature(from_config) == _app_signature(from_cli)
