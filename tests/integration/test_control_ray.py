@@ -269,7 +269,12 @@ def test_scale_a_training_run_and_it_resumes_from_its_checkpoint(server, work):
         assert "--workers 1:2" in scaled.attempts[-1].entrypoint
         final = c.wait(job.job_id, timeout=300)
         events = [json.loads(e) for e in c.logbook(job_id=job.job_id).events]
+        # Watching a finished job replays it: both attempts' logs, the run's metrics.
+        replay = list(c.watch(job.job_id, timeout=60))
     assert final.state == pb.SUCCEEDED, final
+    metrics = [json.loads(e.metrics_line) for e in replay if e.metrics_line]
+    assert metrics and "loss" in metrics[-1] and metrics[-1]["step"] == 8, metrics[-1:]
+    assert "Running entrypoint" in "".join(e.log for e in replay)
     kinds = [e["event"] for e in events]
     assert "job_scaled" in kinds
     resumed = [e for e in events[kinds.index("job_scaled"):] if e["event"] == "resume"]
