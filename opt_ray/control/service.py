@@ -101,7 +101,11 @@ class ControlService(pb_grpc.ControlServiceServicer):
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the reconciler; it immediately reattaches to the registry's active jobs."""
+        """Start the reconciler; it immediately reattaches to the registry's active jobs
+        (and settles the records of cancelled jobs whose Ray job had not ended yet)."""
+        self._unsettled |= {j.job_id for j in self.registry.jobs()
+                            if j.state in TERMINAL and j.attempts
+                            and j.attempts[-1].state not in TERMINAL}
         self._thread = threading.Thread(target=self._reconcile_loop, name="opt-ray-reconciler",
                                         daemon=True)
         self._thread.start()
@@ -114,7 +118,9 @@ class ControlService(pb_grpc.ControlServiceServicer):
     def _reconcile_loop(self) -> None:
         while not self._stop.is_set():
             ids = self.registry.active_job_ids()
-            for job_id in ids + sorted(self._unsettled):
+            with self._lock:
+                unsettled = sorted(self._unsettled)
+            for job_id in ids + unsettled:
                 try:
                     self.reconcile(job_id)
                 except Exception as e:  # keep reconciling the others; health shows Ray errors
@@ -461,8 +467,9 @@ class ControlService(pb_grpc.ControlServiceServicer):
                 self._stop_and_wait(job)
                 if job.state not in TERMINAL:
                     job.state, job.message = pb.STOPPED, why
-                self.registry.put_job(job)
-                self._unsettled.add(job.job_id)
+                with self._lock:
+                    self.registry.put_job(job)
+                    self._unsettled.add(job.job_id)
                 self._event(job, "serve_stopped", reason=why)
         try:
             self.backend.shutdown_serve()
