@@ -12,7 +12,8 @@ All in one process run, on the same shards (the built-in sample corpus, tokenize
    steps and checkpoint steps;
 3. recovery: a 2-worker gang whose rank 1 SIGKILLs itself (``--chaos kill``); seconds from
    the kill to the first step completed after the restart, and the steps replayed;
-4. loss curve: the tiny preset trained in-process on the sample corpus.
+4. loss curve: the tiny preset trained in-process on the sample corpus (one thread,
+   before Ray starts, so the gang runs do not compete with it).
 
     python -m bench.train_gang            # prints one JSON object (last line)
 """
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--curve-steps", type=int, default=200)
+    p.add_argument("--curve-steps", type=int, default=120)
     p.add_argument("--skip", default="", help="comma list of parts to skip: overhead,recovery,curve")
     args = p.parse_args(argv)
     skip_parts = set(filter(None, args.skip.split(",")))
@@ -128,17 +129,41 @@ def main(argv: list[str] | None = None) -> int:
             base.update(kw)
             return TrainConfig(**base)
 
+        if "curve" not in skip_parts:
+            c = cfg("curve", steps=args.curve_steps, checkpoint_every=args.curve_steps,
+                    batch_tokens=8 * args.seq_len, lr=None, num_threads=1)
+            t0 = time.time()
+            train(c)
+            ms = [json.loads(l) for l in (work / "curve" / "metrics.jsonl").read_text().splitlines()]
+            stride = max(len(ms) // 10, 1)
+            out["loss_curve"] = {"preset": "tiny", "steps": len(ms), "tokens_per_step": 8 * args.seq_len,
+                                 "peak_lr": max(m["lr"] for m in ms),
+                                 "initial": ms[0]["loss"], "final": ms[-1]["loss"],
+                                 "points": [[m["step"], round(m["loss"], 3)] for m in ms[::stride]] +
+                                           [[ms[-1]["step"], round(ms[-1]["loss"], 3)]],
+                                 "wall_s": round(time.time() - t0, 1)}
+
         if "overhead" not in skip_parts or "recovery" not in skip_parts:
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         if "overhead" not in skip_parts:
-            base = statistics.median(model_only(shards, cfg("x"), args.steps)[3:])
-            res = {"tokens_per_step": args.batch_tokens, "seq_len": args.seq_len,
-                   "model_only_tokens_per_s": args.batch_tokens / base}
+            # The machine is shared and its load drifts: the model-only loop is timed right
+            # before and right after each gang run, and each gang run is compared with the
+            # mean of its two neighbours.
+            def baseline() -> float:
+                return args.batch_tokens / statistics.median(model_only(shards, cfg("x"), args.steps)[3:])
+
+            res = {"tokens_per_step": args.batch_tokens, "seq_len": args.seq_len, "model_only_tokens_per_s": []}
+            before = baseline()
+            res["model_only_tokens_per_s"].append(before)
             for n in (1, 2):
                 run_gang(cfg(f"gang{n}", workers=n), progress=False)
                 sec = statistics.median(gang_step_seconds(work / f"gang{n}", args.steps, 3))
+                after = baseline()
+                res["model_only_tokens_per_s"].append(after)
                 res[f"gang_{n}w_tokens_per_s"] = args.batch_tokens / sec
-            res["overhead_1w"] = 1 - res["gang_1w_tokens_per_s"] / res["model_only_tokens_per_s"]
+                res[f"gang_{n}w_vs_model_only"] = res[f"gang_{n}w_tokens_per_s"] / ((before + after) / 2)
+                before = after
+            res["overhead_1w"] = 1 - res["gang_1w_vs_model_only"]
             out["overhead"] = res
 
         if "recovery" not in skip_parts:
@@ -162,19 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
 
-        if "curve" not in skip_parts:
-            c = cfg("curve", steps=args.curve_steps, checkpoint_every=args.curve_steps,
-                    batch_tokens=8 * args.seq_len, lr=None, num_threads=2)
-            t0 = time.time()
-            train(c)
-            ms = [json.loads(l) for l in (work / "curve" / "metrics.jsonl").read_text().splitlines()]
-            stride = max(len(ms) // 10, 1)
-            out["loss_curve"] = {"preset": "tiny", "steps": len(ms), "tokens_per_step": 8 * args.seq_len,
-                                 "peak_lr": ms[0]["lr"] and max(m["lr"] for m in ms),
-                                 "initial": ms[0]["loss"], "final": ms[-1]["loss"],
-                                 "points": [[m["step"], round(m["loss"], 3)] for m in ms[::stride]] +
-                                           [[ms[-1]["step"], round(ms[-1]["loss"], 3)]],
-                                 "wall_s": round(time.time() - t0, 1)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))

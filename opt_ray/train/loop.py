@@ -50,7 +50,7 @@ from opt_ray.config import ConfigError, ModelConfig, flops_per_token, num_params
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook
 from opt_ray.train.chaos import Chaos, parse_chaos
-from opt_ray.train.checkpoint import Checkpointer
+from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
 
 METRICS = "metrics.jsonl"
@@ -266,8 +266,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = OPT(self.model_cfg).to(self.device)
         self.tp_dims = tp_partition_dims(self.model_cfg) if cfg.tp > 1 else {}
+        # FSDP only when there is something to shard over: on one data-parallel rank it
+        # would only add copies (DCP reshards plain and sharded tensors alike on load).
         self.model = parallelize(model, tp_size=cfg.tp, dp_group=self.dp_group, tp_group=self.tp_group,
-                                 activation_checkpointing=cfg.activation_checkpointing)
+                                 activation_checkpointing=cfg.activation_checkpointing,
+                                 fsdp=self.dp_size > 1)
         self.precision = _resolve_precision(cfg, self.device)
         self.scaler = DynamicLossScaler(self.precision == "fp16")
 
@@ -431,18 +434,15 @@ class Trainer:
         counted once."""
         from torch.distributed.tensor import DTensor
 
-        split = torch.zeros((), dtype=torch.float64)
-        repl = torch.zeros((), dtype=torch.float64)
+        groups: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            sq = g.detach().double().pow(2).sum().cpu()
-            if name in self.tp_dims:
-                split += sq
-            else:
-                repl += sq
-        buf = torch.stack([split, repl])
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                groups[0 if name in self.tp_dims else 1].append(g.detach())
+        # Per-tensor norms in one fused call, then squares summed in fp64 in a fixed order.
+        buf = torch.stack([sum((n.double() ** 2 for n in torch._foreach_norm(gs)),
+                               torch.zeros((), dtype=torch.float64)) if gs else
+                           torch.zeros((), dtype=torch.float64) for gs in groups]).cpu()
         if self.dp_size > 1:
             dist.all_reduce(buf, group=self.dp_group)
         if self.cfg.tp > 1:
@@ -479,6 +479,9 @@ class Trainer:
                     clip=self.clip, skip_steps=verdict.skip_steps)
         if self.rank == 0:
             self.guard.save(self.run_dir / "guard.json")
+            # metrics.jsonl holds the trajectory that counts; the divergence event keeps
+            # what the abandoned one looked like.
+            _trim_metrics(self.run_dir / METRICS, self.step)
         return True
 
     def close(self) -> None:
@@ -556,6 +559,27 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _write_run_manifest(trainer: Trainer, last: dict[str, Any]) -> None:
+    """``RUN_DIR/manifest.json``: what the run is and where its result is. Unlike the
+    other stages' artifacts a run directory is resumable, so this is (re)written when a
+    run reaches its last step rather than once by an ``ArtifactWriter``."""
+    from opt_ray.artifacts import code_version, write_json_atomic
+
+    ckpts = trainer.ckpt.available_steps()
+    write_json_atomic(trainer.run_dir / "manifest.json", {
+        "kind": "train_run", "code_version": code_version(), "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": trainer.cfg.to_dict(), "model": trainer.model_cfg.to_dict(),
+        "params": num_params(trainer.model_cfg),
+        "data": {"path": str(trainer.cfg.data), "seq_len": trainer.seq_len,
+                 "rows": len(trainer.data), "vocab_size": int(trainer.data.vocab_size)},
+        "step": trainer.step, "tokens": trainer.tokens_seen, "final_loss": last.get("loss"),
+        "checkpoints": [f"checkpoints/{step_name(s)}" for s in ckpts],
+        "final_checkpoint": f"checkpoints/{step_name(ckpts[-1])}" if ckpts else None,
+        "metrics": METRICS, "logbook": "logbook.jsonl",
+    })
+
+
 def _ensure_process_group() -> bool:
     """Make a 1-process gloo group when run outside a gang; True if we made it."""
     if dist.is_initialized():
@@ -629,6 +653,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                 trainer.save()
         trainer._event("finish", step=trainer.step, tokens=trainer.tokens_seen,
                        loss=last.get("loss"))
+        if rank == 0:
+            _write_run_manifest(trainer, last)
         return last
     finally:
         if trainer is not None:

@@ -78,6 +78,9 @@ def test_resume_in_process_is_bit_identical(shards, tmp_path):
     assert [m["loss"] for m in metrics(tmp_path / "b")] == [m["loss"] for m in metrics(tmp_path / "a")]
     kinds = [e["event"] for e in events(tmp_path / "b")]
     assert kinds.count("resume") == 1 and kinds[-1] == "finish"
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["kind"] == "train_run" and manifest["step"] == 6
+    assert manifest["final_checkpoint"] == "checkpoints/step_00000006"
 
 
 @pytest.mark.slow
