@@ -264,16 +264,17 @@ class OPT(nn.Module):
 
 # Target id that contributes no loss (padding), as in torch's cross_entropy and HF labels.
 IGNORE_INDEX = -100
-# Logit elements per chunk of the fused LM-head loss: 32M (128 MiB in fp32).
+# Logit rows are turned into probabilities this many elements at a time (fp32 scratch:
+# 128 MiB); only the compute-dtype gradient of the logits is ever whole.
 _LOSS_CHUNK_ELEMENTS = 1 << 25
 
 
 def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (N,), ignoring
-    ``IGNORE_INDEX``, without materialising the (N, vocab) logits: rows are processed in
-    chunks and the gradients w.r.t. ``h`` and ``weight`` are computed in the same pass
-    (softmax - one-hot), so backward is just a scale. Matmuls run in the autocast dtype
-    when autocast is on; the softmax and the loss in fp32."""
+    ``IGNORE_INDEX``, with the gradients w.r.t. ``h`` and ``weight`` computed in the same
+    pass (softmax - one-hot), so that backward is just a scale. Matmuls run in the autocast
+    dtype when autocast is on, the softmax and the loss in fp32, chunk by chunk: no fp32
+    (N, vocab) tensor is ever materialised, unlike ``cross_entropy(logits.float())``."""
     # Gradients are computed in forward only when a backward can follow (grad mode is
     # off inside Function.forward, so decide here).
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
@@ -286,34 +287,40 @@ class _LMHeadLoss(torch.autograd.Function):
                 grad: bool) -> torch.Tensor:
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         with torch.autocast(dev, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
             N, V = h.shape[0], weight.shape[0]
             valid = targets != IGNORE_INDEX
             # Mean over real targets; an all-ignored batch gives 0 rather than NaN.
             denom = valid.sum().clamp(min=1).to(torch.float32)
-            tgt = targets.clamp(min=0).unsqueeze(1)
+            scale = (valid / denom).unsqueeze(1)                     # (N, 1) d(mean)/d(row)
+            tgt = targets.clamp(min=0).unsqueeze(1)                  # (N, 1)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(hc) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            # d(mean loss)/d(logits) in the compute dtype, the size of the logits themselves.
+            g = torch.empty(N, V, dtype=dtype, device=h.device) if grad else None
             rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                logits = (hc[s:e] @ wc.t()).float()                       # (n, V)
-                lse = torch.logsumexp(logits, dim=1)
-                picked = logits.gather(1, tgt[s:e]).squeeze(1)
-                loss += ((lse - picked) * valid[s:e]).sum()
-                if need_h or need_w:
-                    # d(mean loss)/d logits = (softmax - onehot) / denom, 0 on ignored rows.
-                    g = logits.sub_(lse.unsqueeze(1)).exp_()
-                    g.scatter_add_(1, tgt[s:e], torch.full_like(picked, -1.0).unsqueeze(1))
-                    g.mul_((valid[s:e] / denom).unsqueeze(1))
-                    g = g.to(dtype)
-                    if need_h:
-                        grad_h[s:e] = g @ wc
-                    if need_w:
-                        grad_w += (g.t() @ hc[s:e]).float()
+                logits = hc[s:e] @ wc.t()                            # (n, V)
+                p = torch.softmax(logits, dim=1, dtype=torch.float32)
+                picked = p.gather(1, tgt[s:e]).squeeze(1)
+                nll = -picked.log()
+                # A probability that underflowed (a logit gap over ~70 nats) is inexact or
+                # gives inf: recompute those rare rows exactly.
+                tiny = picked < 1e-30
+                if tiny.any():
+                    lf = logits[tiny].float()
+                    nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
+                loss += (nll * valid[s:e]).sum()
+                if grad:
+                    p.scatter_add_(1, tgt[s:e], torch.full_like(p[:, :1], -1.0))  # softmax - onehot
+                    torch.mul(p, scale[s:e], out=g[s:e])
+                del logits, p
+            grad_h = grad_w = None
+            if grad:
+                need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                grad_h = g @ wc if need_h else None                  # (N, e)
+                grad_w = g.t() @ hc if need_w else None              # (V, e)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss / denom

@@ -219,3 +219,23 @@ def test_fused_loss_matches_cross_entropy_on_logits(kw, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = ours(ids, targets=targets)
     assert abs(low.item() - ref.item()) < 0.02 * ref.item()
+
+
+def test_fused_loss_exact_for_very_wrong_predictions():
+    """A target whose probability underflows fp32 still gets the exact (finite) loss."""
+    from opt_ray.model.opt import lm_head_loss
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8)
+    w[3] = 0.0
+    w[5] = h.detach()[0] * 30  # row 0: logit 5 dwarfs the rest by hundreds of nats
+    targets = torch.tensor([3, 1, 2, 3, -100, 7])
+    loss = lm_head_loss(h, w, targets)
+    ref = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
+    assert torch.isfinite(loss) and ref.item() > 50
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    g = h.grad.clone()
+    h.grad = None
+    ref.backward()
+    torch.testing.assert_close(g, h.grad)
