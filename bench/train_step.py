@@ -5,8 +5,15 @@ for both models built with the same weights, in one process, steps interleaved (
 order alternates every repeat) so that machine noise hits both alike. Both sides use the
 same optimizer settings (the paper's AdamW; torch's fused kernel where available).
 
-- opt-ray: ``loss = model(inputs, targets=targets)`` (the fused, chunked LM-head loss)
-- transformers: ``loss = model(input_ids=ids, labels=ids).loss`` (its own loss path)
+- ``ours``: ``loss = model(inputs, targets=targets)`` (the fused, chunked LM-head loss),
+  fp32 parameters under autocast: the same precision recipe as the transformers side
+- ``hf``: ``loss = model(input_ids=ids, labels=ids).loss`` (its own loss path)
+- ``ours_bf16`` (optional, ``--sides``): the paper's mixed precision, 16-bit compute
+  weights with fp32 master weights, gradients and Adam state, as FSDP2 does it
+  (``apply_fsdp(param_dtype=bf16)``, here over a one-process group)
+
+Each step's wall time and process CPU time are recorded: on a shared machine the CPU
+time is the steadier figure (time-slicing by other tenants inflates wall time).
 
 Peak memory is measured fairly in separate child processes, one per side, each building
 only its own model: the RSS high-water mark (``ru_maxrss``) over the steps, minus the RSS
@@ -57,12 +64,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast dtype (fp16 on CUDA only)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
-    p.add_argument("--no-hf", action="store_true", help="time opt-ray only (no transformers side)")
+    p.add_argument("--sides", default="ours,hf",
+                   help="comma list of ours, hf, ours_bf16 (default ours,hf)")
+    p.add_argument("--no-hf", action="store_true", help="time opt-ray only (drop hf from --sides)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the opt-ray model(s)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
     p.add_argument("--dropout", type=float, default=None,
                    help="override the preset's dropout (default: the preset's 0.1, both sides)")
-    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.side_list = [x for x in args.sides.split(",") if x and not (args.no_hf and x == "hf")]
+    bad = [x for x in args.side_list if x not in SIDES]
+    if bad or not args.side_list:
+        p.error(f"--sides: unknown {bad}; choose from {', '.join(SIDES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+SIDES = ("ours", "hf", "ours_bf16")
 
 
 # -- the two sides -----------------------------------------------------------------------
@@ -80,16 +101,24 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     models = {}
+    ours = OPT(cfg).to(dev)
     if "ours" in sides:
-        models["ours"] = OPT(cfg).to(dev)
+        models["ours"] = ours
+    if "ours_bf16" in sides:
+        import copy
+        models["ours_bf16"] = _fsdp_bf16(copy.deepcopy(ours), dev)
     if "hf" in sides:
         import transformers
         hcfg = transformers.OPTConfig(**config_to_hf(cfg))
         hcfg._attn_implementation = "sdpa"  # transformers' fastest built-in path
         hf = transformers.OPTForCausalLM(hcfg).to(dev)
-        if "ours" in models:
-            hf.load_state_dict(models["ours"].state_dict())
+        hf.load_state_dict(ours.state_dict())
         models["hf"] = hf
+    if args.compile:
+        for k in ("ours", "ours_bf16"):
+            if k in models:
+                models[k] = torch.compile(models[k])
+    del ours  # only the requested sides stay resident (the memory children build one)
     fused = _fused_adamw_ok(dev)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
                                  weight_decay=0.1, fused=fused) for k, m in models.items()}
@@ -101,6 +130,22 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
         m.train()
     return {"cfg": cfg, "models": models, "opts": opts, "ids": ids, "targets": targets,
             "fused_adamw": fused, "autocast": torch.bfloat16 if args.dtype == "bf16" else torch.float16}
+
+
+def _fsdp_bf16(model, dev: torch.device):
+    """FSDP2 mixed precision over a one-process group: bf16 compute weights gathered from
+    fp32 master shards, gradients reduced into fp32."""
+    import torch.distributed as dist
+
+    from opt_ray.model.parallel import apply_fsdp
+    if not dist.is_initialized():
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return apply_fsdp(model, param_dtype=torch.bfloat16, reshard_after_forward=False)
 
 
 def _fused_adamw_ok(dev: torch.device) -> bool:
@@ -117,7 +162,7 @@ def step(side: str, s: dict) -> float:
     """One training step; returns the loss."""
     m, opt, ids = s["models"][side], s["opts"][side], s["ids"]
     with torch.autocast(ids.device.type, dtype=s["autocast"]):
-        if side == "ours":
+        if side != "hf":
             loss = m(ids, targets=s["targets"])
         else:
             loss = m(input_ids=ids, labels=ids).loss
@@ -197,7 +242,11 @@ def child(args: argparse.Namespace) -> None:
 def measure_memory(args: argparse.Namespace, side: str) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--preset", args.preset, "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype,
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--sides", side]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.compile:
+        cmd += ["--compile"]
     if args.dropout is not None:
         cmd += ["--dropout", str(args.dropout)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -212,29 +261,38 @@ def main(argv: list[str] | None = None) -> None:
         return child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    sides = ["ours"] if args.no_hf else ["ours", "hf"]
+    sides = args.side_list
     s = build(args, sides)
     cfg, tokens = s["cfg"], args.batch * args.seq_len
     fpt = flops_per_token(cfg, args.seq_len)
     peak = matmul_peak(args.device, s["autocast"])
 
-    for _ in range(args.warmup):
+    first_step_s = {}
+    for w in range(args.warmup):
         for side in sides:
+            t = time.perf_counter()
             step(side, s)
+            if w == 0:
+                first_step_s[side] = round(time.perf_counter() - t, 1)  # includes compile
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     losses: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.repeats):
         for side in (sides if r % 2 == 0 else sides[::-1]):
             _sync(args.device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             losses[side].append(step(side, s))
             times[side].append(time.perf_counter() - t)
+            cpu[side].append(time.process_time() - c)
+            print(f"repeat {r} {side}: {times[side][-1]:.2f} s wall, {cpu[side][-1]:.2f} s CPU",
+                  file=sys.stderr, flush=True)
     peak = max(peak, matmul_peak(args.device, s["autocast"]))
 
     result: dict = {
         "bench": "train_step", "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": tokens, "device": args.device, "autocast": args.dtype,
         "dropout": cfg.dropout, "fused_adamw": s["fused_adamw"], "repeats": args.repeats,
+        "compile": args.compile,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": _machine(args.device), "flops_per_token": fpt,
         "matmul_peak_gflops": round(peak / 1e9, 1),
@@ -242,8 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     for side in sides:
         med = statistics.median(times[side])
         tps = tokens / med
+        cmed = statistics.median(cpu[side])
         result[side] = {"step_s": [round(t, 3) for t in times[side]], "step_s_median": round(med, 3),
-                        "tokens_per_s": round(tps, 1), "achieved_gflops": round(tps * fpt / 1e9, 1),
+                        "step_cpu_s": [round(t, 3) for t in cpu[side]], "step_cpu_s_median": round(cmed, 3),
+                        "first_step_s": first_step_s.get(side),
+                        "tokens_per_s": round(tps, 1), "tokens_per_cpu_s": round(tokens / cmed, 1),
+                        "achieved_gflops": round(tps * fpt / 1e9, 1),
                         "fraction_of_matmul_peak": round(tps * fpt / peak, 3),
                         "loss_first": round(losses[side][0], 4), "loss_last": round(losses[side][-1], 4)}
         if args.device == "cuda":
@@ -252,9 +314,15 @@ def main(argv: list[str] | None = None) -> None:
             if nominal:
                 result[side]["mfu"] = round(tps * fpt / nominal, 3)
     if "hf" in sides:
-        pair = [h / o for o, h in zip(times["ours"], times["hf"])]
-        result["speedup_median_of_medians"] = round(statistics.median(times["hf"]) / statistics.median(times["ours"]), 3)
-        result["speedup_per_repeat"] = [round(x, 3) for x in pair]
+        for side in sides:
+            if side == "hf":
+                continue
+            result[f"speedup_{side}_vs_hf"] = {
+                "wall_median": round(statistics.median(times["hf"]) / statistics.median(times[side]), 3),
+                "cpu_median": round(statistics.median(cpu["hf"]) / statistics.median(cpu[side]), 3),
+                "wall_per_repeat": [round(h / o, 3) for o, h in zip(times[side], times["hf"])],
+                "cpu_per_repeat": [round(h / o, 3) for o, h in zip(cpu[side], cpu["hf"])],
+            }
     if not args.no_memory:
         # After the timing, one child per side, one at a time.
         del s
@@ -263,8 +331,10 @@ def main(argv: list[str] | None = None) -> None:
             result[side]["peak_mem_mib"] = round(mem["peak_bytes"] / 2 ** 20, 1)
             result[side]["step_peak_mem_mib"] = round(mem["step_peak_bytes"] / 2 ** 20, 1)
         if "hf" in sides:
-            result["memory_ratio_step_peak"] = round(result["ours"]["step_peak_mem_mib"] /
-                                                     result["hf"]["step_peak_mem_mib"], 3)
+            for side in sides:
+                if side != "hf":
+                    result[f"memory_ratio_{side}_vs_hf"] = round(
+                        result[side]["step_peak_mem_mib"] / result["hf"]["step_peak_mem_mib"], 3)
     print(json.dumps(result, indent=2))
 
 
