@@ -4,7 +4,8 @@ One ``Engine.step()`` is a short numbered sequence, as in vLLM:
   1. intake:   apply aborts and move newly added requests to the waiting queue;
   2. schedule: admit waiting requests FCFS while free slots and the prefill token
                budget allow (iteration-level batching: requests join at every step);
-  3. prefill:  one forward per admitted prompt, writing its keys/values into its slot;
+  3. prefill:  one forward over the admitted prompts (right-padded), writing their
+               keys/values into their slots;
   4. decode:   one batched forward of one token for every other running sequence;
   5. sample + emit: pick tokens, check stops, detokenize incrementally, free the slots
                of finished sequences at once (requests leave at every step).
@@ -167,17 +168,19 @@ class SlotKVCache:
 
 
 class _PrefillWriter:
-    """``Cache`` for one prompt (batch 1) starting at position 0 of ``slot``: writes the
-    keys/values into the slot and attends to exactly them."""
+    """``Cache`` for prompts starting at position 0, row b going to ``slots[b]``: writes
+    the keys/values into the slots and attends to exactly them. Prompts are right-padded
+    to a common length; a real query i only sees keys j <= i (causal), all real, and the
+    padding written past a prompt's end is overwritten by decode before anyone reads it."""
     length = 0
 
-    def __init__(self, kv: SlotKVCache, slot: int):
-        self.kv, self.slot = kv, slot
+    def __init__(self, kv: SlotKVCache, slots: list[int]):
+        self.kv, self.slots = kv, torch.tensor(slots)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
-        self.kv.k[layer][self.slot, :, :T] = k[0]
-        self.kv.v[layer][self.slot, :, :T] = v[0]
+        self.kv.k[layer][self.slots, :, :T] = k
+        self.kv.v[layer][self.slots, :, :T] = v
         return k, v
 
 
@@ -365,8 +368,8 @@ class Engine:
             admitted = self._schedule()                      # 2. who joins the batch
             decoding = [s for r in self.running.values() for s in r.seqs
                         if s.finish_reason is None and r.req.request_id not in admitted]
-            for rid in admitted:                             # 3. prefill newcomers
-                self._prefill(self.running[rid])
+            if admitted:                                     # 3. prefill newcomers
+                self._prefill([self.running[rid] for rid in admitted])
             if decoding:                                     # 4. one token for the rest
                 self._decode(decoding)
             outputs += self._emit()                          # 5. deltas, free finished slots
@@ -402,14 +405,16 @@ class Engine:
         return outputs
 
     def _schedule(self) -> list[str]:
-        admitted, budget = [], self.config.max_prefill_tokens
+        admitted: list[str] = []
+        budget = self.config.max_prefill_tokens
         while self.waiting:
             req = self.waiting[0]
             P = len(req.prompt_token_ids)
-            if len(self.free_slots) < req.params.n or (admitted and P > budget):
+            # Prompts are prefilled together, padded to the longest: budget the padded size.
+            longest = max([P] + [len(self.running[r].req.prompt_token_ids) for r in admitted])
+            if len(self.free_slots) < req.params.n or (admitted and longest * (len(admitted) + 1) > budget):
                 break                      # FCFS: no overtaking, so no starvation
             self.waiting.popleft()
-            budget -= P
             slots = [self.free_slots.pop(0) for _ in range(req.params.n)]
             seed = req.params.seed
             seqs = [_Seq(i, slot,
@@ -424,25 +429,26 @@ class Engine:
         self.free_slots.append(slot)
         self.free_slots.sort()
 
-    def _prefill(self, run: _Running) -> None:
-        ids = torch.tensor([run.req.prompt_token_ids])
-        first = run.seqs[0].slot
-        h = self.model.hidden_states(ids, cache=_PrefillWriter(self.kv, first))  # (1, P, d)
-        p = run.req.params
-        if p.echo and p.logprobs is not None:
-            logits = self.model.lm_head(h[0]).float()                            # (P, V)
-            lp = torch.log_softmax(logits[:-1], dim=-1)
-            run.prompt_logprobs = [None] + [
-                _token_logprob(lp[i], run.req.prompt_token_ids[i + 1], p.logprobs)
-                for i in range(lp.shape[0])]
-            last = logits[-1]
-        else:
-            last = self.model.lm_head(h[0, -1]).float()                          # (V,)
-        P = ids.shape[1]
-        for s in run.seqs[1:]:
-            self.kv.copy_slot(first, s.slot, P)
-        for s in run.seqs:
-            self._accept(run, s, last)
+    def _prefill(self, runs: list[_Running]) -> None:
+        """One forward over all newcomers' prompts (right-padded), then their first token."""
+        pad = self.model.config.pad_token_id
+        lens = [len(r.req.prompt_token_ids) for r in runs]
+        T = max(lens)
+        ids = torch.tensor([r.req.prompt_token_ids + [pad] * (T - len(r.req.prompt_token_ids)) for r in runs])
+        h = self.model.hidden_states(ids, cache=_PrefillWriter(self.kv, [r.seqs[0].slot for r in runs]))
+        last_h = h[torch.arange(len(runs)), torch.tensor(lens) - 1]                  # (B, d)
+        last_logits = self.model.lm_head(last_h).float()                             # (B, V)
+        for b, run in enumerate(runs):
+            p, P = run.req.params, lens[b]
+            if p.echo and p.logprobs is not None:
+                lp = torch.log_softmax(self.model.lm_head(h[b, : P - 1]).float(), dim=-1)  # (P-1, V)
+                run.prompt_logprobs = [None] + [
+                    _token_logprob(lp[i], run.req.prompt_token_ids[i + 1], p.logprobs)
+                    for i in range(P - 1)]
+            for s in run.seqs[1:]:
+                self.kv.copy_slot(run.seqs[0].slot, s.slot, P)
+            for s in run.seqs:
+                self._accept(run, s, last_logits[b])
 
     def _decode(self, seqs: list[_Seq]) -> None:
         by_slot = {s.slot: s for s in seqs}
