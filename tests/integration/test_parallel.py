@@ -112,8 +112,9 @@ def _tp_worker(rank: int, world: int, port: int) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _fsdp_worker(rank: int, world: int, port: int, tp: int) -> None:
-    """FSDP2 over dp = world / tp data ranks (x tensor parallel tp) vs one process."""
+def _fsdp_worker(rank: int, world: int, port: int, tp: int, ac: bool) -> None:
+    """FSDP2 over dp = world / tp data ranks (x tensor parallel tp, with or without
+    activation checkpointing) vs one process."""
     _init(rank, world, port)
     try:
         cfg = _cfg()
@@ -129,7 +130,8 @@ def _fsdp_worker(rank: int, world: int, port: int, tp: int) -> None:
         ref_opt.step()
 
         dp_group, tp_group = par.init_model_parallel(tp)
-        par.parallelize(model, tp_size=tp, dp_group=dp_group, tp_group=tp_group)
+        par.parallelize(model, tp_size=tp, dp_group=dp_group, tp_group=tp_group, activation_checkpointing=ac)
+        assert model.lm_head.weight is model.decoder.embed_tokens.weight  # still tied
         # Each data rank takes its rows; tensor ranks of one group see the same rows.
         dp_rank = torch.distributed.get_rank(dp_group)
         rows = slice(dp_rank * (4 // dp), (dp_rank + 1) * (4 // dp))
@@ -163,12 +165,12 @@ def test_tensor_parallel_2_matches_single_process():
 
 @pytest.mark.timeout(120)
 def test_fsdp2_over_2_processes_matches_single_process():
-    _spawn(_fsdp_worker, 2, 1)
+    _spawn(_fsdp_worker, 2, 1, False)
 
 
 @pytest.mark.timeout(120)
 def test_fsdp2_dp2_x_tp2_matches_single_process():
-    _spawn(_fsdp_worker, 4, 2)
+    _spawn(_fsdp_worker, 4, 2, True)
 
 
 def test_tp_split_merge_roundtrip():
