@@ -115,6 +115,8 @@ class _Progress:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if rec["step"] == bar.n:
+                return  # nothing new: no redraw (each one is a line in a captured log)
             bar.n = rec["step"]
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from opt_ray.errors import UserError
 from opt_ray.ray_util import add_ray_args
 
 

@@ -89,3 +89,23 @@ def test_train_config_validation(tmp_path):
                        (dict(preset="7b"), "preset")):
         with pytest.raises(UserError, match=needle):
             TrainConfig(data="d", output="o", **kw)
+
+
+def test_dynamic_loss_scaler():
+    from opt_ray.train.loop import DynamicLossScaler
+
+    s = DynamicLossScaler(True, init_scale=8.0, growth_interval=2, min_scale=1.0)
+    s.update(False)
+    assert s.scale == 4.0          # overflow: halve
+    s.update(True)
+    s.update(True)
+    assert s.scale == 8.0          # growth_interval clean steps: double
+    for _ in range(5):
+        s.update(False)
+    assert s.scale == 1.0          # never below the floor
+    t = DynamicLossScaler(True)
+    t.load_state_dict(s.state_dict())
+    assert t.scale == 1.0
+    off = DynamicLossScaler(False)
+    off.update(False)
+    assert off.scale == 1.0        # bf16/fp32: no scaling at all
