@@ -83,6 +83,33 @@ def test_resume_in_process_is_bit_identical(shards, tmp_path):
     assert manifest["final_checkpoint"] == "checkpoints/step_00000006"
 
 
+def test_retention_keeps_last_k_and_milestones(shards, tmp_path):
+    from opt_ray.train.loop import train
+
+    train(tiny_cfg(shards, tmp_path / "run", steps=7, checkpoint_every=1, keep=2, milestone_every=3))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000006", "step_00000007"]
+
+
+def test_guard_hook_rolls_back_cuts_lr_and_skips_data(shards, tmp_path):
+    """The loop's divergence-guard hook: an injected NaN at step 5 rolls back to the
+    step-4 checkpoint, halves the LR, tightens clipping and skips step 5's batch."""
+    from opt_ray.train.loop import train
+
+    out = tmp_path / "run"
+    train(tiny_cfg(shards, out, steps=6, guard=True, chaos="nan:step=5"))
+    ev = events(out)
+    kinds = [e["event"] for e in ev]
+    assert kinds.index("divergence") < kinds.index("rollback") < kinds.index("data_skipped")
+    rollback = next(e for e in ev if e["event"] == "rollback")
+    assert rollback["to_step"] == 4 and rollback["lr_factor"] == 0.5 and rollback["clip"] == 0.3
+    ms = metrics(out)
+    assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6]
+    rows = 8
+    assert ms[4]["batch_pos"] == 5 * rows          # step 5 trained on the next batch
+    assert all(m["loss"] == m["loss"] for m in ms)  # no NaN kept in the trajectory
+
+
 @pytest.mark.slow
 def test_tiny_loss_falls(shards, tmp_path):
     """The recipe learns: the tiny preset's loss on the small corpus falls well below its
