@@ -31,9 +31,7 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import socket
-import sys
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -48,7 +46,7 @@ import torch.nn.functional as F
 
 from opt_ray.config import ConfigError, ModelConfig, flops_per_token, num_params, preset
 from opt_ray.errors import UserError
-from opt_ray.logbook import Logbook
+from opt_ray.logbook import Logbook, log_resume
 from opt_ray.train.chaos import Chaos, parse_chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -307,6 +305,7 @@ class Trainer:
             self.guard = DivergenceGuard(GuardConfig())
         self.step = 0
         self.tokens_seen = 0
+        self.restored_versions: dict[str, Any] | None = None
 
     # -- events and metrics (rank 0 writes) ------------------------------------------------
     def _event(self, kind: str, **fields: Any) -> None:
@@ -339,6 +338,7 @@ class Trainer:
         """Load a checkpoint (any world size / TP degree) and restore every piece of state."""
         state = self.ckpt.load(path, self.model, self.optimizer)
         self.step = int(state["step"])
+        self.restored_versions = state.get("versions")
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.schedule.load_state_dict(state["schedule"])
@@ -525,22 +525,16 @@ def _mix(*xs: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _versions() -> dict[str, str]:
-    import opt_ray
-    out = {"opt_ray": opt_ray.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("ray", "fairscale", "numpy"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
-    return out
+def _versions() -> dict[str, str | None]:
+    """The library versions the logbook compares on resume (``opt_ray.logbook.versions``)."""
+    from opt_ray.logbook import versions
+    return versions()
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
-    hw = {"host": socket.gethostname(), "cpus": os.cpu_count(), "device": str(device),
-          "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-    return hw
+    from opt_ray.logbook import hardware
+
+    return {**hardware(), "device": str(device), "torch_threads": torch.get_num_threads()}
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
@@ -631,6 +625,11 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                        global_rows=trainer.global_rows, micro_batch=trainer.micro,
                        grad_accum=trainer.accum, seq_len=trainer.seq_len,
                        versions=_versions(), hardware=_hardware(trainer.device))
+        if latest is not None and rank == 0:
+            # A checkpoint written under other library versions is worth a line in the
+            # logbook (OPT-175B: an upgrade changed activation-norm dynamics).
+            log_resume(trainer.logbook, trainer.restored_versions, step=trainer.step,
+                       checkpoint=str(latest))
         if attempt > 0 and rank == 0:
             rm.counter("train_restarts", "training gang restarts").inc(1)
 
