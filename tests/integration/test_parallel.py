@@ -47,6 +47,13 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
 
 
+def _targets(ids: torch.Tensor) -> torch.Tensor:
+    """The next-token targets ``_loss`` uses, for ``model(ids, targets=...)``."""
+    t = ids.roll(-1, dims=1)
+    t[:, -1] = -100
+    return t
+
+
 def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -89,6 +96,9 @@ def _tp_worker(rank: int, world: int, port: int) -> None:
         logits = model(ids, attention_mask=mask)
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
         _loss(logits, ids).backward()
+        with torch.no_grad():  # the model's own loss path with a vocab-parallel head
+            torch.testing.assert_close(model(ids, attention_mask=mask, targets=_targets(ids)),
+                                       _loss(ref_logits, ids).detach(), atol=1e-5, rtol=1e-5)
 
         dims = par.tp_partition_dims(cfg)
         ref_params = dict(ref.named_parameters())
@@ -136,8 +146,9 @@ def _fsdp_worker(rank: int, world: int, port: int, tp: int, ac: bool) -> None:
         dp_rank = torch.distributed.get_rank(dp_group)
         rows = slice(dp_rank * (4 // dp), (dp_rank + 1) * (4 // dp))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-        # Equal token counts per rank, so the mean of rank means is the global mean.
-        loss = _loss(model(ids[rows], attention_mask=mask[rows]), ids[rows])
+        # Equal token counts per rank, so the mean of rank means is the global mean. The
+        # model's own (fused, chunked) loss against the reference's plain cross-entropy.
+        loss = model(ids[rows], attention_mask=mask[rows], targets=_targets(ids[rows]))
         loss.backward()
         opt.step()
 
