@@ -21,7 +21,7 @@ after set-up (CPU), or ``torch.cuda.max_memory_allocated`` (GPU). Achieved FLOP/
 ``flops_per_token`` (6N + 12 L d T) against a big bf16 matmul timed in the same run.
 
     python bench/train_step.py                                   # 125m, 4 x 512, CPU, bf16
-    python bench/train_step.py --preset 1.3b --seq-len 2048 --device cuda --batch 8
+    python bench/train_step.py --preset 1.3b --seq-len 2048 --device cuda --batch 4
 
 Prints one JSON object.
 """
