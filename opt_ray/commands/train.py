@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "killsave:rank=0:step=4,nan:step=10,spike:step=12:factor=10")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer's activations in backward (less memory)")
+    p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="roll back to the checkpoint of step STEP of --output and continue from "
+                        "there; newer checkpoints are moved aside to RUN_DIR/abandoned/")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="disable the divergence guard (rollback on NaN / loss spikes)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -81,7 +84,8 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, keep=args.keep, milestone_every=args.milestone_every,
         deterministic=args.deterministic, max_failures=args.max_failures,
         collective_timeout=args.collective_timeout, chaos=args.chaos,
-        activation_checkpointing=args.activation_checkpointing, guard=args.guard)
+        activation_checkpointing=args.activation_checkpointing, guard=args.guard,
+        resume_from=args.resume_from)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     ShardDataset(cfg.data, verify=False)  # a bad --data fails here, before any worker starts
+    if cfg.resume_from:
+        _check_resume_from(Path(cfg.output), cfg.resume_from)
     if args.num_cpus:
         from opt_ray.ray_util import init_ray
         init_ray(args.address, num_cpus=args.num_cpus)
@@ -105,3 +111,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained to step {metrics.get('step', cfg.steps)}; run directory {run_dir} "
           f"(checkpoints in {run_dir / 'checkpoints'}, metrics in {run_dir / 'metrics.jsonl'})")
     return 0
+
+
+def _check_resume_from(run_dir, step: int) -> None:
+    """Fail before any worker starts when the requested checkpoint is not there."""
+    from opt_ray.train.checkpoint import CheckpointError, committed, verify
+
+    steps = {s: p for s, p in committed(run_dir / "checkpoints")}
+    if step not in steps or verify(steps[step]) is not None:
+        valid = [s for s, p in steps.items() if verify(p) is None]
+        raise CheckpointError(f"--resume-from {step}: no valid checkpoint of step {step} in "
+                              f"{run_dir / 'checkpoints'}; valid steps: {valid or 'none'}")

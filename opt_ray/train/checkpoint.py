@@ -254,6 +254,33 @@ class Checkpointer:
                 shutil.rmtree(self.root / step_name(s), ignore_errors=True)
         self._barrier()
 
+    def rollback_to(self, step: int) -> Path:
+        """Make the checkpoint at ``step`` the newest: every newer one is moved aside to
+        ``RUN_DIR/abandoned/`` (kept, never deleted) so that a later restart cannot
+        resume past the rollback. Rank 0 acts; every rank gets the path."""
+        choice: str | None = None
+        error: str | None = None
+        if self.rank == 0:
+            steps = dict(committed(self.root))
+            ckpt = steps.get(step)
+            reason = verify(ckpt) if ckpt is not None else "no such checkpoint"
+            if reason is not None:
+                error = (f"--resume-from {step}: {reason}; valid checkpoints: "
+                         f"{[s for s, p in steps.items() if verify(p) is None] or 'none'}")
+            else:
+                aside = self.root.parent / "abandoned"
+                newer = [s for s in steps if s > step]
+                for s in newer:
+                    aside.mkdir(exist_ok=True)
+                    os.replace(steps[s], aside / f"{step_name(s)}-{int(time.time())}")
+                self.on_event("rollback", step=step, to_step=step, requested=True,
+                              moved_aside=newer, path=str(ckpt))
+                choice = str(ckpt)
+        choice, error = self._broadcast((choice, error))
+        if error:
+            raise CheckpointError(error)
+        return Path(choice)
+
     # -- find -----------------------------------------------------------------------------
     def latest_valid(self, *, max_step: int | None = None) -> Path | None:
         """The newest committed checkpoint (at or before ``max_step``) that passes its

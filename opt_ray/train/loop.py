@@ -90,6 +90,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     guard: bool = True                          # the divergence guard (issue 6)
     num_threads: int | None = None              # torch threads per worker (None: as set)
+    resume_from: int | None = None              # roll back to this checkpoint step on start
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
@@ -112,6 +113,8 @@ class TrainConfig:
         _require(self.max_failures >= -1, f"--max-failures must be >= 0 (or -1: unlimited)")
         _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         _require(self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
+        _require(self.resume_from is None or 0 <= self.resume_from <= self.steps,
+                 f"--resume-from must be a checkpoint step in [0, --steps], got {self.resume_from}")
         parse_chaos(self.chaos)  # bad chaos specs fail before any worker starts
 
     @property
@@ -601,7 +604,12 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
         run_dir = trainer.run_dir
         attempt = hooks.attempt()
         trainer.ckpt.clean_partial()
-        latest = trainer.ckpt.latest_valid()
+        if cfg.resume_from and attempt == 0:
+            # A requested rollback (`opt-ray ctl rollback`): only on the first attempt, so a
+            # restart after a later failure resumes from what was trained since.
+            latest = trainer.ckpt.rollback_to(cfg.resume_from)
+        else:
+            latest = trainer.ckpt.latest_valid()
         if latest is not None:
             trainer.restore(latest)
             if rank == 0:

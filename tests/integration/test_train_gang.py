@@ -177,3 +177,25 @@ def test_export_and_eval(shards, tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
     assert results[0]["rows"] == 16 and results[0]["loss"] < 6.0
+
+
+def test_resume_from_rolls_back_to_a_chosen_checkpoint(shards, tmp_path):
+    """`--resume-from 2` (what `opt-ray ctl rollback` submits): newer checkpoints are moved
+    aside, training replays from step 2 and ends bit-identical to the straight run."""
+    import shutil
+
+    from opt_ray.train.checkpoint import CheckpointError
+    from opt_ray.train.loop import train
+
+    train(tiny_cfg(shards, tmp_path / "a", keep=3))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(CheckpointError, match="--resume-from 3"):
+        train(tiny_cfg(shards, tmp_path / "b", keep=3, resume_from=3))
+    train(tiny_cfg(shards, tmp_path / "b", keep=3, resume_from=2))
+    a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+    aside = sorted(p.name.split("-")[0] for p in (tmp_path / "b" / "abandoned").iterdir())
+    assert aside == ["step_00000004", "step_00000006"]
+    rollback = [e for e in events(tmp_path / "b") if e["event"] == "rollback"]
+    assert rollback[-1]["to_step"] == 2 and rollback[-1]["moved_aside"] == [4, 6]
