@@ -192,3 +192,15 @@ def test_bad_config_values_and_missing_files(tmp_path):
         from_hf(d)
     with pytest.raises(HFCheckpointError, match="config.json"):
         from_hf(tmp_path / "nowhere")
+
+
+def test_sharded_checkpoint(tmp_path):
+    """Large checkpoints come as shards plus model.safetensors.index.json."""
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "s", max_shard_size="20KB")
+    assert (tmp_path / "s" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "s").glob("model-*.safetensors"))) > 1
+    ours = from_hf(tmp_path / "s")
+    ids = _ids()
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
