@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="HF checkpoint directory to write")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype to write (default fp32, the master weights)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to ship with the weights (file or dir for `opt-ray tokenizer "
+                        "load`); default: the one the run was trained with (RUN_DIR/tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=run)
 
@@ -26,9 +31,27 @@ def run(args: argparse.Namespace) -> int:
     from opt_ray.train.checkpoint import load_model, read_train_state, resolve
 
     ckpt = resolve(args.checkpoint)
+    tok = _find_tokenizer(args.tokenizer, ckpt)  # before writing: a bad --tokenizer loses nothing
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = load_model(ckpt, dtype=dtype)
     out = to_hf(model, args.output, overwrite=args.overwrite)
     step = read_train_state(ckpt)["step"]
-    print(f"exported {ckpt} (step {step}) to {out}")
+    if tok is not None:
+        # The weights are already committed atomically; the tokenizer goes in through a
+        # temporary name so a reader never sees half a file.
+        from opt_ray.data.tokenizer import save_tokenizer_files
+        save_tokenizer_files(tok, out)
+        print(f"exported {ckpt} (step {step}) with its tokenizer to {out}")
+    else:
+        print(f"exported {ckpt} (step {step}) to {out}; no tokenizer was found for this run: "
+              f"pass --tokenizer so that `opt-ray serve` can load the export", file=sys.stderr)
     return 0
+
+
+def _find_tokenizer(explicit: str | None, ckpt: Path):
+    from opt_ray.data.tokenizer import load_tokenizer
+
+    if explicit:
+        return load_tokenizer(explicit)
+    run_tok = ckpt.parent.parent / "tokenizer.json"  # RUN_DIR/checkpoints/step_N
+    return load_tokenizer(run_tok) if run_tok.is_file() else None

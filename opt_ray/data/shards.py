@@ -32,6 +32,7 @@ from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_fil
 from opt_ray.errors import UserError
 
 KIND = "shards"
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer the shards were made with
 SPLITS = ("train", "valid")
 ID_KEY = "opt_ray_id"  # the stable id opt_ray.data.readers attaches to every record
 COLUMN = "tokens"
@@ -384,6 +385,9 @@ def write_shards(records: Iterable[dict[str, Any]], tok: Any, out: str | os.Path
         bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", mininterval=1.0)
     t0, done, encode_cpu = time.time(), 0, 0.0
     with ArtifactWriter(out, kind=KIND, overwrite=overwrite) as w:
+        # The tokenizer travels with its shards (checksummed like them), so training runs
+        # and their exports for serving load exactly the file the tokens came from.
+        tok.save(str(w.path / TOKENIZER_FILE))
         writers = {s: SplitWriter(w.path, s, seq_len, dtype, rows_per_shard) for s in SPLITS}
         batches = text_batches(records, text_field=text_field, id_field=id_field,
                                valid_fraction=valid_fraction, seed=seed, batch_chars=batch_chars)

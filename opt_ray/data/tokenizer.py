@@ -215,8 +215,21 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, *, source: dict[s
     from opt_ray.artifacts import ArtifactWriter
 
     with ArtifactWriter(out_dir, kind="tokenizer", overwrite=overwrite) as w:
-        tok.save(str(w.path / "tokenizer.json"))
-        if isinstance(tok.model, models.BPE):
-            tok.model.save(str(w.path))  # vocab.json + merges.txt
+        save_tokenizer_files(tok, w.path)
         w.manifest.update({"tokenizer": describe(tok), "source": source or {}})
     return w.out
+
+
+def save_tokenizer_files(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
+    """Write ``tokenizer.json`` (plus ``vocab.json`` / ``merges.txt`` for a BPE) into an
+    existing directory, each through a temporary name: an HF checkpoint directory this way
+    carries the tokenizer that serving loads."""
+    import tempfile
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tok-") as tmp:
+        tok.save(str(Path(tmp) / "tokenizer.json"))
+        if isinstance(tok.model, models.BPE):
+            tok.model.save(tmp)  # vocab.json + merges.txt
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, out / f.name)

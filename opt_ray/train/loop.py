@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -556,6 +557,19 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _keep_tokenizer(cfg: TrainConfig, run_dir: Path) -> None:
+    """Copy the shards' tokenizer into the run directory, so `opt-ray export` can ship it
+    with the weights and a served export decodes with the file training encoded with."""
+    from opt_ray.data.shards import TOKENIZER_FILE
+
+    src = Path(cfg.data) / TOKENIZER_FILE
+    dst = run_dir / TOKENIZER_FILE
+    if src.is_file() and not dst.exists():
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
 def _write_run_manifest(trainer: Trainer, last: dict[str, Any]) -> None:
     """``RUN_DIR/manifest.json``: what the run is and where its result is. Unlike the
     other stages' artifacts a run directory is resumable, so this is (re)written when a
@@ -604,6 +618,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
         run_dir = trainer.run_dir
         attempt = hooks.attempt()
         trainer.ckpt.clean_partial()
+        if rank == 0:
+            _keep_tokenizer(cfg, run_dir)
         if cfg.resume_from and attempt == 0:
             # A requested rollback (`opt-ray ctl rollback`): only on the first attempt, so a
             # restart after a later failure resumes from what was trained since.

@@ -170,6 +170,11 @@ def test_export_and_eval(shards, tmp_path, capsys):
     train(tiny_cfg(shards, tmp_path / "run", steps=2))
     assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+    # The export carries the tokenizer the shards were made with, so it is servable.
+    from opt_ray.data.shards import ShardDataset
+    from opt_ray.data.tokenizer import load_tokenizer, tokenizer_hash
+    expected = ShardDataset(shards, verify=False).manifest["tokenizer"]["hash"]
+    assert tokenizer_hash(load_tokenizer(tmp_path / "hf")) == expected
     capsys.readouterr()
     results = []
     for model in (tmp_path / "run", tmp_path / "hf"):
