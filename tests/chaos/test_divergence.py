@@ -253,10 +253,6 @@ def test_killed_worker_logbook_shows_loss_restart_and_resumed_step(shards, tmp_p
 # Resuming under other library versions than the checkpoint recorded is logged
 # --------------------------------------------------------------------------------------
 
-# Missing in the loop (issue 5's file), found by this test: Trainer.restore() does not
-# call opt_ray.logbook.log_resume(logbook, state["versions"], step=...). Strict: once the
-# loop logs it, this XPASSes and the marker must go.
-@pytest.mark.xfail(strict=True, reason="loop does not call logbook.log_resume on resume yet")
 def test_resume_under_other_versions_logs_the_difference(shards, tmp_path):
     from opt_ray.artifacts import sha256_file, write_json_atomic
     from opt_ray.train.checkpoint import MANIFEST, TRAIN_STATE, committed
