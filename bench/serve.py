@@ -12,9 +12,10 @@ reference run alternately, round by round, so load drift hits both.
 
 Measured, in this order, interleaving engine and reference so load drift hits both:
   * single request, one at a time: engine vs HF ``generate`` at batch 1 (decode tok/s);
-  * 8 concurrent requests: the engine with 8 slots (requests refill slots as others
-    finish) vs HF static batches of 8 (left-padded, every row runs until the longest
-    output in its batch is done; only each request's own tokens count as output);
+  * 8 concurrent requests (8 clients sending back to back; rounds of 32 requests): the
+    engine with 8 slots (a finished request's slot is refilled the next step) vs HF
+    static batches of 8 (left-padded, every row runs until the longest output in its
+    batch is done; only each request's own tokens count as output);
   * Poisson arrivals at several rates through ``EngineLoop`` (the path a Serve replica
     uses): TTFT, TPOT, end-to-end latency p50/p99, output tokens/s.
 
@@ -175,7 +176,7 @@ def main() -> None:
 
     from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
 
-    n_single, n_conc, n_poisson = (2, 16, 8) if args.quick else (4, 32, 16)
+    n_single, n_conc, n_poisson = (2, 32, 8) if args.quick else (4, 64, 16)
     out_median, out_max = (16, 64) if args.quick else (24, 128)
     single = make_requests(n_single, 1, (16, 64), out_median * 2, out_median * 2)
     conc = make_requests(n_conc, 2, (8, 96), out_median, out_max)
@@ -210,15 +211,15 @@ def main() -> None:
         res["single_request"] = {"engine": e1, "hf_batch1": h1,
                                  "ratio_wall": round(e1["tokens_per_s"] / h1["tokens_per_s"], 2),
                                  "ratio_cpu": round(e1["tokens_per_cpu_s"] / h1["tokens_per_cpu_s"], 2)}
-        # 8 concurrent (8 clients sending back to back): the engine gets a round of 16
+        # 8 concurrent (8 clients sending back to back): the engine gets a round of 32
         # requests at once and keeps its 8 slots full, refilling a slot the step after
-        # its request ends; HF runs the same 16 as two static batches of 8. Rounds
+        # its request ends; HF runs the same 32 as static batches of 8 in order. Rounds
         # alternate engine / HF.
         te = {"tok": 0, "wall": 0.0, "cpu": 0.0}
         th = dict(te)
         waste = 0
-        for k in range(0, len(conc), 16):
-            rnd = conc[k:k + 16]
+        for k in range(0, len(conc), 32):
+            rnd = conc[k:k + 32]
             with Timer() as t:
                 te["tok"] += engine_closed_loop(engine, rnd, f"c{k}")
             te["wall"] += t.wall
