@@ -384,7 +384,7 @@ def app_builder(args: dict[str, Any]):
     if "checkpoint" not in args:
         raise UserError("app_builder needs checkpoint=PATH (an HF-format dir)")
     engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    engine_kw = {k: (v if k == "dtype" else int(v)) for k, v in args.items() if k in engine_fields}
+    engine_kw = {k: (v if k in ("dtype", "device") else int(v)) for k, v in args.items() if k in engine_fields}
     unknown = set(args) - set(engine_fields) - {"checkpoint", "model_name", "replicas", "max_replicas",
                                                  "host", "grpc_port"}
     if unknown:

@@ -75,6 +75,7 @@ class EngineConfig:
     max_waiting: int = 64             # bounded queue; beyond it add_request raises QueueFullError
     max_prefill_tokens: int = 2048    # prompt tokens prefilled per step (>= 1 request always)
     dtype: str = "float32"
+    device: str | None = None         # None: "cuda" when available, else "cpu"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
@@ -147,10 +148,10 @@ class SlotKVCache:
     Column ``max_len`` is scratch for idle decode rows."""
 
     def __init__(self, num_layers: int, num_slots: int, num_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype):
+                 max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (num_slots, num_heads, max_len + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.max_len = num_slots, max_len
 
     @staticmethod
@@ -175,7 +176,7 @@ class _PrefillWriter:
     length = 0
 
     def __init__(self, kv: SlotKVCache, slots: list[int]):
-        self.kv, self.slots = kv, torch.tensor(slots)
+        self.kv, self.slots = kv, torch.tensor(slots, device=kv.k[0].device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
@@ -190,7 +191,7 @@ class _DecodeView:
 
     def __init__(self, kv: SlotKVCache, n: int, positions: torch.Tensor, L: int):
         self.kv, self.n, self.positions, self.L = kv, n, positions, L
-        self.rows = torch.arange(n)
+        self.rows = torch.arange(n, device=positions.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kb, vb = self.kv.k[layer], self.kv.v[layer]
@@ -275,7 +276,8 @@ class Engine:
         self.config = config or EngineConfig()
         cfg = model.config
         self.dtype = _DTYPES[self.config.dtype]
-        self.model = model.to(self.dtype).eval()
+        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
         self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.max_model_len = min(self.config.max_model_len or cfg.max_position_embeddings,
@@ -291,7 +293,7 @@ class Engine:
                     f"max_model_len={self.max_model_len} ({per_slot} bytes each); raise the "
                     f"budget or lower max_model_len")
         self.kv = SlotKVCache(cfg.num_hidden_layers, num_slots, cfg.num_attention_heads,
-                              cfg.head_dim, self.max_model_len, self.dtype)
+                              cfg.head_dim, self.max_model_len, self.dtype, self.device)
         self.free_slots: list[int] = list(range(num_slots))   # kept sorted: lowest first
         self.waiting: deque[EngineRequest] = deque()
         self.running: dict[str, _Running] = {}
@@ -434,14 +436,17 @@ class Engine:
         pad = self.model.config.pad_token_id
         lens = [len(r.req.prompt_token_ids) for r in runs]
         T = max(lens)
-        ids = torch.tensor([r.req.prompt_token_ids + [pad] * (T - len(r.req.prompt_token_ids)) for r in runs])
+        ids = torch.tensor([r.req.prompt_token_ids + [pad] * (T - len(r.req.prompt_token_ids)) for r in runs],
+                           device=self.device)
         h = self.model.hidden_states(ids, cache=_PrefillWriter(self.kv, [r.seqs[0].slot for r in runs]))
-        last_h = h[torch.arange(len(runs)), torch.tensor(lens) - 1]                  # (B, d)
-        last_logits = self.model.lm_head(last_h).float()                             # (B, V)
+        last_h = h[torch.arange(len(runs), device=self.device),
+                   torch.tensor(lens, device=self.device) - 1]                       # (B, d)
+        # Sampling runs on the CPU with per-request CPU generators: reproducible anywhere.
+        last_logits = self.model.lm_head(last_h).float().cpu()                       # (B, V)
         for b, run in enumerate(runs):
             p, P = run.req.params, lens[b]
             if p.echo and p.logprobs is not None:
-                lp = torch.log_softmax(self.model.lm_head(h[b, : P - 1]).float(), dim=-1)  # (P-1, V)
+                lp = torch.log_softmax(self.model.lm_head(h[b, : P - 1]).float(), dim=-1).cpu()  # (P-1, V)
                 run.prompt_logprobs = [None] + [
                     _token_logprob(lp[i], run.req.prompt_token_ids[i + 1], p.logprobs)
                     for i in range(P - 1)]
@@ -470,14 +475,15 @@ class Engine:
         visible = cols.unsqueeze(0) <= positions.clamp(max=L - 1).unsqueeze(1)      # (n, L)
         idle = positions == scratch
         visible[idle] = cols == 0
+        dev = self.device
         h = self.model.hidden_states(
-            tokens.unsqueeze(1),
-            position_ids=torch.where(idle, 0, positions).unsqueeze(1),
-            cache=_DecodeView(self.kv, n, positions, L),
-            attn_mask=visible[:, None, None, :],                                  # (n, 1, 1, L)
+            tokens.unsqueeze(1).to(dev),
+            position_ids=torch.where(idle, 0, positions).unsqueeze(1).to(dev),
+            cache=_DecodeView(self.kv, n, positions.to(dev), L),
+            attn_mask=visible[:, None, None, :].to(dev),                          # (n, 1, 1, L)
         )                                                                          # (n, 1, d)
         rows = sorted(by_slot)
-        logits = self.model.lm_head(h[rows, 0]).float()                           # (m, V)
+        logits = self.model.lm_head(h[rows, 0]).float().cpu()                     # (m, V)
         for i, slot in enumerate(rows):
             self._accept(owner[slot], by_slot[slot], logits[i])
 
