@@ -160,6 +160,12 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         with (_Progress(run_dir, cfg.steps) if progress else _nullctx()):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
+        gave_up = _guard_give_up(run_dir)
+        if gave_up is not None:
+            # Not a hardware failure: restarting cannot help, so say what the guard tried.
+            Logbook(run_dir).event("failure", reason="divergence guard gave up", report=gave_up)
+            raise FailureBudgetExceeded(f"the divergence guard gave up: {gave_up}; see "
+                                        f"{run_dir / 'logbook.jsonl'}") from e
         reason = (f"training failed {cfg.max_failures + 1} time(s), more than --max-failures "
                   f"{cfg.max_failures} allows; last error: {_short(e)}")
         Logbook(run_dir).event("failure_budget_exceeded", max_failures=cfg.max_failures,
@@ -167,6 +173,20 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         raise FailureBudgetExceeded(reason + f"; see {run_dir / 'logbook.jsonl'}") from e
     metrics = dict(result.metrics or {})
     return metrics
+
+
+def _guard_give_up(run_dir: Path) -> str | None:
+    """The guard's give-up report when the run stopped on one (``RUN_DIR/guard.json``)."""
+    from opt_ray.train.guard import DivergenceGuard, GuardConfig
+
+    guard = DivergenceGuard(GuardConfig())
+    try:
+        if not guard.load(run_dir / "guard.json"):
+            return None
+    except ValueError:
+        return None
+    verdict = guard.gave_up
+    return None if verdict is None else (verdict.report or verdict.reason)
 
 
 def _short(e: BaseException, limit: int = 600) -> str:

@@ -470,6 +470,10 @@ class Trainer:
         self._event("divergence", **verdict.to_dict())
         if verdict.give_up or target is None:
             self._event("divergence_give_up", report=verdict.report)
+            if self.rank == 0:
+                # Persisted first: Ray Train restarts a failed gang, and the restart must
+                # stop on this give-up rather than resume from the last checkpoint.
+                self.guard.save(self.run_dir / "guard.json")
             raise DivergenceError(verdict)
         path = self.ckpt.latest_valid(max_step=target)
         if path is None:
@@ -639,6 +643,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                     trainer.guard = newer
                     trainer.schedule.lr_factor = newer.lr_scale
                     trainer.clip = newer.clip or trainer.clip
+            if trainer.guard:
+                trainer.guard.raise_if_gave_up()
         elif rank == 0:
             _trim_metrics(run_dir / METRICS, 0)
         start_kind = "restart" if attempt > 0 else ("resume" if latest is not None else "start")

@@ -194,11 +194,8 @@ def test_retries_exhausted_stop_with_a_report(shards, tmp_path):
     assert "finish" not in kinds(ev) or ev[first(ev, "finish")].get("status") == "failed"
 
 
-# Missing in the loop (issue 5's files), found by this test: Ray Train retries the
-# worker's DivergenceError like any failure, the restarted gang resumes from the last
-# checkpoint (the injected faults do not recur) and the run exits 0. Fix: guard.save()
-# before raising, guard.raise_if_gave_up() after restoring. Strict: XPASS once fixed.
-@pytest.mark.xfail(strict=True, reason="a guard give-up is retried by Ray Train and the run exits 0")
+# Ray Train restarts a gang whose worker raised DivergenceError like after any failure;
+# the give-up is persisted first, so the restart stops on it and the CLI exits non-zero.
 @pytest.mark.slow
 def test_retries_exhausted_exit_non_zero_through_the_cli(shards, tmp_path):
     run = tmp_path / "giveup-cli"
