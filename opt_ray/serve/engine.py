@@ -326,7 +326,9 @@ class Engine:
         with self._inbox_lock:
             if req.request_id in self._known:
                 raise RequestError(f"request_id {req.request_id!r} is already in use")
-            if len(self.waiting) + len(self._new) >= self.config.max_waiting:
+            # Requests not yet admitted: the ones free slots will take at the next step
+            # do not count as waiting (free_slots is read racily; it only errs by a step).
+            if len(self.waiting) + len(self._new) >= self.config.max_waiting + len(self.free_slots):
                 raise QueueFullError(
                     f"queue full ({self.config.max_waiting} requests waiting); retry later")
             self._known.add(req.request_id)

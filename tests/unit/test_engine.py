@@ -186,8 +186,9 @@ def test_bad_requests_are_request_errors(engine):
 
 
 def test_bounded_queue(engine):
+    """Free slots take requests at the next step; beyond them max_waiting may wait."""
     ids = engine.tokenizer.encode("The").ids
-    for i in range(engine.config.max_waiting):
+    for i in range(engine.stats().num_slots + engine.config.max_waiting):
         engine.add_request(EngineRequest(f"q{i}", ids, SamplingParams(max_tokens=2)))
     with pytest.raises(QueueFullError):
         engine.add_request(EngineRequest("one-too-many", ids, SamplingParams(max_tokens=2)))
