@@ -5,7 +5,6 @@ cancellation, gRPC, and a killed replica being replaced. Binds 127.0.0.1 on free
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import time
 
 import pytest
