@@ -68,6 +68,8 @@ EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "checkpoint_partial_removed": ("a half-written checkpoint was cleaned up", ("path",)),
     "failure_budget_exceeded": ("the gang failed more often than --max-failures allows",
                                 ("max_failures", "reason")),
+    "failure": ("the run stopped for a reason restarts cannot fix (e.g. the guard gave up)",
+                ("reason", "[report]")),
     "finish": ("the run ended", ("status", "[step]", "[loss]", "[reason]", "[report]")),
 }
 
@@ -363,6 +365,8 @@ def describe(e: dict[str, Any]) -> str:
         return f"Update of step {g('step')} skipped: loss {_fmt(g('loss'))}, grad norm {_fmt(g('grad_norm'))}."
     if k == "divergence_give_up":
         return "The divergence guard gave up; the run stops."
+    if k == "failure":
+        return f"Run failed: {g('reason')}."
     if k == "failure_budget_exceeded":
         return f"Failure budget exceeded (--max-failures {g('max_failures')}): {g('reason')}."
     if k == "checkpoint_rejected":
@@ -535,7 +539,7 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
     else:
         # The gang and the guard record why a run stopped even when no finish follows.
         stop = next((e for e in reversed(events) if e.get("event") in
-                     ("failure_budget_exceeded", "divergence_give_up")), None)
+                     ("failure", "failure_budget_exceeded", "divergence_give_up")), None)
         if stop is not None:
             lines.append(f"- **Outcome**: failed. {describe(stop)}")
         else:
@@ -590,7 +594,8 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
             loss = _loss_before(rows, _num(e.get("time")), e.get("step", e.get("from_step")))
         lines.append(format_entry(e, text, loss, show_step=not folded))
     report = next((e.get("report") for e in reversed(events)
-                   if e.get("event") in ("finish", "divergence_give_up") and e.get("report")), None)
+                   if e.get("event") in ("finish", "failure", "divergence_give_up") and e.get("report")),
+                  None)
     if report:
         lines += ["", "## Report", "", "```", str(report), "```"]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
