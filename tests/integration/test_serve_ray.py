@@ -204,6 +204,22 @@ def _wait_all_slots_free(server, aborted_before: int, timeout: float = 20) -> No
     pytest.fail(f"cancelled request not aborted / slot not freed: {stats}")
 
 
+def test_ray_metrics_are_exported(server, ray_local):
+    """The replicas' opt_ray_serve_* metrics reach the node's Prometheus endpoint."""
+    import httpx
+    port = ray_local.nodes()[0]["MetricsExportPort"]
+    want = {"opt_ray_serve_requests", "opt_ray_serve_ttft_s", "opt_ray_serve_tpot_s",
+            "opt_ray_serve_queue_depth", "opt_ray_serve_tokens_per_s"}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = {m for m in want if m not in text}
+        if not missing:
+            return
+        time.sleep(1)
+    pytest.fail(f"metrics not exported: {sorted(missing)}")
+
+
 def test_killed_replica_is_replaced_and_others_keep_answering(server, ray_local):
     from ray import serve
     ray = ray_local
