@@ -687,7 +687,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (p / sub / "config.json").is_file():
             return p / sub
     raise UserError(f"--checkpoint {p}: not an HF-format checkpoint (no config.json) and no "
-                    f"export inside it; run 'opt-ray export' on the training run first")
+                    f"export inside it (hf/ or export/); export the training run first: "
+                    f"opt-ray export {p} --output {p / 'hf'}")
 
 
 def load_model_and_tokenizer(path: str | Path):
