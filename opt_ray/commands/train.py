@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chaos", default="",
                    help="fault injection, e.g. kill:rank=1:step=5,hang:rank=0:step=8,corrupt:step=6,"
                         "killsave:rank=0:step=4,nan:step=10,spike:step=12:factor=10")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: Ray's, one per CPU the worker "
+                        "reserves); e.g. the machine's cores for a single CPU worker")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer's activations in backward (less memory)")
     p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         deterministic=args.deterministic, max_failures=args.max_failures,
         collective_timeout=args.collective_timeout, chaos=args.chaos,
         activation_checkpointing=args.activation_checkpointing, guard=args.guard,
-        resume_from=args.resume_from)
+        resume_from=args.resume_from, num_threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:
