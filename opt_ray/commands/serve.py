@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import time
 
 from opt_ray.ray_util import add_ray_args, init_ray
@@ -46,6 +48,14 @@ def run(args: argparse.Namespace) -> int:
                                  kv_cache_bytes=args.kv_cache_bytes, max_waiting=args.max_waiting,
                                  dtype=args.dtype)
     init_ray(args.address, num_cpus=args.num_cpus)
+    stop = threading.Event()
+    # SIGTERM is what `ray job stop` (and the control plane's RemoveServe) sends; SIGINT is
+    # set explicitly because a driver started in the background inherits it ignored.
+    # Either way the app is shut down before exit instead of being left running. Installed
+    # after ray.init (which sets handlers of its own) and before deploying, so a stop
+    # during start-up is honoured once the app is up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     app = build_app(args.checkpoint, model_name=args.model_name, engine_config=engine_config,
                     replicas=args.replicas, max_replicas=args.max_replicas, host=args.host,
                     grpc_port=args.grpc_port or None)
@@ -56,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"opt-ray serve: gRPC opt_ray.v1.GenerationService at {args.host}:{args.grpc_port}", flush=True)
     print("opt-ray serve: Ctrl-C to stop", flush=True)
     try:
-        while True:
-            time.sleep(1)
+        while not stop.wait(1.0):
+            pass
+        print("opt-ray serve: stopping", flush=True)
     finally:
         serve.shutdown()
