@@ -71,9 +71,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "there; newer checkpoints are moved aside to RUN_DIR/abandoned/")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="disable the divergence guard (rollback on NaN / loss spikes)")
+    g = p.add_argument_group("divergence guard policy (defaults: the OPT-175B team's interventions)")
+    g.add_argument("--guard-spike-factor", type=float, dest="spike_factor",
+                   help="a loss above this x its running mean is a spike (default 1.5)")
+    g.add_argument("--guard-lr-factor", type=float, dest="lr_factor",
+                   help="LR multiplier per rollback, compounding (default 0.5)")
+    g.add_argument("--guard-clip", type=float, dest="clip_after_rollback",
+                   help="gradient clipping after a rollback (default 0.3, as OPT lowered 1.0 -> 0.3)")
+    g.add_argument("--guard-skip-batches", type=int, dest="skip_batches",
+                   help="batches up to the detection that are skipped after a rollback (default 1)")
+    g.add_argument("--guard-max-rollbacks", type=int, dest="max_rollbacks",
+                   help="rollbacks before the run stops with a report (default 3)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_ray_args(p)
     p.set_defaults(func=run)
+
+
+GUARD_FLAGS = ("spike_factor", "lr_factor", "clip_after_rollback", "skip_batches", "max_rollbacks")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -88,7 +102,8 @@ def config_from_args(args: argparse.Namespace):
         deterministic=args.deterministic, max_failures=args.max_failures,
         collective_timeout=args.collective_timeout, chaos=args.chaos,
         activation_checkpointing=args.activation_checkpointing, guard=args.guard,
-        resume_from=args.resume_from, num_threads=args.threads)
+        resume_from=args.resume_from, num_threads=args.threads,
+        guard_policy={k: getattr(args, k) for k in GUARD_FLAGS if getattr(args, k) is not None})
 
 
 def run(args: argparse.Namespace) -> int:

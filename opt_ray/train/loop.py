@@ -90,12 +90,17 @@ class TrainConfig:
     chaos: str = ""
     activation_checkpointing: bool = False
     guard: bool = True                          # the divergence guard (issue 6)
+    guard_policy: dict[str, Any] = field(default_factory=dict)  # GuardConfig overrides
     num_threads: int | None = None              # torch threads per worker (None: as set)
     resume_from: int | None = None              # roll back to this checkpoint step on start
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
         preset(self.preset)  # raises with the list of presets
+        # Workers run in another directory than the driver: paths must not be relative.
+        self.data = os.path.abspath(self.data)
+        self.output = os.path.abspath(self.output)
+        self.guard_config()  # a bad policy fails here, before any worker starts
         if isinstance(self.workers, (list, tuple)):
             self.workers = (int(self.workers[0]), int(self.workers[1]))
             _require(1 <= self.workers[0] <= self.workers[1],
@@ -117,6 +122,15 @@ class TrainConfig:
         _require(self.resume_from is None or 0 <= self.resume_from <= self.steps,
                  f"--resume-from must be a checkpoint step in [0, --steps], got {self.resume_from}")
         parse_chaos(self.chaos)  # bad chaos specs fail before any worker starts
+
+    def guard_config(self):
+        """The divergence policy: the paper's interventions, with ``guard_policy`` overrides."""
+        from opt_ray.train.guard import GuardConfig
+
+        known = {f.name for f in dataclasses.fields(GuardConfig)}
+        unknown = sorted(set(self.guard_policy) - known)
+        _require(not unknown, f"unknown guard policy field(s) {unknown}; known: {sorted(known)}")
+        return GuardConfig(**self.guard_policy)
 
     @property
     def min_workers(self) -> int:
@@ -306,7 +320,7 @@ class Trainer:
         self.guard = None
         if cfg.guard:
             from opt_ray.train.guard import DivergenceGuard, GuardConfig
-            self.guard = DivergenceGuard(GuardConfig())
+            self.guard = DivergenceGuard(cfg.guard_config())
         self.step = 0
         self.tokens_seen = 0
         self.restored_versions: dict[str, Any] | None = None

@@ -204,3 +204,24 @@ def test_resume_from_rolls_back_to_a_chosen_checkpoint(shards, tmp_path):
     assert aside == ["step_00000004", "step_00000006"]
     rollback = [e for e in events(tmp_path / "b") if e["event"] == "rollback"]
     assert rollback[-1]["to_step"] == 2 and rollback[-1]["moved_aside"] == [4, 6]
+
+
+def test_guard_policy_from_the_command_line(shards, tmp_path, monkeypatch):
+    """`--guard-*` flags reach the guard: a NaN at step 5 with --guard-lr-factor 0.25 and
+    --guard-clip 0.5 rolls back with exactly those; a bad value is one line, exit 2.
+    Paths are taken relative to where the command runs, then made absolute for workers."""
+    from opt_ray.cli import build_parser, main
+    from opt_ray.commands.train import config_from_args
+    from opt_ray.train.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(
+        ["train", "--data", str(shards), "--output", "run", "--guard-lr-factor", "0.25",
+         "--guard-clip", "0.5"])
+    cfg = config_from_args(args)
+    assert cfg.output == str(tmp_path / "run")
+    train(tiny_cfg(shards, tmp_path / "run", guard=True, chaos="nan:step=5",
+                   guard_policy=cfg.guard_policy))
+    rollback = next(e for e in events(tmp_path / "run") if e["event"] == "rollback")
+    assert rollback["to_step"] == 4 and rollback["lr_factor"] == 0.25 and rollback["clip"] == 0.5
+    assert main(["train", "--data", str(shards), "--output", "bad", "--guard-lr-factor", "2"]) == 2
