@@ -8,6 +8,7 @@ runs and where each artifact went.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -106,4 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<10} {path}")
     print(f"  {'logbook':<10} opt-ray logbook {p['run']}")
     print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    losses = [json.loads(line)["loss"] for line in (p["run"] / "metrics.jsonl").read_text().splitlines()
+              if line.strip()]
+    if losses:
+        print(f"  training loss: {losses[0]:.3f} at step 1 -> {losses[-1]:.3f} at step {len(losses)}")
     return 0
