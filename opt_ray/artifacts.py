@@ -41,16 +41,21 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file in the same directory, fsync, then rename."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file in the same directory, fsync, then rename: a reader
+    sees the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (``write_text_atomic``), indented with sorted keys."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class ArtifactWriter:

@@ -33,6 +33,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
+from opt_ray.artifacts import write_text_atomic
+
 # Directories of the standard library that are tests, tools or generated tables rather
 # than prose (encodings/ is ~100 copies of one generated docstring).
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
@@ -193,7 +195,7 @@ def write_sample_corpus(out_dir: str | os.PathLike, *, n_docs: int | None = None
     records.sort(key=lambda r: keys[r["id"]])
 
     path = out_dir / f"{name}.jsonl"
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     side = {
         "corpus": path.name, "seed": seed, "python": sys.version.split()[0],
         "originals": len(originals), "variants": len(variants), "records": len(records),
@@ -201,11 +203,7 @@ def write_sample_corpus(out_dir: str | os.PathLike, *, n_docs: int | None = None
         "shingles": f"lowercase, split on \\W+, word {NGRAM}-grams",
         "duplicates": [{k: d[k] for k in ("id", "dup_of", "variant", "jaccard")} for d in variants],
     }
-    _write_atomic(out_dir / f"{name}.dups.json", json.dumps(side, indent=1) + "\n")
+    write_text_atomic(out_dir / f"{name}.dups.json", json.dumps(side, indent=1) + "\n")
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

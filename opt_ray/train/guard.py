@@ -482,10 +482,8 @@ class DivergenceGuard:
     def save(self, path: str | os.PathLike) -> None:
         """Write the state as JSON atomically (for a run-level copy next to the checkpoints,
         so a crash between a rollback and the next checkpoint does not forget it)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state_dict()))
-        os.replace(tmp, path)
+        from opt_ray.artifacts import write_json_atomic
+        write_json_atomic(path, self.state_dict())
 
     def load(self, path: str | os.PathLike) -> bool:
         """Load state written by ``save``; False when the file does not exist."""

@@ -45,9 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from opt_ray.artifacts import write_text_atomic
 from opt_ray.config import ConfigError, ModelConfig, flops_per_token, num_params, preset
 from opt_ray.errors import UserError
-from opt_ray.logbook import Logbook, log_resume
+from opt_ray.logbook import Logbook, log_resume, versions
 from opt_ray.train.chaos import Chaos, parse_chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -337,7 +338,7 @@ class Trainer:
             "guard": self.guard.state_dict() if self.guard else None,
             "world_size": self.world, "dp_size": self.dp_size, "preset": self.cfg.preset,
             "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "run_id": self.cfg.run_id,
-            "versions": _versions(),
+            "versions": versions(),
         }
 
     # -- checkpoints -------------------------------------------------------------------
@@ -547,12 +548,6 @@ def _mix(*xs: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _versions() -> dict[str, str | None]:
-    """The library versions the logbook compares on resume (``opt_ray.logbook.versions``)."""
-    from opt_ray.logbook import versions
-    return versions()
-
-
 def _hardware(device: torch.device) -> dict[str, Any]:
     from opt_ray.logbook import hardware
 
@@ -570,9 +565,7 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn last line from a killed writer
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
 def _keep_tokenizer(cfg: TrainConfig, run_dir: Path) -> None:
@@ -596,7 +589,7 @@ def _write_run_manifest(trainer: Trainer, last: dict[str, Any]) -> None:
 
     ckpts = trainer.ckpt.available_steps()
     write_json_atomic(trainer.run_dir / "manifest.json", {
-        "kind": "train_run", "code_version": code_version(), "versions": _versions(),
+        "kind": "train_run", "code_version": code_version(), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": trainer.cfg.to_dict(), "model": trainer.model_cfg.to_dict(),
         "params": num_params(trainer.model_cfg),
@@ -668,7 +661,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                        dp=trainer.dp_size, tp=cfg.tp, precision=trainer.precision,
                        global_rows=trainer.global_rows, micro_batch=trainer.micro,
                        grad_accum=trainer.accum, seq_len=trainer.seq_len,
-                       versions=_versions(), hardware=_hardware(trainer.device))
+                       versions=versions(), hardware=_hardware(trainer.device))
         if latest is not None and rank == 0:
             # A checkpoint written under other library versions is worth a line in the
             # logbook (OPT-175B: an upgrade changed activation-norm dynamics).

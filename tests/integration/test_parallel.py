@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -17,14 +16,9 @@ import torch.nn.functional as F
 from opt_ray.config import ModelConfig
 from opt_ray.model import OPT
 from opt_ray.model import parallel as par
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -166,7 +160,7 @@ def _fsdp_worker(rank: int, world: int, port: int, tp: int, ac: bool) -> None:
 
 
 def _spawn(fn, world: int, *args) -> None:
-    torch.multiprocessing.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+    torch.multiprocessing.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.timeout(120)
