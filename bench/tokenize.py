@@ -117,7 +117,9 @@ def main() -> int:
 
             from actors.tokenize import TokenizePool, ray_encode_map
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            from opt_ray.ray_util import local_ray_kwargs
+
+            ray.init(**local_ray_kwargs(), num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
                 dtype = token_dtype(tok.get_vocab_size())
                 for _ in range(args.trials):

@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "wall_s": round(time.time() - t0, 1)}
 
         if "overhead" not in skip_parts or "recovery" not in skip_parts:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            from opt_ray.ray_util import local_ray_kwargs
+            ray.init(**local_ray_kwargs(), num_cpus=4, include_dashboard=False, log_to_driver=False)
         if "overhead" not in skip_parts:
             # The machine is shared and its load drifts: the model-only loop is timed right
             # before and right after each gang run, and each gang run is compared with the

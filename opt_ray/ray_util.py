@@ -8,7 +8,10 @@ the process, so the whole pipeline runs on one laptop.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import tempfile
 from typing import Any
 
 
@@ -32,5 +35,18 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True,
-                 **kwargs)
+        ray.init(**local_ray_kwargs(), num_cpus=num_cpus, include_dashboard=dashboard,
+                 log_to_driver=True, **kwargs)
+
+
+def local_ray_kwargs() -> dict[str, Any]:
+    """``ray.init`` arguments that start a Ray of this process's own.
+
+    Without an address ``ray.init`` joins the latest cluster it finds in the shared
+    ``/tmp/ray`` (someone else's, on a shared machine). ``address="local"`` always starts a
+    new one, and a temp dir of its own keeps its sockets and session files apart; the dir
+    is removed at exit. The path stays short: Ray's unix socket paths must fit 107 bytes.
+    """
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
+    return {"address": "local", "_temp_dir": temp_dir}

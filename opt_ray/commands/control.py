@@ -79,7 +79,8 @@ def _connect_ray(args: argparse.Namespace) -> str:
         if args.address:
             ctx = ray.init(address=args.address, log_to_driver=False)
         else:
-            ctx = ray.init(num_cpus=args.num_cpus, include_dashboard=True,
+            from opt_ray.ray_util import local_ray_kwargs
+            ctx = ray.init(**local_ray_kwargs(), num_cpus=args.num_cpus, include_dashboard=True,
                            dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port,
                            log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
