@@ -1,23 +1,23 @@
-"""The serving engine: continuous batching over a slot-based KV cache. No Ray in here.
+"""The serving engine: continuous batching with packed steps. No Ray in here.
 
 One ``Engine.step()`` is a short numbered sequence, as in vLLM:
   1. intake:   apply aborts and move newly added requests to the waiting queue;
-  2. schedule: admit waiting requests FCFS while free slots and the prefill token
-               budget allow (iteration-level batching: requests join at every step);
-  3. prefill:  one forward over the admitted prompts (right-padded), writing their
-               keys/values into their slots;
-  4. decode:   one batched forward of one token for every other running sequence;
-  5. sample + emit: pick tokens, check stops, detokenize incrementally, free the slots
-               of finished sequences at once (requests leave at every step).
+  2. schedule: one row per decoding sequence (1 token), then prefill chunks under the
+               ``max_prefill_tokens`` budget: first the rest of prompts already being
+               prefilled, then waiting requests FCFS while slots last (a long prompt is
+               split over several steps, so it never stalls the decoders);
+  3. forward:  ONE packed forward over all rows' tokens, unpadded (``runner.ModelRunner``):
+               every GEMM runs over exactly the real tokens, attention per row over its
+               own slot; the LM head only for rows that sample (decode rows, the last
+               token of a prompt) and, for echo + logprobs requests, their prompt positions;
+  4. sample:   one batched sampling call over those rows (``sampling.sample_batch``);
+  5. emit:     stop checks, incremental detokenisation, deltas; finished sequences free
+               their slots at once (requests leave at every step).
 
-KV cache: per layer one preallocated buffer (num_slots, heads, max_len + 1, head_dim),
-zero-filled so its memory is really committed. The slot count comes from a byte budget.
-Preallocated slots (not paged blocks) because on CPU the decode step is dominated by the
-weight matmuls; a slot is written in place and read back as a strided view, so no step
-copies or concatenates the cache (HF's DynamicCache re-concatenates every step).
-The decode batch covers slot rows 0..n-1 (n = highest busy slot + 1) so the cache is a
-view, not a gather; idle rows in between cost a little compute and write their k/v into
-the spare last column, which no real query ever sees.
+KV cache: per layer one preallocated buffer (num_slots, heads, max_len, head_dim); the
+slot count comes from a byte budget. Slots (not paged blocks): on CPU, decode attention is
+bound by reading keys, and a slot is read as a strided view of just its real length with
+no gather (blocks would need one per step, or a custom kernel).
 
 Two error tiers: ``RequestError`` (a ``UserError``: this request is bad or cannot be
 admitted; the engine carries on) and ``EngineDeadError`` (a step failed: every request
@@ -31,8 +31,10 @@ responsive while a step runs.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import json
+import os
 import threading
 import time
 from collections import deque
@@ -44,7 +46,8 @@ import torch
 
 from opt_ray.errors import UserError
 from opt_ray.model.opt import OPT
-from opt_ray.serve.sampling import SamplingParams, make_generator, sample_row
+from opt_ray.serve.runner import ModelRunner, Row, SlotKVCache, cache_dtype
+from opt_ray.serve.sampling import SamplingParams, make_generator, sample_batch
 
 
 # --------------------------------------------------------------------------------------
@@ -66,6 +69,15 @@ class EngineDeadError(RuntimeError):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_threads() -> int:
+    """Threads for one replica: OMP_NUM_THREADS when set (Ray sets it to the CPUs an actor
+    reserves), else the CPUs this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @dataclass
 class EngineConfig:
     """Capacity and scheduling knobs of one engine (one Serve replica)."""
@@ -73,11 +85,16 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per slot (prompt + output); None = model context
     kv_cache_bytes: int | None = None  # KV memory budget; None = exactly max_num_seqs slots
     max_waiting: int = 64             # bounded queue; beyond it add_request raises QueueFullError
-    max_prefill_tokens: int = 2048    # prompt tokens prefilled per step (>= 1 request always)
-    dtype: str = "float32"
+    # Prompt tokens prefilled per step, packed with the decode rows; longer prompts are
+    # chunked over several steps.
+    max_prefill_tokens: int = 512
+    dtype: str = "float32"            # float32 | bfloat16 | float16 (OPT's released weights)
     device: str | None = None         # None: "cuda" when available, else "cpu"
+    threads: int | None = None        # torch threads on CPU; None = default_threads()
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"engine.threads must be >= 1 (or None for the reserved CPUs), got {self.threads!r}")
         for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"engine.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -98,9 +115,12 @@ class EngineRequest:
 
 @dataclass
 class TokenLogprob:
+    """A token's raw model log-probability (log-softmax of the logits, before temperature,
+    top-k/top-p or penalties, as vLLM's default) and the top-N alternatives, best first,
+    with the token itself appended when it is not among them (as OpenAI/vLLM return)."""
     token_id: int
     logprob: float
-    top: list[tuple[int, float]]      # the top-k alternatives (id, logprob), best first
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -137,83 +157,93 @@ class EngineStats:
     steps: int
     output_tokens: int
     aborted_requests: int
-
-
-# --------------------------------------------------------------------------------------
-# KV cache
-# --------------------------------------------------------------------------------------
-
-class SlotKVCache:
-    """Preallocated keys/values: per layer (num_slots, heads, max_len + 1, head_dim).
-    Column ``max_len`` is scratch for idle decode rows."""
-
-    def __init__(self, num_layers: int, num_slots: int, num_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_slots, num_heads, max_len + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_slots, self.max_len = num_slots, max_len
-
-    @staticmethod
-    def bytes_per_slot(num_layers: int, hidden: int, max_len: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * hidden * (max_len + 1) * torch.empty((), dtype=dtype).element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Duplicate a prefilled prompt into another slot (the n > 1 choices)."""
-        for buf in self.k + self.v:
-            buf[dst, :, :length] = buf[src, :, :length]
-
-
-class _PrefillWriter:
-    """``Cache`` for prompts starting at position 0, row b going to ``slots[b]``: writes
-    the keys/values into the slots and attends to exactly them. Prompts are right-padded
-    to a common length; a real query i only sees keys j <= i (causal), all real, and the
-    padding written past a prompt's end is overwritten by decode before anyone reads it."""
-    length = 0
-
-    def __init__(self, kv: SlotKVCache, slots: list[int]):
-        self.kv, self.slots = kv, torch.tensor(slots, device=kv.k[0].device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.shape[2]
-        self.kv.k[layer][self.slots, :, :T] = k
-        self.kv.v[layer][self.slots, :, :T] = v
-        return k, v
-
-
-class _DecodeView:
-    """``Cache`` for one decode step over slot rows 0..n-1: row r writes its new key at
-    ``positions[r]`` and attends to a view of columns 0..L-1 (masked per row)."""
-
-    def __init__(self, kv: SlotKVCache, n: int, positions: torch.Tensor, L: int):
-        self.kv, self.n, self.positions, self.L = kv, n, positions, L
-        self.rows = torch.arange(n, device=positions.device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kb, vb = self.kv.k[layer], self.kv.v[layer]
-        kb[self.rows, :, self.positions] = k[:, :, 0]                # (n, nh, hs)
-        vb[self.rows, :, self.positions] = v[:, :, 0]
-        return kb[: self.n, :, : self.L], vb[: self.n, :, : self.L]  # views, no copy
+    forwards: int = 0                 # model forwards run (one per step with work)
+    prefill_tokens: int = 0           # prompt tokens computed so far
+    last_step_rows: int = 0           # rows in the last forward (prefill chunks + decodes)
+    last_step_prefill_tokens: int = 0
+    last_step_decode_rows: int = 0
 
 
 # --------------------------------------------------------------------------------------
 # Incremental detokenization
 # --------------------------------------------------------------------------------------
 
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character -> the byte it stands for."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_TABLES: dict[int, tuple[object, list[bytes] | None]] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def byte_table(tokenizer) -> list[bytes] | None:
+    """Per token id, the bytes it decodes to (b"" for special tokens), for a byte-level
+    BPE tokenizer (GPT-2's, OPT's); None for any other kind. Built once per tokenizer and
+    checked against ``tokenizer.decode`` of the whole vocabulary, so a tokenizer whose
+    decoding differs (a normaliser, a different decoder) falls back to decoding windows."""
+    key = id(tokenizer)
+    with _TABLES_LOCK:
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1]
+    table = _build_byte_table(tokenizer)
+    with _TABLES_LOCK:
+        _TABLES[key] = (tokenizer, table)   # holds the tokenizer: its id stays unique
+    return table
+
+
+def _build_byte_table(tokenizer) -> list[bytes] | None:
+    try:
+        spec = json.loads(tokenizer.to_str())
+    except Exception:   # noqa: BLE001 - not a `tokenizers` tokenizer: use the window method
+        return None
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    inv = _bytes_to_unicode()
+    specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    table: list[bytes] = [b""] * size
+    for tok, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if i >= size:
+            return None
+        if i in specials:
+            continue
+        if i in added:
+            table[i] = added[i].encode()
+        elif all(ch in inv for ch in tok):
+            table[i] = bytes(inv[ch] for ch in tok)
+        else:
+            return None
+    ids = [i for i in range(size) if i not in specials and i not in added]
+    if b"".join(table[i] for i in ids).decode("utf-8", "replace") != tokenizer.decode(ids, skip_special_tokens=True):
+        return None
+    return table
+
+
 class IncrementalDetokenizer:
     """Streams text as tokens arrive without ever emitting a broken UTF-8 character.
 
-    Byte-level BPE splits multi-byte characters across tokens; decoding such a prefix
-    yields U+FFFD. We decode a short window (prefix_offset..end) and emit only what it adds
-    beyond the already-emitted part (prefix_offset..read_offset), and hold back while it
-    ends in U+FFFD (TGI's / vLLM's method). Concatenated deltas equal decode(all ids)."""
+    Byte-level BPE splits multi-byte characters across tokens. With a byte table (OPT's
+    tokenizer) each token's bytes go through one incremental UTF-8 decoder, which holds an
+    incomplete character back until its last byte arrives: O(1) per token, no re-decode.
+    Otherwise we decode a short window (prefix_offset..end) and emit only what it adds
+    beyond the already-emitted part, holding back while it ends in U+FFFD (TGI's / vLLM's
+    method). Either way the concatenated deltas equal decode(all ids)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, table: list[bytes] | None | bool = True):
         self.tok = tokenizer
+        self.table = byte_table(tokenizer) if table is True else (table or None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -223,6 +253,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if self.table is not None:
+            return self._utf8.decode(self.table[token_id] if token_id < len(self.table) else b"")
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -232,6 +264,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever is still held back, replacement characters included."""
+        if self.table is not None:
+            return self._utf8.decode(b"", final=True)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
@@ -263,8 +297,13 @@ class _Running:
     req: EngineRequest
     seqs: list[_Seq]
     seen: torch.Tensor                # prompt ids (for the repetition penalty)
+    computed: int = 0                 # prompt tokens already in seqs[0]'s slot
     prompt_logprobs: list[TokenLogprob | None] | None = None
     sent_first: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.req.prompt_token_ids)
 
 
 class Engine:
@@ -277,13 +316,20 @@ class Engine:
         cfg = model.config
         self.dtype = _DTYPES[self.config.dtype]
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            self.threads = self.config.threads or default_threads()
+            torch.set_num_threads(self.threads)
+        else:
+            self.threads = self.config.threads or 1
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
+        self._byte_table = byte_table(tokenizer)
         self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.max_model_len = min(self.config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
+        kv_dtype = cache_dtype(self.dtype, self.device)
         per_slot = SlotKVCache.bytes_per_slot(cfg.num_hidden_layers, cfg.hidden_size,
-                                              self.max_model_len, self.dtype)
+                                              self.max_model_len, kv_dtype)
         num_slots = self.config.max_num_seqs
         if self.config.kv_cache_bytes is not None:
             num_slots = min(num_slots, self.config.kv_cache_bytes // per_slot)
@@ -293,7 +339,8 @@ class Engine:
                     f"max_model_len={self.max_model_len} ({per_slot} bytes each); raise the "
                     f"budget or lower max_model_len")
         self.kv = SlotKVCache(cfg.num_hidden_layers, num_slots, cfg.num_attention_heads,
-                              cfg.head_dim, self.max_model_len, self.dtype, self.device)
+                              cfg.head_dim, self.max_model_len, kv_dtype, self.device)
+        self.runner = ModelRunner(self.model, self.kv)
         self.free_slots: list[int] = list(range(num_slots))   # kept sorted: lowest first
         self.waiting: deque[EngineRequest] = deque()
         self.running: dict[str, _Running] = {}
@@ -303,7 +350,9 @@ class Engine:
         self._known: set[str] = set()
         self.steps = 0
         self.output_tokens = 0
+        self.prefill_tokens = 0
         self.aborted = 0
+        self._last = (0, 0, 0)           # rows, prefill tokens, decode rows of the last forward
 
     # ---- thread-safe intake ------------------------------------------------------------
 
@@ -347,6 +396,7 @@ class Engine:
         """A snapshot; safe to call from another thread while ``step`` runs (the list()
         copies happen under the GIL, so the dicts cannot change mid-iteration)."""
         running = list(self.running.values())
+        rows, pre, dec = self._last
         return EngineStats(
             num_slots=self.kv.num_slots,
             free_slots=len(self.free_slots),
@@ -360,6 +410,11 @@ class Engine:
             steps=self.steps,
             output_tokens=self.output_tokens,
             aborted_requests=self.aborted,
+            forwards=self.runner.forwards,
+            prefill_tokens=self.prefill_tokens,
+            last_step_rows=rows,
+            last_step_prefill_tokens=pre,
+            last_step_decode_rows=dec,
         )
 
     # ---- the step ------------------------------------------------------------------------
@@ -369,13 +424,8 @@ class Engine:
         """One iteration; returns a delta for every request that produced something."""
         try:
             outputs = self._intake()                         # 1. aborts, new requests
-            admitted = self._schedule()                      # 2. who joins the batch
-            decoding = [s for r in self.running.values() for s in r.seqs
-                        if s.finish_reason is None and r.req.request_id not in admitted]
-            if admitted:                                     # 3. prefill newcomers
-                self._prefill([self.running[rid] for rid in admitted])
-            if decoding:                                     # 4. one token for the rest
-                self._decode(decoding)
+            self._schedule()                                 # 2. admit newcomers
+            self._run()                                      # 3.+4. packed forward, sample
             outputs += self._emit()                          # 5. deltas, free finished slots
         except (RequestError, QueueFullError):
             raise
@@ -396,7 +446,8 @@ class Engine:
                 self.aborted += 1
                 run = self.running.pop(rid)
                 for s in run.seqs:
-                    self._free(s.slot)
+                    if not s.reported:
+                        self._free(s.slot)
                 outputs.append(RequestOutput(rid, [CompletionOutput(s.index, "", [], None, "abort")
                                                    for s in run.seqs if not s.reported],
                                              True, len(run.req.prompt_token_ids)))
@@ -408,97 +459,133 @@ class Engine:
                     outputs.append(RequestOutput(rid, [], True, 0))
         return outputs
 
-    def _schedule(self) -> list[str]:
-        admitted: list[str] = []
-        budget = self.config.max_prefill_tokens
-        while self.waiting:
+    def _schedule(self) -> None:
+        """Admit waiting requests FCFS while there are slots for all their n sequences and
+        prefill budget left this step (what is left of the budget after the prompts
+        already being prefilled). No overtaking, so no starvation."""
+        budget = self.config.max_prefill_tokens - sum(
+            len(r.req.prompt_token_ids) - r.computed for r in self.running.values() if r.prefilling)
+        while self.waiting and budget > 0:
             req = self.waiting[0]
-            P = len(req.prompt_token_ids)
-            # Prompts are prefilled together, padded to the longest: budget the padded size.
-            longest = max([P] + [len(self.running[r].req.prompt_token_ids) for r in admitted])
-            if len(self.free_slots) < req.params.n or (admitted and longest * (len(admitted) + 1) > budget):
-                break                      # FCFS: no overtaking, so no starvation
+            if len(self.free_slots) < req.params.n:
+                break
             self.waiting.popleft()
             slots = [self.free_slots.pop(0) for _ in range(req.params.n)]
             seed = req.params.seed
             seqs = [_Seq(i, slot,
                          None if req.params.greedy else make_generator(None if seed is None else seed + i),
-                         IncrementalDetokenizer(self.tokenizer))
+                         IncrementalDetokenizer(self.tokenizer, self._byte_table))
                     for i, slot in enumerate(slots)]
-            self.running[req.request_id] = _Running(req, seqs, torch.tensor(req.prompt_token_ids))
-            admitted.append(req.request_id)
-        return admitted
+            run = _Running(req, seqs, torch.tensor(req.prompt_token_ids))
+            if req.params.echo and req.params.logprobs is not None:
+                run.prompt_logprobs = [None]
+            self.running[req.request_id] = run
+            budget -= len(req.prompt_token_ids)
 
     def _free(self, slot: int) -> None:
         self.free_slots.append(slot)
         self.free_slots.sort()
 
-    def _prefill(self, runs: list[_Running]) -> None:
-        """One forward over all newcomers' prompts (right-padded), then their first token."""
-        pad = self.model.config.pad_token_id
-        lens = [len(r.req.prompt_token_ids) for r in runs]
-        T = max(lens)
-        ids = torch.tensor([r.req.prompt_token_ids + [pad] * (T - len(r.req.prompt_token_ids)) for r in runs],
-                           device=self.device)
-        h = self.model.hidden_states(ids, cache=_PrefillWriter(self.kv, [r.seqs[0].slot for r in runs]))
-        last_h = h[torch.arange(len(runs), device=self.device),
-                   torch.tensor(lens, device=self.device) - 1]                       # (B, d)
-        # Sampling runs on the CPU with per-request CPU generators: reproducible anywhere.
-        last_logits = self.model.lm_head(last_h).float().cpu()                       # (B, V)
-        for b, run in enumerate(runs):
-            p, P = run.req.params, lens[b]
-            if p.echo and p.logprobs is not None:
-                lp = torch.log_softmax(self.model.lm_head(h[b, : P - 1]).float(), dim=-1).cpu()  # (P-1, V)
-                run.prompt_logprobs = [None] + [
-                    _token_logprob(lp[i], run.req.prompt_token_ids[i + 1], p.logprobs)
-                    for i in range(P - 1)]
-            for s in run.seqs[1:]:
-                self.kv.copy_slot(run.seqs[0].slot, s.slot, P)
-            for s in run.seqs:
-                self._accept(run, s, last_logits[b])
+    def _run(self) -> None:
+        """Build the step's rows, run one packed forward, sample every row that samples."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[Row] = []
+        select: list[int] = []                # packed positions whose logits we need
+        samplers: list[tuple[_Running, list[_Seq], int]] = []   # (run, seqs, select index)
+        prompt_lp: list[tuple[_Running, int, int, int]] = []    # (run, first pos, count, select index)
 
-    def _decode(self, seqs: list[_Seq]) -> None:
-        by_slot = {s.slot: s for s in seqs}
-        n = max(by_slot) + 1
-        scratch = self.kv.max_len
-        tokens = torch.full((n,), self.model.config.pad_token_id, dtype=torch.long)
-        positions = torch.full((n,), scratch, dtype=torch.long)
-        owner = {}
+        def add_row(slot: int, ids: list[int], past: int) -> int:
+            start = len(tokens)
+            tokens.extend(ids)
+            positions.extend(range(past, past + len(ids)))
+            slots.extend([slot] * len(ids))
+            rows.append(Row(start, len(ids), slot, past))
+            return start
+
+        # Decode rows first, then prefill chunks: every running sequence advances each step.
+        n_decode = 0
         for run in self.running.values():
+            if run.prefilling:
+                continue
+            P = len(run.req.prompt_token_ids)
             for s in run.seqs:
-                if s.slot in by_slot:
-                    owner[s.slot] = run
-                    tokens[s.slot] = s.token_ids[-1]
-                    positions[s.slot] = len(run.req.prompt_token_ids) + len(s.token_ids) - 1
-        L = int(positions[list(by_slot)].max()) + 1
-        # Row r attends to its own keys 0..positions[r]; idle rows see column 0 only (its
-        # contents are irrelevant, it just keeps their softmax finite).
-        cols = torch.arange(L)
-        visible = cols.unsqueeze(0) <= positions.clamp(max=L - 1).unsqueeze(1)      # (n, L)
-        idle = positions == scratch
-        visible[idle] = cols == 0
-        dev = self.device
-        h = self.model.hidden_states(
-            tokens.unsqueeze(1).to(dev),
-            position_ids=torch.where(idle, 0, positions).unsqueeze(1).to(dev),
-            cache=_DecodeView(self.kv, n, positions.to(dev), L),
-            attn_mask=visible[:, None, None, :].to(dev),                          # (n, 1, 1, L)
-        )                                                                          # (n, 1, d)
-        rows = sorted(by_slot)
-        logits = self.model.lm_head(h[rows, 0]).float().cpu()                     # (m, V)
-        for i, slot in enumerate(rows):
-            self._accept(owner[slot], by_slot[slot], logits[i])
+                if s.finish_reason is None:
+                    start = add_row(s.slot, [s.token_ids[-1]], P + len(s.token_ids) - 1)
+                    samplers.append((run, [s], len(select)))
+                    select.append(start)
+                    n_decode += 1
+        budget = self.config.max_prefill_tokens
+        n_prefill = 0
+        for run in self.running.values():
+            if not run.prefilling or budget <= 0:
+                continue
+            prompt = run.req.prompt_token_ids
+            P, c = len(prompt), run.computed
+            T = min(P - c, budget)
+            start = add_row(run.seqs[0].slot, prompt[c:c + T], c)
+            budget -= T
+            n_prefill += T
+            if run.prompt_logprobs is not None:
+                # Position i predicts prompt token i+1; the last prompt position predicts
+                # the first generated token and is the sampling row below.
+                cnt = min(c + T, P - 1) - c
+                if cnt > 0:
+                    prompt_lp.append((run, c, cnt, len(select)))
+                    select.extend(range(start, start + cnt))
+            run.computed = c + T
+            if not run.prefilling:
+                samplers.append((run, [s for s in run.seqs], len(select)))
+                select.append(start + T - 1)
+        if not rows:
+            return
+        self.prefill_tokens += n_prefill
+        self._last = (len(rows), n_prefill, n_decode)
+        h = self.runner.forward(tokens, positions, slots, rows, select)
+        # Sampling runs on the CPU with per-request CPU generators: reproducible anywhere.
+        logits = self.runner.lm_head(h).cpu()                                   # (len(select), V)
+        for run, first, cnt, at in prompt_lp:
+            lp = torch.log_softmax(logits[at:at + cnt], dim=-1)
+            ids = run.req.prompt_token_ids
+            k = run.req.params.logprobs
+            run.prompt_logprobs += _token_logprobs(lp, ids[first + 1:first + 1 + cnt], k)
+        for run, seqs, _ in samplers:
+            if len(seqs) > 1 and not seqs[0].token_ids:     # n > 1: share the prefilled prompt
+                for s in seqs[1:]:
+                    self.kv.copy_slot(seqs[0].slot, s.slot, len(run.req.prompt_token_ids))
+        self._sample(logits, samplers)
 
-    def _accept(self, run: _Running, s: _Seq, logits: torch.Tensor) -> None:
-        """Sample one token for ``s`` from its logits row and apply the stop rules."""
+    def _sample(self, logits: torch.Tensor, samplers: list[tuple[_Running, list[_Seq], int]]) -> None:
+        flat = [(run, s, at) for run, seqs, at in samplers for s in seqs]
+        rows = torch.tensor([at for _, _, at in flat])
+        x = logits[rows]                                                     # (B, V) raw
+        params = [run.req.params for run, _, _ in flat]
+        # min_tokens: EOS and stop ids cannot be drawn before it (a copy of those rows).
+        ban = [i for i, (run, s, _) in enumerate(flat) if len(s.token_ids) < params[i].min_tokens]
+        masked = x
+        if ban:
+            masked = x.clone()
+            for i in ban:
+                p = params[i]
+                masked[i, list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])] = float("-inf")
+        seen = [None if p.repetition_penalty == 1.0 else
+                torch.cat([run.seen, torch.tensor(s.token_ids, dtype=torch.long)])
+                for p, (run, s, _) in zip(params, flat)]
+        chosen = sample_batch(masked, params, seen, [s.generator for _, s, _ in flat])
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lps: dict[int, TokenLogprob] = {}
+        if want:
+            # Raw model log-probabilities: before min_tokens masking, penalties, temperature.
+            lp = torch.log_softmax(x[torch.tensor(want)], dim=-1)
+            for j, i in enumerate(want):
+                lps[i] = _token_logprobs(lp[j:j + 1], [chosen[i]], params[i].logprobs)[0]
+        for i, (run, s, _) in enumerate(flat):
+            self._accept(run, s, chosen[i], lps.get(i))
+
+    def _accept(self, run: _Running, s: _Seq, tok: int, logprob: TokenLogprob | None) -> None:
+        """Append the sampled token to ``s`` and apply the stop rules."""
         p = run.req.params
-        if len(s.token_ids) < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
-            logits = logits.clone()
-            logits[banned] = float("-inf")
-        seen = run.seen if p.repetition_penalty == 1.0 else \
-            torch.cat([run.seen, torch.tensor(s.token_ids, dtype=torch.long)])
-        tok = sample_row(logits, p, seen, s.generator)
         may_stop = len(s.token_ids) >= p.min_tokens
         if may_stop and ((tok == self.eos_token_id and not p.ignore_eos) or tok in p.stop_token_ids):
             s.finish_reason = "stop"       # the stop token itself is not part of the output
@@ -506,8 +593,8 @@ class Engine:
             return
         s.token_ids.append(tok)
         self.output_tokens += 1
-        if p.logprobs is not None:
-            s.logprobs.append(_token_logprob(torch.log_softmax(logits, -1), tok, p.logprobs))
+        if logprob is not None:
+            s.logprobs.append(logprob)
         s.text += s.detok.push(tok)
         if len(s.token_ids) >= p.max_tokens:
             s.finish_reason = "length"
@@ -578,12 +665,20 @@ class Engine:
 _ids = itertools.count()
 
 
-def _token_logprob(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
-    top = []
+def _token_logprobs(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """One ``TokenLogprob`` per row of log-probabilities (rows, V): the given token's value
+    and the top-k, with the token appended when it is not among them (OpenAI/vLLM)."""
+    chosen = logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).squeeze(1).tolist()
     if k > 0:
-        vals, idx = torch.topk(logprobs, k)
-        top = [(int(i), float(v)) for i, v in zip(idx, vals)]
-    return TokenLogprob(token_id, float(logprobs[token_id]), top)
+        vals, idx = torch.topk(logprobs, k, dim=-1)
+        vals, idx = vals.tolist(), idx.tolist()
+    out = []
+    for j, t in enumerate(token_ids):
+        top = list(zip(idx[j], vals[j])) if k > 0 else []
+        if all(i != t for i, _ in top):
+            top.append((t, chosen[j]))
+        out.append(TokenLogprob(t, chosen[j], top))
+    return out
 
 
 # --------------------------------------------------------------------------------------

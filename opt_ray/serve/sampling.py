@@ -2,10 +2,11 @@
 
 ``SamplingParams`` is the engine's typed view of a request's decoding options (the API
 layer validates user input before it gets here; ``validate`` is the engine's own guard).
-``sample`` turns one row of logits per running sequence into the next token per row:
-greedy rows take the argmax, the others go through repetition penalty, temperature,
-top-k and top-p, then draw from their own ``torch.Generator`` so a seeded request gives
-the same tokens whatever else shares the batch.
+``sample_batch`` turns one row of logits per sampling sequence into the next token per
+row, vectorised over the batch: greedy rows take one argmax together; the others go
+through repetition penalty (only rows that ask for it), temperature, top-k and top-p in
+one sort, then each draws one uniform number from its own ``torch.Generator`` and picks
+by inverse CDF, so a seeded request gives the same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
@@ -100,3 +101,49 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None],
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """Next token for every row of fp32 ``logits`` (B, V). ``seen[i]`` are the ids the
+    repetition penalty applies to (None when the row's penalty is 1). Modifies nothing
+    the caller keeps: penalised rows are rewritten in a copy."""
+    B = logits.shape[0]
+    pen = [i for i in range(B) if params[i].repetition_penalty != 1.0 and seen[i] is not None]
+    if pen:
+        logits = logits.clone()
+        for i in pen:
+            logits[i] = apply_repetition_penalty(logits[i], seen[i], params[i].repetition_penalty)
+    out = torch.argmax(logits, dim=-1).tolist()          # greedy rows (and a default)
+    rows = [i for i in range(B) if not params[i].greedy]
+    if not rows:
+        return out
+    idx = torch.tensor(rows)
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32)
+    x = logits[idx] / temps.unsqueeze(1)                                   # (R, V)
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    V = x.shape[1]
+    rank = torch.arange(V).unsqueeze(0)
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in rows])
+    drop = rank >= top_k.unsqueeze(1)
+    # Ties with the k-th value survive, as in filter_top_k_top_p.
+    kth = sorted_x.gather(1, (top_k - 1).unsqueeze(1))
+    drop &= sorted_x < kth
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    probs = sorted_x.softmax(-1)
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32).unsqueeze(1)
+    # Drop a token when the mass *before* it already reaches top_p (the best one stays).
+    drop_p = (probs.cumsum(-1) - probs) >= top_p
+    probs = probs.masked_fill(drop_p & (top_p < 1.0), 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp(max=V - 1)
+    # A zero-probability token can only be hit at the clamp: step back to the last kept one.
+    kept = probs.gather(1, pick) > 0
+    if not bool(kept.all()):
+        last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+        pick = torch.where(kept, pick, last)
+    chosen = order.gather(1, pick).squeeze(1).tolist()
+    for j, i in enumerate(rows):
+        out[i] = chosen[j]
+    return out
