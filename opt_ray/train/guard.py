@@ -44,86 +44,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from opt_ray.config import ConfigError
+from opt_ray.config import GuardConfig
 from opt_ray.errors import UserError
 
 REASONS = ("nan", "spike", "loss_scale_floor")
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-@dataclass
-class GuardConfig:
-    """Divergence policy. The defaults are the paper's interventions.
-
-    Detection: a non-finite loss (or non-finite grad norm outside fp16, where overflow is
-    the loss scaler's business), a loss above ``spike_factor`` x the mean of the last
-    ``window`` healthy losses (only once ``min_steps`` healthy steps were seen), or an fp16
-    loss scale at or below ``loss_scale_floor``.
-
-    Response: roll back to the last checkpoint before the onset whose loss scale was at
-    least ``min_checkpoint_loss_scale`` (fp16 runs), multiply the LR by ``lr_factor``
-    (compounding over rollbacks), set gradient clipping to ``clip_after_rollback`` (None:
-    leave it), skip the batches of the last ``skip_batches`` steps up to the detection.
-    After ``max_rollbacks`` rollbacks the next detection gives up with a report.
-    """
-    enabled: bool = True
-    spike_factor: float = 1.5
-    # A loss above onset_factor x running mean is "elevated": not yet a spike, but it marks
-    # when the trouble began, and it is kept out of the running mean.
-    onset_factor: float = 1.1
-    window: int = 50
-    min_steps: int = 20
-    # An elevated streak this long that never became a spike is a new normal (e.g. a
-    # harder data mix): it joins the baseline and stops counting as the onset of trouble.
-    onset_patience: int = 200
-    check_nan: bool = True
-    # Optional: a grad norm above this factor x its running mean also counts as a spike.
-    grad_spike_factor: float | None = None
-    # fp16 dynamic loss scaling: a scale at/below the floor means the scaler keeps
-    # overflowing, i.e. the run is diverging (fairseq's min_loss_scale default).
-    loss_scale_floor: float | None = 1e-4
-    # OPT rolled back to checkpoints "whose loss scale was >= 1.0".
-    min_checkpoint_loss_scale: float = 1.0
-    lr_factor: float = 0.5
-    clip_after_rollback: float | None = 0.3
-    skip_batches: int = 1
-    max_rollbacks: int = 3
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.enabled, bool), f"guard.enabled must be true or false, got {self.enabled!r}")
-        _require(self.spike_factor > 1.0,
-                 f"guard.spike_factor must be > 1 (a spike is loss > factor x running mean; "
-                 f"OPT-scale runs use ~1.5), got {self.spike_factor!r}")
-        _require(1.0 <= self.onset_factor <= self.spike_factor,
-                 f"guard.onset_factor must be in [1, spike_factor={self.spike_factor}] (it marks "
-                 f"the start of the rise before a spike), got {self.onset_factor!r}")
-        _require(isinstance(self.window, int) and self.window >= 1,
-                 f"guard.window must be a positive number of steps, got {self.window!r}")
-        _require(isinstance(self.onset_patience, int) and self.onset_patience >= 1,
-                 f"guard.onset_patience must be a positive number of steps, got {self.onset_patience!r}")
-        _require(isinstance(self.min_steps, int) and self.min_steps >= 1,
-                 f"guard.min_steps must be >= 1 (healthy steps seen before spikes are judged), "
-                 f"got {self.min_steps!r}")
-        _require(self.grad_spike_factor is None or self.grad_spike_factor > 1.0,
-                 f"guard.grad_spike_factor must be > 1 or None (off), got {self.grad_spike_factor!r}")
-        _require(self.loss_scale_floor is None or self.loss_scale_floor > 0,
-                 f"guard.loss_scale_floor must be > 0 or None (off), got {self.loss_scale_floor!r}")
-        _require(self.min_checkpoint_loss_scale >= 0,
-                 f"guard.min_checkpoint_loss_scale must be >= 0, got {self.min_checkpoint_loss_scale!r}")
-        _require(0.0 < self.lr_factor <= 1.0,
-                 f"guard.lr_factor must be in (0, 1] (the LR is multiplied by it after each "
-                 f"rollback; 1 keeps it), got {self.lr_factor!r}")
-        _require(self.clip_after_rollback is None or self.clip_after_rollback > 0,
-                 f"guard.clip_after_rollback must be > 0 or None (leave clipping as is), "
-                 f"got {self.clip_after_rollback!r}")
-        _require(isinstance(self.skip_batches, int) and self.skip_batches >= 0,
-                 f"guard.skip_batches must be an integer >= 0 (0: skip no data), got {self.skip_batches!r}")
-        _require(isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0,
-                 f"guard.max_rollbacks must be an integer >= 0, got {self.max_rollbacks!r}")
+# The policy is part of the one config tree (opt_ray.config); re-exported here.
+__all__ = ["GuardConfig", "Verdict", "DivergenceError", "DivergenceGuard"]
 
 
 @dataclass
@@ -191,7 +119,7 @@ class DivergenceGuard:
     """
 
     def __init__(self, cfg: GuardConfig | None = None):
-        self.cfg = cfg or GuardConfig()
+        self.cfg = cfg if cfg is not None else GuardConfig()
         self._losses: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
         self._grads: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
         self._healthy_seen = 0            # healthy observations so far (for min_steps)

@@ -46,108 +46,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from opt_ray.artifacts import write_text_atomic
-from opt_ray.config import ConfigError, ModelConfig, flops_per_token, num_params, preset
+from opt_ray.config import (PAPER_WARMUP_TOKENS, ConfigError, ModelConfig, TrainConfig,  # noqa: F401
+                            flops_per_token, num_params, preset)
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook, log_resume, versions
-from opt_ray.train.chaos import Chaos, parse_chaos
+from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
 
 METRICS = "metrics.jsonl"
-# The paper warmed up over 375M tokens; a short run warms up over at most a tenth of itself.
-PAPER_WARMUP_TOKENS = 375_000_000
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``opt-ray train`` takes; one CLI flag per field."""
-    data: str
-    output: str
-    preset: str = "tiny"
-    steps: int = 100
-    workers: int | tuple[int, int] = 1          # N or (MIN, MAX): elastic
-    tp: int = 1
-    precision: str | None = None                # None: bf16 on CPU, fp16 on GPU
-    batch_tokens: int | None = None             # None: the preset's (Table 1)
-    micro_batch: int = 8                        # rows per forward/backward
-    lr: float | None = None                     # None: the preset's peak LR
-    warmup_steps: int | None = None             # None: 375M tokens, at most steps // 10
-    decay_steps: int | None = None              # None: decay to 10% at the last step
-    grad_clip: float = 1.0
-    dropout: float = 0.1
-    weight_decay: float = 0.1
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep: int = 2
-    milestone_every: int | None = None
-    deterministic: bool = False
-    max_failures: int = 3
-    collective_timeout: float = 300.0           # seconds before a hung collective fails
-    chaos: str = ""
-    activation_checkpointing: bool = False
-    guard: bool = True                          # the divergence guard (issue 6)
-    guard_policy: dict[str, Any] = field(default_factory=dict)  # GuardConfig overrides
-    num_threads: int | None = None              # torch threads per worker (None: as set)
-    resume_from: int | None = None              # roll back to this checkpoint step on start
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-
-    def __post_init__(self) -> None:
-        preset(self.preset)  # raises with the list of presets
-        # Workers run in another directory than the driver: paths must not be relative.
-        self.data = os.path.abspath(self.data)
-        self.output = os.path.abspath(self.output)
-        self.guard_config()  # a bad policy fails here, before any worker starts
-        if isinstance(self.workers, (list, tuple)):
-            self.workers = (int(self.workers[0]), int(self.workers[1]))
-            _require(1 <= self.workers[0] <= self.workers[1],
-                     f"--workers MIN:MAX needs 1 <= MIN <= MAX, got {self.workers[0]}:{self.workers[1]}")
-        else:
-            _require(int(self.workers) >= 1, f"--workers must be >= 1, got {self.workers}")
-        _require(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
-        _require(self.precision in (None, "bf16", "fp16", "fp32"),
-                 f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
-        _require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        _require(self.micro_batch >= 1, f"--micro-batch must be >= 1, got {self.micro_batch}")
-        _require(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-        _require(self.keep >= 2, f"--keep must be >= 2 (the previous checkpoint is the fallback "
-                                 f"when the newest is corrupt), got {self.keep}")
-        _require(self.collective_timeout > 0, f"--collective-timeout must be > 0 seconds")
-        _require(self.max_failures >= -1, f"--max-failures must be >= 0 (or -1: unlimited)")
-        _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
-        _require(self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
-        _require(self.resume_from is None or 0 <= self.resume_from <= self.steps,
-                 f"--resume-from must be a checkpoint step in [0, --steps], got {self.resume_from}")
-        parse_chaos(self.chaos)  # bad chaos specs fail before any worker starts
-
-    def guard_config(self):
-        """The divergence policy: the paper's interventions, with ``guard_policy`` overrides."""
-        from opt_ray.train.guard import GuardConfig
-
-        known = {f.name for f in dataclasses.fields(GuardConfig)}
-        unknown = sorted(set(self.guard_policy) - known)
-        _require(not unknown, f"unknown guard policy field(s) {unknown}; known: {sorted(known)}")
-        return GuardConfig(**self.guard_policy)
-
-    @property
-    def min_workers(self) -> int:
-        return self.workers[0] if isinstance(self.workers, tuple) else int(self.workers)
-
-    @property
-    def max_workers(self) -> int:
-        return self.workers[1] if isinstance(self.workers, tuple) else int(self.workers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -317,9 +224,9 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep,
                                  milestone_every=cfg.milestone_every, dp_group=self.dp_group,
                                  tp_size=cfg.tp, tp_rank=self.tp_rank, on_event=self._event)
-        self.chaos = Chaos.from_spec(cfg.chaos, self.run_dir, self.rank)
+        self.chaos = Chaos.from_spec(cfg.chaos.spec, self.run_dir, self.rank)
         self.guard = None
-        if cfg.guard:
+        if cfg.guard.enabled:
             from opt_ray.train.guard import DivergenceGuard, GuardConfig
             self.guard = DivergenceGuard(cfg.guard_config())
         self.step = 0

@@ -120,3 +120,64 @@ def test_model_info_command(capsys):
     assert all(name in table for name in PRESETS)
     assert main(["model", "info", "--preset", "7b"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+# --- the training config: one tree, flags derived from it ------------------------------
+
+def _train_args(*flags):
+    from opt_ray.cli import build_parser
+    return build_parser().parse_args(["train", "--data", "d", "--output", "o", *flags])
+
+
+def _without_run_id(d):
+    return {k: v for k, v in d.items() if k != "run_id"}
+
+
+def test_train_flags_are_derived_from_the_config_fields():
+    from opt_ray.commands.train import config_from_args
+    from opt_ray.config import GuardConfig, TrainConfig
+
+    # No flags: exactly the dataclass's defaults (one default per fact).
+    assert _without_run_id(config_from_args(_train_args()).to_dict()) == \
+        _without_run_id(TrainConfig(data="d", output="o").to_dict())
+    cfg = config_from_args(_train_args(
+        "--lr", "3e-4", "--warmup-steps", "5", "--grad-clip", "0.5", "--betas", "0.8", "0.9",
+        "--guard-clip", "0.2", "--guard-lr-factor", "0.25", "--workers", "2:4", "--tp", "2",
+        "--chaos", "nan:step=3", "--threads", "2", "--device", "cpu", "--checkpoint-dir",
+        "s3://bucket/run/ckpt", "--resume-from", "4"))
+    assert (cfg.optim.peak_lr, cfg.optim.warmup_steps, cfg.optim.grad_clip) == (3e-4, 5, 0.5)
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert (cfg.guard.clip_after_rollback, cfg.guard.lr_factor, cfg.guard.enabled) == (0.2, 0.25, True)
+    assert cfg.workers == (2, 4) and cfg.tp == 2 and cfg.chaos.spec == "nan:step=3"
+    assert cfg.num_threads == 2 and cfg.device == "cpu" and cfg.resume_from == 4
+    assert cfg.checkpoint_dir == "s3://bucket/run/ckpt"  # a URL is kept as is
+    assert config_from_args(_train_args("--no-guard")).guard == GuardConfig(enabled=False)
+    # The flat names of before the nesting still build and read the same config.
+    flat = TrainConfig(data="d", output="o", lr=3e-4, warmup_steps=5, grad_clip=0.5, guard=True,
+                       guard_policy={"clip_after_rollback": 0.2, "lr_factor": 0.25},
+                       chaos="nan:step=3")
+    assert (flat.lr, flat.warmup_steps, flat.grad_clip) == (3e-4, 5, 0.5)
+    assert flat.guard_policy == {"clip_after_rollback": 0.2, "lr_factor": 0.25}
+    assert flat.guard == cfg.guard and flat.chaos == cfg.chaos
+    # JSON round trip (the gang's workers get the config as a dict).
+    import json
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(tp=3, workers=2), "--tp 3 must divide --workers 2"),
+    (dict(tp=2, workers=(1, 4)), "multiples of --tp 2"),
+    (dict(lr=-1.0), "--lr"),
+    (dict(warmup_steps=50, steps=10), "--warmup-steps 50 exceeds --steps 10"),
+    (dict(warmup_steps=5, decay_steps=2), "--warmup-steps (5) must not exceed --decay-steps"),
+    (dict(device="tpu"), "--device"),
+    (dict(precision="fp16", device="cpu"), "fp16 needs a GPU"),
+    (dict(output="s3://b/run"), "--checkpoint-dir"),
+    (dict(guard_policy={"lr_factor": 2.0}), "lr_factor"),
+])
+def test_train_config_errors_name_the_flag(kw, needle):
+    from opt_ray.config import TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{"data": "d", "output": "o", **kw})
+    assert needle in str(e.value) and "\n" not in str(e.value)
