@@ -7,18 +7,26 @@ chronicle (Markdown + loss plot) is rendered from the same file. Appends are sin
 OPT-175B's team kept their logbook by hand (35+ manual restarts, rollbacks, LR and
 clipping changes, skipped data). Here the training stack writes it, and
 ``render_markdown`` turns it into a chronicle in the same spirit: dated entries, what
-happened, what was done, the loss at the time. The event kinds and their fields are in
-``EVENTS`` (and in logbook/README.md); unknown kinds are kept and rendered generically,
-so a writer never breaks the reader.
+happened, what was done, the loss at the time.
+
+The schema is the record types below: one frozen dataclass per event kind, its fields
+exactly what the writers (the training loop, the checkpointer, the gang, the guard, the
+chaos drills, the control plane, eval) write. The writer is strict: ``Logbook.event``
+raises ``LogbookSchemaError`` on an unknown kind, an unknown field or a missing required
+one, so a writer that drifts from the schema fails its own tests, not the reader. The
+reader is tolerant: logbooks written by older code (unknown kinds, other fields) still
+render, unknown kinds as their raw JSON. logbook/README.md's table is generated from the
+records (``schema_markdown``) and a test keeps the two equal.
 
 Helpers for writers: ``log_start`` (config, versions, hardware), ``log_verdict`` (the
-divergence guard's decision as the ordered events divergence_detected -> rollback ->
-lr_change -> clip_change -> data_skipped), ``log_resume`` (records a version_mismatch
-when a checkpoint was written under other library versions).
+divergence guard's decision, written as the loop writes it: divergence, then rollback or
+divergence_give_up), ``log_resume`` (records a version_mismatch when a checkpoint was
+written under other library versions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.metadata
 import json
@@ -28,50 +36,418 @@ import platform
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 LOGBOOK = "logbook.jsonl"
 METRICS = "metrics.jsonl"
 
-# kind -> (what it means, the fields writers give; every event also has `time`, `event`).
-# A field in [brackets] is optional.
+
+class LogbookSchemaError(TypeError):
+    """A writer logged an event the schema does not have (unknown kind or field, or a
+    required field missing): fix the writer or add the field to its record type."""
+
+
+# --------------------------------------------------------------------------------------
+# The records: one per event kind. Fields without a default are required. Every line
+# also has `time` (Unix seconds) and `event` (the kind).
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """Base of every event record; ``KIND`` is the ``event`` value in the file."""
+    KIND: ClassVar[str] = ""
+    WHO: ClassVar[str] = ""  # which code writes it (for the README table)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RunStart(Record):
+    """A gang (re)starts. The loop writes one record shape for start, resume and
+    restart; ``log_start`` writes config, versions and hardware."""
+    step: int | None = None            # the step training continues after (0: from scratch)
+    attempt: int | None = None         # Ray Train's attempt (0: the first)
+    checkpoint: str | None = None      # the checkpoint restored, if any
+    config: dict | None = None         # the full training config
+    model: dict | None = None          # the model shape
+    params: int | None = None
+    world_size: int | None = None
+    dp: int | None = None
+    tp: int | None = None
+    precision: str | None = None
+    global_rows: int | None = None
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    seq_len: int | None = None
+    versions: dict | None = None
+    hardware: dict | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Start(_RunStart):
+    """a run begins"""
+    KIND = "start"
+    WHO = "train loop (rank 0), log_start"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume(_RunStart):
+    """a new invocation continues from a checkpoint"""
+    KIND = "resume"
+    WHO = "train loop (rank 0)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Restart(_RunStart):
+    """Ray Train restarted the gang after a failure"""
+    KIND = "restart"
+    WHO = "train loop (rank 0)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interrupted(Record):
+    """the driver of a run stopped before the run finished (Ctrl-C, killed, its job gone)"""
+    KIND = "interrupted"
+    WHO = "train command (driver)"
+    step: int | None                   # the last committed checkpoint's step
+    reason: str
+    resume: str                        # the command that resumes the run
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finish(Record):
+    """the run ended"""
+    KIND = "finish"
+    WHO = "train loop (rank 0)"
+    step: int
+    tokens: int | None = None
+    loss: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure(Record):
+    """the run stopped for a reason restarts cannot fix (the guard gave up)"""
+    KIND = "failure"
+    WHO = "actors/train.py (driver)"
+    reason: str
+    report: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureBudgetExceeded(Record):
+    """the gang failed more often than --max-failures allows"""
+    KIND = "failure_budget_exceeded"
+    WHO = "actors/train.py (driver)"
+    max_failures: int
+    reason: str
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerLost(Record):
+    """workers died or their collectives timed out"""
+    KIND = "worker_lost"
+    WHO = "actors/train.py (Ray Train controller callback)"
+    ranks: list
+    errors: dict                       # rank -> repr of the worker's exception
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSaved(Record):
+    """a checkpoint was committed (atomic rename)"""
+    KIND = "checkpoint_saved"
+    WHO = "checkpointer"
+    step: int
+    path: str | None = None
+    bytes: int | None = None
+    seconds: float | None = None
+    milestone: bool | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointCorrupt(Record):
+    """a checkpoint failed its checks and was skipped"""
+    KIND = "checkpoint_corrupt"
+    WHO = "checkpointer"
+    step: int
+    reason: str
+    path: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointPartialRemoved(Record):
+    """a half-written checkpoint (killed during save) was removed"""
+    KIND = "checkpoint_partial_removed"
+    WHO = "checkpointer"
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollback(Record):
+    """rolled back to an earlier checkpoint: by the guard (with its intervention) or on
+    request (--resume-from, ctl rollback: newer checkpoints moved aside)"""
+    KIND = "rollback"
+    WHO = "train loop (guard), checkpointer (--resume-from), log_verdict"
+    step: int                          # the step rolled back from
+    to_step: int                       # the checkpoint training continues from
+    lr_factor: float | None = None     # cumulative LR multiplier from now on
+    clip: float | None = None          # gradient clipping from now on
+    skip_steps: list | None = None     # steps whose batches will be skipped
+    requested: bool | None = None      # True: asked for with --resume-from
+    moved_aside: list | None = None    # newer checkpoint steps moved out of the way
+    path: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resize(Record):
+    """resumed on another number of workers or tensor-parallel degree"""
+    KIND = "resize"
+    WHO = "train loop (restore)"
+    step: int
+    from_world: int | None
+    to_world: int
+    from_tp: int | None = None
+    to_tp: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Divergence(Record):
+    """the divergence guard fired (the fields of guard.Verdict)"""
+    KIND = "divergence"
+    WHO = "train loop (guard verdict), log_verdict"
+    reason: str                        # nan | spike | loss_scale_floor
+    step: int
+    onset_step: int | None = None
+    loss: float | None = None
+    grad_norm: float | None = None
+    loss_scale: float | None = None
+    running_mean: float | None = None
+    attempt: int | None = None
+    max_rollbacks: int | None = None
+    lr_factor: float | None = None
+    lr_scale: float | None = None
+    new_clip: float | None = None
+    skip_steps: list | None = None
+    skip_batches: list | None = None
+    rollback_to: int | None = None
+    invalidate_checkpoints: list | None = None
+    give_up: bool | None = None
+    report: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DivergenceGiveUp(Record):
+    """the guard gave up; the run stops"""
+    KIND = "divergence_give_up"
+    WHO = "train loop, log_verdict"
+    report: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSkipped(Record):
+    """the batch of a step was skipped (the guard's data skip)"""
+    KIND = "data_skipped"
+    WHO = "train loop"
+    step: int
+    start: int                         # first sample position of the data stream skipped
+    end: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSkipped(Record):
+    """an update was skipped (fp16 overflow or non-finite gradients)"""
+    KIND = "step_skipped"
+    WHO = "train loop"
+    step: int
+    loss: float | None = None
+    grad_norm: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionMismatch(Record):
+    """resumed under other library versions than the checkpoint recorded"""
+    KIND = "version_mismatch"
+    WHO = "log_resume (train loop)"
+    diff: dict                         # name -> {recorded, current}
+    step: int | None = None
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chaos(Record):
+    """a drill fault was injected on purpose (--chaos)"""
+    KIND = "chaos"
+    WHO = "train/chaos.py"
+    kind: str
+    step: int
+    rank: int | None = None
+    pid: int | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eval(Record):
+    """a checkpoint was evaluated (lm-eval tasks); results in lm-eval's layout"""
+    KIND = "eval"
+    WHO = "eval command"
+    checkpoint: str
+    step: int | None
+    tasks: list
+    num_fewshot: int | None
+    limit: float | int | None
+    results: dict                      # task -> {metric: value}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Control(Record):
+    """Events of the control plane, in STATE_DIR/logbooks/<job_id>.jsonl."""
+    job_id: str
+    source: str = "control"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSubmitted(_Control):
+    """a control job was accepted"""
+    KIND = "job_submitted"
+    WHO = "control plane"
+    job_kind: str
+    name: str
+    stages: list
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSubmitted(_Control):
+    """a stage was submitted as a Ray job"""
+    KIND = "stage_submitted"
+    WHO = "control plane"
+    stage: str
+    index: int
+    ray_submission_id: str
+    entrypoint: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSubmitFailed(_Control):
+    """Ray refused a stage's submission for longer than the submit timeout"""
+    KIND = "stage_submit_failed"
+    WHO = "control plane"
+    stage: str
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageState(_Control):
+    """a stage's Ray job changed state"""
+    KIND = "stage_state"
+    WHO = "control plane"
+    stage: str
+    state: str
+    ray_submission_id: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFinished(_Control):
+    """a control job reached a final state"""
+    KIND = "job_finished"
+    WHO = "control plane"
+    state: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCancelled(_Control):
+    """a user cancelled the job"""
+    KIND = "job_cancelled"
+    WHO = "control plane"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _JobRestarted(_Control):
+    before: str
+    after: str
+    ray_submission_id: str             # the Ray job that was stopped
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobScaled(_JobRestarted):
+    """a training job was stopped and resubmitted with another worker range"""
+    KIND = "job_scaled"
+    WHO = "control plane"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRolledBack(_JobRestarted):
+    """a training job was stopped and resubmitted with --resume-from STEP"""
+    KIND = "job_rolled_back"
+    WHO = "control plane"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeStopped(_Control):
+    """a serving app's job was stopped (update or remove)"""
+    KIND = "serve_stopped"
+    WHO = "control plane"
+    reason: str
+
+
+def _record_types() -> dict[str, type[Record]]:
+    out: dict[str, type[Record]] = {}
+    todo = list(Record.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        if cls.__dict__.get("KIND"):
+            out[cls.KIND] = cls
+    return out
+
+
+RECORDS: dict[str, type[Record]] = _record_types()
+
+
+def _fields(cls: type[Record]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls)]
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+# kind -> (what it means, the fields; optional ones in [brackets]): derived from RECORDS.
 EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "start": ("a run (or a resumed run) begins",
-              ("config", "versions", "hardware", "[world_size]", "[resumed_from]")),
-    "checkpoint_saved": ("a checkpoint was committed", ("step", "[path]", "[loss]", "[loss_scale]")),
-    "checkpoint_rejected": ("a checkpoint failed its checks and was skipped",
-                            ("step", "reason", "[path]", "[fallback_step]")),
-    "worker_lost": ("a worker died, hung or was cut off", ("[rank]", "[node]", "[step]", "[error]")),
-    "restart": ("the gang was restarted", ("[attempt]", "[from_step]", "[world_size]", "[reason]")),
-    "resume": ("training resumed from a checkpoint", ("step", "[world_size]", "[checkpoint]")),
-    "resize": ("the gang continues with another number of workers",
-               ("old_world_size", "new_world_size", "[step]")),
-    "divergence_detected": ("the divergence guard fired",
-                            ("step", "reason", "[loss]", "[running_mean]", "[onset_step]", "[attempt]")),
-    "rollback": ("rolled back to an earlier checkpoint", ("from_step", "to_step", "[invalidated]")),
-    "lr_change": ("the learning rate was changed", ("step", "old", "new", "[factor]")),
-    "clip_change": ("gradient clipping was changed", ("step", "old", "new")),
-    "data_skipped": ("batches were skipped", ("steps", "[batches]")),
-    "failure_budget": ("a failure counted against the budget, or the budget ran out",
-                       ("failures", "max_failures", "[exhausted]")),
-    "version_mismatch": ("resumed under other library versions than the checkpoint recorded",
-                         ("diff", "[step]", "[checkpoint]")),
-    "chaos": ("a fault was injected on purpose (drills)", ("kind", "step", "[rank]")),
-    # Kinds the training loop, checkpointer and gang write besides the ones above.
-    "divergence": ("the divergence guard fired (the loop's name; fields of guard.Verdict)",
-                   ("step", "reason", "[loss]", "[running_mean]", "[onset_step]", "[attempt]",
-                    "[rollback_to]", "[lr_scale]", "[new_clip]", "[skip_steps]", "[give_up]")),
-    "divergence_give_up": ("the guard gave up; the run stops", ("report",)),
-    "step_skipped": ("a step's update was skipped (fp16 overflow or NaN)", ("step", "[loss]", "[grad_norm]")),
-    "checkpoint_corrupt": ("a checkpoint failed its checksum and was skipped", ("step", "reason", "[path]")),
-    "checkpoint_partial_removed": ("a half-written checkpoint was cleaned up", ("path",)),
-    "failure_budget_exceeded": ("the gang failed more often than --max-failures allows",
-                                ("max_failures", "reason")),
-    "failure": ("the run stopped for a reason restarts cannot fix (e.g. the guard gave up)",
-                ("reason", "[report]")),
-    "finish": ("the run ended", ("status", "[step]", "[loss]", "[reason]", "[report]")),
-}
+    kind: ((cls.__doc__ or "").strip(),
+           tuple(f.name if _required(f) else f"[{f.name}]" for f in _fields(cls)))
+    for kind, cls in RECORDS.items()}
+
+
+def record(kind: str, /, **fields: Any) -> Record:
+    """The typed record of one event; raises ``LogbookSchemaError`` on an unknown kind,
+    an unknown field or a missing required field."""
+    cls = RECORDS.get(kind)
+    if cls is None:
+        raise LogbookSchemaError(f"unknown logbook event kind {kind!r}; the kinds are "
+                                 f"{', '.join(sorted(RECORDS))} (opt_ray/logbook.py)")
+    names = {f.name for f in _fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise LogbookSchemaError(f"logbook event {kind!r} has no field(s) {', '.join(unknown)}; "
+                                 f"its fields are {', '.join(sorted(names))} "
+                                 f"(add them to {cls.__name__} in opt_ray/logbook.py)")
+    missing = [f.name for f in _fields(cls) if _required(f) and f.name not in fields]
+    if missing:
+        raise LogbookSchemaError(f"logbook event {kind!r} needs field(s) {', '.join(missing)}")
+    return cls(**fields)
+
+
+def schema_markdown() -> str:
+    """The README's event table, generated from the record types."""
+    lines = ["| event | when | written by | fields |", "|---|---|---|---|"]
+    for kind, cls in RECORDS.items():
+        flds = ", ".join(f.name if _required(f) else f"[{f.name}]" for f in _fields(cls))
+        lines.append(f"| `{kind}` | {(cls.__doc__ or '').strip()} | {cls.WHO} | {flds} |")
+    return "\n".join(lines) + "\n"
 
 
 def _now() -> float:
@@ -86,8 +462,12 @@ class Logbook:
         self.path = self.run_dir / LOGBOOK
 
     def event(self, kind: str, /, **fields: Any) -> dict[str, Any]:
-        """Append one event; ``kind`` is positional-only so ``kind=`` may be a field."""
-        rec = {"time": _now(), "event": kind, **fields}
+        """Append one event; ``kind`` is positional-only so ``kind=`` may be a field.
+        Checked against its record type first (``LogbookSchemaError``); only the fields
+        given are written, in the record's order."""
+        rec_type = type(record(kind, **fields))
+        order = [f.name for f in _fields(rec_type) if f.name in fields]
+        rec = {"time": _now(), "event": kind, **{k: fields[k] for k in order}}
         line = json.dumps(_json_clean(rec), default=str, sort_keys=False) + "\n"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -123,12 +503,14 @@ def _json_clean(obj: Any) -> Any:
 
 
 def validate_event(rec: dict[str, Any]) -> list[str]:
-    """Problems with one event against ``EVENTS`` (missing required fields); [] if fine."""
-    kind = rec.get("event")
-    if kind not in EVENTS:
-        return [f"unknown event kind {kind!r}"]
-    need = [f for f in EVENTS[kind][1] if not f.startswith("[")]
-    return [f"{kind}: missing field {f!r}" for f in need if f not in rec]
+    """Problems of one event read back from a logbook against its record type; [] if
+    fine. (The writer raises on the same problems; this is for files from elsewhere.)"""
+    fields = {k: v for k, v in rec.items() if k not in ("time", "event")}
+    try:
+        record(str(rec.get("event")), **fields)
+    except LogbookSchemaError as e:
+        return [str(e)]
+    return []
 
 
 # --------------------------------------------------------------------------------------
@@ -208,35 +590,19 @@ def log_resume(logbook: Logbook, recorded_versions: dict[str, Any] | None,
     return diff
 
 
-def log_verdict(logbook: Logbook, verdict: Any, *, lr_before: float | None = None,
-                clip_before: float | None = None) -> None:
-    """Log a divergence guard ``Verdict`` as the ordered events of the intervention.
-
-    divergence_detected, then (unless the guard gave up) rollback, lr_change, clip_change
-    (when clipping changed) and data_skipped (when batches are skipped). A give-up is
-    logged as divergence_detected with ``give_up`` and the report; the writer still logs
-    ``finish`` with status "failed".
-    """
+def log_verdict(logbook: Logbook, verdict: Any, *, clip: float | None = None) -> None:
+    """Log a divergence guard ``Verdict`` as the training loop does: ``divergence`` with
+    the verdict, then ``divergence_give_up`` (the guard gave up) or ``rollback`` with the
+    intervention (cumulative LR factor, clipping from now on, the steps whose batches
+    will be skipped). ``clip`` is the clipping in force before the verdict."""
     v = verdict.to_dict() if hasattr(verdict, "to_dict") else dict(verdict)
-    # The guard stores a non-finite loss as None (not JSON); say what it was.
-    loss = v.get("loss") if v.get("loss") is not None or v["reason"] != "nan" else "non-finite"
-    logbook.event("divergence_detected", step=v["step"], reason=v["reason"], loss=loss,
-                  grad_norm=v.get("grad_norm"), loss_scale=v.get("loss_scale"),
-                  running_mean=v.get("running_mean"), onset_step=v.get("onset_step"),
-                  attempt=v.get("attempt"), max_rollbacks=v.get("max_rollbacks"),
-                  give_up=v.get("give_up", False), message=v.get("message"),
-                  **({"report": v["report"]} if v.get("give_up") else {}))
-    if v.get("give_up"):
+    logbook.event("divergence", **v)
+    if v.get("give_up") or v.get("rollback_to") is None:
+        logbook.event("divergence_give_up", report=v.get("report") or v.get("message") or "")
         return
-    logbook.event("rollback", from_step=v["step"], to_step=v["rollback_to"],
-                  invalidated=v.get("invalidate_checkpoints", []), attempt=v.get("attempt"))
-    new_lr = None if lr_before is None else lr_before * v["lr_factor"]
-    logbook.event("lr_change", step=v["rollback_to"], old=lr_before, new=new_lr,
-                  factor=v["lr_factor"], scale=v.get("lr_scale"))
-    if v.get("new_clip") is not None and v.get("new_clip") != clip_before:
-        logbook.event("clip_change", step=v["rollback_to"], old=clip_before, new=v["new_clip"])
-    if v.get("skip_steps"):
-        logbook.event("data_skipped", steps=v["skip_steps"], batches=v.get("skip_batches", []))
+    new_clip = v.get("new_clip")
+    logbook.event("rollback", step=v["step"], to_step=v["rollback_to"], lr_factor=v.get("lr_scale"),
+                  clip=new_clip if new_clip is not None else clip, skip_steps=v.get("skip_steps", []))
 
 
 # --------------------------------------------------------------------------------------
@@ -331,133 +697,168 @@ def _describe_failures(errors: dict[str, Any]) -> str:
     return "Worker failure: " + text + "."
 
 
-def describe(e: dict[str, Any]) -> str:
-    """One event as a sentence: what happened and what was done."""
-    k = e.get("event")
+def _accuracy(results: Any) -> list[tuple[str, str, Any]]:
+    """(task, metric, value) of each task's headline accuracy in lm-eval's result layout
+    (``{"piqa": {"acc,none": 0.6, "acc_stderr,none": ...}}``): acc, else acc_norm, else
+    the first numeric metric that is not a standard error."""
+    out = []
+    for task, metrics in (results or {}).items() if isinstance(results, dict) else ():
+        if not isinstance(metrics, dict):
+            continue
+        nums = {k: v for k, v in metrics.items() if _num(v) is not None and "stderr" not in k}
+        pick = next((k for pref in ("acc,", "acc_norm,", "acc", "acc_norm") for k in nums
+                     if k == pref.rstrip(",") or k.startswith(pref)), None)
+        pick = pick or next(iter(nums), None)
+        if pick is not None:
+            out.append((task, pick.split(",")[0], nums[pick]))
+    return out
+
+
+def _describe_start(e: dict[str, Any]) -> str:
     g = e.get
-    if k in ("start", "resume", "restart") and g("config") is not None and k != "start":
-        # The loop writes a full start-like record on every (re)start.
-        att = f" (attempt {g('attempt')})" if g("attempt") else ""
-        ws = f" on {g('world_size')} worker(s)" if g("world_size") is not None else ""
-        what = "Gang restarted" if k == "restart" else "Run resumed"
-        ck = f" from the checkpoint of step {g('step')}" if g("checkpoint") else " from scratch"
-        return f"{what}{att}{ck}{ws}; training continues at step {(g('step') or 0) + 1}."
-    if k == "start":
+    k = g("event")
+    if k == "start" and not g("checkpoint") and not g("attempt"):
         cfg = g("config") or {}
         bits = [f"{key} {cfg[key]}" for key in ("preset", "precision", "steps", "workers", "tp")
                 if isinstance(cfg, dict) and cfg.get(key) is not None]
         if g("world_size") is not None:
             bits.append(f"world size {g('world_size')}")
-        s = "Run started" + (f" ({', '.join(map(str, bits))})" if bits else "")
-        if g("precision") and not (isinstance(cfg, dict) and cfg.get("precision")):
-            bits.append(str(g("precision")))
-        if g("resumed_from") is not None:
-            s += f", resuming from step {g('resumed_from')}"
-        return s + "."
-    if k == "checkpoint_saved":
-        ls = f", loss scale {_fmt(g('loss_scale'))}" if g("loss_scale") is not None else ""
-        return f"Checkpoint saved at step {g('step')}{ls}."
-    if k == "checkpoint_corrupt":
-        return f"Checkpoint of step {g('step')} failed its checks ({g('reason')}); using an earlier one."
-    if k == "checkpoint_partial_removed":
-        return f"Removed a half-written checkpoint ({Path(str(g('path'))).name})."
-    if k == "step_skipped":
-        return f"Update of step {g('step')} skipped: loss {_fmt(g('loss'))}, grad norm {_fmt(g('grad_norm'))}."
-    if k == "divergence_give_up":
-        return "The divergence guard gave up; the run stops."
-    if k == "failure":
-        return f"Run failed: {g('reason')}."
-    if k == "failure_budget_exceeded":
-        return f"Failure budget exceeded (--max-failures {g('max_failures')}): {g('reason')}."
-    if k == "checkpoint_rejected":
-        fb = f"; falling back to step {g('fallback_step')}" if g("fallback_step") is not None else ""
-        return f"Checkpoint of step {g('step')} rejected: {g('reason')}{fb}."
-    if k == "worker_lost":
-        if not g("error") and isinstance(g("errors"), dict) and g("errors"):
-            return _describe_failures(g("errors"))
-        ranks = g("ranks")
-        who = (f"Rank {g('rank')}" if g("rank") is not None else
-               f"Rank(s) {', '.join(map(str, ranks))}" if ranks else "A worker")
-        where = f" on {g('node')}" if g("node") else ""
-        at = f" at step {g('step')}" if g("step") is not None else ""
-        err = f": {g('error')}" if g("error") else ""
-        return f"{who}{where} lost{at}{err}."
-    if k == "restart":
-        att = f" (attempt {g('attempt')})" if g("attempt") is not None else ""
-        frm = f" from the checkpoint of step {g('from_step')}" if g("from_step") is not None else ""
-        ws = f" on {g('world_size')} worker(s)" if g("world_size") is not None else ""
-        why = f" after {g('reason')}" if g("reason") else ""
-        return f"Gang restarted{att}{why}{frm}{ws}."
-    if k == "resume":
-        ws = f" on {g('world_size')} worker(s)" if g("world_size") is not None else ""
-        return f"Training resumed at step {g('step')}{ws}."
-    if k == "resize":
-        old, new = g("old_world_size", g("from_world")), g("new_world_size", g("to_world"))
-        tp = (f" (tensor parallel {g('from_tp')} -> {g('to_tp')})"
-              if g("from_tp") is not None and g("from_tp") != g("to_tp") else "")
-        return f"Gang resized from {old} to {new} worker(s){tp}."
-    if k in ("divergence_detected", "divergence"):
-        what = {"nan": "Non-finite loss or gradient", "spike": "Loss spike",
-                "loss_scale_floor": "fp16 loss scale at its floor"}.get(g("reason"), str(g("reason")))
-        base = f" against a running mean of {_fmt(g('running_mean'))}" if g("running_mean") is not None else ""
-        onset = (f"; the loss had been rising since step {g('onset_step')}"
-                 if g("onset_step") is not None and g("onset_step") != g("step") else "")
-        att = (f" (intervention {g('attempt')} of at most {g('max_rollbacks')})"
-               if g("attempt") is not None and g("max_rollbacks") is not None and not g("give_up") else "")
-        loss = g("loss")
-        if loss is None and g("reason") == "nan":
-            loss = "non-finite"  # the guard keeps NaN out of JSON as None
-        s = f"{what} at step {g('step')}: loss {_fmt(loss)}{base}{onset}{att}."
-        if g("give_up"):
-            s += " The guard gave up: retries exhausted or no healthy checkpoint left."
-        return s
-    if k == "rollback":
-        inv = g("invalidated") or []
-        dropped = f"; checkpoints {', '.join(map(str, inv))} discarded as part of the diverged trajectory" if inv else ""
-        done = []  # the loop records the whole intervention on the rollback event
-        if g("lr_factor") is not None:
-            done.append(f"LR now x{_fmt(g('lr_factor'))} of the schedule")
-        if g("clip") is not None:
-            done.append(f"gradient clipping {_fmt(g('clip'))}")
-        if g("skip_steps"):
-            done.append(f"the batches of step(s) {', '.join(map(str, g('skip_steps')))} will be skipped")
-        then = f"; {', '.join(done)}" if done else ""
-        return (f"Rolled back from step {g('from_step', g('step'))} to the checkpoint of step "
-                f"{g('to_step')}{dropped}{then}.")
-    if k == "lr_change":
-        if g("old") is not None and g("new") is not None:
-            return f"Learning rate lowered from {_fmt(g('old'))} to {_fmt(g('new'))} (x{_fmt(g('factor'))})."
-        return f"Learning rate multiplied by {_fmt(g('factor'))} (now x{_fmt(g('scale'))} of the schedule)."
-    if k == "clip_change":
-        return f"Gradient clipping tightened from {_fmt(g('old'))} to {_fmt(g('new'))}."
-    if k == "data_skipped" and g("start") is not None:
-        return (f"Skipped the batch of step {g('step')} (samples {g('start')}..{g('end')} of the "
-                f"data stream); it is not trained on in this epoch.")
-    if k == "data_skipped":
-        steps = g("steps") or []
-        b = g("batches") or []
-        ids = f" (batches {', '.join(map(str, b))})" if b else ""
-        return f"Skipping the data of step(s) {', '.join(map(str, steps))}{ids}."
-    if k == "failure_budget":
-        if g("exhausted"):
-            return f"Failure budget exhausted: {g('failures')} failure(s), at most {g('max_failures')} allowed."
-        return f"Failure {g('failures')} of at most {g('max_failures')} counted."
-    if k == "version_mismatch":
-        diff = g("diff") or {}
-        parts = [f"{n} {d.get('recorded')} -> {d.get('current')}" for n, d in diff.items()
-                 if isinstance(d, dict)]
-        return "Resumed under other library versions than the checkpoint recorded: " + "; ".join(parts) + "."
-    if k == "chaos":
-        who = f" on rank {g('rank')}" if g("rank") is not None else ""
-        return f"Drill: injected `{g('kind')}` at step {g('step')}{who}."
-    if k == "finish":
-        status = g("status", "completed")
-        at = f" at step {g('step')}" if g("step") is not None else ""
-        loss = f", final loss {_fmt(g('loss'))}" if g("loss") is not None else ""
-        why = f": {g('reason')}" if g("reason") else ""
-        return f"Run {status}{at}{loss}{why}."
+        return "Run started" + (f" ({', '.join(map(str, bits))})" if bits else "") + "."
+    att = f" (attempt {g('attempt')})" if g("attempt") else ""
+    ws = f" on {g('world_size')} worker(s)" if g("world_size") is not None else ""
+    what = "Gang restarted" if k == "restart" else "Run resumed"
+    ck = f" from the checkpoint of step {g('step')}" if g("checkpoint") else " from scratch"
+    return f"{what}{att}{ck}{ws}; training continues at step {(g('step') or 0) + 1}."
+
+
+def _describe_divergence(e: dict[str, Any]) -> str:
+    g = e.get
+    what = {"nan": "Non-finite loss or gradient", "spike": "Loss spike",
+            "loss_scale_floor": "fp16 loss scale at its floor"}.get(g("reason"), str(g("reason")))
+    base = f" against a running mean of {_fmt(g('running_mean'))}" if g("running_mean") is not None else ""
+    onset = (f"; the loss had been rising since step {g('onset_step')}"
+             if g("onset_step") is not None and g("onset_step") != g("step") else "")
+    att = (f" (intervention {g('attempt')} of at most {g('max_rollbacks')})"
+           if g("attempt") is not None and g("max_rollbacks") is not None and not g("give_up") else "")
+    loss = g("loss")
+    if loss is None and g("reason") == "nan":
+        loss = "non-finite"  # the guard keeps NaN out of JSON as None
+    s = f"{what} at step {g('step')}: loss {_fmt(loss)}{base}{onset}{att}."
+    if g("give_up"):
+        s += " The guard gave up: retries exhausted or no healthy checkpoint left."
+    return s
+
+
+def _describe_rollback(e: dict[str, Any]) -> str:
+    g = e.get
+    if g("requested"):
+        aside = g("moved_aside") or []
+        moved = (f"; newer checkpoints {', '.join(map(str, aside))} moved aside" if aside else "")
+        return f"Rolled back on request to the checkpoint of step {g('to_step')}{moved}."
+    done = []
+    if g("lr_factor") is not None:
+        done.append(f"LR now x{_fmt(g('lr_factor'))} of the schedule")
+    if g("clip") is not None:
+        done.append(f"gradient clipping {_fmt(g('clip'))}")
+    if g("skip_steps"):
+        done.append(f"the batches of step(s) {', '.join(map(str, g('skip_steps')))} will be skipped")
+    then = f"; {', '.join(done)}" if done else ""
+    return f"Rolled back from step {g('step')} to the checkpoint of step {g('to_step')}{then}."
+
+
+def _describe_eval(e: dict[str, Any]) -> str:
+    g = e.get
+    shots = f"{g('num_fewshot')}-shot" if g("num_fewshot") is not None else "default shots"
+    limit = f", limit {g('limit')}" if g("limit") is not None else ""
+    which = f"step {g('step')}" if g("step") is not None else Path(str(g("checkpoint"))).name
+    acc = _accuracy(g("results"))
+    scores = ("; " + ", ".join(f"{t} {m} {_fmt(v, 3)}" for t, m, v in acc)) if acc else ""
+    tasks = ", ".join(map(str, g("tasks") or []))
+    return f"Evaluated the checkpoint of {which} on {tasks} ({shots}{limit}){scores}."
+
+
+def _describe_worker_lost(e: dict[str, Any]) -> str:
+    if isinstance(e.get("errors"), dict) and e["errors"]:
+        return _describe_failures(e["errors"])
+    ranks = e.get("ranks") or []
+    return f"Rank(s) {', '.join(map(str, ranks))} lost." if ranks else "A worker was lost."
+
+
+def _describe_finish(e: dict[str, Any]) -> str:
+    g = e.get
+    at = f" at step {g('step')}" if g("step") is not None else ""
+    loss = f", final loss {_fmt(g('loss'))}" if g("loss") is not None else ""
+    return f"Run completed{at}{loss}."
+
+
+def _describe_version_mismatch(e: dict[str, Any]) -> str:
+    diff = e.get("diff") or {}
+    parts = [f"{n} {d.get('recorded')} -> {d.get('current')}" for n, d in diff.items()
+             if isinstance(d, dict)]
+    return "Resumed under other library versions than the checkpoint recorded: " + "; ".join(parts) + "."
+
+
+def _describe_resize(e: dict[str, Any]) -> str:
+    g = e.get
+    tp = (f" (tensor parallel {g('from_tp')} -> {g('to_tp')})"
+          if g("from_tp") is not None and g("from_tp") != g("to_tp") else "")
+    return f"Gang resized from {g('from_world')} to {g('to_world')} worker(s){tp}."
+
+
+# kind -> sentence; one entry per record type (a test checks that every kind has one).
+_DESCRIBE: dict[str, Any] = {
+    "start": _describe_start, "resume": _describe_start, "restart": _describe_start,
+    "interrupted": lambda e: (f"Run interrupted ({e.get('reason')}); the last committed checkpoint "
+                              f"is step {e.get('step')}. Resume with `{e.get('resume')}`."),
+    "finish": _describe_finish,
+    "failure": lambda e: f"Run failed: {e.get('reason')}.",
+    "failure_budget_exceeded": lambda e: (f"Failure budget exceeded (--max-failures "
+                                          f"{e.get('max_failures')}): {e.get('reason')}."),
+    "worker_lost": _describe_worker_lost,
+    "checkpoint_saved": lambda e: f"Checkpoint saved at step {e.get('step')}.",
+    "checkpoint_corrupt": lambda e: (f"Checkpoint of step {e.get('step')} failed its checks "
+                                     f"({e.get('reason')}); using an earlier one."),
+    "checkpoint_partial_removed": lambda e: (f"Removed a half-written checkpoint "
+                                             f"({Path(str(e.get('path'))).name})."),
+    "rollback": _describe_rollback,
+    "resize": _describe_resize,
+    "divergence": _describe_divergence,
+    "divergence_give_up": lambda e: "The divergence guard gave up; the run stops.",
+    "data_skipped": lambda e: (f"Skipped the batch of step {e.get('step')} (samples {e.get('start')}.."
+                               f"{e.get('end')} of the data stream); it is not trained on in this epoch."),
+    "step_skipped": lambda e: (f"Update of step {e.get('step')} skipped: loss {_fmt(e.get('loss'))}, "
+                               f"grad norm {_fmt(e.get('grad_norm'))}."),
+    "version_mismatch": _describe_version_mismatch,
+    "chaos": lambda e: (f"Drill: injected `{e.get('kind')}` at step {e.get('step')}"
+                        + (f" on rank {e.get('rank')}" if e.get("rank") is not None else "") + "."),
+    "eval": _describe_eval,
+    "job_submitted": lambda e: (f"Control job {e.get('job_id')} submitted ({e.get('job_kind')}: "
+                                f"{', '.join(map(str, e.get('stages') or []))})."),
+    "stage_submitted": lambda e: (f"Stage {e.get('stage')} submitted as Ray job "
+                                  f"{e.get('ray_submission_id')} ({e.get('reason')})."),
+    "stage_submit_failed": lambda e: f"Ray refused stage {e.get('stage')}: {e.get('error')}.",
+    "stage_state": lambda e: (f"Stage {e.get('stage')} ({e.get('ray_submission_id')}) is "
+                              f"{e.get('state')}" + (f": {e.get('message')}" if e.get("message") else "")
+                              + "."),
+    "job_finished": lambda e: f"Control job {e.get('job_id')} {e.get('state')}: {e.get('message')}.",
+    "job_cancelled": lambda e: f"Control job {e.get('job_id')} cancelled by a user.",
+    "job_scaled": lambda e: f"Training rescaled from {e.get('before')} to {e.get('after')} worker(s).",
+    "job_rolled_back": lambda e: f"Training rolled back: {e.get('before')} -> {e.get('after')}.",
+    "serve_stopped": lambda e: f"Serving job stopped: {e.get('reason')}.",
+}
+
+
+def describe(e: dict[str, Any]) -> str:
+    """One event as a sentence: what happened and what was done. A kind this code does
+    not know (an older or newer logbook) is shown as its raw fields."""
+    fn = _DESCRIBE.get(e.get("event"))
+    if fn is not None:
+        try:
+            return fn(e)
+        except (TypeError, ValueError, AttributeError):
+            pass  # a record of another shape (an older writer): shown raw below
     rest = {kk: vv for kk, vv in e.items() if kk not in ("time", "event")}
-    return f"{k}: {json.dumps(rest, default=str)}"
+    return f"{e.get('event')}: {json.dumps(rest, default=str)}"
 
 
 def _utc(t: Any) -> _dt.datetime | None:
@@ -503,7 +904,7 @@ def format_entry(e: dict[str, Any], text: str, loss: Any = None, *, show_step: b
     """One chronicle line: time, step, text, loss at the time."""
     t = _utc(e.get("time"))
     when = t.strftime("%H:%M:%S") if t else "--:--:--"
-    step = e.get("step", e.get("from_step"))
+    step = e.get("step")
     at = (f" step {step}" if show_step and step is not None and not isinstance(step, list)
           else "")
     loss_s = f" *(loss {_fmt(loss)})*" if loss is not None and e.get("event") not in ("finish",) else ""
@@ -539,21 +940,30 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
     else:
         # The gang and the guard record why a run stopped even when no finish follows.
         stop = next((e for e in reversed(events) if e.get("event") in
-                     ("failure", "failure_budget_exceeded", "divergence_give_up")), None)
-        if stop is not None:
+                     ("failure", "failure_budget_exceeded", "divergence_give_up", "interrupted")), None)
+        if stop is not None and stop.get("event") == "interrupted":
+            lines.append(f"- **Outcome**: interrupted. {describe(stop)}")
+        elif stop is not None:
             lines.append(f"- **Outcome**: failed. {describe(stop)}")
         else:
             lines.append("- **Outcome**: no `finish` event yet (still running, or the driver died)")
     if finite:
         lines.append(f"- **Loss**: {_fmt(finite[0]['loss'])} at step {finite[0]['step']} -> "
                      f"{_fmt(finite[-1]['loss'])} at step {finite[-1]['step']}")
-    # Canonical name -> the kinds that count as it (the loop writes some under other names).
-    groups = {"restart": ("restart",), "worker_lost": ("worker_lost",),
-              "divergence": ("divergence_detected", "divergence"), "rollback": ("rollback",),
-              "data_skipped": ("data_skipped",), "checkpoint_saved": ("checkpoint_saved",),
-              "checkpoint_rejected": ("checkpoint_rejected", "checkpoint_corrupt"),
-              "chaos": ("chaos",)}
-    counts = {k: sum(kinds.count(x) for x in xs) for k, xs in groups.items()}
+    evals = [e for e in events if e.get("event") == "eval"]
+    if evals:
+        # The accuracy curve: one point per evaluated checkpoint, in order of step.
+        curve = []
+        for e in sorted(evals, key=lambda e: (_num(e.get("step")) is None, _num(e.get("step")) or 0)):
+            acc = _accuracy(e.get("results"))
+            if acc:
+                curve.append(f"step {e.get('step')}: " + ", ".join(f"{t} {m} {_fmt(v, 3)}"
+                                                                   for t, m, v in acc))
+        if curve:
+            lines.append("- **Accuracy**: " + "; ".join(curve))
+    counted = ("restart", "worker_lost", "divergence", "rollback", "data_skipped",
+               "checkpoint_saved", "checkpoint_corrupt", "chaos", "eval")
+    counts = {k: kinds.count(k) for k in counted}
     lines.append("- **Counts**: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in counts.items()))
     if starts:
         s0 = starts[0]
@@ -586,12 +996,11 @@ def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> s
         if d != day:
             day = d
             lines += ["", f"### {d.isoformat() if d else 'undated'}", ""]
-        loss = (e.get("loss") if e.get("event") in ("divergence_detected", "divergence", "checkpoint_saved")
-                else None)
+        loss = e.get("loss") if e.get("event") == "divergence" else None
         if folded:
             loss = None  # a run of routine saves spans many losses; none is "the" loss
         elif loss is None:
-            loss = _loss_before(rows, _num(e.get("time")), e.get("step", e.get("from_step")))
+            loss = _loss_before(rows, _num(e.get("time")), e.get("step"))
         lines.append(format_entry(e, text, loss, show_step=not folded))
     report = next((e.get("report") for e in reversed(events)
                    if e.get("event") in ("finish", "failure", "divergence_give_up") and e.get("report")),
@@ -609,7 +1018,6 @@ _MARKS = {  # event kind -> (colour, label); vertical lines on the loss plot
     "rollback": ("tab:red", "rollback"),
     "restart": ("tab:orange", "restart"),
     "resume": ("tab:orange", "resume"),
-    "divergence_detected": ("tab:purple", "divergence"),
     "divergence": ("tab:purple", "divergence"),
     "chaos": ("0.6", "injected fault"),
 }
@@ -670,11 +1078,9 @@ def plot_loss(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
         kind = e.get("event")
         if kind not in _MARKS:
             continue
-        x = _num(e.get("step", e.get("from_step")))
+        x = _num(e.get("step"))
         if kind == "rollback":
             x = _num(e.get("to_step"))
-        if kind == "restart":
-            x = _num(e.get("from_step", e.get("step")))
         if x is None:
             continue
         colour, label = _MARKS[kind]
@@ -686,7 +1092,7 @@ def plot_loss(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
     # The step that diverged never reaches metrics.jsonl (the guard rolls back first):
     # mark it at the top edge with what the guard saw.
     for e in events:
-        if e.get("event") in ("divergence", "divergence_detected") and _num(e.get("step")) is not None:
+        if e.get("event") == "divergence" and _num(e.get("step")) is not None:
             loss = e.get("loss")
             label = f"{e.get('reason')} ({_fmt(loss)})" if _num(loss) is not None else str(e.get("reason"))
             ax.plot([e["step"]], [top], "v", color="tab:purple", ms=7)
