@@ -5,41 +5,40 @@
   scale by count or autoscaling; ``check_health`` fails once the engine is dead, so Serve
   replaces the replica; on shutdown Serve stops routing to it and waits up to
   ``graceful_shutdown_timeout_s`` for its requests to finish (the drain).
-- ``OpenAIIngress``: FastAPI ``POST /v1/completions`` (``stream: true`` as server-sent
-  events) and ``GET /v1/models`` behind Serve's HTTP proxy, and the gRPC
-  ``opt_ray.v1.GenerationService`` (``Generate`` unary, ``GenerateStream``
-  server-streaming) on a ``grpc.aio`` server inside the ingress replica. It tokenizes and
-  validates (``opt_ray.serve.api``), so bad input never reaches an engine replica.
+- ``OpenAIIngress``: the Ray-free front end (``opt_ray.serve.frontend``) over a handle to
+  the engine deployment: its HTTP app (``opt_ray.serve.http``) behind Serve's HTTP proxy,
+  and its gRPC ``opt_ray.v1.GenerationService`` (``opt_ray.serve.grpc_service``) on a
+  ``grpc.aio`` server inside the ingress replica. It tokenizes and validates, so bad
+  input never reaches an engine replica.
 
 Why not Serve's own gRPC proxy (``gRPCOptions``): in Ray 2.60 it always binds ``[::]``
 (all interfaces) with no host option, while this service must be able to listen on
 127.0.0.1 only; a server in the ingress replica binds the host we are given, and client
 cancellation reaches our handler directly as task cancellation.
 
-Ray touch points are only in this file; everything it calls runs without Ray.
+Ray touch points are only in this file (deployments and wiring); the protocol runs
+without Ray.
 """
 
 
 import asyncio
 import dataclasses
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from opt_ray import metrics
 from opt_ray.serve import api
-from opt_ray.serve.api import ApiError, CompletionRequest
-from opt_ray.serve.engine import (CompletionOutput, EngineConfig, EngineLoop, EngineRequest,
-                                  QueueFullError, RequestError, engine_from_checkpoint,
-                                  resolve_checkpoint)
+from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, QueueFullError,
+                                  RequestError, engine_from_checkpoint, resolve_checkpoint)
+from opt_ray.serve.frontend import Frontend, FrontendConfig, as_api_error
+from opt_ray.serve.grpc_service import start_grpc_server
+from opt_ray.serve.http import build_http_app
 
 APP_NAME = "opt-ray"
 logger = logging.getLogger("ray.serve")
@@ -125,7 +124,34 @@ class GenerationEngine:
         self.loop.stop(drain_timeout_s=5.0)
 
 
-app = FastAPI(title="opt-ray generation", docs_url=None, redoc_url=None)
+class RayEngineHandle:
+    """A ``GenerationEngine`` deployment handle as the front end's engine handle: streams
+    the replica's outputs; closing the stream cancels the call, which aborts the request
+    in the replica. Ray-wrapped request errors and Serve's back-pressure become the
+    ``ApiError`` the client should see."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator:
+        from ray.serve.exceptions import BackPressureError
+        gen = self.handle.options(stream=True).generate.remote(req)
+        try:
+            async for out in gen:
+                yield out
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
+                raise api.queue_full("all replicas are busy") from e
+            err = as_api_error(e)
+            if err is not None:
+                raise err from e
+            raise
+        finally:
+            gen.cancel()      # no-op when finished; frees the slot when we were cancelled
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.handle.stats.remote()
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -133,40 +159,20 @@ def _log_failure(task: asyncio.Task) -> None:
         logger.error("gRPC server failed: %r", task.exception())
 
 
-def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
-
-
-def _as_api_error(e: BaseException) -> ApiError | None:
-    """Engine-side request errors (they cross the handle as Ray-wrapped exceptions of the
-    same class) and Serve's own back-pressure, as the error the client should see."""
-    from ray.serve.exceptions import BackPressureError
-    cause = getattr(e, "cause", None) or e
-    if isinstance(e, QueueFullError) or isinstance(cause, QueueFullError):
-        return api.queue_full()
-    if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
-        return api.queue_full("all replicas are busy")
-    if isinstance(e, RequestError) or isinstance(cause, RequestError):
-        return ApiError(str(cause))
-    return None
-
-
 @serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-@serve.ingress(app)
+@serve.ingress()
 class OpenAIIngress:
-    """HTTP and gRPC front door: tokenize, validate, forward to an engine replica."""
+    """HTTP and gRPC front door: the Ray-free front end (``opt_ray.serve.frontend``) over
+    the engine deployment. Tokenizes and validates, so bad input never reaches an engine
+    replica."""
 
     def __init__(self, engine: DeploymentHandle, checkpoint: str, model_name: str,
-                 engine_config: dict[str, Any], grpc_address: str | None = None):
-        from opt_ray.serve.loading import load_tokenizer_dir
-        path = resolve_checkpoint(checkpoint)
-        cfg = json.loads((path / "config.json").read_text())
-        ctx = int(cfg["max_position_embeddings"])
-        self.max_model_len = min(engine_config.get("max_model_len") or ctx, ctx)
-        self.vocab_size = int(cfg["vocab_size"])
-        self.tokenizer = load_tokenizer_dir(path)
-        self.model_name = model_name
-        self.engine = engine
+                 engine_config: dict[str, Any], grpc_address: str | None = None,
+                 frontend_config: dict[str, Any] | None = None):
+        self.frontend = Frontend.for_checkpoint(
+            RayEngineHandle(engine), checkpoint, model_name=model_name,
+            max_model_len=engine_config.get("max_model_len"),
+            config=FrontendConfig(**(frontend_config or {})))
         self._grpc_server = None
         if grpc_address:
             # Serve calls the constructor on the replica's event loop; the server runs there.
@@ -174,164 +180,16 @@ class OpenAIIngress:
             self._grpc_task = asyncio.get_running_loop().create_task(self._serve_grpc(grpc_address))
             self._grpc_task.add_done_callback(_log_failure)
 
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.frontend)
+
     async def _serve_grpc(self, address: str) -> None:
-        import grpc
-
-        from actors.serve import _GrpcServicer  # by module: Serve may ship this class by value
-        from opt_ray.v1 import generate_pb2_grpc
-        server = grpc.aio.server()
-        generate_pb2_grpc.add_GenerationServiceServicer_to_server(_GrpcServicer(self), server)
-        server.add_insecure_port(address)
-        await server.start()
-        self._grpc_server = server
-        logger.info("gRPC opt_ray.v1.GenerationService listening on %s", address)
-
-    def _parse(self, body: Any) -> CompletionRequest:
-        return api.parse_completion(body, model_name=self.model_name, tokenizer=self.tokenizer,
-                                    max_model_len=self.max_model_len, vocab_size=self.vocab_size)
-
-    async def _start(self, req: CompletionRequest):
-        """Submit to an engine replica and wait for its first output, so that a rejection
-        (429) is known before any response status is sent. Returns (first, rest)."""
-        gen = None
-        try:
-            gen = self.engine.options(stream=True).generate.remote(
-                EngineRequest(req.request_id, req.prompt_token_ids, req.params))
-            first = await gen.__anext__()
-        except BaseException as e:
-            if gen is not None:
-                gen.cancel()
-            err = _as_api_error(e)
-            if err is not None:
-                raise err from e
-            logger.warning("request %s failed: %r", req.request_id, e)
-            raise
-        return first, gen
-
-    # ---- HTTP ----------------------------------------------------------------------------
-
-    @app.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        return JSONResponse(api.models_response(self.model_name, self.max_model_len))
-
-    @app.get("/health")
-    async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/v1/stats")
-    async def stats(self) -> JSONResponse:
-        """Engine stats of one replica (the one the router picks): slots, KV, queue."""
-        return JSONResponse(await self.engine.stats.remote())
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
-        try:
-            body = await request.json()
-        except ValueError as e:
-            return _error_response(ApiError(f"request body is not valid JSON: {e}"))
-        try:
-            req = self._parse(body)
-            first, rest = await self._start(req)
-        except ApiError as e:
-            return _error_response(e)
-        if req.stream:
-            return StreamingResponse(self._sse(req, first, rest), media_type="text/event-stream")
-        acc = api.Accumulator(req)
-        try:
-            acc.add(first)
-            async for out in rest:
-                acc.add(out)
-        finally:
-            rest.cancel()      # no-op when finished; frees the slot if we were cancelled
-        return JSONResponse(api.completion_response(acc, self.tokenizer))
-
-    async def _sse(self, req: CompletionRequest, first, rest) -> AsyncIterator[str]:
-        acc = api.Accumulator(req)
-        try:
-            is_first, out = True, first
-            while True:
-                acc.add(out)
-                for chunk in api.stream_chunks(req, out, self.tokenizer, first=is_first):
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                is_first = False
-                if out.finished:
-                    break
-                out = await rest.__anext__()
-            if req.include_usage:
-                yield f"data: {json.dumps(api.usage_chunk(acc))}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            # Client gone mid-stream: cancelling the engine call aborts the request there,
-            # which frees its slot and KV memory on the next engine step.
-            rest.cancel()
-
-    # ---- gRPC (called by _GrpcServicer; errors are ApiError) ------------------------------
-
-    async def Generate(self, request):
-        req = self._parse(api.body_from_grpc(request))
-        acc = api.Accumulator(req)
-        first, rest = await self._start(req)
-        try:
-            acc.add(first)
-            async for out in rest:
-                acc.add(out)
-        finally:
-            rest.cancel()
-        choices = [dataclasses.replace(c, text=(req.prompt_text if req.params.echo else "") + c.text)
-                   for _, c in sorted(acc.choices.items())]
-        return api.grpc_response(req, choices, self.tokenizer, acc.usage())
-
-    async def GenerateStream(self, request):
-        req = self._parse(api.body_from_grpc(request))
-        acc = api.Accumulator(req)
-        out, rest = await self._start(req)
-        try:
-            is_first = True
-            while True:
-                acc.add(out)
-                choices = [c for c in out.outputs if c.finish_reason != "abort"]
-                if is_first and req.params.echo:
-                    choices = [CompletionOutput(i, req.prompt_text, []) for i in range(req.params.n)] + choices
-                is_first = False
-                if choices or out.finished:
-                    yield api.grpc_response(req, choices, self.tokenizer,
-                                            acc.usage() if out.finished else None)
-                if out.finished:
-                    break
-                out = await rest.__anext__()
-        finally:
-            rest.cancel()      # the client cancelled: abort in the engine, free the slot
+        self._grpc_server = await start_grpc_server(self.frontend, address)
 
     async def __del__(self):
         if self._grpc_server is not None:
             await self._grpc_server.stop(grace=5)
-
-
-class _GrpcServicer:
-    """opt_ray.v1.GenerationService over the ingress: ApiError -> gRPC status."""
-
-    def __init__(self, ingress: OpenAIIngress):
-        self.ingress = ingress
-
-    async def Generate(self, request, context):
-        try:
-            return await self.ingress.Generate(request)
-        except ApiError as e:
-            await _abort(context, e)
-
-    async def GenerateStream(self, request, context):
-        try:
-            async for resp in self.ingress.GenerateStream(request):
-                yield resp
-        except ApiError as e:
-            await _abort(context, e)
-
-
-async def _abort(context, e: ApiError) -> None:
-    import grpc
-    if e.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
-    await context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
+        self.frontend.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -341,7 +199,7 @@ async def _abort(context, e: ApiError) -> None:
 def build_app(checkpoint: str | Path, *, model_name: str | None = None,
               engine_config: EngineConfig | None = None, replicas: int = 1,
               max_replicas: int | None = None, host: str = "127.0.0.1",
-              grpc_port: int | None = 9000):
+              grpc_port: int | None = 9000, frontend_config: FrontendConfig | None = None):
     """The Serve application. ``replicas`` engine replicas, or autoscaling between
     ``replicas`` and ``max_replicas`` on ongoing requests per replica. The gRPC service
     listens on host:grpc_port (None: no gRPC)."""
@@ -365,7 +223,8 @@ def build_app(checkpoint: str | Path, *, model_name: str | None = None,
         opts["num_replicas"] = replicas
     engine = GenerationEngine.options(**opts).bind(str(path), cfg)
     grpc_address = f"{host}:{grpc_port}" if grpc_port else None
-    return OpenAIIngress.bind(engine, str(path), model_name or path.name, cfg, grpc_address)
+    return OpenAIIngress.bind(engine, str(path), model_name or path.name, cfg, grpc_address,
+                              dataclasses.asdict(frontend_config or FrontendConfig()))
 
 
 def start(app, *, host: str = "127.0.0.1", http_port: int = 8000, name: str = APP_NAME) -> None:
@@ -378,19 +237,22 @@ def app_builder(args: dict[str, Any]):
     """Entry point for Serve config files and ``serve run``:
     ``serve run actors.serve:app_builder checkpoint=PATH replicas=2 max_num_seqs=8``.
     Keys: checkpoint (required), model_name, replicas, max_replicas, host, grpc_port
-    (0 = none), and any ``EngineConfig`` field."""
+    (0 = none), and any ``EngineConfig`` or ``FrontendConfig`` field."""
     from opt_ray.errors import UserError
     args = dict(args)
     if "checkpoint" not in args:
         raise UserError("app_builder needs checkpoint=PATH (an HF-format dir)")
     engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     engine_kw = {k: (v if k in ("dtype", "device") else int(v)) for k, v in args.items() if k in engine_fields}
-    unknown = set(args) - set(engine_fields) - {"checkpoint", "model_name", "replicas", "max_replicas",
-                                                 "host", "grpc_port"}
+    frontend_fields = {f.name for f in dataclasses.fields(FrontendConfig)}
+    frontend_kw = {k: int(v) for k, v in args.items() if k in frontend_fields}
+    unknown = set(args) - set(engine_fields) - frontend_fields - {
+        "checkpoint", "model_name", "replicas", "max_replicas", "host", "grpc_port"}
     if unknown:
         raise UserError(f"app_builder: unknown argument(s) {sorted(unknown)}")
     max_replicas = args.get("max_replicas")
     return build_app(args["checkpoint"], model_name=args.get("model_name"),
                      engine_config=EngineConfig(**engine_kw), replicas=int(args.get("replicas", 1)),
                      max_replicas=int(max_replicas) if max_replicas else None,
-                     host=args.get("host", "127.0.0.1"), grpc_port=int(args.get("grpc_port", 9000)) or None)
+                     host=args.get("host", "127.0.0.1"), grpc_port=int(args.get("grpc_port", 9000)) or None,
+                     frontend_config=FrontendConfig(**frontend_kw))
