@@ -10,16 +10,18 @@ from opt_ray.errors import UserError
 
 DESCRIPTION = """\
 Remove near-duplicate documents the way OPT did: MinHash signatures of word 5-gram
-shingles, LSH banding into bucket actors, every candidate pair verified by exact Jaccard
+shingles, LSH banding into partitioned buckets, candidates verified by exact Jaccard
 similarity, and one survivor (the lowest id) per connected cluster of documents at
-Jaccard >= --threshold.
+Jaccard >= --threshold. Workers (Ray tasks) read their own input files; intermediates
+go to a work directory beside the output (.OUTPUT.dedup-work), so an interrupted run
+resumes from its completed steps when run again with the same arguments.
 
 Inputs: .jsonl / .ndjson (optionally .gz or .zst), .parquet, .txt (one document per
 file), or directories of them (recursively; a dedup output directory is valid input).
 Output directory: the kept records with all their fields as Parquet shards
-(part-*.parquet, plus the id column opt_ray_id), dedup_report.json (clusters with member
-ids and verified similarities, bad records by file and line, counts, parameters,
-timings) and manifest.json. It is written atomically: it appears complete or not at all.
+(part-*.parquet, plus the id column opt_ray_id), clusters.parquet (every cluster member),
+dedup_report.json (clusters with member ids and verified similarities, bad records by
+file and line, counts, parameters, timings) and manifest.json. It is written atomically: it appears complete or not at all.
 """
 
 EPILOG = """\
@@ -30,7 +32,7 @@ examples:
 
 Bands x rows default to the most selective split with >= 99% probability of making a
 pair at the threshold a candidate (0.95 and 128 permutations: 8 x 16).
-Exit status: 0 done, 2 bad input (one line on stderr).
+Exit status: 0 done, 2 bad input (one line on stderr; also when no usable document).
 """
 
 
@@ -55,10 +57,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         ">= 99%% candidate probability at the threshold)")
     p.add_argument("--rows", type=int, default=None, help="rows per LSH band (with --bands)")
     p.add_argument("--workers", type=int, default=2,
-                   help="dedup worker actors (1 CPU each; default 2)")
-    p.add_argument("--buckets", type=int, default=2, help="bucket actors (default 2)")
+                   help="concurrent Ray tasks (1 CPU each; default 2); 0 runs every step in "
+                        "this process, without Ray")
+    p.add_argument("--buckets", type=int, default=2,
+                   help="partitions of the LSH band keys, one task each (default 2; more "
+                        "for large corpora)")
     p.add_argument("--batch-docs", type=int, default=512,
-                   help="documents per signature task (default 512)")
+                   help="documents signed at a time in a worker (default 512)")
     p.add_argument("--text-field", default="text",
                    help="record field holding the text (default 'text')")
     p.add_argument("--id-field", default=None,
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from opt_ray.data.dedup import DedupConfig, run_dedup
-    from opt_ray.data.readers import resolve_inputs
+    from opt_ray.data.readers import check_output_dir, resolve_inputs
 
     # Everything that can be wrong with the request is checked before Ray starts.
     files = resolve_inputs(args.inputs)
@@ -88,23 +93,19 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, bands=args.bands, rows=args.rows,
                       verify=not args.no_verify, batch_docs=args.batch_docs,
                       num_buckets=args.buckets)
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
-    if Path(args.output).exists() and not args.overwrite:
-        raise UserError(f"output directory {args.output} already exists; choose another "
-                        f"--output or pass --overwrite")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    check_output_dir(args.output, overwrite=args.overwrite)
 
-    from actors.dedup import RayBackend
-    from opt_ray.ray_util import init_ray
-    init_ray(args.address, num_cpus=args.num_cpus)
-    backend = RayBackend(cfg, args.workers)
-    try:
-        report = run_dedup(args.inputs, args.output, cfg, backend, text_field=args.text_field,
-                           id_field=args.id_field, strict=args.strict,
-                           overwrite=args.overwrite, progress=not args.no_progress,
-                           files=files)
-    finally:
-        backend.close()
+    executor = None
+    if args.workers > 0:
+        from actors.dedup import RayExecutor
+        from opt_ray.ray_util import init_ray
+        init_ray(args.address, num_cpus=args.num_cpus)
+        executor = RayExecutor(args.workers)
+    report = run_dedup(args.inputs, args.output, cfg, executor, text_field=args.text_field,
+                       id_field=args.id_field, strict=args.strict, overwrite=args.overwrite,
+                       progress=not args.no_progress, files=files)
     c = report["counts"]
     print(json.dumps({"output": str(Path(args.output).absolute()), "docs": c["docs"],
                       "kept": c["docs_kept"], "removed": c["duplicates_removed"],

@@ -1,42 +1,65 @@
-"""MinHash-LSH near-duplicate removal: the algorithm, without Ray.
+"""MinHash-LSH near-duplicate removal at corpus scale: phases over splits and partitions.
 
-The stage, in order (``run_dedup`` drives it; a ``Backend`` says where the work runs):
+The driver (``run_dedup``) only plans and tracks: it never reads a text. Workers (an
+``Executor``: in-process, or Ray tasks from ``actors.dedup``) run one function per phase on
+one split (an input file) or one partition (``key % partitions``), and each writes its
+result under the work dir ``.<output>.dedup-work/`` (a sibling of the output) followed by a
+``done.json`` marker. A rerun with the same inputs and parameters skips what is done, so a
+killed worker (its task is retried) or a killed driver (run the command again) costs only
+the unfinished splits; the output is identical either way.
 
-1. **Signatures.** Documents are read in batches; a worker computes each batch's MinHash
-   signatures and per-document content digests (``process_batch``), cuts each signature
-   into ``bands`` bands of ``rows`` values, hashes each band to a 64-bit key and routes
-   ``(key, doc)`` to bucket table ``key % num_buckets``. A batch id makes a bucket's add
-   idempotent, so a retried batch replaces, never duplicates, its entries.
-2. **Exact duplicates.** Documents with equal digests have equal word sequences, hence
-   equal shingle sets (Jaccard 1): each group keeps its lowest ordinal as representative,
-   the others are joined to it and left out of the buckets, so a thousand copies of a
-   licence make a thousand edges, not half a million candidate pairs.
-3. **Candidates.** Each bucket table sorts its keys; documents sharing a key in any band
-   form candidate pairs. Bands and rows default to the largest ``rows`` whose candidate
-   probability ``1 - (1 - s**rows)**bands`` at the threshold is >= 0.99 (``choose_bands``).
-4. **Verification.** Every candidate pair is checked by the exact Jaccard similarity of
-   the two shingle sets (texts re-read for just the candidate documents); only pairs
-   >= threshold become edges. Pairs whose ends are already connected are skipped: the
-   components cannot change. Windows are processed in a fixed order, so which pairs are
-   skipped, and thus the report, is deterministic.
-5. **Clusters.** Connected components of the verified edges (union-find). Only verified
-   edges are unioned, so in a chain A~B~C with A, C below threshold, C is removed because
-   of its verified partner B, never because of A. Each cluster keeps its lowest id
-   (natural order: ``doc9`` < ``doc10``); every removed document has a verified partner
-   >= threshold in its cluster, which the report lists.
-6. **Output.** Kept records, all input fields, as Parquet shards, with ``dedup_report.json``,
-   ``metrics.jsonl`` (one line per signature batch and per phase) and ``manifest.json``,
-   through ``ArtifactWriter`` (atomic).
+Documents are named by a ``uid = split << 32 | k`` (``k``: the k-th good record of the
+split), which orders them as the inputs do. The phases and the data between them:
+
+1. **sign** (per split): read the split; per good record its MinHash signature (identical to
+   datasketch's, ``minhash.signatures``), cut into ``bands`` bands of ``rows`` values, each
+   hashed to a 64-bit key. Written map-side, partitioned by hash (as datatrove does):
+   ``bands-pP`` (key, uid), ``digests-pP`` (16-byte digest of the normalised words, uid),
+   ``ids-pP`` (id, uid). Bad records are counted there with file and line.
+2. **keys** (per partition): an id seen twice is a bad record (``duplicate_id``) for every
+   occurrence after the first; documents with equal digests have equal word sequences
+   (Jaccard 1), so each such group is joined to its lowest uid (the exact-duplicate edges)
+   and only that one goes on to LSH.
+3. **buckets** (per partition): sort (key, uid); documents sharing a key form a group, kept
+   as its member list (linear in its size, never its pairs). Bands and rows default to the
+   largest ``rows`` whose candidate probability ``1 - (1 - s**rows)**bands`` at the
+   threshold is >= 0.99 (``choose_bands``).
+4. **fetch** (per split): re-read the split and write, for each document in a group, its
+   shingle set as sorted 64-bit shingle hashes, to the partitions whose groups hold it.
+5. **verify** (per partition): within each group, members in uid order join the local
+   components they are similar to: a member is compared with the members of each
+   component it is not yet connected to until one has Jaccard >= threshold (exact, on the
+   shingle hashes). Only pairs whose ends are already connected are skipped, so the
+   components are those of *all* verified pairs in the group (the previous all-pairs
+   algorithm's), while k near-identical documents cost k - 1 comparisons, not k^2/2.
+   Edges kept: those that joined two components, with their similarity.
+6. **components** (one task): connected components of the edge arrays (label propagation
+   with pointer jumping in numpy); each keeps its lowest id (natural order: ``doc9`` <
+   ``doc10``); written as ``clusters.parquet`` and one ``removed`` array per split.
+   In a chain A~B~C with A, C below threshold, C goes because of its verified partner B.
+7. **filter** (per split): re-read the split; write the kept records (all input fields)
+   as Parquet shards sized by text bytes.
+8. **finish** (driver): the shards, ``clusters.parquet``, ``dedup_report.json`` (counts,
+   bad records, parameters, timings, the first ``report_clusters`` clusters),
+   ``metrics.jsonl`` and ``manifest.json`` into the artifact directory, atomically.
+
+Shingle hashes are 64-bit: the Jaccard is exact up to a hash collision between two
+different shingles of one pair (probability ~ n^2 / 2^64, < 1e-9 below 10^5 shingles).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import socket
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -46,6 +69,8 @@ from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file, reso
 from opt_ray.errors import UserError
 
 REPORT = "dedup_report.json"
+CLUSTERS = "clusters.parquet"
+WORK_VERSION = 1     # bump when the work-dir layout changes: old work dirs are discarded
 _U64 = np.uint64
 
 
@@ -84,11 +109,12 @@ class DedupConfig:
     bands: int | None = None
     rows: int | None = None
     verify: bool = True          # exact Jaccard; False = MinHash estimate (faster, approximate)
-    batch_docs: int = 512        # documents per signature task, at most
-    batch_bytes: int = 1 << 20   # text bytes per signature task, at most (long documents)
-    num_buckets: int = 2         # bucket tables (actors)
-    verify_chunk: int = 2048     # candidate pairs per verification task
-    shard_rows: int = 50_000     # kept records per output Parquet shard
+    batch_docs: int = 512        # documents signed at a time in a worker, at most
+    batch_bytes: int = 1 << 20   # text bytes signed at a time in a worker, at most
+    num_buckets: int = 2         # partitions of the band keys (and digests, ids)
+    shard_bytes: int = 128 << 20  # text characters per output Parquet shard, at most
+    shard_rows: int = 200_000    # records per output Parquet shard, at most
+    report_clusters: int = 10_000  # clusters listed in dedup_report.json (all: clusters.parquet)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -107,7 +133,7 @@ class DedupConfig:
         if self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm:
             raise UserError(f"--bands x --rows ({self.bands} x {self.rows}) must be between 1 "
                             f"and --num-perm ({self.num_perm})")
-        for name in ("batch_docs", "batch_bytes", "num_buckets", "verify_chunk", "shard_rows"):
+        for name in ("batch_docs", "batch_bytes", "num_buckets", "shard_bytes", "shard_rows"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -116,7 +142,7 @@ class DedupConfig:
         return candidate_probability(self.threshold, self.bands, self.rows)
 
 
-# ---------------------------------------------------------------------------- batches
+# ------------------------------------------------------------------------- primitives
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n, bands) uint64 keys: a 64-bit mix of each band's ``rows`` values and its index.
@@ -137,115 +163,32 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def process_batch(texts: list[str], base: int, cfg: DedupConfig
-                  ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """The worker's job for one batch: ``(digests (n, 16) uint8, parts)`` where
-    ``parts[k] = (keys, ordinals)`` are the band entries routed to bucket table ``k``.
-    Ordinals are global: ``base + i`` for the batch's i-th document."""
-    sig, dig = minhash.signatures_and_digests(texts, cfg.num_perm, cfg.seed, cfg.ngram)
-    keys = band_keys(sig, cfg.bands, cfg.rows).ravel()
-    ords = np.repeat(np.arange(base, base + len(texts), dtype=np.int64), cfg.bands)
-    route = keys % _U64(cfg.num_buckets)
-    parts = [(keys[route == k], ords[route == k]) for k in range(cfg.num_buckets)]
-    return dig, parts
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: partition choice independent of the key's own low bits."""
+    x = x.astype(_U64, copy=True)
+    x ^= x >> _U64(30)
+    x *= _U64(0xBF58476D1CE4E5B9)
+    x ^= x >> _U64(27)
+    x *= _U64(0x94D049BB133111EB)
+    x ^= x >> _U64(31)
+    return x
 
 
-class BucketTable:
-    """One partition of the LSH buckets: band keys -> documents, idempotent per batch."""
-
-    def __init__(self) -> None:
-        self._parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def add(self, batch_id: int, keys: np.ndarray, ords: np.ndarray) -> None:
-        self._parts[batch_id] = (keys, ords)   # a retried batch replaces its entries
-
-    def __len__(self) -> int:
-        return len(self._parts)
-
-    def candidate_pairs(self, drop: np.ndarray | None = None) -> np.ndarray:
-        """Unique pairs ``(i, j)``, i < j, of documents sharing a key; (m, 2) int64,
-        sorted. ``drop``: ordinals to leave out (exact duplicates of a representative)."""
-        if not self._parts:
-            return np.empty((0, 2), dtype=np.int64)
-        keys = np.concatenate([p[0] for p in self._parts.values()])
-        ords = np.concatenate([p[1] for p in self._parts.values()])
-        if drop is not None and len(drop):
-            keep = ~np.isin(ords, drop)
-            keys, ords = keys[keep], ords[keep]
-        order = np.lexsort((ords, keys))
-        keys, ords = keys[order], ords[order]
-        edge = np.flatnonzero(np.diff(keys) != 0) + 1
-        starts = np.concatenate([[0], edge])
-        ends = np.concatenate([edge, [len(keys)]])
-        multi = np.flatnonzero(ends - starts >= 2)
-        out: list[np.ndarray] = []
-        for s, e in zip(starts[multi].tolist(), ends[multi].tolist()):
-            members = ords[s:e]
-            if e - s == 2:
-                out.append(members[None, :])
-            else:
-                i, j = np.triu_indices(e - s, k=1)
-                out.append(np.stack([members[i], members[j]], axis=1))
-        return unique_pairs(out)
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """The shingle set of ``text`` (``minhash.shingles``) as sorted unique uint64 hashes
+    (first 8 bytes of each shingle's blake2b): 8 bytes a shingle, whatever its length."""
+    blake = hashlib.blake2b
+    buf = b"".join(blake(s.encode("utf-8"), digest_size=8).digest()
+                   for s in set(minhash.shingles(text, ngram)))
+    return np.unique(np.frombuffer(buf, dtype="<u8"))
 
 
-def unique_pairs(chunks: Iterable[np.ndarray]) -> np.ndarray:
-    """Concatenate (m, 2) pair arrays, drop self-pairs and repeats, sort; i < j."""
-    chunks = [c for c in chunks if len(c)]
-    if not chunks:
-        return np.empty((0, 2), dtype=np.int64)
-    p = np.concatenate(chunks).astype(np.int64)
-    p = np.sort(p, axis=1)
-    p = p[p[:, 0] != p[:, 1]]
-    return np.unique(p, axis=0)
-
-
-# ----------------------------------------------------------------------- verification
-
-def verify_pairs(pairs: np.ndarray, texts: dict[int, str], ngram: int, *,
-                 exact: bool = True, num_perm: int = 128, seed: int = 1) -> np.ndarray:
-    """Similarity of each pair: exact Jaccard of the shingle sets (``exact``), else the
-    MinHash estimate (fraction of equal signature values). float64 array (m,)."""
-    if not exact:
-        ords = sorted({int(o) for o in pairs.ravel()})
-        sig = minhash.signatures([texts[o] for o in ords], num_perm, seed, ngram)
-        row = {o: k for k, o in enumerate(ords)}
-        return np.array([float(np.mean(sig[row[int(i)]] == sig[row[int(j)]])) for i, j in pairs])
-    sets: dict[int, set[str]] = {}
-
-    def get(o: int) -> set[str]:
-        s = sets.get(o)
-        if s is None:
-            s = sets[o] = minhash.shingle_set(texts[o], ngram)
-        return s
-
-    return np.array([minhash.jaccard(get(int(i)), get(int(j))) for i, j in pairs],
-                    dtype=np.float64)
-
-
-class UnionFind:
-    """Disjoint sets over ordinals 0..n-1 with path halving and union by size."""
-
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-        self.size = [1] * n
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> bool:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return False
-        if self.size[ra] < self.size[rb]:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.size[ra] += self.size[rb]
-        return True
+def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard of two sorted unique arrays; two empty sets count as 0 (as ``minhash.jaccard``)."""
+    if not len(a) and not len(b):
+        return 0.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
 
 
 _DIGITS = re.compile(r"(\d+)")
@@ -257,106 +200,613 @@ def natural_key(doc_id: str) -> tuple:
     return tuple(int(p) if k % 2 else p for k, p in enumerate(parts))
 
 
-def clusters_from_edges(ids: list[str], edges: list[tuple[int, int, float]]
-                        ) -> list[dict[str, Any]]:
-    """Connected components of ``edges`` (ordinal pairs with their verified similarity),
-    each as ``{"keep", "members", "edges"}`` with ids; the kept member is the lowest id.
-    Clusters are sorted by their kept id."""
-    uf = UnionFind(len(ids))
-    for i, j, _ in edges:
-        uf.union(i, j)
-    members: dict[int, set[int]] = {}
-    comp_edges: dict[int, list] = {}
-    for i, j, s in edges:
-        r = uf.find(i)
-        members.setdefault(r, set()).update((i, j))
-        comp_edges.setdefault(r, []).append([ids[i], ids[j], round(float(s), 6)])
-    out = []
-    for r, ms in members.items():
-        ordered = sorted(ms, key=lambda o: natural_key(ids[o]))
-        out.append({"keep": ids[ordered[0]], "members": [ids[o] for o in ordered],
-                    "edges": comp_edges[r]})
-    out.sort(key=lambda c: natural_key(c["keep"]))
-    return out
+def connected_components(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Components of the graph with edges ``u[i] - v[i]`` (int64 node names): ``(nodes,
+    labels)``, nodes sorted, each label the smallest node of its component. Min-label
+    propagation with pointer jumping over numpy arrays (no per-node Python objects)."""
+    if not len(u):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    nodes, inv = np.unique(np.concatenate([u, v]).astype(np.int64), return_inverse=True)
+    a, b = inv[:len(u)], inv[len(u):]
+    label = np.arange(len(nodes), dtype=np.int64)
+    while True:
+        m = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        while True:                          # pointer jumping: follow labels to their root
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            break
+        label = new
+    return nodes, nodes[label]
 
 
-# -------------------------------------------------------------------------- backends
+# --------------------------------------------------------------------------- executors
 
-class Backend(Protocol):
-    """Where the work runs. ``LocalBackend`` runs it in this process; ``actors.dedup``
-    provides the Ray one (worker actors, bucket actors)."""
+class Executor(Protocol):
+    """Where phase tasks run: ``LocalExecutor`` in this process; ``actors.dedup`` has the
+    Ray one (retried tasks). ``map`` yields results as tasks finish, in any order."""
 
     num_workers: int
 
-    def start(self) -> None:
-        """Begin a run (a backend may serve several runs in turn)."""
-
-    def submit_batch(self, batch_id: int, base: int, texts: list[str]) -> None: ...
-    def done_batches(self, block: bool) -> list[tuple[int, np.ndarray]]:
-        """Finished batches ``(batch_id, digests)``; ``block``: wait for at least one."""
-    def in_flight(self) -> int: ...
-    def candidate_pairs(self, drop: np.ndarray) -> np.ndarray: ...
-    def verify(self, chunks: list[tuple[np.ndarray, dict[int, str]]]) -> list[np.ndarray]: ...
-    def close(self) -> None: ...
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]: ...
 
 
-class LocalBackend:
-    """Everything in the calling process: the reference and the test double for Ray."""
+class LocalExecutor:
+    """Everything in the calling process: the reference and what tests compare Ray to."""
 
-    def __init__(self, cfg: DedupConfig) -> None:
-        self.cfg = cfg
-        self.num_workers = 1
-        self.tables = [BucketTable() for _ in range(cfg.num_buckets)]
-        self._done: list[tuple[int, np.ndarray]] = []
+    num_workers = 1
 
-    def start(self) -> None:
-        self.tables = [BucketTable() for _ in range(self.cfg.num_buckets)]
-        self._done = []
-
-    def submit_batch(self, batch_id: int, base: int, texts: list[str]) -> None:
-        dig, parts = process_batch(texts, base, self.cfg)
-        for table, (keys, ords) in zip(self.tables, parts):
-            table.add(batch_id, keys, ords)
-        self._done.append((batch_id, dig))
-
-    def done_batches(self, block: bool) -> list[tuple[int, np.ndarray]]:
-        out, self._done = self._done, []
-        return out
-
-    def in_flight(self) -> int:
-        return 0
-
-    def candidate_pairs(self, drop: np.ndarray) -> np.ndarray:
-        return unique_pairs(t.candidate_pairs(drop) for t in self.tables)
-
-    def verify(self, chunks: list[tuple[np.ndarray, dict[int, str]]]) -> list[np.ndarray]:
-        c = self.cfg
-        return [verify_pairs(p, t, c.ngram, exact=c.verify, num_perm=c.num_perm, seed=c.seed)
-                for p, t in chunks]
-
-    def close(self) -> None:
-        pass
+    def map(self, fn: Callable[..., Any], args: Sequence[tuple]) -> Iterator[Any]:
+        for a in args:
+            yield fn(*a)
 
 
-# ------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- work dir
+
+def _write_table(path: Path, columns: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path, compression="zstd")
+
+
+def _read_tables(paths: Iterable[Path], columns: list[str] | None = None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    tables = [pq.read_table(p, columns=columns) for p in paths]
+    return pa.concat_tables(tables) if tables else None
+
+
+class _Task:
+    """One split's or partition's output directory: files go into a temporary sibling
+    that is renamed into place once ``done.json`` is in it, so a directory that exists is
+    complete, and a retried task (killed worker) starts over in a fresh temporary."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError:   # a twin of this task (a retry) finished first: same content
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _started(path: Path) -> None:
+    """Say which process works on ``path`` (for operators, and the chaos test's victim)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / f"{path.name}.running").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def _done(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finish_task(tmp: Path, info: dict[str, Any]) -> dict[str, Any]:
+    (tmp / "done.json").write_text(json.dumps(info))
+    return info
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every task needs to know: the work dir, the splits and the parameters."""
+
+    work: str
+    files: tuple[InputFile, ...]
+    cfg: DedupConfig
+    text_field: str
+    id_field: str | None
+    strict: bool
+
+    @property
+    def root(self) -> Path:
+        return Path(self.work)
+
+    @property
+    def parts(self) -> int:
+        return self.cfg.num_buckets
+
+    def split_dir(self, phase: str, s: int) -> Path:
+        return self.root / phase / f"s{s:05d}"
+
+    def part_dir(self, phase: str, p: int) -> Path:
+        return self.root / phase / f"p{p:04d}"
+
+    def records(self, s: int, errors: InputErrors) -> Iterator[tuple[int, dict]]:
+        """``(uid, record)`` for the good records of split ``s``."""
+        base = s << 32
+        for k, rec in enumerate(iter_file(self.files[s], text_field=self.text_field,
+                                          id_field=self.id_field, errors=errors)):
+            yield base + k, rec
+
+
+def _ids_digest(h: Any, doc_id: str) -> None:
+    h.update(doc_id.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+
+
+def _changed(split: InputFile) -> UserError:
+    return UserError(f"input {split.path} changed while dedup ran (its records differ from "
+                     f"the first read); re-run on inputs that stay put")
+
+
+# ----------------------------------------------------------------------------- phases
+
+def sign_split(plan: Plan, s: int) -> dict[str, Any]:
+    """Phase 1 on split ``s``: signatures -> band keys, digests and ids, partitioned."""
+    out = plan.split_dir("sign", s)
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    cfg, P = plan.cfg, plan.parts
+    errors = InputErrors(strict=plan.strict)
+    keys_p: list[list[np.ndarray]] = [[] for _ in range(P)]
+    kuid_p: list[list[np.ndarray]] = [[] for _ in range(P)]
+    dig_all: list[np.ndarray] = []
+    uids: list[int] = []
+    ids: list[str] = []
+    ids_hash = hashlib.blake2b(digest_size=16)
+    nbytes = 0
+    texts: list[str] = []
+    tbytes = 0
+    c0 = time.process_time()
+
+    def flush() -> None:
+        nonlocal texts, tbytes
+        if not texts:
+            return
+        sig, dig = minhash.signatures_and_digests(texts, cfg.num_perm, cfg.seed, cfg.ngram)
+        keys = band_keys(sig, cfg.bands, cfg.rows).ravel()
+        ku = np.repeat(np.asarray(uids[-len(texts):], dtype=np.int64), cfg.bands)
+        route = (_mix64(keys) % _U64(P)).astype(np.int64)
+        for p in range(P):
+            sel = route == p
+            keys_p[p].append(keys[sel])
+            kuid_p[p].append(ku[sel])
+        dig_all.append(dig)
+        texts, tbytes = [], 0
+
+    for uid, rec in plan.records(s, errors):
+        text = rec[plan.text_field]
+        doc_id = rec[ID_KEY]
+        uids.append(uid)
+        ids.append(doc_id)
+        _ids_digest(ids_hash, doc_id)
+        n = len(text.encode("utf-8"))
+        nbytes += n
+        tbytes += n
+        texts.append(text)
+        if len(texts) >= cfg.batch_docs or tbytes >= cfg.batch_bytes:
+            flush()
+    flush()
+    uid_arr = np.asarray(uids, dtype=np.int64)
+    dig = np.concatenate(dig_all) if dig_all else np.empty((0, 16), np.uint8)
+    import pyarrow as pa
+    id_arr = pa.array(ids, pa.string())
+    # Partition digests and ids by a hash of their value: equal values meet in one task.
+    dig_route = (dig[:, :8].copy().view("<u8").ravel() % _U64(P)).astype(np.int64)
+    id_route = np.frombuffer(b"".join(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest()
+                                      for i in ids), dtype="<u8") % _U64(P)
+    with _Task(out) as tmp:
+        for p in range(P):
+            k = np.concatenate(keys_p[p]) if keys_p[p] else np.empty(0, _U64)
+            u = np.concatenate(kuid_p[p]) if kuid_p[p] else np.empty(0, np.int64)
+            _write_table(tmp / f"bands-p{p:04d}.parquet", {"key": k, "uid": u})
+            sel = dig_route == p
+            _write_table(tmp / f"digests-p{p:04d}.parquet",
+                         {"digest": pa.array(list(map(bytes, dig[sel])), pa.binary(16)),
+                          "uid": uid_arr[sel]})
+            sel = np.flatnonzero(id_route.astype(np.int64) == p)
+            _write_table(tmp / f"ids-p{p:04d}.parquet",
+                         {"id": id_arr.take(pa.array(sel)), "uid": uid_arr[sel]})
+        return _finish_task(tmp, {"split": s, "docs": len(uids), "bytes": nbytes,
+                                  "ids_hash": ids_hash.hexdigest(), "errors": errors.to_dict(),
+                                  "cpu_s": round(time.process_time() - c0, 3)})
+
+
+def keys_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
+    """Phase 2 on partition ``p``: duplicate ids (bad records) and exact-duplicate edges."""
+    out = plan.part_dir("keys", p)
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    name = f"p{p:04d}.parquet"
+    ids = _read_tables(plan.split_dir("sign", s) / f"ids-{name}" for s in range(n_splits))
+    digs = _read_tables(plan.split_dir("sign", s) / f"digests-{name}" for s in range(n_splits))
+    # Duplicate ids: every occurrence after the lowest uid is a bad record.
+    id_uid = ids.column("uid").to_numpy()
+    order = ids.sort_by([("id", "ascending"), ("uid", "ascending")])
+    sid = order.column("id").to_numpy(zero_copy_only=False)
+    suid = order.column("uid").to_numpy()
+    again = np.zeros(len(sid), dtype=bool)
+    if len(sid) > 1:
+        again[1:] = sid[1:] == sid[:-1]
+    dup_uid = suid[again]
+    first_of = suid[np.maximum.accumulate(np.where(~again, np.arange(len(sid)), 0))][again]
+    dup_ids = sid[again].tolist()
+    del id_uid
+    # Exact duplicates among the rest: one group per digest, joined to its lowest uid.
+    duid = digs.column("uid").to_numpy()
+    dbytes = np.frombuffer(b"".join(digs.column("digest").to_pylist()), dtype=np.uint8
+                           ).reshape(-1, 16) if len(duid) else np.empty((0, 16), np.uint8)
+    keep = ~np.isin(duid, dup_uid)
+    duid, dbytes = duid[keep], dbytes[keep]
+    order = np.argsort(duid, kind="stable")
+    duid, dbytes = duid[order], dbytes[order]
+    keyed = np.ascontiguousarray(dbytes).view(np.dtype((np.void, 16))).ravel()
+    if len(duid):
+        _, first, inverse = np.unique(keyed, return_index=True, return_inverse=True)
+        rep = duid[first[inverse.ravel()]]
+    else:
+        rep = duid
+    dup = rep != duid
+    with _Task(out) as tmp:
+        np.save(tmp / "exact.npy", np.stack([rep[dup], duid[dup]], axis=1).astype(np.int64))
+        import pyarrow as pa
+        _write_table(tmp / "dup_ids.parquet", {"uid": dup_uid, "first": first_of,
+                                              "id": pa.array(dup_ids, pa.string())})
+        return _finish_task(tmp, {"part": p, "exact": int(dup.sum()),
+                                  "duplicate_ids": int(len(dup_uid))})
+
+
+def _drop_set(plan: Plan) -> np.ndarray:
+    """uids that take no part in LSH: duplicate ids and exact duplicates (not their reps)."""
+    arrs = []
+    for p in range(plan.parts):
+        d = plan.part_dir("keys", p)
+        arrs.append(np.load(d / "exact.npy")[:, 1])
+        arrs.append(_read_tables([d / "dup_ids.parquet"], ["uid"]).column("uid").to_numpy())
+    return np.unique(np.concatenate(arrs)).astype(np.int64)
+
+
+def bucket_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
+    """Phase 3 on partition ``p``: groups of documents sharing a band key (member lists)."""
+    out = plan.part_dir("buckets", p)
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    t = _read_tables(plan.split_dir("sign", s) / f"bands-p{p:04d}.parquet"
+                     for s in range(n_splits))
+    keys = t.column("key").to_numpy()
+    uids = t.column("uid").to_numpy()
+    del t
+    keep = ~np.isin(uids, _drop_set(plan))
+    keys, uids = keys[keep], uids[keep]
+    order = np.lexsort((uids, keys))
+    keys, uids = keys[order], uids[order]
+    edge = np.flatnonzero(np.diff(keys) != 0) + 1
+    starts = np.concatenate([[0], edge]).astype(np.int64)
+    ends = np.concatenate([edge, [len(keys)]]).astype(np.int64)
+    multi = (ends - starts) >= 2
+    starts, ends = starts[multi], ends[multi]
+    sizes = ends - starts
+    members = uids[np.repeat(starts, sizes) + _ranges(sizes)] if len(sizes) else uids[:0]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    with _Task(out) as tmp:
+        np.save(tmp / "members.npy", members)
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "need.npy", np.unique(members))
+        return _finish_task(tmp, {"part": p, "groups": int(len(sizes)),
+                                  "links": int((sizes - 1).sum()),
+                                  "largest_group": int(sizes.max()) if len(sizes) else 0})
+
+
+def _ranges(sizes: np.ndarray) -> np.ndarray:
+    """concat(arange(n) for n in sizes), vectorised."""
+    total = int(sizes.sum())
+    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+def fetch_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]:
+    """Phase 4 on split ``s``: shingle hashes (or signatures, without exact verification)
+    of its documents that are in a group, to each partition whose groups hold them."""
+    out = plan.split_dir("fetch", s)
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    cfg = plan.cfg
+    lo, hi = s << 32, (s + 1) << 32
+    need = []
+    for p in range(plan.parts):
+        n = np.load(plan.part_dir("buckets", p) / "need.npy")
+        need.append(n[(n >= lo) & (n < hi)])
+    in_part = [set(x.tolist()) for x in need]
+    wanted = set().union(*in_part)
+    rows: list[list[int]] = [[] for _ in range(plan.parts)]
+    vals: list[list[np.ndarray]] = [[] for _ in range(plan.parts)]
+    ids_hash = hashlib.blake2b(digest_size=16)
+    count = 0
+    for uid, rec in plan.records(s, InputErrors()):
+        count += 1
+        _ids_digest(ids_hash, rec[ID_KEY])
+        if uid not in wanted:
+            continue
+        text = rec[plan.text_field]
+        if cfg.verify:
+            v = shingle_hashes(text, cfg.ngram)
+        else:
+            v = minhash.signatures([text], cfg.num_perm, cfg.seed, cfg.ngram)[0]
+        for p in range(plan.parts):
+            if uid in in_part[p]:
+                rows[p].append(uid)
+                vals[p].append(v)
+    if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
+        raise _changed(plan.files[s])
+    import pyarrow as pa
+    with _Task(out) as tmp:
+        for p in range(plan.parts):
+            _write_table(tmp / f"p{p:04d}.parquet",
+                         {"uid": np.asarray(rows[p], np.int64),
+                          "v": pa.array([x for x in vals[p]], pa.list_(pa.uint64()))})
+        return _finish_task(tmp, {"split": s, "fetched": len(wanted)})
+
+
+def verify_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
+    """Phase 5 on partition ``p``: verified edges of its groups (see the module doc)."""
+    out = plan.part_dir("verify", p)
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    cfg = plan.cfg
+    d = plan.part_dir("buckets", p)
+    members, offsets = np.load(d / "members.npy"), np.load(d / "offsets.npy")
+    vec: dict[int, np.ndarray] = {}
+    for s in range(n_splits):
+        t = _read_tables([plan.split_dir("fetch", s) / f"p{p:04d}.parquet"])
+        if t.num_rows:
+            flat = t.column("v").combine_chunks()
+            values = flat.values.to_numpy()
+            offs = flat.offsets.to_numpy()
+            for k, uid in enumerate(t.column("uid").to_numpy().tolist()):
+                vec[uid] = values[offs[k]:offs[k + 1]]
+
+    def similarity(a: int, b: int) -> float:
+        if cfg.verify:
+            return jaccard_sorted(vec[a], vec[b])
+        return float(np.mean(vec[a] == vec[b]))
+
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:       # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    eu: list[int] = []
+    ev: list[int] = []
+    es: list[float] = []
+    compared = similar = skipped = 0
+    for g in range(len(offsets) - 1):
+        group = members[offsets[g]:offsets[g + 1]].tolist()
+        comps: list[list[int]] = []       # this group's components so far, in order
+        for m in group:
+            for comp in comps:
+                if find(m) == find(comp[0]):
+                    skipped += len(comp)
+                    continue
+                for x in comp:
+                    compared += 1
+                    sim = similarity(x, m)
+                    if sim >= cfg.threshold:
+                        similar += 1
+                        parent[find(m)] = find(x)
+                        eu.append(x)
+                        ev.append(m)
+                        es.append(sim)
+                        break
+            joined = [c for c in comps if find(c[0]) == find(m)]
+            if joined:
+                merged = [x for c in joined for x in c] + [m]
+                comps = [c for c in comps if c not in joined] + [merged]
+            else:
+                comps.append([m])
+    with _Task(out) as tmp:
+        np.savez(tmp / "edges.npz", u=np.asarray(eu, np.int64), v=np.asarray(ev, np.int64),
+                 sim=np.asarray(es, np.float64))
+        return _finish_task(tmp, {"part": p, "pairs_verified": compared,
+                                  "pairs_similar": similar, "pairs_skipped_connected": skipped})
+
+
+def components_phase(plan: Plan, n_splits: int) -> dict[str, Any]:
+    """Phase 6: clusters from all edges; the kept member of each is its lowest id."""
+    out = plan.root / "components"
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    us, vs, ss = [], [], []
+    for p in range(plan.parts):
+        ex = np.load(plan.part_dir("keys", p) / "exact.npy")
+        us.append(ex[:, 0])
+        vs.append(ex[:, 1])
+        ss.append(np.ones(len(ex)))
+        e = np.load(plan.part_dir("verify", p) / "edges.npz")
+        us.append(e["u"])
+        vs.append(e["v"])
+        ss.append(e["sim"])
+    u, v, sim = np.concatenate(us), np.concatenate(vs), np.concatenate(ss)
+    nodes, label = connected_components(u, v)
+    u, v, sim = _spanning_forest(u, v, sim)
+    # Ids of the clustered documents only (read from the id partitions).
+    id_of: dict[int, str] = {}
+    for p in range(plan.parts):
+        t = _read_tables(plan.split_dir("sign", s) / f"ids-p{p:04d}.parquet"
+                         for s in range(n_splits))
+        tu = t.column("uid").to_numpy()
+        sel = np.flatnonzero(np.isin(tu, nodes))
+        for uid, i in zip(tu[sel].tolist(), t.column("id").take(sel).to_pylist()):
+            id_of.setdefault(uid, i)       # a duplicate id's first occurrence comes first
+    names = [id_of[int(x)] for x in nodes]
+    keys = [natural_key(n) for n in names]
+    # Kept member per cluster: lowest natural id; sort members by (label, natural id).
+    order = sorted(range(len(nodes)), key=lambda i: (int(label[i]), keys[i]))
+    keep_of: dict[int, int] = {}
+    for i in order:
+        keep_of.setdefault(int(label[i]), i)
+    cluster_keep = np.array([names[keep_of[int(label[i])]] for i in range(len(nodes))],
+                            dtype=object)
+    removed = np.array([keep_of[int(label[i])] != i for i in range(len(nodes))], dtype=bool)
+    rem_uids = np.sort(nodes[removed])
+    node_index = {int(x): i for i, x in enumerate(nodes.tolist())}
+    with _Task(out) as tmp:
+        import pyarrow as pa
+        _write_table(tmp / CLUSTERS, {
+            "id": pa.array(names, pa.string()), "uid": nodes,
+            "keep": pa.array(cluster_keep.tolist(), pa.string()), "removed": removed})
+        _write_table(tmp / "edges.parquet", {
+            "a": pa.array([names[node_index[int(x)]] for x in u.tolist()], pa.string()),
+            "b": pa.array([names[node_index[int(x)]] for x in v.tolist()], pa.string()),
+            "similarity": sim})
+        for s in range(n_splits):
+            lo, hi = np.searchsorted(rem_uids, [s << 32, (s + 1) << 32])
+            np.save(tmp / f"removed-s{s:05d}.npy", rem_uids[lo:hi])
+        return _finish_task(tmp, {"clusters": int(len(keep_of)), "removed": int(removed.sum()),
+                                  "exact_duplicates": int(sum(len(x) for x in us[0::2]))})
+
+
+def _spanning_forest(u: np.ndarray, v: np.ndarray, sim: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges the report lists: partitions verify independently, so an edge (or a
+    cycle) can arrive twice; keep, in (u, v) order, only those that join two clusters."""
+    order = np.lexsort((v, u))
+    u, v, sim = u[order], v[order], sim[order]
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    keep = np.zeros(len(u), dtype=bool)
+    for k, (a, b) in enumerate(zip(u.tolist(), v.tolist())):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+            keep[k] = True
+    return u[keep], v[keep], sim[keep]
+
+
+def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]:
+    """Phase 7 on split ``s``: its kept records as Parquet shards (all input fields)."""
+    out = plan.split_dir("filter", s)
+    if (info := _done(out)) is not None:
+        return info
+    _started(out)
+    removed = set(np.load(plan.root / "components" / f"removed-s{s:05d}.npy").tolist())
+    dup_ids: set[int] = set()
+    for p in range(plan.parts):
+        u = _read_tables([plan.part_dir("keys", p) / "dup_ids.parquet"], ["uid"])
+        dup_ids.update(x for x in u.column("uid").to_numpy().tolist() if x >> 32 == s)
+    ids_hash = hashlib.blake2b(digest_size=16)
+    count = 0
+    with _Task(out) as tmp:
+        shards: list[dict[str, Any]] = []
+        buf: list[dict] = []
+        nbytes = 0
+        for uid, rec in plan.records(s, InputErrors()):
+            count += 1
+            _ids_digest(ids_hash, rec[ID_KEY])
+            if uid in removed or uid in dup_ids:
+                continue
+            buf.append(rec)
+            nbytes += len(rec[plan.text_field])
+            if nbytes >= plan.cfg.shard_bytes or len(buf) >= plan.cfg.shard_rows:
+                shards.append(_write_shard(tmp, f"part-{s:05d}-{len(shards):04d}.parquet", buf))
+                buf, nbytes = [], 0
+        if buf:
+            shards.append(_write_shard(tmp, f"part-{s:05d}-{len(shards):04d}.parquet", buf))
+        if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
+            raise _changed(plan.files[s])
+        return _finish_task(tmp, {"split": s, "shards": shards})
+
+
+def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
+    """One Parquet shard of records. A column whose values Arrow cannot type together
+    (e.g. an int in one record and a string in another) is stored as JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from opt_ray.artifacts import sha256_file
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        arrays = {}
+        for c in cols:
+            vals = [r.get(c) for r in rows]
+            try:
+                arrays[c] = pa.array(vals)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
+        table = pa.table(arrays)
+    pq.write_table(table, d / name, compression="zstd")
+    return {"file": name, "rows": table.num_rows, "bytes": (d / name).stat().st_size,
+            "sha256": sha256_file(d / name)}
+
+
+# -------------------------------------------------------------------------- the driver
 
 _M_DOCS = metrics.counter("dedup_docs", "documents signed by the dedup stage")
 _M_BYTES = metrics.counter("dedup_bytes", "text bytes signed by the dedup stage")
-_M_PAIRS = metrics.counter("dedup_candidate_pairs", "LSH candidate pairs (before verification)")
+_M_PAIRS = metrics.counter("dedup_candidate_pairs",
+                           "LSH candidate links (group members after the first)")
 _M_DUPS = metrics.counter("dedup_duplicates", "documents removed as near-duplicates")
 
 
-@dataclass
-class _Corpus:
-    """What the driver keeps per document: its id and text size (ordinal = index)."""
-    ids: list[str] = field(default_factory=list)
-    nbytes: int = 0
+def work_dir(output: str | os.PathLike) -> Path:
+    """Where a run keeps its intermediates: a hidden sibling of the output directory."""
+    out = Path(output).absolute()
+    return out.with_name(f".{out.name}.dedup-work")
 
 
-def _good_records(files: list[InputFile], text_field: str, id_field: str | None,
-                  errors: InputErrors) -> Iterator[dict]:
+def _fingerprint(files: list[InputFile], cfg: DedupConfig, text_field: str,
+                 id_field: str | None, strict: bool) -> dict[str, Any]:
+    """What must not change for completed work to be reused."""
+    inputs = []
     for f in files:
-        yield from iter_file(f, text_field=text_field, id_field=id_field, errors=errors)
+        st = f.path.stat()
+        inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns])
+    return {"version": WORK_VERSION, "inputs": inputs, "cfg": asdict(cfg),
+            "text_field": text_field, "id_field": id_field, "strict": strict}
+
+
+def _prepare_work(work: Path, fp: dict[str, Any]) -> bool:
+    """Reuse ``work`` when it was made for the same run; returns whether it was reused."""
+    plan_file = work / "plan.json"
+    if plan_file.is_file():
+        try:
+            if json.loads(plan_file.read_text()) == fp:
+                return True
+        except ValueError:
+            pass
+        shutil.rmtree(work)
+    elif work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    from opt_ray.artifacts import write_json_atomic
+    write_json_atomic(plan_file, fp)
+    return False
 
 
 def _progress(total: int | None, unit: str, desc: str, enabled: bool):
@@ -365,239 +815,213 @@ def _progress(total: int | None, unit: str, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def _write_shards(out_dir: Path, records: Iterable[dict], shard_rows: int,
-                  text_field: str) -> list[dict[str, Any]]:
-    """Write ``records`` as Parquet shards ``part-00000.parquet``...; returns their info.
-
-    Records keep every field. A column whose values Arrow cannot type together (e.g. an
-    int in one record and a string in another) is stored as JSON text in that shard.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shards: list[dict[str, Any]] = []
-
-    def flush(rows: list[dict]) -> None:
-        try:
-            table = pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            cols = list(dict.fromkeys(k for r in rows for k in r))
-            arrays = {}
-            for c in cols:
-                vals = [r.get(c) for r in rows]
-                try:
-                    arrays[c] = pa.array(vals)
-                except (pa.ArrowInvalid, pa.ArrowTypeError):
-                    arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
-            table = pa.table(arrays)
-        name = f"part-{len(shards):05d}.parquet"
-        pq.write_table(table, out_dir / name, compression="zstd")
-        shards.append({"file": name, "rows": table.num_rows})
-
-    buf: list[dict] = []
-    for rec in records:
-        buf.append(rec)
-        if len(buf) >= shard_rows:
-            flush(buf)
-            buf = []
-    if buf or not shards:
-        if not buf:  # an empty corpus still gets one (empty) shard with the key columns
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            pq.write_table(pa.table({text_field: pa.array([], pa.string()),
-                                     ID_KEY: pa.array([], pa.string())}),
-                           out_dir / "part-00000.parquet")
-            shards.append({"file": "part-00000.parquet", "rows": 0})
-        else:
-            flush(buf)
-    return shards
+def _merge_errors(dicts: Iterable[dict[str, Any]], strict: bool) -> InputErrors:
+    errors = InputErrors(strict=False)
+    for d in dicts:
+        for path, f in d["files"].items():
+            mine = errors.files.setdefault(path, {"count": 0, "by_kind": {}, "examples": []})
+            mine["count"] += f["count"]
+            for k, v in f["by_kind"].items():
+                mine["by_kind"][k] = mine["by_kind"].get(k, 0) + v
+            room = errors.max_examples - len(mine["examples"])
+            mine["examples"].extend(f["examples"][:max(room, 0)])
+    return errors
 
 
-def _changed(ordinal: int) -> UserError:
-    return UserError(f"the inputs changed while dedup ran (document {ordinal} differs from "
-                     f"the first read); re-run on inputs that stay put")
-
-
-def run_dedup(inputs: list[str], output: str, cfg: DedupConfig, backend: Backend, *,
+def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
+              executor: Executor | None = None, *,
               text_field: str = "text", id_field: str | None = None, strict: bool = False,
               overwrite: bool = False, progress: bool = False,
-              on_batch: Callable[[int], None] | None = None,
+              on_progress: Callable[[str, int], None] | None = None,
               files: list[InputFile] | None = None) -> dict[str, Any]:
-    """Deduplicate ``inputs`` into the artifact directory ``output``; returns the report.
+    """Deduplicate ``inputs`` into the artifact directory ``output``; returns the report
+    (without the clusters beyond ``cfg.report_clusters``: ``clusters.parquet`` has all).
 
-    ``files``: the already-resolved inputs (``resolve_inputs``), when the caller checked
-    them before starting its backend. ``on_batch(n_done)`` is called as signature batches
-    complete (the chaos test kills a worker from there).
+    ``executor``: where tasks run (default ``LocalExecutor``). ``files``: the already
+    resolved inputs (``resolve_inputs``). ``on_progress(phase, tasks_done)`` is called as
+    tasks complete (the chaos tests kill a worker from there). Completed work under
+    ``work_dir(output)`` from an interrupted run with the same inputs and parameters is
+    reused; the work dir is removed once the output is in place.
     """
-    from opt_ray.artifacts import ArtifactWriter
+    from opt_ray.artifacts import ArtifactError
 
+    executor = executor or LocalExecutor()
     files = files if files is not None else resolve_inputs(inputs)
-    timings: dict[str, float] = {}
+    out = Path(output).absolute()
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"output directory {out} already exists; choose another "
+                            f"--output or pass --overwrite")
     t_start = time.perf_counter()
-    writer = ArtifactWriter(output, kind="dedup", overwrite=overwrite)
-    with writer:
-        # 1. signatures, band keys -> buckets ------------------------------------------
-        t0 = time.perf_counter()
-        backend.start()
-        errors = InputErrors(strict=strict)
-        corpus = _Corpus()
-        seen: dict[str, int] = {}
-        digests: dict[int, np.ndarray] = {}
-        batch_bases: list[int] = []
-        max_in_flight = 2 * max(1, backend.num_workers)
-        bar = _progress(None, "doc", "dedup: signatures", progress)
-
-        steps: list[dict[str, Any]] = []   # -> metrics.jsonl, one line per batch / phase
-
-        def collect(block: bool) -> None:
-            for batch_id, dig in backend.done_batches(block):
-                digests[batch_id] = dig
-                bar.update(len(dig))
-                _M_DOCS.inc(len(dig))
-                steps.append({"phase": "signature_batch", "batch": batch_id, "docs": len(dig),
-                              "batches_done": len(digests),
-                              "elapsed_s": round(time.perf_counter() - t_start, 4)})
-                if on_batch is not None:
-                    on_batch(len(digests))
-
-        texts: list[str] = []
-        batch_bytes = 0
-        for rec in _good_records(files, text_field, id_field, errors):
-            doc_id = rec[ID_KEY]
-            if doc_id in seen:
-                raise UserError(f"document id {doc_id!r} occurs twice (records "
-                                f"{seen[doc_id]} and {len(corpus.ids)}); ids must be unique: "
-                                f"fix --id-field, or omit it to generate ids")
-            seen[doc_id] = len(corpus.ids)
-            corpus.ids.append(doc_id)
-            text = rec[text_field]
-            texts.append(text)
-            batch_bytes += len(text.encode("utf-8"))
-            if len(texts) >= cfg.batch_docs or batch_bytes >= cfg.batch_bytes:
-                batch_bases.append(len(corpus.ids) - len(texts))
-                backend.submit_batch(len(batch_bases) - 1, batch_bases[-1], texts)
-                corpus.nbytes += batch_bytes
-                _M_BYTES.inc(batch_bytes)
-                texts, batch_bytes = [], 0
-                # Keep every worker busy (two batches each) without unbounded queues.
-                while backend.in_flight() >= max_in_flight:
-                    collect(block=True)
-                collect(block=False)
-        if texts:
-            batch_bases.append(len(corpus.ids) - len(texts))
-            backend.submit_batch(len(batch_bases) - 1, batch_bases[-1], texts)
-            corpus.nbytes += batch_bytes
-            _M_BYTES.inc(batch_bytes)
-        while len(digests) < len(batch_bases):
-            collect(block=True)
-        bar.close()
-        del seen, texts
-        n = len(corpus.ids)
-        timings["signatures_s"] = time.perf_counter() - t0
-
-        # 2. exact duplicates ---------------------------------------------------------
-        t0 = time.perf_counter()
-        edges: list[tuple[int, int, float]] = []
-        drop = np.empty(0, dtype=np.int64)
-        if n:
-            dig = np.concatenate([digests[b] for b in range(len(batch_bases))])
-            keyed = dig.view(np.dtype((np.void, 16))).ravel()
-            _, first, inverse = np.unique(keyed, return_index=True, return_inverse=True)
-            rep = first[inverse.ravel()]   # lowest ordinal with the same digest
-            dup = np.flatnonzero(rep != np.arange(n))
-            drop = dup.astype(np.int64)
-            edges.extend((int(rep[o]), int(o), 1.0) for o in dup)
-            del dig, keyed
-        digests.clear()
-
-        # 3. candidates ---------------------------------------------------------------
-        pairs = backend.candidate_pairs(drop)
-        _M_PAIRS.inc(len(pairs))
-        timings["buckets_s"] = time.perf_counter() - t0
-
-        # 4. verification -------------------------------------------------------------
-        t0 = time.perf_counter()
-        uf = UnionFind(n)
-        for i, j, _ in edges:
-            uf.union(i, j)
-        verified = similar = skipped = 0
-        if len(pairs):
-            needed = set(np.unique(pairs).tolist())
-            texts_by_ord: dict[int, str] = {}
-            for o, rec in enumerate(_good_records(files, text_field, id_field, InputErrors())):
-                if o < n and corpus.ids[o] != rec[ID_KEY]:
-                    raise _changed(o)
-                if o in needed:
-                    texts_by_ord[o] = rec[text_field]
-            bar = _progress(len(pairs), "pair", "dedup: verify", progress)
-            # A fixed window (not a function of the worker count) keeps the report, which
-            # pairs were skipped as already connected, identical for any --workers.
-            window = cfg.verify_chunk * 8
-            for w0 in range(0, len(pairs), window):
-                win = pairs[w0:w0 + window]
-                live = np.array([uf.find(int(i)) != uf.find(int(j)) for i, j in win], dtype=bool)
-                skipped += int((~live).sum())
-                win = win[live]
-                chunks = []
-                for c0 in range(0, len(win), cfg.verify_chunk):
-                    cp = win[c0:c0 + cfg.verify_chunk]
-                    chunks.append((cp, {o: texts_by_ord[o] for o in np.unique(cp).tolist()}))
-                for (cp, _), sims in zip(chunks, backend.verify(chunks)):
-                    verified += len(cp)
-                    for (i, j), s in zip(cp.tolist(), sims.tolist()):
-                        if s >= cfg.threshold:
-                            similar += 1
-                            if uf.union(i, j):
-                                edges.append((i, j, s))
-                bar.update(len(pairs[w0:w0 + window]))
-            bar.close()
-            del texts_by_ord
-        timings["verify_s"] = time.perf_counter() - t0
-
-        # 5. clusters -----------------------------------------------------------------
-        clusters = clusters_from_edges(corpus.ids, edges)
-        removed = {m for c in clusters for m in c["members"][1:]}   # members[0] is kept
-        _M_DUPS.inc(len(removed))
-
-        # 6. output -------------------------------------------------------------------
-        t0 = time.perf_counter()
-        def kept_records() -> Iterator[dict]:
-            # The inputs are read a third time; ordinals must still match the first read.
-            o = -1
-            for o, rec in enumerate(_good_records(files, text_field, id_field, InputErrors())):
-                if o >= n or corpus.ids[o] != rec[ID_KEY]:
-                    raise _changed(o)
-                if rec[ID_KEY] not in removed:
-                    yield rec
-            if o != n - 1:
-                raise _changed(o + 1)
-
-        shards = _write_shards(writer.path, kept_records(), cfg.shard_rows, text_field)
-        timings["write_s"] = time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - t_start
-
-        counts = {
-            "docs_read": n + errors.total, "bad_records": errors.total, "docs": n,
-            "bytes": corpus.nbytes, "exact_duplicates": int(len(drop)),
-            "candidate_pairs": int(len(pairs)), "pairs_verified": verified,
-            "pairs_skipped_connected": skipped, "pairs_similar": similar,
-            "clusters": len(clusters), "duplicates_removed": len(removed),
-            "docs_kept": n - len(removed),
-        }
-        params = {**asdict(cfg), "probability_at_threshold": round(cfg.probability_at_threshold, 6),
-                  "text_field": text_field, "id_field": id_field, "strict": strict,
-                  "workers": backend.num_workers}
-        report = {
-            "inputs": [str(f.path) for f in files], "params": params, "counts": counts,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "throughput_mb_s": round(corpus.nbytes / 1e6 / max(timings["total_s"], 1e-9), 3),
-            "input_errors": errors.to_dict(), "clusters": clusters,
-        }
-        (writer.path / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        steps += [{"phase": k[:-2], "seconds": round(v, 4)} for k, v in timings.items()]
-        steps.append({"phase": "done", **counts})
-        with open(writer.path / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in steps)
-        writer.manifest.update({"inputs": report["inputs"], "config": params,
-                                "counts": counts, "shards": shards})
+    work = work_dir(output)
+    resumed = _prepare_work(work, _fingerprint(files, cfg, text_field, id_field, strict))
+    plan = Plan(str(work), tuple(files), cfg, text_field, id_field, strict)
+    try:
+        report = _run_phases(plan, inputs, out, overwrite, executor, progress, on_progress,
+                             t_start, resumed)
+    except UserError:
+        # Bad input: a rerun needs other inputs or flags, so nothing here is reusable.
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, executor: Executor,
+                progress: bool, on_progress: Callable[[str, int], None] | None,
+                t_start: float, resumed: bool) -> dict[str, Any]:
+    """The phases in order (see the module doc); each skips its completed tasks."""
+    cfg, files, work = plan.cfg, plan.files, plan.root
+    text_field, id_field, strict = plan.text_field, plan.id_field, plan.strict
+    n, P = len(files), plan.parts
+    timings: dict[str, float] = {}
+    steps: list[dict[str, Any]] = []     # -> metrics.jsonl
+
+    def phase(name: str, fn: Callable[..., dict], args: list[tuple], unit: str,
+              where: Callable[[tuple], Path]) -> list[dict]:
+        t0 = time.perf_counter()
+        results: list[dict] = []
+        todo = []
+        for a in args:         # completed by an earlier, interrupted run: reuse
+            info = _done(where(a))
+            if info is None:
+                todo.append(a)
+            else:
+                results.append(info)
+        if results:
+            steps.append({"phase": name, "reused": len(results)})
+        bar = _progress(len(args), unit, f"dedup: {name}", progress)
+        bar.update(len(results))
+        for info in executor.map(fn, todo):
+            results.append(info)
+            bar.update(1)
+            steps.append({"phase": name, **{k: v for k, v in info.items()
+                                            if k not in ("errors", "shards")},
+                          "elapsed_s": round(time.perf_counter() - t_start, 4)})
+            if on_progress is not None:
+                on_progress(name, len(results))
+        bar.close()
+        timings[f"{name}_s"] = time.perf_counter() - t0
+        return results
+
+    # 1. sign ---------------------------------------------------------------------------
+    by_split = {ph: (lambda a, ph=ph: plan.split_dir(ph, a[1])) for ph in ("sign", "fetch", "filter")}
+    by_part = {ph: (lambda a, ph=ph: plan.part_dir(ph, a[1])) for ph in ("keys", "buckets", "verify")}
+    signed = sorted(phase("sign", sign_split, [(plan, s) for s in range(n)], "split",
+                          by_split["sign"]), key=lambda i: i["split"])
+    errors = _merge_errors((i["errors"] for i in signed), strict)
+    docs = sum(i["docs"] for i in signed)
+    nbytes = sum(i["bytes"] for i in signed)
+    _M_DOCS.inc(docs)
+    _M_BYTES.inc(nbytes)
+    if docs == 0:
+        raise UserError(f"no usable document in {', '.join(map(str, inputs))} "
+                        f"({errors.total} bad records); check the input and --text-field")
+    # 2. keys: duplicate ids, exact duplicates ------------------------------------------
+    keyed = phase("keys", keys_partition, [(plan, p, n) for p in range(P)], "part",
+                  by_part["keys"])
+    dup_id_count = sum(i["duplicate_ids"] for i in keyed)
+    if dup_id_count:
+        _report_duplicate_ids(plan, errors, strict)
+    # 3. buckets ------------------------------------------------------------------------
+    buckets = phase("buckets", bucket_partition, [(plan, p, n) for p in range(P)], "part",
+                    by_part["buckets"])
+    links = sum(i["links"] for i in buckets)
+    _M_PAIRS.inc(links)
+    # 4. fetch, 5. verify ---------------------------------------------------------------
+    phase("fetch", fetch_split, [(plan, s, signed[s]) for s in range(n)], "split",
+          by_split["fetch"])
+    verified = phase("verify", verify_partition, [(plan, p, n) for p in range(P)], "part",
+                     by_part["verify"])
+    # 6. components ---------------------------------------------------------------------
+    [comp] = phase("components", components_phase, [(plan, n)], "task",
+                   lambda a: plan.root / "components")
+    _M_DUPS.inc(comp["removed"])
+    # 7. filter -------------------------------------------------------------------------
+    filtered = sorted(phase("filter", filter_split, [(plan, s, signed[s]) for s in range(n)],
+                            "split", by_split["filter"]), key=lambda i: i["split"])
+    # 8. finish -------------------------------------------------------------------------
+    usable = docs - dup_id_count
+    counts = {
+        "docs_read": docs + errors.total - dup_id_count, "bad_records": errors.total,
+        "docs": usable, "bytes": nbytes, "exact_duplicates": comp["exact_duplicates"],
+        "candidate_pairs": links,
+        "pairs_verified": sum(i["pairs_verified"] for i in verified),
+        "pairs_skipped_connected": sum(i["pairs_skipped_connected"] for i in verified),
+        "pairs_similar": sum(i["pairs_similar"] for i in verified),
+        "clusters": comp["clusters"], "duplicates_removed": comp["removed"],
+        "docs_kept": usable - comp["removed"],
+    }
+    params = {**asdict(cfg), "probability_at_threshold": round(cfg.probability_at_threshold, 6),
+              "text_field": text_field, "id_field": id_field, "strict": strict,
+              "workers": executor.num_workers}
+    timings["total_s"] = time.perf_counter() - t_start
+    report = {
+        "inputs": [str(f.path) for f in files], "params": params, "counts": counts,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "throughput_mb_s": round(nbytes / 1e6 / max(timings["total_s"], 1e-9), 3),
+        "input_errors": errors.to_dict(), "resumed": resumed,
+        "clusters": report_clusters(work / "components", cfg.report_clusters),
+    }
+    steps += [{"phase": k[:-2], "seconds": round(v, 4)} for k, v in timings.items()]
+    steps.append({"phase": "done", **counts})
+    _finish_output(out, overwrite, work, filtered, report, steps)
+    return report
+
+
+
+
+def _report_duplicate_ids(plan: Plan, errors: InputErrors, strict: bool) -> None:
+    """Duplicate ids as bad records of the file and row where they occur again."""
+    t = _read_tables(plan.part_dir("keys", p) / "dup_ids.parquet" for p in range(plan.parts))
+    t = t.sort_by("uid")
+    for uid, first, doc_id in zip(t.column("uid").to_pylist(), t.column("first").to_pylist(),
+                                  t.column("id").to_pylist()):
+        f = plan.files[uid >> 32]
+        where = f"{plan.files[first >> 32].path} record {(first & 0xFFFFFFFF) + 1}"
+        detail = (f"id {doc_id!r} (record {(uid & 0xFFFFFFFF) + 1} of the file) was "
+                  f"already used by {where}; fix --id-field, or omit it to generate ids")
+        if strict:
+            raise UserError(f"{f.path}: duplicate id: {detail}")
+        errors.add(str(f.path), (uid & 0xFFFFFFFF) + 1, "duplicate_id", detail)
+
+
+def report_clusters(components_dir: Path, limit: int) -> list[dict[str, Any]]:
+    """Clusters as ``{"keep", "members", "edges"}`` (ids, sorted naturally), sorted by the
+    kept id, at most ``limit`` of them (``clusters.parquet`` holds every one)."""
+    import pyarrow.parquet as pq
+    c = pq.read_table(components_dir / CLUSTERS).to_pydict()
+    e = pq.read_table(components_dir / "edges.parquet").to_pydict()
+    members: dict[str, list[str]] = {}
+    for i, k in zip(c["id"], c["keep"]):
+        members.setdefault(k, []).append(i)
+    keep_of = dict(zip(c["id"], c["keep"]))
+    edges: dict[str, list] = {}
+    for a, b, s in sorted(zip(e["a"], e["b"], e["similarity"]),
+                          key=lambda x: (natural_key(x[0]), natural_key(x[1]))):
+        edges.setdefault(keep_of[a], []).append([a, b, round(float(s), 6)])
+    out = []
+    for k in sorted(members, key=natural_key)[:limit]:
+        out.append({"keep": k, "members": sorted(members[k], key=natural_key),
+                    "edges": edges.get(k, [])})
+    return out
+
+
+def _finish_output(out: Path, overwrite: bool, work: Path, filtered: list[dict],
+                   report: dict[str, Any], steps: list[dict]) -> None:
+    """Move the workers' shards (renames, no copies) and write the report and manifest."""
+    from opt_ray.data.artifact_io import PrehashedArtifactWriter
+
+    with PrehashedArtifactWriter(out, kind="dedup", overwrite=overwrite) as w:
+        shards = []
+        for info in filtered:
+            src = work / "filter" / f"s{info['split']:05d}"
+            for sh in info["shards"]:
+                os.replace(src / sh["file"], w.path / sh["file"])
+                w.known[sh["file"]] = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+                shards.append({"file": sh["file"], "rows": sh["rows"]})
+        shutil.copyfile(work / "components" / CLUSTERS, w.path / CLUSTERS)
+        (w.path / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        with open(w.path / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in steps)
+        w.manifest.update({"inputs": report["inputs"], "config": report["params"],
+                           "counts": report["counts"], "shards": shards})

@@ -9,7 +9,9 @@ stable id under ``ID_KEY`` (``"opt_ray_id"``):
 - else generated: ``f"{name}:{n}"``, where ``n`` is the 1-based line number (jsonl) or row
   number (Parquet) and ``name`` the file name without its extension, prefixed with the
   input directory's name and sub-path for files found in a directory (``corpus/sub/a:12``).
-  A ``.txt`` file is one document whose id is just ``name``.
+  A ``.txt`` file is one document whose id is just ``name``. When two inputs would get
+  the same ``name`` (``a/part-0.jsonl`` and ``b/part-0.jsonl``), both take as many of
+  their parent directories as make them distinct (``a/part-0:12``, ``b/part-0:12``).
 
 Accepted inputs: ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz`` or ``.zst``), ``*.parquet``,
 ``*.txt``, and directories (searched recursively, sorted, hidden entries skipped) holding
@@ -18,9 +20,12 @@ manifest lists; in any directory holding a ``manifest.json``, the side files
 ``metrics.jsonl`` and ``logbook.jsonl`` are not corpus text and are skipped.
 
 Memory stays bounded: jsonl is read line by line, Parquet in record batches, a ``.txt``
-file is one document. Bad records (malformed JSON, non-UTF-8 bytes, a missing or empty
-text) go to an ``InputErrors`` collector with file and line, and reading continues; without
-a collector, or with ``InputErrors(strict=True)``, the first one raises ``UserError``.
+file is one document. Bad records (malformed JSON, non-UTF-8 bytes, a lone surrogate
+escape such as ``"\\ud83d"``, a missing or empty text) go to an ``InputErrors`` collector
+with file and line, and reading continues; a compressed file that is truncated or not in
+its format (``.gz`` / ``.zst``) is one bad record (``truncated_file`` / ``corrupt_file``)
+at the line where reading stopped, and the records before it are kept. Without a
+collector, or with ``InputErrors(strict=True)``, the first one raises ``UserError``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import io
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -129,6 +135,7 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
                 raise UserError(f"input {raw!r} has an unsupported format; use one of "
                                 f"{SUPPORTED} or a directory of them")
             files.append(InputFile(p, fmt[0], p.name[:-len(fmt[1])]))
+    files = _distinct_names(files)
     for f in files:
         try:
             with open(f.path, "rb") as fh:
@@ -137,6 +144,53 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
             raise UserError(f"input {f.path} cannot be read ({e.strerror}); check its "
                             f"permissions") from e
     return files
+
+
+def _distinct_names(files: list[InputFile]) -> list[InputFile]:
+    """Give inputs that share an id prefix enough of their parent directories to differ:
+    generated ids are ``name:row``, so equal names would give equal ids."""
+    names = [f.name for f in files]
+    extra = [0] * len(files)
+    while True:
+        count: dict[str, int] = {}
+        for n in names:
+            count[n] = count.get(n, 0) + 1
+        clash = [i for i, n in enumerate(names) if count[n] > 1]
+        if not clash:
+            break
+        grown = False
+        for i in clash:
+            parents = files[i].path.absolute().parent.parts
+            if extra[i] < len(parents):
+                extra[i] += 1
+                grown = True
+                prefix = "/".join(p.strip("/") for p in parents[len(parents) - extra[i]:])
+                names[i] = f"{prefix}/{files[i].name}".lstrip("/")
+        if not grown:   # the same file given twice: its ids really do repeat
+            break
+    return [f if n == f.name else InputFile(f.path, f.kind, n) for f, n in zip(files, names)]
+
+
+def check_output_dir(output: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse an ``--output`` that cannot be written, before any work starts: one that
+    exists (without ``overwrite``), is a file, or whose nearest existing parent is not a
+    writable directory. Raises ``UserError`` naming the path and the fix."""
+    out = Path(output).absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--output {output} is an existing file; choose a directory path")
+        if not overwrite:
+            raise UserError(f"output directory {output} already exists; choose another "
+                            f"--output or pass --overwrite")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is a file, not a directory; choose "
+                        f"another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output} cannot be created: {parent} is not writable; "
+                        f"choose another --output or fix the permissions")
 
 
 def _describe(file: str, line: int, kind: str, detail: str) -> str:
@@ -179,15 +233,66 @@ class _Raise(InputErrors):
         raise UserError(_describe(file, line, kind, detail))
 
 
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a (possibly multi-frame) .zst file and, unlike zstandard's own
+    stream reader, raises ``EOFError`` when the file ends inside a frame (a truncated
+    download), instead of returning what it had as if that were the whole file."""
+
+    def __init__(self, path: Path, chunk: int = 1 << 20):
+        import zstandard
+        self._zstd = zstandard
+        self._fh = open(path, "rb")
+        self._chunk = chunk
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False     # bytes of the current frame have been fed
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            data = self._fh.read(self._chunk)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            while data:
+                self._in_frame = True
+                self._buf += self._obj.decompress(data)
+                if self._obj.eof:      # frame complete; what follows is the next frame
+                    data = self._obj.unused_data
+                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+                else:
+                    data = b""
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
-                                                                           closefd=True))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 16)
     return open(path, "rb")
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or corrupt compressed stream raises while being read."""
+    import zstandard
+    return (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError)
+
+
+# A JSON escape of a UTF-16 surrogate: json.loads accepts a lone one, UTF-8 cannot hold it.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 def _finish(rec: dict, f: InputFile, n: int, text_field: str, id_field: str | None,
@@ -213,26 +318,49 @@ def _finish(rec: dict, f: InputFile, n: int, text_field: str, id_field: str | No
 
 def _iter_jsonl(f: InputFile, text_field: str, id_field: str | None,
                 errors: InputErrors) -> Iterator[dict]:
-    with _open_binary(f.path) as fh:
-        for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) are not records
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                errors.add(str(f.path), n, "non_utf8", f"byte {e.start}: {e.reason}")
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.add(str(f.path), n, "malformed_json", e.msg)
-                continue
-            if not isinstance(rec, dict):
-                errors.add(str(f.path), n, "malformed_json", "line is not a JSON object")
-                continue
-            out = _finish(rec, f, n, text_field, id_field, errors, f"{f.name}:{n}")
-            if out is not None:
-                yield out
+    n = 0
+    stream_errors = _stream_errors()
+    try:
+        with _open_binary(f.path) as fh:
+            for n, raw in enumerate(fh, 1):
+                out = _jsonl_record(raw, n, f, text_field, id_field, errors)
+                if out is not None:
+                    yield out
+    except stream_errors as e:
+        kind = "truncated_file" if isinstance(e, EOFError) else "corrupt_file"
+        errors.add(str(f.path), n + 1, kind,
+                   f"{type(e).__name__}: {e}; reading of this file stopped here (records "
+                   f"before it are kept): re-download or re-compress it")
+
+
+def _jsonl_record(raw: bytes, n: int, f: InputFile, text_field: str, id_field: str | None,
+                  errors: InputErrors) -> dict | None:
+    """One jsonl line as a record, or None (blank, or bad and reported)."""
+    if not raw.strip():
+        return None  # blank lines (e.g. a trailing newline) are not records
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        errors.add(str(f.path), n, "non_utf8", f"byte {e.start}: {e.reason}")
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        errors.add(str(f.path), n, "malformed_json", e.msg)
+        return None
+    if not isinstance(rec, dict):
+        errors.add(str(f.path), n, "malformed_json", "line is not a JSON object")
+        return None
+    if _SURROGATE_ESCAPE.search(raw):
+        # Paired surrogates decode to one character; a lone one stays a surrogate that
+        # no UTF-8 writer (hashing, Parquet) accepts. Only such lines pay for the check.
+        try:
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            errors.add(str(f.path), n, "lone_surrogate",
+                       f"an escape like \\ud83d without its pair ({e.reason})")
+            return None
+    return _finish(rec, f, n, text_field, id_field, errors, f"{f.name}:{n}")
 
 
 def _iter_parquet(f: InputFile, text_field: str, id_field: str | None,

@@ -1,4 +1,4 @@
-"""The dedup stage on a local Ray: same result as the in-process backend; the CLI."""
+"""The dedup stage on a local Ray: same result as in-process; the CLI."""
 
 from __future__ import annotations
 
@@ -12,31 +12,27 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from test_dedup_lib import check_output, planted_corpus, write_jsonl  # noqa: E402
 
 from opt_ray.cli import main
-from opt_ray.data.dedup import DedupConfig, LocalBackend, run_dedup
+from opt_ray.data.dedup import DedupConfig, run_dedup
 from opt_ray.data.readers import iter_records
 
 
 def strip_timings(report: dict) -> dict:
     r = dict(report)
-    for k in ("timings", "throughput_mb_s", "params", "inputs"):
+    for k in ("timings", "throughput_mb_s", "params", "inputs", "resumed"):
         r.pop(k)
     return r
 
 
 @pytest.mark.slow
-def test_ray_backend_matches_local(ray_local, tmp_path):
-    from actors.dedup import RayBackend
+def test_ray_executor_matches_local(ray_local, tmp_path):
+    from actors.dedup import RayExecutor
     recs = planted_corpus(seed=1)
-    write_jsonl(tmp_path / "in.jsonl", recs)
-    cfg = DedupConfig(batch_docs=20, num_buckets=3, verify_chunk=16)
-    backend = RayBackend(cfg, num_workers=2)
-    try:
-        ray_report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "ray"), cfg,
-                               backend, id_field="doc")
-    finally:
-        backend.close()
-    local = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "local"), cfg,
-                      LocalBackend(cfg), id_field="doc")
+    for k in range(3):
+        write_jsonl(tmp_path / f"in{k}.jsonl", recs[k::3])
+    inputs = [str(tmp_path / f"in{k}.jsonl") for k in range(3)]
+    cfg = DedupConfig(batch_docs=20, num_buckets=3)
+    ray_report = run_dedup(inputs, str(tmp_path / "ray"), cfg, RayExecutor(2), id_field="doc")
+    local = run_dedup(inputs, str(tmp_path / "local"), cfg, id_field="doc")
     assert strip_timings(ray_report) == strip_timings(local)
     check_output(recs, ray_report, cfg.threshold)
     assert ray_report["counts"]["duplicates_removed"] > 0
@@ -85,14 +81,10 @@ def test_metrics_reach_the_ray_metrics_endpoint(ray_local, tmp_path):
     import time
     import urllib.request
 
-    from actors.dedup import RayBackend
+    from actors.dedup import RayExecutor
     write_jsonl(tmp_path / "in.jsonl", planted_corpus(seed=3))
     cfg = DedupConfig(batch_docs=30)
-    backend = RayBackend(cfg, num_workers=2)
-    try:
-        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, backend)
-    finally:
-        backend.close()
+    run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, RayExecutor(2))
     port = ray_local._private.worker.global_worker.node.metrics_export_port
     want = {"ray_opt_ray_dedup_docs_total", "ray_opt_ray_dedup_candidate_pairs_total",
             "ray_opt_ray_dedup_duplicates_total"}
@@ -105,17 +97,3 @@ def test_metrics_reach_the_ray_metrics_endpoint(ray_local, tmp_path):
             break
         time.sleep(1)
     assert want <= seen, seen
-
-
-@pytest.mark.slow
-def test_backend_serves_runs_in_turn(ray_local, tmp_path):
-    from actors.dedup import RayBackend
-    write_jsonl(tmp_path / "in.jsonl", planted_corpus(seed=4))
-    cfg = DedupConfig(batch_docs=25)
-    backend = RayBackend(cfg, num_workers=2)
-    try:
-        first = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "a"), cfg, backend)
-        second = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "b"), cfg, backend)
-    finally:
-        backend.close()
-    assert strip_timings(first) == strip_timings(second) and backend.repairs == 0

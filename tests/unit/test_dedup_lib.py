@@ -1,4 +1,5 @@
-"""The dedup algorithm without Ray: bands, buckets, verification, clusters, output."""
+"""The dedup pipeline without Ray: bands, groups, verification, components, output, bad
+input, resume."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from opt_ray.artifacts import read_manifest
-from opt_ray.data.dedup import (REPORT, BucketTable, DedupConfig, LocalBackend, UnionFind,
-                                candidate_probability, choose_bands, natural_key, run_dedup)
+from opt_ray.data.dedup import (REPORT, DedupConfig, candidate_probability, choose_bands,
+                                connected_components, natural_key, run_dedup, work_dir)
 from opt_ray.data.minhash import jaccard, shingle_set
 from opt_ray.data.readers import ID_KEY, iter_records
 from opt_ray.errors import UserError
@@ -80,21 +81,16 @@ def test_choose_bands_meets_target():
         DedupConfig(bands=20, rows=10)
 
 
-def test_bucket_table_is_idempotent_per_batch():
-    t = BucketTable()
-    t.add(0, np.array([5, 5, 7], dtype=np.uint64), np.array([0, 1, 2]))
-    t.add(1, np.array([5, 7], dtype=np.uint64), np.array([3, 4]))
-    first = t.candidate_pairs()
-    t.add(1, np.array([5, 7], dtype=np.uint64), np.array([3, 4]))   # a retried batch
-    assert (t.candidate_pairs() == first).all()
-    assert first.tolist() == [[0, 1], [0, 3], [1, 3], [2, 4]]
-    assert t.candidate_pairs(np.array([1])).tolist() == [[0, 3], [2, 4]]
-
-
-def test_union_find_and_natural_key():
-    uf = UnionFind(5)
-    assert uf.union(0, 1) and uf.union(3, 4) and not uf.union(1, 0)
-    assert uf.find(1) == uf.find(0) != uf.find(3)
+def test_connected_components_and_natural_key():
+    u = np.array([5, 7, 1 << 33, 9], dtype=np.int64)
+    v = np.array([7, 3, 5, 10], dtype=np.int64)
+    nodes, label = connected_components(u, v)
+    assert dict(zip(nodes.tolist(), label.tolist())) == {
+        3: 3, 5: 3, 7: 3, 1 << 33: 3, 9: 9, 10: 9}
+    # A long chain given in the worst order still converges to one label.
+    chain = np.arange(2000, dtype=np.int64)[::-1]
+    nodes, label = connected_components(chain[:-1], chain[1:])
+    assert (label == 0).all() and len(nodes) == 2000
     assert sorted(["a:10", "a:9", "a:100", "b:1"], key=natural_key) == ["a:9", "a:10", "a:100", "b:1"]
 
 
@@ -124,9 +120,9 @@ def check_output(recs, report, threshold, ngram=5):
 def test_planted_near_duplicates(tmp_path, threshold):
     recs = planted_corpus()
     write_jsonl(tmp_path / "in.jsonl", recs)
-    cfg = DedupConfig(threshold=threshold, batch_docs=16, num_buckets=3, verify_chunk=8)
+    cfg = DedupConfig(threshold=threshold, batch_docs=16, num_buckets=3)
     report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg,
-                       LocalBackend(cfg), id_field="doc")
+                       id_field="doc")
     kept, removed = check_output(recs, report, threshold)
     c = report["counts"]
     assert c["docs"] == len(recs) and c["docs_kept"] == len(kept) and c["exact_duplicates"] == 2
@@ -142,7 +138,8 @@ def test_planted_near_duplicates(tmp_path, threshold):
     assert REPORT in m["files"] and "metrics.jsonl" in m["files"]
     assert m["counts"]["docs_kept"] == len(kept)
     steps = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(s["docs"] for s in steps if s["phase"] == "signature_batch") == len(recs)
+    assert sum(s.get("docs", 0) for s in steps if s["phase"] == "sign") == len(recs)
+    assert not work_dir(tmp_path / "out").exists()      # intermediates removed when done
 
 
 def test_chain_removes_only_through_verified_edges(tmp_path):
@@ -155,7 +152,7 @@ def test_chain_removes_only_through_verified_edges(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", recs)
     cfg = DedupConfig()
     report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg,
-                       LocalBackend(cfg), id_field="doc")
+                       id_field="doc")
     [cluster] = report["clusters"]
     assert cluster["keep"] == "a" and cluster["members"] == ["a", "b", "c"]
     assert sorted(tuple(sorted(e[:2])) for e in cluster["edges"]) == [("a", "b"), ("b", "c")]
@@ -167,7 +164,7 @@ def test_below_threshold_pair_is_kept(tmp_path):
     recs = [{"text": " ".join(a)}, {"text": " ".join(tail_variant(a, 6, fresh))}]  # J 0.942
     write_jsonl(tmp_path / "in.jsonl", recs)
     cfg = DedupConfig()
-    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg))
+    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg)
     assert report["counts"]["docs_kept"] == 2 and report["clusters"] == []
 
 
@@ -177,27 +174,32 @@ def test_bad_input_reported_and_strict(tmp_path):
                   b'{"text": "\xff\xfe"}\n{"no_text": 1}\n{"text": ""}\n'
                   b'{"text": "one two three four five six"}\n')
     cfg = DedupConfig()
-    report = run_dedup([str(p)], str(tmp_path / "out"), cfg, LocalBackend(cfg))
+    report = run_dedup([str(p)], str(tmp_path / "out"), cfg)
     errs = report["input_errors"]
     assert errs["total"] == 4
     assert [(e["line"], e["kind"]) for e in errs["files"][str(p)]["examples"]] == [
         (2, "malformed_json"), (3, "non_utf8"), (4, "missing_text"), (5, "empty_text")]
     assert report["counts"]["docs_kept"] == 1 and report["counts"]["exact_duplicates"] == 1
     with pytest.raises(UserError, match=r"in.jsonl:2"):
-        run_dedup([str(p)], str(tmp_path / "out2"), cfg, LocalBackend(cfg), strict=True)
+        run_dedup([str(p)], str(tmp_path / "out2"), cfg, strict=True)
     assert not (tmp_path / "out2").exists()          # atomic: nothing left behind
     assert not list(tmp_path.glob(".out2*"))
 
 
-def test_duplicate_ids_and_existing_output(tmp_path):
-    write_jsonl(tmp_path / "in.jsonl", [{"text": "a b", "k": 1}, {"text": "c d", "k": 1}])
+def test_duplicate_ids_are_bad_records_and_existing_output(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "a b", "k": 1}, {"text": "c d", "k": 1},
+                                        {"text": "e f", "k": 2}])
     cfg = DedupConfig()
-    with pytest.raises(UserError, match="occurs twice"):
-        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg),
-                  id_field="k")
-    (tmp_path / "out").mkdir()
+    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, id_field="k")
+    errs = report["input_errors"]["files"][str(tmp_path / "in.jsonl")]
+    assert errs["by_kind"] == {"duplicate_id": 1} and errs["examples"][0]["line"] == 2
+    assert [r["text"] for r in iter_records([str(tmp_path / "out")])] == ["a b", "e f"]
+    assert report["counts"]["docs"] == 2 and report["counts"]["bad_records"] == 1
+    with pytest.raises(UserError, match="duplicate id"):
+        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "o2"), cfg, id_field="k",
+                  strict=True)
     with pytest.raises(UserError, match="--overwrite"):
-        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg, LocalBackend(cfg))
+        run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg)
 
 
 def test_inputs_changing_mid_run_fail_cleanly(tmp_path):
@@ -205,10 +207,10 @@ def test_inputs_changing_mid_run_fail_cleanly(tmp_path):
     write_jsonl(p, [{"text": f"document number {i} with some words"} for i in range(10)])
     cfg = DedupConfig()
 
-    def append_once(n_done: int) -> None:
+    def append_once(phase: str, n_done: int) -> None:
         with open(p, "a") as f:
             f.write(json.dumps({"text": "a late arrival"}) + "\n")
 
-    with pytest.raises(UserError, match="inputs changed"):
-        run_dedup([str(p)], str(tmp_path / "out"), cfg, LocalBackend(cfg), on_batch=append_once)
+    with pytest.raises(UserError, match="in.jsonl changed while dedup ran"):
+        run_dedup([str(p)], str(tmp_path / "out"), cfg, on_progress=append_once)
     assert not (tmp_path / "out").exists()
