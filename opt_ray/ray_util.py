@@ -35,8 +35,34 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
-        ray.init(**local_ray_kwargs(), num_cpus=num_cpus, include_dashboard=dashboard,
-                 log_to_driver=True, **kwargs)
+        start_local_ray(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True,
+                        **kwargs)
+
+
+def start_local_ray(**init_kwargs: Any):
+    """Start a Ray of this process's own (``local_ray_kwargs``) and pin it: its GCS
+    address is written to its temp dir's ``ray_current_cluster`` file, which is where
+    Ray's job supervisor looks up the address it gives a submitted job's driver
+    (``RAY_ADDRESS``). Without the file the supervisor falls back to every GCS process
+    on the machine, and with another Ray running, a job either fails ("multiple active
+    Ray instances") or lands on the other cluster. Returns ``ray.init``'s context."""
+    import ray
+    from ray._private.utils import write_ray_address
+
+    kw = local_ray_kwargs()
+    ctx = ray.init(**kw, **init_kwargs)
+    write_ray_address(cluster_address(ctx), kw["_temp_dir"])
+    return ctx
+
+
+def cluster_address(ctx: Any = None) -> str:
+    """The GCS address (host:port) of the cluster this process is connected to."""
+    import ray
+    info = getattr(ctx, "address_info", None) or {}
+    addr = info.get("gcs_address") or info.get("address")
+    if not addr:
+        addr = ray.get_runtime_context().gcs_address
+    return str(addr)
 
 
 def local_ray_kwargs() -> dict[str, Any]:

@@ -72,17 +72,20 @@ def default_opt_ray_bin() -> str:
     return str(sibling) if sibling.exists() else "opt-ray"
 
 
-def _connect_ray(args: argparse.Namespace) -> str:
-    """Join or start Ray; returns the dashboard (job server) URL."""
+def _connect_ray(args: argparse.Namespace) -> tuple[str, str]:
+    """Join or start Ray; returns (dashboard/job server URL, GCS address) of that one
+    cluster. Both are explicit from here on: jobs go to this cluster's job server and
+    their drivers connect to this cluster, whatever else runs on the machine."""
     import ray
+
+    from opt_ray.ray_util import cluster_address, start_local_ray
     try:
         if args.address:
             ctx = ray.init(address=args.address, log_to_driver=False)
         else:
-            from opt_ray.ray_util import local_ray_kwargs
-            ctx = ray.init(**local_ray_kwargs(), num_cpus=args.num_cpus, include_dashboard=True,
-                           dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port,
-                           log_to_driver=False)
+            ctx = start_local_ray(num_cpus=args.num_cpus, include_dashboard=True,
+                                  dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port,
+                                  log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = f"--address {args.address}" if args.address else "an embedded local Ray"
         raise UserError(f"cannot start or join {where}: {e}") from e
@@ -90,7 +93,7 @@ def _connect_ray(args: argparse.Namespace) -> str:
     if not url:
         raise UserError("the Ray cluster reports no dashboard; start it with "
                         "--include-dashboard true or pass --dashboard-address")
-    return url
+    return url, cluster_address(ctx)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
         ray_token = read_token(args.ray_auth_token_file, env="RAY_AUTH_TOKEN")
         headers = {"Authorization": f"Bearer {ray_token}"}
 
-    dashboard = _connect_ray(args)
-    backend = RayJobBackend(dashboard, headers=headers, driver_connected=True)
+    dashboard, gcs_address = _connect_ray(args)
+    backend = RayJobBackend(dashboard, headers=headers, driver_connected=True,
+                            ray_address=gcs_address)
     service = ControlService(registry, SpecValidator(roots), backend,
                              opt_ray_bin=args.opt_ray_bin or default_opt_ray_bin(),
                              poll_interval=args.poll_interval)

@@ -75,11 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _train_args(k)
     k.add_argument("--data", required=True)
     k.add_argument("--output", required=True)
-    k = kinds.add_parser("eval", help="opt-ray eval CHECKPOINT --data SHARDS")
-    k.add_argument("checkpoint", help="run dir, checkpoint dir or HF dir")
-    k.add_argument("--data", required=True)
-    k.add_argument("--split", default="")
-    k.add_argument("--max-rows", type=int, default=0)
+    _eval_args(kinds.add_parser("eval", help="opt-ray eval CHECKPOINT --tasks T1,T2 ... "
+                                              "(or --data SHARDS)"))
     k = kinds.add_parser("export", help="opt-ray export RUN_DIR --output HF_DIR")
     k.add_argument("run_dir")
     k.add_argument("--output", required=True)
@@ -96,6 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--dedup-workers", type=int, default=0)
     _train_args(k)
 
+    _eval_args(cmds.add_parser("eval", parents=[common],
+                               help="evaluate a checkpoint as a job (same as 'submit eval')"))
     cmds.add_parser("status", help="a job's state and attempts").add_argument("job")
     k = cmds.add_parser("list", help="all jobs")
     k.add_argument("--active", action="store_true")
@@ -105,6 +104,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--no-logs", action="store_true")
     k.add_argument("--new-only", action="store_true", help="skip what happened before now")
     cmds.add_parser("cancel", help="stop a job").add_argument("job")
+    k = cmds.add_parser("delete", help="forget finished jobs (records and control logbooks; "
+                                       "artifacts stay)")
+    k.add_argument("jobs", nargs="+", metavar="JOB")
     k = cmds.add_parser("scale", help="restart a training job with a new worker range")
     k.add_argument("job")
     k.add_argument("--workers", type=_workers, required=True, help="N or MIN:MAX")
@@ -130,6 +132,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sa.add_parser("remove").add_argument("name")
     sa.add_parser("list")
     p.set_defaults(func=run)
+
+
+def _eval_args(k: argparse.ArgumentParser) -> None:
+    k.add_argument("checkpoint", help="run dir, checkpoint dir or HF dir")
+    k.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
+    k.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples per prompt (default: each task's own)")
+    k.add_argument("--limit", type=float, default=0.0,
+                   help="documents per task (a number < 1 is a fraction; default: all)")
+    k.add_argument("--include-path", default="", help="directory of extra lm-eval YAML tasks")
+    k.add_argument("--output", default="", help="results JSON file to write")
+    k.add_argument("--eval-workers", type=int, default=0,
+                   help="Ray actors scoring in parallel (default: the stage's)")
+    k.add_argument("--data", default="", help="token shards: perplexity instead of tasks")
+    k.add_argument("--split", default="", help="shard split with --data (default: valid)")
+    k.add_argument("--max-rows", type=int, default=0, help="rows with --data (default: all)")
 
 
 def _train_args(k: argparse.ArgumentParser) -> None:
@@ -160,8 +178,12 @@ def build_spec(a: argparse.Namespace):
                                          min_workers=a.workers[0], max_workers=a.workers[1],
                                          steps=a.steps, checkpoint_every=a.checkpoint_every))
     elif a.kind == "eval":
-        spec.eval.CopyFrom(pb.EvalSpec(checkpoint=_abs(a.checkpoint), data=_abs(a.data),
-                                       split=a.split, max_rows=a.max_rows))
+        spec.eval.CopyFrom(pb.EvalSpec(
+            checkpoint=_abs(a.checkpoint), data=_abs(a.data) if a.data else "", split=a.split,
+            max_rows=a.max_rows, tasks=[t.strip() for t in a.tasks.split(",") if t.strip()],
+            num_fewshot=a.num_fewshot or 0, has_num_fewshot=a.num_fewshot is not None,
+            limit=a.limit, include_path=_abs(a.include_path) if a.include_path else "",
+            output=_abs(a.output) if a.output else "", workers=a.eval_workers))
     elif a.kind == "export":
         spec.export.CopyFrom(pb.ExportSpec(run_dir=_abs(a.run_dir), output=_abs(a.output),
                                            step=a.step))
@@ -294,7 +316,9 @@ def run(a: argparse.Namespace) -> int:
                            tls_key=a.tls_key)
     c = a.ctl_command
     try:
-        if c == "submit":
+        if c in ("submit", "eval"):
+            if c == "eval":
+                a.kind = "eval"
             job = client.submit(build_spec(a))
             _out(job, a.json, _print_job)
             if a.watch:
@@ -302,9 +326,18 @@ def run(a: argparse.Namespace) -> int:
         elif c == "status":
             _out(client.get(a.job), a.json, _print_job)
         elif c == "list":
-            jobs = client.list(active_only=a.active, kind=a.kind)
-            _out(pb.ListJobsResponse(jobs=jobs), a.json,
-                 lambda r: [print(_job_line(j)) for j in r.jobs])
+            jobs = client.iter_jobs(active_only=a.active, kind=a.kind)
+            if a.json:
+                _out(pb.ListJobsResponse(jobs=list(jobs)), True, None)
+            else:
+                # Page by page: the first jobs print while later pages are fetched.
+                for j in jobs:
+                    print(_job_line(j), flush=True)
+        elif c == "delete":
+            for job_id in a.jobs:
+                job = client.delete(job_id)
+                _out(job, a.json, lambda j: print(f"deleted {j.job_id} "
+                                                  f"({pb.JobState.Name(j.state)} {j.kind})"))
         elif c == "watch":
             return watch(client, a.job, logs=not a.no_logs, from_start=not a.new_only,
                          as_json=a.json)

@@ -60,8 +60,26 @@ class ControlClient:
         return self._call("GetJob", pb.GetJobRequest(job_id=job_id))
 
     def list(self, *, active_only: bool = False, kind: str = "") -> list[pb.Job]:
-        return list(self._call("ListJobs", pb.ListJobsRequest(active_only=active_only,
-                                                              kind=kind)).jobs)
+        """Every job (all pages), oldest first."""
+        return list(self.iter_jobs(active_only=active_only, kind=kind))
+
+    def iter_jobs(self, *, active_only: bool = False, kind: str = "",
+                  page_size: int = 0) -> Iterator[pb.Job]:
+        """Jobs page by page (``ListJobs`` is paged: one page stays under gRPC's
+        message limit however many jobs the server keeps)."""
+        token = ""
+        while True:
+            resp = self._call("ListJobs", pb.ListJobsRequest(active_only=active_only, kind=kind,
+                                                             page_size=page_size,
+                                                             page_token=token))
+            yield from resp.jobs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def delete(self, job_id: str) -> pb.Job:
+        """Forget a finished job (its record and control logbook; artifacts stay)."""
+        return self._call("DeleteJob", pb.DeleteJobRequest(job_id=job_id))
 
     def watch(self, job_id: str, *, logs: bool = True, metrics: bool = True,
               from_start: bool = True, timeout: float | None = None) -> Iterator[pb.JobEvent]:

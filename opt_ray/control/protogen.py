@@ -14,12 +14,19 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
 
 
-def generate(out_dir: Path = ROOT) -> list[Path]:
-    """Run protoc on every .proto; returns the generated files (under ``out_dir``)."""
+def generate(out_dir: Path = ROOT, only: list[str] | None = None) -> list[Path]:
+    """Run protoc on every .proto (or on ``only``: names like ``control.proto``);
+    returns the generated files (under ``out_dir``). Each proto's stubs depend on that
+    proto alone, so regenerating one leaves the others' stubs untouched."""
     from grpc_tools import protoc
     import grpc_tools
 
     sources = sorted(PROTOS.rglob("*.proto"))
+    if only:
+        missing = set(only) - {s.name for s in sources}
+        if missing:
+            raise SystemExit(f"no such proto(s) under {PROTOS}: {', '.join(sorted(missing))}")
+        sources = [s for s in sources if s.name in only]
     if not sources:
         raise SystemExit(f"no .proto files under {PROTOS}")
     include = str(Path(grpc_tools.__file__).parent / "_proto")
@@ -36,6 +43,7 @@ def generate(out_dir: Path = ROOT) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for p in generate():
+    # `python -m opt_ray.control.protogen [control.proto ...]`: all protos by default.
+    for p in generate(only=sys.argv[1:] or None):
         print(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
     sys.exit(0)

@@ -51,15 +51,23 @@ class RayJobBackend:
     a Ray driver, which ``health`` uses for node and resource counts."""
 
     def __init__(self, dashboard_url: str, *, headers: dict[str, str] | None = None,
-                 driver_connected: bool = False, env_vars: dict[str, str] | None = None):
+                 driver_connected: bool = False, env_vars: dict[str, str] | None = None,
+                 ray_address: str | None = None):
         from ray.job_submission import JobSubmissionClient
         if "://" not in dashboard_url:
             dashboard_url = "http://" + dashboard_url
         self.dashboard_url = dashboard_url
+        # An explicit address: JobSubmissionClient never auto-detects a cluster here.
         self._client = JobSubmissionClient(dashboard_url, headers=headers or None)
         self._driver_connected = driver_connected
+        self.ray_address = ray_address
         # Unbuffered stdout so that WatchJob streams a stage's progress as it happens.
-        self._runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})}}
+        # RAY_ADDRESS pins the job's tasks and actors (and the driver, where the
+        # supervisor does not set it itself) to this cluster: never auto-detected.
+        env = {"PYTHONUNBUFFERED": "1", **(env_vars or {})}
+        if ray_address:
+            env["RAY_ADDRESS"] = ray_address
+        self._runtime_env = {"env_vars": env}
 
     def submit(self, entrypoint: str, submission_id: str, metadata: dict[str, str]) -> str:
         """Submit once. 'already exists' means an earlier try went through (the

@@ -94,6 +94,13 @@ class Registry:
         with self._lock:
             return [copy(j) for j in sorted(self._jobs.values(), key=lambda j: j.created)]
 
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job: its record and its control-plane logbook (never its artifacts)."""
+        with self._lock:
+            self._jobs.pop(job_id, None)
+            (self._dirs["jobs"] / f"{job_id}.json").unlink(missing_ok=True)
+            (self._dirs["logbooks"] / f"{job_id}.jsonl").unlink(missing_ok=True)
+
     def active_job_ids(self) -> list[str]:
         with self._lock:
             return [j.job_id for j in self._jobs.values() if j.state not in TERMINAL]

@@ -16,7 +16,9 @@ Serving applications are long-lived Ray jobs with an ``opt-ray serve`` entrypoin
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -48,6 +50,24 @@ M_ACTIVE = metrics.gauge("control_active_jobs", "control jobs not yet in a final
 M_REJECTED = metrics.counter("control_unauthenticated", "calls rejected for a missing or "
                              "wrong bearer token")
 M_INVALID = metrics.counter("control_invalid_specs", "specs rejected with INVALID_ARGUMENT")
+
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+PAGE_BYTES = 2 * 1024 * 1024
+
+
+def _encode_token(created: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created, job_id]).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(created), str(job_id)
+    except (ValueError, TypeError) as e:
+        raise SpecError("page_token is not one this server issued; pass the "
+                        "next_page_token of the previous ListJobs response") from e
 
 
 class NotFound(LookupError):
@@ -337,10 +357,59 @@ class ControlService(pb_grpc.ControlServiceServicer):
 
     def ListJobs(self, request, context):
         with _status(context):
-            jobs = [j for j in self.registry.jobs()
-                    if (not request.active_only or j.state not in TERMINAL)
-                    and (not request.kind or j.kind == request.kind)]
-            return pb.ListJobsResponse(jobs=jobs)
+            return self.list_jobs(request)
+
+    def list_jobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        """One page of jobs, oldest first. The token is the (created, job_id) of the
+        last job sent, so a page stays correct when jobs are added or deleted between
+        calls. A page ends at ``page_size`` jobs or before it would pass PAGE_BYTES
+        (gRPC's default message limit is 4 MiB; a job record may be ~100 kB)."""
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise SpecError(f"page_size={request.page_size} is out of bounds; use 1.."
+                            f"{MAX_PAGE_SIZE} (or 0 for {DEFAULT_PAGE_SIZE})")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        after = _decode_token(request.page_token) if request.page_token else None
+        resp = pb.ListJobsResponse()
+        nbytes = 0
+        jobs = [j for j in self.registry.jobs()
+                if (not request.active_only or j.state not in TERMINAL)
+                and (not request.kind or j.kind == request.kind)
+                and (after is None or (j.created, j.job_id) > after)]
+        for i, j in enumerate(jobs):
+            n = j.ByteSize() + 8
+            if len(resp.jobs) >= size or (resp.jobs and nbytes + n > PAGE_BYTES):
+                last = resp.jobs[-1]
+                resp.next_page_token = _encode_token(last.created, last.job_id)
+                break
+            resp.jobs.append(j)
+            nbytes += n
+        return resp
+
+    def DeleteJob(self, request, context):
+        with _status(context):
+            return self.delete(request.job_id)
+
+    def delete(self, job_id: str) -> pb.Job:
+        """Forget a finished job (record and control logbook; artifacts stay)."""
+        with self._exclusive(job_id):
+            job = self._job(job_id)
+            with self._lock:
+                last = job.attempts[-1] if job.attempts else None
+                if job.state not in TERMINAL:
+                    raise Precondition(f"job {job_id} is {STATE_NAMES[job.state]}; cancel it "
+                                       f"first ('opt-ray ctl cancel {job_id}'), then delete it")
+                if job_id in self._unsettled or (last is not None and last.submitted
+                                                 and last.state not in TERMINAL):
+                    raise Precondition(f"job {job_id} was cancelled but its Ray job "
+                                       f"{last.ray_submission_id if last else ''} has not "
+                                       f"stopped yet; retry in a few seconds")
+                app = next((a for a in self.registry.apps() if a.job_id == job_id), None)
+                if app is not None:
+                    raise Precondition(f"serving app {app.name!r} runs as job {job_id}; remove "
+                                       f"it with 'opt-ray ctl serve remove {app.name}'")
+                self.registry.delete_job(job_id)
+                M_ACTIONS.inc(tags={"action": "delete"})
+                return job
 
     def CancelJob(self, request, context):
         with _status(context):
@@ -435,6 +504,12 @@ class ControlService(pb_grpc.ControlServiceServicer):
                 if request.include_metrics:
                     files.append((Path(job.run_dir) / "metrics.jsonl", "metrics_line"))
             for path, field in files:
+                if job.run_dir and path.parent == Path(job.run_dir):
+                    try:
+                        # A run file swapped for a symlink out of the roots is not streamed.
+                        self.validator.readable_file(field, path)
+                    except SpecError:
+                        continue
                 if first and not request.from_start:
                     file_off[path] = path.stat().st_size if path.exists() else 0
                 lines, file_off[path] = read_jsonl_from(path, file_off.get(path, 0))
@@ -527,7 +602,9 @@ class ControlService(pb_grpc.ControlServiceServicer):
         else:
             raise SpecError("give job_id or run_dir")
         if run_dir:
-            lines += read_jsonl_from(Path(run_dir) / LOGBOOK, 0)[0]
+            path = self.validator.readable_file("run_dir logbook", Path(run_dir) / LOGBOOK)
+            if path is not None:
+                lines += read_jsonl_from(path, 0)[0]
         keyed = [((parse_json(ln) or {}).get("time", 0.0), i, ln) for i, ln in enumerate(lines)]
         return [ln for _, _, ln in sorted(keyed, key=lambda t: (float(t[0] or 0), t[1]))], run_dir
 
@@ -537,12 +614,12 @@ class ControlService(pb_grpc.ControlServiceServicer):
             md = ""
             if request.markdown and run_dir:
                 from opt_ray import logbook as lb
-                render = getattr(lb, "render_markdown", None)
-                if render is not None:
-                    try:
-                        md = render(run_dir)
-                    except Exception as e:  # a chronicle that fails to render is no error
-                        md = f"(could not render the chronicle: {type(e).__name__}: {e})"
+                # Both files the chronicle reads, symlinks resolved, inside the roots.
+                self.validator.readable_file("run_dir metrics", Path(run_dir) / lb.METRICS)
+                try:
+                    md = lb.render_markdown(run_dir)
+                except Exception as e:  # a chronicle that fails to render is no error
+                    md = f"(could not render the chronicle: {type(e).__name__}: {e})"
             return pb.ReadLogbookResponse(events=events, markdown=md or "", run_dir=run_dir)
 
     def ClusterHealth(self, request, context):

@@ -11,6 +11,8 @@ fix; the service answers it with INVALID_ARGUMENT.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +38,16 @@ class Bounds:
     max_seq_len: int = 65_536
     min_vocab_size: int = 260  # 256 byte symbols plus a few specials
     max_vocab_size: int = 1_000_000
-    max_inputs: int = 10_000
+    # A stage's command line runs as one `sh -c` argument, which Linux caps at 128 KiB
+    # (MAX_ARG_STRLEN): specs are bounded well below it.
+    max_inputs: int = 1000
+    max_command_bytes: int = 100_000
+    max_path_bytes: int = 4096     # PATH_MAX
+    max_segment_bytes: int = 255   # NAME_MAX: one directory or file name
     max_stages: int = 16
     max_replicas: int = 256
+    max_tasks: int = 256
+    max_fewshot: int = 128
 
 
 @dataclass
@@ -48,6 +57,10 @@ class Stage:
     argv: list[str]
     outputs: list[Path] = field(default_factory=list)
     run_dir: Path | None = None
+
+
+# lm-eval task, group and tag names (globs allowed, as `lm-eval --tasks` takes them).
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.\-*?\[\]]{1,128}")
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -73,22 +86,57 @@ class SpecValidator:
             raise SpecError(f"{name} is required: give an absolute path inside "
                             f"{self._roots_text()}")
         if "\x00" in value:
-            raise SpecError(f"{name} contains a NUL byte")
+            raise SpecError(f"{name} contains a NUL byte; give a plain absolute path")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise SpecError(f"{name}={value!r} contains a control character; give a plain "
+                            f"absolute path")
+        if len(value.encode()) > self.bounds.max_path_bytes:
+            raise SpecError(f"{name} is {len(value.encode())} bytes long (max "
+                            f"{self.bounds.max_path_bytes}); use a shorter path")
+        seg = next((x for x in value.split("/") if len(x.encode()) > self.bounds.max_segment_bytes),
+                   None)
+        if seg is not None:
+            raise SpecError(f"{name} has a path segment of {len(seg.encode())} bytes "
+                            f"({seg[:24]!r}...; max {self.bounds.max_segment_bytes}); no "
+                            f"filesystem takes longer names")
         p = Path(value)
         if not p.is_absolute():
             raise SpecError(f"{name}={value!r} must be an absolute path (the server does not "
                             f"share your working directory); opt-ray ctl makes paths absolute")
-        real = Path(os.path.realpath(p))
-        if not any(_is_within(real, r) for r in self.roots):
-            raise SpecError(f"{name}={value!r} is outside the allowed roots "
-                            f"{self._roots_text()}; use a path inside one of them or start "
-                            f"the server with --allowed-root covering it")
-        if must_exist and not real.exists() and not any(_is_within(real, o) for o in produced):
+        try:
+            # Symlinks resolved first: the root check is on where the path really leads.
+            real = Path(os.path.realpath(p))
+            exists = real.exists()
+        except (OSError, ValueError) as e:
+            raise SpecError(f"{name}={value!r} cannot be resolved "
+                            f"({getattr(e, 'strerror', None) or e}); give a valid path") from e
+        self.check_inside(name, value, real)
+        if must_exist and not exists and not any(_is_within(real, o) for o in produced):
             raise SpecError(f"{name}={value!r} does not exist; run the stage that writes it "
                             f"first, or submit both as one pipeline")
-        if must_not_exist and real.exists():
+        if must_not_exist and exists:
             raise SpecError(f"{name}={value!r} already exists; choose a new output directory "
                             f"(artifacts are immutable)")
+        return real
+
+    def check_inside(self, name: str, value: str, real: Path) -> None:
+        """Refuse a resolved path outside every allowed root."""
+        if not any(_is_within(real, r) for r in self.roots):
+            shown = value if str(real) == value else f"{value} (-> {real})"
+            raise SpecError(f"{name}={shown!r} is outside the allowed roots "
+                            f"{self._roots_text()}; use a path inside one of them or start "
+                            f"the server with --allowed-root covering it")
+
+    def readable_file(self, name: str, path: Path) -> Path | None:
+        """``path`` with symlinks resolved, if it exists; ``SpecError`` when it leads
+        outside the allowed roots (a symlinked logbook.jsonl must not expose /etc)."""
+        try:
+            real = Path(os.path.realpath(path))
+        except (OSError, ValueError) as e:
+            raise SpecError(f"{name}={str(path)!r} cannot be resolved: {e}") from e
+        if not real.exists():
+            return None
+        self.check_inside(name, str(path), real)
         return real
 
     def _roots_text(self) -> str:
@@ -117,8 +165,9 @@ class SpecValidator:
         if not s.inputs:
             raise SpecError(f"{name}.inputs is empty; give at least one corpus file or directory")
         if len(s.inputs) > self.bounds.max_inputs:
-            raise SpecError(f"{name}.inputs has {len(s.inputs)} entries (max "
-                            f"{self.bounds.max_inputs}); pass directories instead of files")
+            raise SpecError(f"{name}.inputs has {len(s.inputs)} entries, more than the limit of "
+                            f"{self.bounds.max_inputs}; pass the directory that holds the files "
+                            f"instead (dedup reads every corpus file under a directory)")
         inputs = [self.path(f"{name}.inputs[{i}]", v, must_exist=True, produced=produced)
                   for i, v in enumerate(s.inputs)]
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
@@ -175,18 +224,60 @@ class SpecValidator:
         return Stage("train", argv, [out], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:
+        """lm-eval tasks (``tasks``) or perplexity on token shards (``data``): one of them."""
         ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True, produced=produced)
-        data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
-        argv = ["eval", str(ckpt), "--data", str(data)]
-        if s.split:
-            if not s.split.replace("_", "").isalnum():
-                raise SpecError(f"{name}.split={s.split!r} must be a split name like 'valid'")
-            argv += ["--split", s.split]
+        if bool(s.tasks) == bool(s.data):
+            raise SpecError(f"{name}: set either tasks (lm-eval task names) or data (token "
+                            f"shards for perplexity), not both or neither")
+        argv = ["eval", str(ckpt)]
+        if s.tasks:
+            if len(s.tasks) > self.bounds.max_tasks:
+                raise SpecError(f"{name}.tasks has {len(s.tasks)} entries (max "
+                                f"{self.bounds.max_tasks}); use an lm-eval group name")
+            for i, t in enumerate(s.tasks):
+                if not _TASK_NAME.fullmatch(t):
+                    raise SpecError(f"{name}.tasks[{i}]={t!r} is not a task name (letters, "
+                                    f"digits, '_', '-', '.', glob characters; at most 128)")
+            argv += ["--tasks", ",".join(s.tasks)]
+            if s.has_num_fewshot:
+                argv += ["--num-fewshot", str(self._int(f"{name}.num_fewshot", s.num_fewshot, 0,
+                                                        self.bounds.max_fewshot))]
+            if s.limit < 0 or (s.limit >= 1 and s.limit != int(s.limit)):
+                raise SpecError(f"{name}.limit={s.limit} must be 0 (all documents), a fraction "
+                                f"in (0, 1) or a whole number of documents")
+            if s.limit:
+                argv += ["--limit", str(int(s.limit)) if s.limit >= 1 else repr(s.limit)]
+            if s.include_path:
+                inc = self.path(f"{name}.include_path", s.include_path, must_exist=True,
+                                produced=produced)
+                argv += ["--include-path", str(inc)]
+            if s.output:
+                argv += ["--output", str(self.path(f"{name}.output", s.output,
+                                                   must_not_exist=True))]
+            if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
+                argv += ["--workers", str(s.workers)]
+        else:
+            task_only = {"num_fewshot": s.has_num_fewshot, "limit": s.limit,
+                         "include_path": s.include_path, "output": s.output, "workers": s.workers}
+            for fld, given in task_only.items():
+                if given:
+                    raise SpecError(f"{name}.{fld} applies to lm-eval tasks only; with data "
+                                    f"(perplexity), use split and max_rows")
+            data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
+            argv += ["--data", str(data)]
+            if s.split:
+                if not s.split.replace("_", "").isalnum() or len(s.split) > 64:
+                    raise SpecError(f"{name}.split={s.split!r} must be a split name like 'valid'")
+                argv += ["--split", s.split]
         if s.max_rows < 0:
             raise SpecError(f"{name}.max_rows={s.max_rows} must be >= 0 (0: all rows)")
         if s.max_rows:
+            if s.tasks:
+                raise SpecError(f"{name}.max_rows applies to data (perplexity) only; with "
+                                f"tasks, use limit")
             argv += ["--max-rows", str(s.max_rows)]
-        return Stage("eval", argv)
+        return Stage("eval", argv, [Path(argv[argv.index("--output") + 1])]
+                     if "--output" in argv else [])
 
     def export(self, s: pb.ExportSpec, name: str = "spec.export", produced=()) -> Stage:
         run = self.path(f"{name}.run_dir", s.run_dir, must_exist=True, produced=produced)
@@ -220,6 +311,15 @@ class SpecValidator:
 
     # ------------------------------------------------------------------ whole jobs
 
+    def fits(self, name: str, stage: Stage) -> Stage:
+        """Refuse a stage whose command line would not fit a Ray job's entrypoint."""
+        n = len(shlex.join(["opt-ray", *stage.argv]).encode())
+        if n > self.bounds.max_command_bytes:
+            raise SpecError(f"{name}: the stage's command line would be {n} bytes, more than "
+                            f"the limit of {self.bounds.max_command_bytes}; pass directories "
+                            f"instead of many files, or shorter paths")
+        return stage
+
     def stage(self, st: pb.StageSpec, name: str, produced: list[Path]) -> Stage:
         which = st.WhichOneof("stage")
         if which is None:
@@ -239,7 +339,7 @@ class SpecValidator:
             raise SpecError("spec.serve: serving applications are managed with DeployServe / "
                             "UpdateServe / RemoveServe ('opt-ray ctl serve deploy')")
         if kind != "pipeline":
-            return kind, [getattr(self, kind)(getattr(spec, kind))]
+            return kind, [self.fits(f"spec.{kind}", getattr(self, kind)(getattr(spec, kind)))]
         stages_spec = spec.pipeline.stages
         if not stages_spec:
             raise SpecError("spec.pipeline.stages is empty; give at least one stage")
@@ -249,7 +349,8 @@ class SpecValidator:
         produced: list[Path] = []
         stages = []
         for i, st in enumerate(stages_spec):
-            stage = self.stage(st, f"spec.pipeline.stages[{i}]", produced)
+            stage = self.fits(f"spec.pipeline.stages[{i}]",
+                              self.stage(st, f"spec.pipeline.stages[{i}]", produced))
             for o in stage.outputs:
                 if o in produced:
                     raise SpecError(f"spec.pipeline.stages[{i}] writes {o}, which an earlier "

@@ -79,16 +79,30 @@ class TrainSpec(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
-    __slots__ = ("checkpoint", "data", "split", "max_rows")
+    __slots__ = ("checkpoint", "data", "split", "max_rows", "tasks", "num_fewshot", "has_num_fewshot", "limit", "include_path", "output", "workers")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEWSHOT_FIELD_NUMBER: _ClassVar[int]
+    HAS_NUM_FEWSHOT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PATH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     data: str
     split: str
     max_rows: int
-    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., split: _Optional[str] = ..., max_rows: _Optional[int] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    num_fewshot: int
+    has_num_fewshot: bool
+    limit: float
+    include_path: str
+    output: str
+    workers: int
+    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., split: _Optional[str] = ..., max_rows: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., num_fewshot: _Optional[int] = ..., has_num_fewshot: _Optional[bool] = ..., limit: _Optional[float] = ..., include_path: _Optional[str] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class ExportSpec(_message.Message):
     __slots__ = ("run_dir", "output", "step")
@@ -219,20 +233,32 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("active_only", "kind")
+    __slots__ = ("active_only", "kind", "page_size", "page_token")
     ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     active_only: bool
     kind: str
-    def __init__(self, active_only: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, active_only: _Optional[bool] = ..., kind: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str

@@ -59,6 +59,11 @@ class ControlServiceStub:
                 request_serializer=opt__ray_dot_v1_dot_control__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=opt__ray_dot_v1_dot_control__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/opt_ray.v1.ControlService/DeleteJob',
+                request_serializer=opt__ray_dot_v1_dot_control__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=opt__ray_dot_v1_dot_control__pb2.Job.FromString,
+                _registered_method=True)
         self.ScaleJob = channel.unary_unary(
                 '/opt_ray.v1.ControlService/ScaleJob',
                 request_serializer=opt__ray_dot_v1_dot_control__pb2.ScaleJobRequest.SerializeToString,
@@ -120,7 +125,8 @@ class ControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Paged, oldest first: pass the previous response's next_page_token to continue.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,6 +142,15 @@ class ControlServiceServicer:
 
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Forget a finished job: its registry record and control-plane logbook go, its
+        artifacts stay. FAILED_PRECONDITION while the job (or its last Ray job) runs, or
+        while a serving app still refers to it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -219,6 +234,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=opt__ray_dot_v1_dot_control__pb2.CancelJobRequest.FromString,
+                    response_serializer=opt__ray_dot_v1_dot_control__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=opt__ray_dot_v1_dot_control__pb2.DeleteJobRequest.FromString,
                     response_serializer=opt__ray_dot_v1_dot_control__pb2.Job.SerializeToString,
             ),
             'ScaleJob': grpc.unary_unary_rpc_method_handler(
@@ -396,6 +416,33 @@ class ControlService:
             target,
             '/opt_ray.v1.ControlService/CancelJob',
             opt__ray_dot_v1_dot_control__pb2.CancelJobRequest.SerializeToString,
+            opt__ray_dot_v1_dot_control__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opt_ray.v1.ControlService/DeleteJob',
+            opt__ray_dot_v1_dot_control__pb2.DeleteJobRequest.SerializeToString,
             opt__ray_dot_v1_dot_control__pb2.Job.FromString,
             options,
             channel_credentials,

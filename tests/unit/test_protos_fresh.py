@@ -26,5 +26,17 @@ def test_control_service_has_the_promised_methods():
     methods = set(pb.DESCRIPTOR.services_by_name["ControlService"].methods_by_name)
     assert methods >= {"SubmitJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ScaleJob",
                        "RollbackJob", "DeployServe", "UpdateServe", "RemoveServe",
-                       "ReadLogbook", "ClusterHealth"}
+                       "ReadLogbook", "ClusterHealth", "DeleteJob"}
     assert pb.DESCRIPTOR.package == "opt_ray.v1"
+
+
+def test_regenerating_one_proto_writes_only_its_stubs(tmp_path):
+    """`python -m opt_ray.control.protogen control.proto` leaves other protos' stubs alone."""
+    generated = protogen.generate(tmp_path, only=["control.proto"])
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in generated)
+    assert names == ["opt_ray/v1/control_pb2.py", "opt_ray/v1/control_pb2.pyi",
+                     "opt_ray/v1/control_pb2_grpc.py"]
+    on_disk = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.py*"))
+    assert on_disk == names
+    for p in generated:
+        assert p.read_bytes() == (protogen.ROOT / p.relative_to(tmp_path)).read_bytes()
