@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="the prompt text")
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (default float32; OPT's released weights are float16)")
     p.set_defaults(func=run)
 
 
@@ -38,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from opt_ray.serve import api
-    from opt_ray.serve.engine import EngineConfig, EngineLoop, EngineRequest, engine_from_checkpoint
+    from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, engine_from_checkpoint,
+                                      resolve_checkpoint)
+    from opt_ray.serve.loading import check_checkpoint
 
+    check_checkpoint(resolve_checkpoint(args.checkpoint))
     engine = engine_from_checkpoint(args.checkpoint, EngineConfig(max_num_seqs=max(args.n, 1), dtype=args.dtype))
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
 
+from opt_ray.config import add_dataclass_args, from_args
 from opt_ray.ray_util import add_ray_args, init_ray
+from opt_ray.serve.frontend_config import FrontendConfig, check_port_free
+
+# The engine's dtypes (EngineConfig validates them); listed here so --help needs no torch.
+DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,24 +35,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="tokens per KV slot (default: context)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV memory budget per replica")
     p.add_argument("--max-waiting", type=int, default=64, help="bounded queue per replica (then 429)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights and KV cache dtype (default float32; OPT's released weights are float16)")
+    # Request limits: flags, defaults and help from FrontendConfig's fields.
+    add_dataclass_args(p, FrontendConfig, dest="frontend__")
     add_ray_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray import serve
-
-    from actors.serve import build_app, start
     from opt_ray.errors import UserError
     from opt_ray.serve.engine import EngineConfig, resolve_checkpoint
+    from opt_ray.serve.loading import check_checkpoint
 
     if args.replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {args.replicas}")
-    resolve_checkpoint(args.checkpoint)          # fail fast, before starting Ray
+    # Everything knowable is checked before Ray starts: one line each, exit 2.
+    check_checkpoint(resolve_checkpoint(args.checkpoint))
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                  kv_cache_bytes=args.kv_cache_bytes, max_waiting=args.max_waiting,
                                  dtype=args.dtype)
+    frontend_config = from_args(FrontendConfig, args, dest="frontend__")
+    if args.grpc_port and args.grpc_port == args.http_port:
+        raise UserError(f"--grpc-port {args.grpc_port} is also --http-port; give gRPC another port "
+                        f"(or 0 for none)")
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # An embedded Ray runs the proxy and the ingress here: their ports must be free.
+        # (On a cluster they listen on its nodes, which this machine cannot check.)
+        check_port_free(args.host, args.http_port, "--http-port")
+        if args.grpc_port:
+            check_port_free(args.host, args.grpc_port, "--grpc-port")
+    from ray import serve
+
+    from actors.serve import build_app, start
     init_ray(args.address, num_cpus=args.num_cpus)
     stop = threading.Event()
     # SIGTERM is what `ray job stop` (and the control plane's RemoveServe) sends; SIGINT is
@@ -58,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     app = build_app(args.checkpoint, model_name=args.model_name, engine_config=engine_config,
                     replicas=args.replicas, max_replicas=args.max_replicas, host=args.host,
-                    grpc_port=args.grpc_port or None)
+                    grpc_port=args.grpc_port or None, frontend_config=frontend_config)
     start(app, host=args.host, http_port=args.http_port)
     print(f"opt-ray serve: OpenAI-compatible API at http://{args.host}:{args.http_port}/v1 "
           f"(POST /v1/completions, GET /v1/models)", flush=True)

@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
@@ -33,25 +32,11 @@ from opt_ray.serve import api
 from opt_ray.serve.api import ApiError, CompletionRequest
 from opt_ray.serve.engine import (EngineDeadError, EngineLoop, EngineRequest, QueueFullError,
                                   RequestError, RequestOutput)
+from opt_ray.serve.frontend_config import FrontendConfig
+
+__all__ = ["EngineHandle", "Execution", "Frontend", "FrontendConfig", "LocalEngineHandle", "as_api_error"]
 
 logger = logging.getLogger("opt_ray.serve")
-
-
-@dataclass
-class FrontendConfig:
-    """Limits of the protocol layer (per ingress replica)."""
-    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={
-        "help": "largest request body accepted (bytes); larger is HTTP 413 before it is read"})
-    max_prompts: int = field(default=256, metadata={
-        "help": "most prompts in one completions request (each becomes an engine request)"})
-    tokenizer_threads: int = field(default=2, metadata={
-        "help": "threads that parse and tokenise requests off the event loop"})
-
-    def __post_init__(self) -> None:
-        from opt_ray.errors import UserError
-        for name in ("max_body_bytes", "max_prompts", "tokenizer_threads"):
-            if getattr(self, name) < 1:
-                raise UserError(f"frontend.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 class EngineHandle(Protocol):

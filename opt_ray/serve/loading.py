@@ -1,12 +1,23 @@
-"""Loading a served checkpoint: the model from an HF-format dir, the tokenizer beside it.
+"""Loading a served checkpoint: the model from an HF-format dir, the tokenizer beside it,
+and ``check_checkpoint``, the cheap integrity check the CLI runs before Ray starts.
 
 Thin on purpose: the project's loaders (``opt_ray.model.hf.from_hf``,
 ``opt_ray.data.tokenizer.load_tokenizer``) own formats and validation.
+
+Why a separate check: a replica loads its weights inside Ray Serve, where a cut-off file
+becomes a replica that fails to start, is retried, and prints Ray tracebacks. Reading
+only the files' headers and sizes here finds a truncated download or copy in
+milliseconds, before anything is deployed.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+import zipfile
 from pathlib import Path
+
+from opt_ray.errors import UserError
 
 
 def load_hf_model(path: Path):
@@ -17,3 +28,62 @@ def load_hf_model(path: Path):
 def load_tokenizer_dir(path: Path):
     from opt_ray.data.tokenizer import load_tokenizer
     return load_tokenizer(path)
+
+
+def _check_safetensors(f: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header giving every tensor's
+    byte range, then the data: the file must be long enough for all of it."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UserError(f"{f}: cut off ({size} bytes; not even a safetensors header); "
+                            f"copy or download the checkpoint again")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise UserError(f"{f}: cut off ({size} bytes, but its header alone needs {8 + n}); "
+                            f"copy or download the checkpoint again")
+        try:
+            header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise UserError(f"{f}: not a safetensors file (unreadable header: {e})") from e
+    if 8 + n + end > size:
+        raise UserError(f"{f}: cut off: holds {size} bytes of the {8 + n + end} its header "
+                        f"describes; copy or download the checkpoint again")
+
+
+def _check_torch_zip(f: Path) -> None:
+    """torch.save's zip format keeps its directory at the end: a cut-off file has none."""
+    with f.open("rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] != b"PK":
+        return                         # the legacy format: left to the loader
+    try:
+        with zipfile.ZipFile(f) as z:
+            z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{f}: cut off or damaged ({e}); copy or download the checkpoint again") from e
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise ``UserError`` naming the file when an HF-format dir cannot be served: its
+    config.json is not an OPT config, its tokenizer is missing, or a weight file is cut
+    off. Reads headers only (milliseconds, whatever the model size)."""
+    from opt_ray.model.hf import config_from_hf
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path / 'config.json'}: not readable JSON ({e})") from e
+    config_from_hf(cfg, source=str(path / "config.json"))
+    load_tokenizer_dir(path)
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    if not weights:
+        raise UserError(f"{path}: no weights (model.safetensors or pytorch_model.bin); export the "
+                        f"checkpoint again")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+        else:
+            _check_torch_zip(f)

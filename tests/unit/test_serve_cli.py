@@ -1,0 +1,89 @@
+"""`opt-ray serve` / `generate` as a user runs them: a cut-off weight file or a port in use
+is one line naming it and exit 2, before Ray starts (no Ray Serve traceback);
+`--dtype float16` generates. One run is a real subprocess; the others call the CLI's
+``main`` in-process (the same code path, without paying the interpreter start each time)
+with a tripwire on ``init_ray``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from opt_ray.cli import main
+from tests.conftest import free_port
+from tests.serve_helpers import build_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Starting Ray at all means a check came too late."""
+    import opt_ray.commands.serve as cmd
+
+    def tripwire(*a, **kw):
+        raise AssertionError("Ray was started before the input was checked")
+    monkeypatch.setattr(cmd, "init_ray", tripwire)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def _one_line_error(rc: int, err: str, *needles: str) -> str:
+    assert rc == 2, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("opt-ray ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def cut(ckpt, tmp_path):
+    d = tmp_path / "cut"
+    shutil.copytree(ckpt, d)
+    f = d / "model.safetensors"
+    with f.open("r+b") as fh:
+        fh.truncate(f.stat().st_size - 1000)
+    return d
+
+
+def test_cut_off_safetensors_serve_subprocess(cut):
+    p = subprocess.run([sys.executable, "-m", "opt_ray.cli", "serve", "--checkpoint", str(cut),
+                        "--http-port", str(free_port()), "--grpc-port", "0"], cwd=ROOT, text=True,
+                       capture_output=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    _one_line_error(p.returncode, p.stderr, str(cut / "model.safetensors"), "cut off")
+
+
+def test_cut_off_safetensors_generate(cut, capsys):
+    rc = main(["generate", "--checkpoint", str(cut), "hello"])
+    _one_line_error(rc, capsys.readouterr().err, str(cut / "model.safetensors"), "cut off")
+
+
+def test_port_in_use_is_one_line_before_ray(ckpt, no_ray, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = main(["serve", "--checkpoint", str(ckpt), "--http-port", str(port), "--grpc-port", "0"])
+        _one_line_error(rc, capsys.readouterr().err, "--http-port", f"127.0.0.1:{port}", "in use")
+        rc = main(["serve", "--checkpoint", str(ckpt), "--http-port", str(free_port()), "--grpc-port", str(port)])
+        _one_line_error(rc, capsys.readouterr().err, "--grpc-port", "in use")
+    rc = main(["serve", "--checkpoint", str(ckpt), "--max-body-bytes", "0"])
+    _one_line_error(rc, capsys.readouterr().err, "--max-body-bytes")
+
+
+def test_generate_float16(ckpt, capsys):
+    assert main(["generate", "--checkpoint", str(ckpt), "--dtype", "float16", "--max-tokens", "4",
+                 "--json", "The quick"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["usage"]["completion_tokens"] >= 1
