@@ -1,15 +1,26 @@
 """The training gang on Ray Train: ``TorchTrainer`` wiring around ``opt_ray.train.loop``.
 
 Thin by design. The Ray touch points:
-- ``ScalingConfig(num_workers=N or (MIN, MAX))``: a fixed or elastic gang, one CPU (or GPU)
-  per worker;
-- ``TorchConfig(backend=gloo|nccl, timeout_s=--collective-timeout)``: a hung collective
+- ``ScalingConfig(num_workers=N or (MIN, MAX))``: a fixed or elastic gang. The device
+  comes from the *cluster's* resources (``--device auto``: one GPU per worker when the
+  cluster advertises GPUs, whatever the driver has), see ``gang_configs``. An elastic
+  gang only takes sizes that are whole tensor-parallel groups (``TPElasticScalingPolicy``);
+- ``TorchConfig(backend=nccl|gloo, timeout_s=--collective-timeout)``: a hung collective
   raises after the timeout, so a hang becomes an ordinary worker failure;
-- ``FailureConfig(max_failures)``: the gang is restarted after a failure and the loop
-  resumes from the newest valid checkpoint; past the budget ``fit`` fails and
-  ``run_gang`` raises ``FailureBudgetExceeded`` with the reason;
-- ``ray.train.report``: each checkpoint, written by the loop inside the run directory
-  (which is Ray Train's experiment directory), is registered without a copy;
+- ``FailureConfig(max_failures)``: the gang is restarted after a hardware-like failure
+  and the loop resumes from the newest valid checkpoint of its own checkpoint directory;
+  past the budget ``fit`` fails and ``run_gang`` raises ``FailureBudgetExceeded``. A
+  ``UserError`` raised by the loop (bad config, a checkpoint that does not fit) is not
+  retried: the controller callback stops the gang at once and ``run_gang`` raises it;
+- ``RunConfig``: Ray Train's own bookkeeping goes to a fresh directory per driver
+  invocation (``RUN_DIR/.ray_train/<run_id>``) and no checkpoint is registered with it.
+  The loop owns its checkpoints (pruned by ``--keep``, rolled back, moved aside); a Ray
+  Train snapshot that referred to them would refuse the next invocation once they are
+  gone (``CheckpointManagerInitializationError``). Resuming is the loop's job alone;
+- the driver keeps ``RUN_DIR/driver.json`` while it runs. Ctrl-C / SIGTERM (``ray job
+  stop``, ``opt-ray ctl scale``) write an ``interrupted`` event and print the command that
+  resumes; a driver that was SIGKILLed leaves the file behind and the next invocation
+  writes the event for it;
 - a controller callback writes ``worker_lost`` events to the logbook, and a driver
   thread shows a progress bar from ``metrics.jsonl``.
 """
@@ -17,6 +28,12 @@ Thin by design. The Ray touch points:
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +42,9 @@ from typing import Any
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook
 from opt_ray.train.loop import METRICS, TrainConfig
+
+DRIVER_FILE = "driver.json"
+USER_ERRORS = ".user_errors"
 
 
 class FailureBudgetExceeded(UserError):
@@ -40,11 +60,35 @@ def _attempt_counter(run_dir: Path, run_id: str) -> int:
     return n
 
 
+# --------------------------------------------------------------------------------------
+# User errors inside a worker: recorded, never retried
+# --------------------------------------------------------------------------------------
+
+def _record_user_error(run_dir: Path, run_id: str, rank: int, e: UserError) -> None:
+    d = run_dir / USER_ERRORS
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{run_id}-{rank}.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "type": type(e).__name__, "message": str(e)}))
+    os.replace(tmp, d / f"{run_id}-{rank}.json")
+
+
+def _user_error(run_dir: Path, run_id: str) -> dict[str, Any] | None:
+    """The first user error a worker of this invocation recorded, if any."""
+    for p in sorted((run_dir / USER_ERRORS).glob(f"{run_id}-*.json")):
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+class _UserErrorStop(Exception):
+    """Raised on the Ray Train controller to stop the gang without a retry."""
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function Ray Train runs: the library loop with Ray hooks."""
     import ray.train
-    from ray.train import Checkpoint
-    from ray.train.v2.api.report_config import CheckpointUploadMode
 
     from opt_ray.train.loop import Hooks, train
 
@@ -52,29 +96,280 @@ def train_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     def report(metrics: dict[str, Any], ckpt: Path | None) -> None:
-        # Rank 0 registers the committed checkpoint (already in the experiment dir, so no
-        # upload); every rank must call report, it is a barrier.
-        checkpoint = Checkpoint.from_directory(str(ckpt)) if ckpt is not None and rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        # Metrics only: checkpoints stay the loop's (see the module docstring). Every rank
+        # calls report; it is a barrier.
+        ray.train.report(metrics)
 
     def attempt() -> int:
         return _attempt_counter(Path(cfg.output), cfg.run_id) if rank == 0 else 0
 
-    train(cfg, Hooks(report=report, attempt=attempt))
+    try:
+        train(cfg, Hooks(report=report, attempt=attempt))
+    except UserError as e:
+        # Restarting cannot fix bad input: record it for the controller and the driver.
+        _record_user_error(Path(cfg.output), cfg.run_id, rank, e)
+        raise
 
 
-def _callbacks(run_dir: Path) -> list[Any]:
+def _callbacks(run_dir: Path, run_id: str) -> list[Any]:
     from ray.train import UserCallback
 
     class GangEvents(UserCallback):
-        """Runs on the Ray Train controller: record which workers failed and why."""
+        """Runs on the Ray Train controller: record which workers failed and why; stop
+        the gang without a retry when one failed on a user error."""
 
         def after_exception(self, run_context, worker_exceptions) -> None:
+            user = _user_error(run_dir, run_id)
+            if user is None:
+                for e in worker_exceptions.values():
+                    base = getattr(e, "_base_exc", e)
+                    if isinstance(base, UserError):
+                        user = {"message": str(base)}
+                        break
+            if user is not None:
+                raise _UserErrorStop(user["message"])
             Logbook(run_dir).event("worker_lost", ranks=sorted(worker_exceptions),
                                    errors={str(r): repr(e)[:500] for r, e in worker_exceptions.items()})
 
     return [GangEvents()]
+
+
+# --------------------------------------------------------------------------------------
+# Devices and gang sizes, from the cluster's resources
+# --------------------------------------------------------------------------------------
+
+def gang_configs(cfg: TrainConfig, resources: dict[str, float]):
+    """``(ScalingConfig, TorchConfig, device)`` for ``cfg`` on a cluster advertising
+    ``resources`` (``ray.cluster_resources()``). ``--device auto`` uses GPUs when the
+    cluster has any, never the driver's CUDA (the driver is often a CPU head node); one
+    GPU per worker, NCCL on GPUs, gloo on CPUs. Raises ``UserError`` for ``--device
+    cuda`` on a cluster without GPUs."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    device = getattr(cfg, "device", "auto")
+    gpus = float(resources.get("GPU", 0))
+    if device == "cuda" and gpus < 1:
+        raise UserError(f"--device cuda: the Ray cluster advertises no GPUs (resources: "
+                        f"{ {k: v for k, v in sorted(resources.items()) if '/' not in k and 'node:' not in k} }); "
+                        f"use --device cpu, or --device auto to take GPUs only where they exist")
+    use_gpu = device == "cuda" or (device == "auto" and gpus >= 1)
+    workers = cfg.workers if isinstance(cfg.workers, tuple) else int(cfg.workers)
+    scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1})
+    torch_config = TorchConfig(backend="nccl" if use_gpu else "gloo",
+                               timeout_s=int(cfg.collective_timeout))
+    return scaling, torch_config, "cuda" if use_gpu else "cpu"
+
+
+def _tp_elastic_policy_cls():
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+    class TPElasticScalingPolicy(ElasticScalingPolicy):
+        """Ray Train's elastic policy, rounding every gang size down to a multiple of the
+        tensor-parallel degree: a gang of 3 with --tp 2 would fail in the loop and burn a
+        retry; with 3 workers' worth of resources it runs on 2."""
+
+        def __init__(self, scaling_config, tp: int):
+            super().__init__(scaling_config)
+            self.tp = tp
+
+        def _count_possible_workers(self, reserved_resources) -> int:
+            n = super()._count_possible_workers(reserved_resources)
+            return n - n % self.tp
+
+    return TPElasticScalingPolicy
+
+
+def tp_elastic_policy(scaling_config, tp: int):
+    """The elastic scaling policy whose gangs are whole tensor-parallel groups."""
+    return _tp_elastic_policy_cls()(scaling_config, tp)
+
+
+def _trainer_cls():
+    from ray.train.torch import TorchTrainer
+
+    class GangTrainer(TorchTrainer):
+        """``TorchTrainer`` with the TP-aware elastic policy and a driver-side signal
+        handler (``on_signal``) in place of Ray Train's SIGINT-only one."""
+
+        def __init__(self, *args: Any, tp: int = 1, on_signal=None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._tp = tp
+            self._on_signal = on_signal
+
+        def _initialize_and_run_controller(self, **kwargs: Any):
+            if self._tp > 1 and self.scaling_config.elasticity_enabled:
+                kwargs["scaling_policy"] = tp_elastic_policy(self.scaling_config, self._tp)
+            return super()._initialize_and_run_controller(**kwargs)
+
+        def _register_sigint_handler(self, controller) -> None:
+            if self._on_signal is None:
+                return super()._register_sigint_handler(controller)
+            import ray
+
+            def handler(signum, frame):
+                self._on_signal(signal.Signals(signum).name)
+                try:  # stop the gang now rather than when the driver's process is reaped
+                    ray.get(controller.abort.remote(), timeout=10)
+                except Exception:  # the controller is gone already: nothing to stop
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
+
+    return GangTrainer
+
+
+# --------------------------------------------------------------------------------------
+# The driver: interruptions and the command that resumes
+# --------------------------------------------------------------------------------------
+
+def resume_command(cfg: TrainConfig, argv: list[str] | None = None) -> str:
+    """The command that continues this run from its newest checkpoint: this process's
+    ``opt-ray train`` command line without ``--resume-from`` (which would roll back again)."""
+    argv = list(sys.argv if argv is None else argv)
+    if "train" in argv[1:]:
+        i = argv.index("train", 1)
+        rest, out, skip = argv[i + 1:], [], False
+        for a in rest:
+            if skip:
+                skip = False
+                continue
+            if a == "--resume-from":
+                skip = True
+                continue
+            if a.startswith("--resume-from="):
+                continue
+            out.append(a)
+        return shlex.join(["opt-ray", *argv[1:i], "train", *out])
+    workers = (f"{cfg.workers[0]}:{cfg.workers[1]}" if isinstance(cfg.workers, tuple)
+               else str(cfg.workers))
+    return shlex.join(["opt-ray", "train", "--data", cfg.data, "--output", cfg.output,
+                       "--preset", cfg.preset, "--steps", str(cfg.steps), "--workers", workers])
+
+
+def _newest_checkpoint_step(cfg: TrainConfig) -> int | None:
+    from opt_ray.train.checkpoint import committed
+
+    root = getattr(cfg, "checkpoint_dir", None) or str(Path(cfg.output) / "checkpoints")
+    try:
+        steps = committed(root)
+    except Exception:  # an unreachable object store: the event still gets written
+        return None
+    return steps[-1][0] if steps else None
+
+
+def _record_stale_driver(run_dir: Path, cfg: TrainConfig) -> None:
+    """A driver that died without cleaning up (SIGKILL, a lost head node) left its
+    ``driver.json``: log its interruption before this invocation starts."""
+    path = run_dir / DRIVER_FILE
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    Logbook(run_dir).event(
+        "interrupted", step=_newest_checkpoint_step(cfg),
+        reason=(f"the driver (pid {old.get('pid')} on {old.get('host')}, started "
+                f"{old.get('started')}) stopped without finishing: killed or lost"),
+        resume=old.get("resume") or resume_command(cfg))
+    path.unlink(missing_ok=True)
+
+
+def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train with a Ray Train gang; returns the last metrics. Raises
+    ``FailureBudgetExceeded`` when the run fails for good, ``UserError`` when a worker
+    stopped on bad input, ``KeyboardInterrupt`` on Ctrl-C / SIGTERM (after logging it and
+    printing the command that resumes)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from opt_ray.ray_util import init_ray
+
+    run_dir = Path(cfg.output).absolute()
+    cfg.output = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _record_stale_driver(run_dir, cfg)
+    resume = resume_command(cfg)
+    driver_file = run_dir / DRIVER_FILE
+    driver_file.write_text(json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "run_id": cfg.run_id, "resume": resume,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    interrupted: list[str] = []
+
+    def on_signal(name: str) -> None:
+        if interrupted:
+            return
+        interrupted.append(name)
+        Logbook(run_dir).event("interrupted", step=_newest_checkpoint_step(cfg),
+                               reason=f"{name} to the driver", resume=resume)
+        print(f"\nopt-ray train: {name}: stopping the gang; the run resumes from its newest "
+              f"checkpoint with:\n  {resume}", file=sys.stderr, flush=True)
+
+    ray_dir = run_dir / ".ray_train"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.time()
+    try:
+        init_ray(address)
+        scaling, torch_config, device = gang_configs(cfg, ray.cluster_resources())
+        if hasattr(cfg, "device"):
+            cfg.device = device  # workers use what the gang reserved, not their own guess
+        trainer = _trainer_cls()(
+            train_worker,
+            train_loop_config=cfg.to_dict(),
+            scaling_config=scaling,
+            torch_config=torch_config,
+            run_config=RunConfig(
+                # A fresh Ray Train run per invocation, holding no checkpoint (see above).
+                storage_path=str(ray_dir), name=cfg.run_id,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+                callbacks=_callbacks(run_dir, cfg.run_id)),
+            tp=cfg.tp, on_signal=on_signal,
+        )
+        try:
+            with (_Progress(run_dir, cfg.steps) if progress else _nullctx()):
+                result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            if interrupted:
+                raise KeyboardInterrupt from e
+            _raise_failure(run_dir, cfg, e, t0)
+        if interrupted:  # the gang was aborted by a signal: not a finished run
+            raise KeyboardInterrupt
+        return dict(result.metrics or {})
+    except KeyboardInterrupt:
+        on_signal("SIGINT")  # no-op when the handler already logged it
+        raise
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        driver_file.unlink(missing_ok=True)
+        shutil.rmtree(ray_dir / cfg.run_id, ignore_errors=True)
+        if ray_dir.is_dir() and not any(ray_dir.iterdir()):
+            ray_dir.rmdir()
+        shutil.rmtree(run_dir / USER_ERRORS, ignore_errors=True)
+
+
+def _raise_failure(run_dir: Path, cfg: TrainConfig, e: BaseException, t0: float) -> None:
+    gave_up = _guard_give_up(run_dir)
+    if gave_up is not None:
+        # Not a hardware failure: restarting cannot help, so say what the guard tried.
+        Logbook(run_dir).event("failure", reason="divergence guard gave up", report=gave_up)
+        raise FailureBudgetExceeded(f"the divergence guard gave up: {gave_up}; see "
+                                    f"{run_dir / 'logbook.jsonl'}") from e
+    user = _user_error(run_dir, cfg.run_id)
+    if user is not None:
+        Logbook(run_dir).event("failure", reason=f"stopped without a retry on bad input: "
+                                                 f"{user['message']}")
+        raise UserError(user["message"]) from e
+    reason = (f"training failed {cfg.max_failures + 1} time(s), more than --max-failures "
+              f"{cfg.max_failures} allows; last error: {_short(e)}")
+    Logbook(run_dir).event("failure_budget_exceeded", max_failures=cfg.max_failures,
+                           reason=reason, seconds=round(time.time() - t0, 1))
+    raise FailureBudgetExceeded(reason + f"; see {run_dir / 'logbook.jsonl'}") from e
 
 
 class _Progress:
@@ -122,57 +417,6 @@ class _Progress:
                             tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             bar.refresh()
             return
-
-
-def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train with a Ray Train gang; returns the last metrics. Raises
-    ``FailureBudgetExceeded`` when the run fails for good."""
-    import ray
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from opt_ray.ray_util import init_ray
-
-    run_dir = Path(cfg.output).absolute()
-    cfg.output = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    init_ray(address)
-    use_gpu = torch.cuda.is_available()
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers if isinstance(cfg.workers, tuple) else int(cfg.workers),
-            use_gpu=use_gpu, resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
-                                 timeout_s=int(cfg.collective_timeout)),
-        run_config=RunConfig(
-            # The run directory is Ray Train's experiment directory, so checkpoints the
-            # loop commits there are registered in place.
-            storage_path=str(run_dir.parent), name=run_dir.name,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-            callbacks=_callbacks(run_dir)),
-    )
-    t0 = time.time()
-    try:
-        with (_Progress(run_dir, cfg.steps) if progress else _nullctx()):
-            result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        gave_up = _guard_give_up(run_dir)
-        if gave_up is not None:
-            # Not a hardware failure: restarting cannot help, so say what the guard tried.
-            Logbook(run_dir).event("failure", reason="divergence guard gave up", report=gave_up)
-            raise FailureBudgetExceeded(f"the divergence guard gave up: {gave_up}; see "
-                                        f"{run_dir / 'logbook.jsonl'}") from e
-        reason = (f"training failed {cfg.max_failures + 1} time(s), more than --max-failures "
-                  f"{cfg.max_failures} allows; last error: {_short(e)}")
-        Logbook(run_dir).event("failure_budget_exceeded", max_failures=cfg.max_failures,
-                               reason=reason, seconds=round(time.time() - t0, 1))
-        raise FailureBudgetExceeded(reason + f"; see {run_dir / 'logbook.jsonl'}") from e
-    metrics = dict(result.metrics or {})
-    return metrics
 
 
 def _guard_give_up(run_dir: Path) -> str | None:

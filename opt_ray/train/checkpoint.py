@@ -1,19 +1,33 @@
-"""Sharded training checkpoints: DCP shards, atomic commit, checksums, retention, resharding.
+"""Sharded training checkpoints: DCP shards, per-rank checksums, commit marker, retention,
+resharding, on a local file system or object storage.
 
-Layout of one checkpoint, ``RUN_DIR/checkpoints/step_00000100/``::
+Layout of one checkpoint, ``CKPT_ROOT/step_00000100/`` (``CKPT_ROOT`` is
+``RUN_DIR/checkpoints`` or any fsspec URL such as ``s3://bucket/prefix``)::
 
     tp0/ ... tpN/        torch.distributed.checkpoint of {"model", "optim"}, one per
                          tensor-parallel rank, written by that rank's data-parallel group
-    rng/rank{r}.pt       every rank's RNG states (torch, numpy, python, cuda)
+    rng/rank{r}.json     every rank's RNG states (torch, numpy, python, cuda) as JSON
     train_state.json     step, sampler, LR schedule, loss scaler, clip, guard, layout
-    manifest.json        per-file sha256 + bytes; written last
+    manifest.json        per-file sha256 + bytes; written last: the commit marker
 
-All ranks write into ``.tmp-step_00000100/``; once every shard is on disk global rank 0
-writes the manifest and renames the directory into place (``os.replace``, atomic). So a
-checkpoint counts only once its name has no ``.tmp-`` prefix, and a gang killed while
-saving leaves nothing that could be mistaken for a checkpoint (the leftover is removed at
-the next start). On load, the newest committed checkpoint whose files match the manifest
-is used; one that fails is skipped and reported (``checkpoint_corrupt``).
+Commit protocol. Every rank writes its own shard files and RNG file, then hashes exactly
+the files it wrote (in parallel with every other rank, so no rank hashes the whole state
+inside a collective timeout) and sends the small ``{name: sha256, bytes}`` list to rank 0,
+which writes ``manifest.json`` last (one atomic rename on a local disk, one PUT on object
+storage). So a checkpoint counts only once its manifest exists, and a gang killed while
+saving leaves a directory without one, which the next start removes
+(``checkpoint_partial_removed``). On load the newest committed checkpoint whose files
+match the manifest is used, each rank checking its share of the files; one that fails
+is skipped and reported (``checkpoint_corrupt``).
+
+Asynchronous save (``async_save=True``): DCP's ``async_save`` stages the state and writes
+it in the background while training continues; the checksum-and-commit step runs at
+``wait()``, which ``save`` calls before starting the next checkpoint and the loop calls
+before it finishes. Until then the checkpoint is not committed and cannot be resumed from.
+
+No code from a checkpoint runs on load: DCP's pickled ``.metadata`` is read with a
+restricted unpickler and its non-tensor values with ``weights_only=True``
+(``opt_ray.train.safe_pickle``); RNG and trainer state are JSON.
 
 Resharding. DCP stores global tensor shapes, so a checkpoint loads into any number of
 data-parallel ranks. A different tensor-parallel degree is handled by reading every old
@@ -21,30 +35,37 @@ TP rank's tensors whole, concatenating each split tensor along its known dimensi
 (``merge_tp_shards``) and cutting this rank's slice (``split_tp_state``); the optimizer's
 moment tensors have their parameter's shape and are resharded the same way.
 
-Requires a file system every rank sees (one machine, or a shared mount on a cluster).
+Storage: a local directory every rank sees (one machine or a shared mount) or object
+storage through fsspec (``s3://`` with the standard AWS environment variables and
+``AWS_ENDPOINT_URL``; DCP's ``FsspecWriter``/``FsspecReader``).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import random
 import re
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from opt_ray.artifacts import sha256_file, write_json_atomic
+from opt_ray.artifacts import write_text_atomic
 from opt_ray.errors import UserError
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+
+# A checkpoint reference: a local Path, or a URL string for object storage.
+Ref = Union[Path, str]
 
 
 class CheckpointError(UserError):
@@ -55,51 +76,224 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """True for an fsspec URL (``s3://...``, ``gs://...``); local paths and ``file://`` are local."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+# --------------------------------------------------------------------------------------
+# Where checkpoints live: a local directory or an fsspec URL, one small interface
+# --------------------------------------------------------------------------------------
+
+class Loc:
+    """A file or directory on the local disk or in object storage (fsspec)."""
+
+    def __init__(self, ref: str | os.PathLike):
+        s = str(ref)
+        if is_url(s):
+            import fsspec
+            self.proto = s.split("://", 1)[0]
+            self.fs, path = fsspec.core.url_to_fs(s)
+            self.path = path.rstrip("/")
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+            self.proto = None
+            self.fs = LocalFileSystem()
+            self.path = os.path.abspath(s.removeprefix("file://"))
+
+    @property
+    def local(self) -> bool:
+        return self.proto is None
+
+    def ref(self) -> Ref:
+        return Path(self.path) if self.local else f"{self.proto}://{self.path}"
+
+    def __str__(self) -> str:
+        return str(self.ref())
+
+    def child(self, *names: str) -> "Loc":
+        loc = Loc.__new__(Loc)
+        loc.fs, loc.proto = self.fs, self.proto
+        loc.path = "/".join([self.path, *names])
+        return loc
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def parent(self) -> "Loc":
+        loc = Loc.__new__(Loc)
+        loc.fs, loc.proto = self.fs, self.proto
+        loc.path = self.path.rstrip("/").rsplit("/", 1)[0]
+        return loc
+
+    def _fresh(self) -> None:
+        if not self.local:  # object-store listings are cached by fsspec; writes happen elsewhere
+            self.fs.invalidate_cache()
+
+    def exists(self) -> bool:
+        if self.local:
+            return os.path.exists(self.path)
+        self._fresh()
+        return self.fs.exists(self.path)
+
+    def isfile(self) -> bool:
+        if self.local:
+            return os.path.isfile(self.path)
+        self._fresh()
+        return self.fs.isfile(self.path)
+
+    def isdir(self) -> bool:
+        if self.local:
+            return os.path.isdir(self.path)
+        self._fresh()
+        return self.fs.isdir(self.path)
+
+    def names(self) -> list[str]:
+        """Names of the entries directly under this directory ([] if there is none)."""
+        if self.local:
+            return os.listdir(self.path) if os.path.isdir(self.path) else []
+        self._fresh()
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def files(self) -> list[str]:
+        """Paths (relative to this directory) of every file below it."""
+        self._fresh()
+        base = self.path.rstrip("/") + "/"
+        return sorted(p[len(base):] for p in self.fs.find(self.path) if p.startswith(base))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Relative paths below this directory matching ``pattern``."""
+        self._fresh()
+        base = self.path.rstrip("/") + "/"
+        return sorted(p[len(base):] for p in self.fs.glob(base + pattern))
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open(self.path, "rb") as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_text(self, text: str) -> None:
+        """Atomically: a rename on a local disk, one PUT on object storage."""
+        if self.local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            write_text_atomic(self.path, text)
+        else:
+            self.fs.pipe_file(self.path, text.encode("utf-8"))
+
+    def size(self) -> int:
+        return os.path.getsize(self.path) if self.local else int(self.fs.size(self.path))
+
+    def sha256(self, bufsize: int = 8 << 20) -> str:
+        h = hashlib.sha256()
+        with self.fs.open(self.path, "rb") as f:
+            while chunk := f.read(bufsize):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def mkdirs(self) -> None:
+        if self.local:
+            os.makedirs(self.path, exist_ok=True)
+
+    def rm(self) -> None:
+        """Remove this file or directory tree; nothing if it is not there."""
+        if self.local:
+            import shutil
+            if os.path.isdir(self.path):
+                shutil.rmtree(self.path, ignore_errors=True)
+            elif os.path.exists(self.path):
+                os.remove(self.path)
+            return
+        self._fresh()
+        try:
+            self.fs.rm(self.path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def move_to(self, dest: "Loc") -> None:
+        if self.local:
+            os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+            os.replace(self.path, dest.path)
+        else:  # object storage: copy + delete (no rename); the manifest moves last
+            self._fresh()
+            files = self.files()
+            for rel in sorted(files, key=lambda r: r == MANIFEST):
+                self.fs.copy(self.child(rel).path, dest.child(rel).path)
+            self.child(MANIFEST).rm()
+            self.rm()
+
+
+def _loc(ref: str | os.PathLike | Loc) -> Loc:
+    return ref if isinstance(ref, Loc) else Loc(ref)
+
+
+def join(ref: Ref, *names: str) -> Ref:
+    """``ref / name`` for a local path or a URL."""
+    return _loc(ref).child(*names).ref()
+
+
 # --------------------------------------------------------------------------------------
 # Finding and verifying checkpoints (plain files; no process group needed)
 # --------------------------------------------------------------------------------------
 
-def committed(root: str | os.PathLike) -> list[tuple[int, Path]]:
+def committed(root: str | os.PathLike) -> list[tuple[int, Ref]]:
     """Committed checkpoints under ``root`` (name ``step_N`` with a manifest), oldest first."""
-    root = Path(root)
+    root_loc = _loc(root)
     out = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = _STEP_RE.match(p.name)
-            if m and (p / MANIFEST).is_file():
-                out.append((int(m.group(1)), p))
+    for name in root_loc.names():
+        m = _STEP_RE.match(name)
+        if m and root_loc.child(name, MANIFEST).isfile():
+            out.append((int(m.group(1)), root_loc.child(name).ref()))
     return sorted(out)
 
 
-def verify(ckpt: str | os.PathLike) -> str | None:
-    """None when every file listed in the manifest is present with its sha256 (and no
-    unlisted shard file exists), else the reason it is not usable."""
-    ckpt = Path(ckpt)
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable {MANIFEST}: {e}"
-    files = manifest.get("files", {})
-    for name, info in files.items():
-        p = ckpt / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
-            return f"{name} fails its sha256 check"
+def _manifest(ckpt: Loc) -> dict[str, Any]:
+    return json.loads(ckpt.child(MANIFEST).read_text())
+
+
+def _check_file(ckpt: Loc, name: str, info: dict[str, Any]) -> str | None:
+    f = ckpt.child(name)
+    if not f.isfile():
+        return f"{name} is missing"
+    if f.size() != info["bytes"] or f.sha256() != info["sha256"]:
+        return f"{name} fails its sha256 check"
     return None
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a run directory (its newest valid checkpoint), a
-    ``checkpoints/`` directory, or a checkpoint itself. Raises ``CheckpointError``."""
-    p = Path(path)
-    if (p / MANIFEST).is_file() and (p / TRAIN_STATE).is_file():
+def verify(ckpt: str | os.PathLike, *, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when every file listed in the manifest is present with its sha256, else the
+    reason it is not usable. ``share=(i, n)`` checks only every n-th file from the i-th
+    (the ranks of a gang split the work and combine the answers)."""
+    ckpt = _loc(ckpt)
+    try:
+        files = _manifest(ckpt).get("files", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    i, n = share
+    for name in sorted(files)[i::n]:
+        reason = _check_file(ckpt, name, files[name])
+        if reason:
+            return reason
+    return None
+
+
+def resolve(path: str | os.PathLike) -> Ref:
+    """A checkpoint from a run directory (its newest valid checkpoint), a ``checkpoints/``
+    directory, or a checkpoint itself; local or a URL. Raises ``CheckpointError``."""
+    p = _loc(path)
+    if p.child(MANIFEST).isfile() and p.child(TRAIN_STATE).isfile():
         reason = verify(p)
         if reason:
             raise CheckpointError(f"checkpoint {p} is corrupt ({reason}); use an earlier one "
-                                  f"from {p.parent}")
-        return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+                                  f"from {p.parent()}")
+        return p.ref()
+    root = p.child("checkpoints") if p.child("checkpoints").isdir() else p
     for _, ckpt in reversed(committed(root)):
         if verify(ckpt) is None:
             return ckpt
@@ -108,11 +302,11 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def read_train_state(ckpt: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / TRAIN_STATE).read_text())
+    return json.loads(_loc(ckpt).child(TRAIN_STATE).read_text())
 
 
 # --------------------------------------------------------------------------------------
-# RNG states
+# RNG states (JSON in the checkpoint: nothing to unpickle)
 # --------------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
@@ -131,32 +325,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """``rng_state()`` as plain JSON (byte tensors base64, integer lists as lists)."""
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    out = {"torch": b64(state["torch"]),
+           "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+           "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    if "cuda" in state:
+        out["cuda"] = b64(state["cuda"])
+    return out
+
+
+def rng_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+    n = d["numpy"]
+    state = {"torch": tensor(d["torch"]),
+             "numpy": (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                       n["cached_gaussian"]),
+             "python": (d["python"]["version"], tuple(d["python"]["state"]), d["python"]["gauss_next"])}
+    if "cuda" in d:
+        state["cuda"] = tensor(d["cuda"])
+    return state
+
+
 # --------------------------------------------------------------------------------------
 # The manager (collective: every rank calls save/load)
 # --------------------------------------------------------------------------------------
 
-class Checkpointer:
-    """``save(step, ...)`` / ``load(ckpt, ...)`` / ``latest_valid()`` for one gang.
+@dataclass
+class _Pending:
+    """A save whose shards are (being) written but not yet committed."""
+    step: int
+    dir: Loc
+    t0: float
+    milestone: bool
+    future: Any = None  # DCP async_save's future, None for a synchronous save
 
-    ``dp_group`` is the data-parallel group this rank's model is sharded over;
-    ``tp_size``/``tp_rank`` its tensor-parallel layout. Every rank must call ``save``,
-    ``load`` and ``latest_valid`` together (they contain barriers).
+
+class Checkpointer:
+    """``save(step, ...)`` / ``load(ckpt, ...)`` / ``latest_valid()`` / ``wait()`` for one gang.
+
+    ``root`` is a local directory or an fsspec URL (``s3://bucket/prefix``). ``dp_group``
+    is the data-parallel group this rank's model is sharded over; ``tp_size``/``tp_rank``
+    its tensor-parallel layout. Every rank must call ``save``, ``wait``, ``load``,
+    ``latest_valid``, ``rollback_to``, ``discard`` and ``clean_partial`` together (they
+    contain collectives).
     """
 
     def __init__(self, root: str | os.PathLike, *, keep: int = 2, milestone_every: int | None = None,
                  dp_group=None, tp_size: int = 1, tp_rank: int = 0,
-                 on_event: Callable[..., Any] | None = None):
+                 on_event: Callable[..., Any] | None = None, async_save: bool = False):
         if keep < 2:
             raise UserError(f"--keep must be >= 2 (the previous checkpoint is the fallback when the "
                             f"newest is corrupt), got {keep}")
-        self.root = Path(root)
+        self.loc = _loc(root)
+        self.root = self.loc.ref()
         self.keep = keep
         self.milestone_every = milestone_every
         self.dp_group = dp_group
         self.tp_size = tp_size
         self.tp_rank = tp_rank
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None and dist.is_initialized() else (
+            self.rank // tp_size)
+        self.async_save = async_save
         self.on_event = on_event or (lambda kind, **kw: None)
+        self._pending: _Pending | None = None
 
     # -- helpers --------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -170,166 +412,225 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def _gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` on every rank (small objects only)."""
+        if not dist.is_initialized():
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def available_steps(self) -> list[int]:
-        return [s for s, _ in committed(self.root)]
+        return [s for s, _ in committed(self.loc)]
 
     def clean_partial(self) -> None:
-        """Remove leftovers of saves that never committed (rank 0 only; call at start)."""
-        if self.rank == 0 and self.root.is_dir():
-            for p in self.root.iterdir():
-                if p.name.startswith(".tmp-") or p.name.startswith(".old-"):
-                    shutil.rmtree(p, ignore_errors=True)
-                    self.on_event("checkpoint_partial_removed", path=str(p))
+        """Remove leftovers of saves that never committed (rank 0 acts; call at start)."""
+        if self.rank == 0:
+            for name in self.loc.names():
+                partial = name.startswith((".tmp-", ".old-")) or (
+                    _STEP_RE.match(name) and not self.loc.child(name, MANIFEST).isfile())
+                if partial:
+                    self.loc.child(name).rm()
+                    self.on_event("checkpoint_partial_removed", path=str(self.loc.child(name)))
         self._barrier()
 
     # -- save -----------------------------------------------------------------------------
+    def _writer(self, loc: Loc):
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        if loc.local:
+            return FileSystemWriter(loc.path)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        return FsspecWriter(str(loc))
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any], *, chaos=None, milestone: bool = False) -> Path:
-        """Write and commit the checkpoint of ``step``; returns its directory."""
+             train_state: dict[str, Any], *, chaos=None, milestone: bool = False) -> Ref:
+        """Write the checkpoint of ``step`` and commit it (with ``async_save``: start
+        writing it; ``wait()`` commits). Returns its location."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        self.wait()  # one save in flight at most: the previous one commits first
         t0 = time.time()
-        final = self.root / step_name(step)
-        tmp = self.root / f".tmp-{step_name(step)}"
+        d = self.loc.child(step_name(step))
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
+            # A re-save of a step (after a rollback): un-commit it before touching its files.
+            d.child(MANIFEST).rm()
+            d.rm()
+            d.child("rng").mkdirs()
         self._barrier()
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / f"tp{self.tp_rank}",
-                 process_group=self.dp_group)
-        torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
+        state = {"model": model_sd, "optim": optim_sd}
+        writer = self._writer(d.child(f"tp{self.tp_rank}"))
+        future = None
+        if self.async_save:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.dp_group)
+        else:
+            dcp.save(state, storage_writer=writer, process_group=self.dp_group)
+        d.child("rng", f"rank{self.rank}.json").write_text(json.dumps(rng_to_json(rng_state())))
         if self.rank == 0:
-            write_json_atomic(tmp / TRAIN_STATE, {**train_state, "step": step,
-                                                   "tp_size": self.tp_size})
+            d.child(TRAIN_STATE).write_text(json.dumps(
+                {**train_state, "step": step, "tp_size": self.tp_size}, indent=2, sort_keys=True,
+                default=str))
+        self._pending = _Pending(step, d, t0, milestone, future)
+        if not self.async_save:
+            self.wait(chaos=chaos)
+        return d.ref()
+
+    def _my_files(self, d: Loc) -> list[str]:
+        """The files of checkpoint ``d`` that this rank wrote."""
+        tp = f"tp{self.tp_rank}"
+        mine = d.glob(f"{tp}/__{self.dp_rank}_*.distcp")
+        if self.dp_rank == 0:
+            mine.append(f"{tp}/.metadata")
+        mine.append(f"rng/rank{self.rank}.json")
+        if self.rank == 0:
+            mine.append(TRAIN_STATE)
+        return mine
+
+    def wait(self, *, chaos=None) -> Ref | None:
+        """Finish the save in flight: wait for its shards, checksum each rank's own files
+        in parallel, and commit (rank 0 writes the manifest). Collective; no-op if none."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        if p.future is not None:
+            p.future.result()
+        mine = {name: {"sha256": p.dir.child(name).sha256(), "bytes": p.dir.child(name).size()}
+                for name in self._my_files(p.dir)}
         self._barrier()
         if chaos is not None:
-            chaos.during_save(step)  # drills: die with the shards written, not committed
-
+            chaos.during_save(p.step)  # drills: die with the shards written, not committed
+        everyone = self._gather(mine)
         if self.rank == 0:
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            files: dict[str, Any] = {}
+            for part in everyone:
+                files.update(part)
             manifest = {
-                "kind": "checkpoint", "step": step, "milestone": milestone,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                          for p in files},
+                "kind": "checkpoint", "step": p.step, "milestone": p.milestone,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
             }
-            write_json_atomic(tmp / MANIFEST, manifest)
-            if final.exists():  # a re-save of a step after a fallback or rollback
-                old = self.root / f".old-{step_name(step)}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.root)
+            p.dir.child(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            if p.dir.local:
+                _fsync_dir(Path(p.dir.path).parent)
             self._retain()
-            nbytes = sum(f["bytes"] for f in manifest["files"].values())
-            self.on_event("checkpoint_saved", step=step, path=str(final), bytes=nbytes,
-                          seconds=round(time.time() - t0, 3), milestone=milestone)
+            nbytes = sum(f["bytes"] for f in files.values())
+            self.on_event("checkpoint_saved", step=p.step, path=str(p.dir), bytes=nbytes,
+                          seconds=round(time.time() - p.t0, 3), milestone=p.milestone)
         self._barrier()
-        return final
+        return p.dir.ref()
+
+    def close(self) -> None:
+        """Commit any save in flight (collective)."""
+        self.wait()
 
     def _retain(self) -> None:
         """Keep the newest ``keep`` checkpoints plus milestones; delete the rest."""
-        ckpts = committed(self.root)
+        ckpts = committed(self.loc)
         newest = {s for s, _ in ckpts[-self.keep:]}
-        for step, path in ckpts:
+        for step, ref in ckpts:
             if step in newest:
                 continue
+            loc = _loc(ref)
             try:
-                milestone = json.loads((path / MANIFEST).read_text()).get("milestone", False)
+                milestone = _manifest(loc).get("milestone", False)
             except (OSError, json.JSONDecodeError):
                 milestone = False
             if not milestone:
-                shutil.rmtree(path, ignore_errors=True)
+                loc.child(MANIFEST).rm()  # un-commit first: a half-deleted dir is not a checkpoint
+                loc.rm()
 
     def discard(self, steps: list[int]) -> None:
         """Delete checkpoints (the divergence guard's invalidated trajectory); rank 0."""
         if self.rank == 0:
             for s in steps:
-                shutil.rmtree(self.root / step_name(s), ignore_errors=True)
+                self.loc.child(step_name(s), MANIFEST).rm()
+                self.loc.child(step_name(s)).rm()
         self._barrier()
 
-    def rollback_to(self, step: int) -> Path:
+    def _verify_parallel(self, ckpt: Loc) -> str | None:
+        """``verify`` with the files split over the ranks; every rank gets the answer."""
+        reasons = self._gather(verify(ckpt, share=(self.rank, self.world)))
+        return next((r for r in reasons if r is not None), None)
+
+    def rollback_to(self, step: int) -> Ref:
         """Make the checkpoint at ``step`` the newest: every newer one is moved aside to
-        ``RUN_DIR/abandoned/`` (kept, never deleted) so that a later restart cannot
-        resume past the rollback. Rank 0 acts; every rank gets the path."""
-        choice: str | None = None
-        error: str | None = None
+        ``abandoned/`` beside the checkpoint root (kept, never deleted) so that a later
+        restart cannot resume past the rollback. Every rank gets the location."""
+        steps = self._broadcast(dict(committed(self.loc)) if self.rank == 0 else None)
+        ckpt = steps.get(step)
+        reason = self._verify_parallel(_loc(ckpt)) if ckpt is not None else "no such checkpoint"
+        if reason is not None:
+            valid = [s for s, p in steps.items() if s != step and verify(p) is None] if self.rank == 0 else []
+            raise CheckpointError(f"--resume-from {step}: {reason}; valid checkpoints: "
+                                  f"{self._broadcast(valid) or 'none'}")
         if self.rank == 0:
-            steps = dict(committed(self.root))
-            ckpt = steps.get(step)
-            reason = verify(ckpt) if ckpt is not None else "no such checkpoint"
-            if reason is not None:
-                error = (f"--resume-from {step}: {reason}; valid checkpoints: "
-                         f"{[s for s, p in steps.items() if verify(p) is None] or 'none'}")
-            else:
-                aside = self.root.parent / "abandoned"
-                newer = [s for s in steps if s > step]
-                for s in newer:
-                    aside.mkdir(exist_ok=True)
-                    os.replace(steps[s], aside / f"{step_name(s)}-{int(time.time())}")
-                self.on_event("rollback", step=step, to_step=step, requested=True,
-                              moved_aside=newer, path=str(ckpt))
-                choice = str(ckpt)
-        choice, error = self._broadcast((choice, error))
-        if error:
-            raise CheckpointError(error)
-        return Path(choice)
+            aside = self.loc.parent().child("abandoned")
+            newer = [s for s in steps if s > step]
+            for s in newer:
+                aside.mkdirs()
+                _loc(steps[s]).move_to(aside.child(f"{step_name(s)}-{int(time.time())}"))
+            self.on_event("rollback", step=step, to_step=step, requested=True,
+                          moved_aside=newer, path=str(ckpt))
+        self._barrier()
+        return ckpt
 
     # -- find -----------------------------------------------------------------------------
-    def latest_valid(self, *, max_step: int | None = None) -> Path | None:
+    def latest_valid(self, *, max_step: int | None = None) -> Ref | None:
         """The newest committed checkpoint (at or before ``max_step``) that passes its
-        checksums; corrupt ones are reported and skipped. Rank 0 decides for everyone."""
-        choice = None
-        if self.rank == 0:
-            for step, path in reversed(committed(self.root)):
-                if max_step is not None and step > max_step:
-                    continue
-                reason = verify(path)
-                if reason is None:
-                    choice = str(path)
-                    break
-                self.on_event("checkpoint_corrupt", step=step, path=str(path), reason=reason)
-        choice = self._broadcast(choice)
-        return Path(choice) if choice else None
+        checksums, every rank checking its share of the files; corrupt ones are reported
+        and skipped."""
+        ckpts = self._broadcast([(s, str(r)) for s, r in committed(self.loc)] if self.rank == 0 else None)
+        for step, ref in reversed(ckpts):
+            if max_step is not None and step > max_step:
+                continue
+            loc = Loc(ref)
+            reason = self._verify_parallel(loc)
+            if reason is None:
+                return loc.ref()
+            if self.rank == 0:
+                self.on_event("checkpoint_corrupt", step=step, path=ref, reason=reason)
+        return None
 
     # -- load -----------------------------------------------------------------------------
-    def load(self, ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def load(self, ckpt: Ref, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              *, restore_rng: bool = True) -> dict[str, Any]:
         """Load model and optimizer (resharding as needed) and this rank's RNG states;
         returns the train state (step, sampler, schedule, ...)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        state = read_train_state(ckpt)
+        from opt_ray.train.safe_pickle import dcp_load, reader
+
+        loc = _loc(ckpt)
+        state = read_train_state(loc)
         saved_tp = int(state.get("tp_size", 1))
         if saved_tp == self.tp_size:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             sd = {"model": model_sd, "optim": optim_sd}
-            dcp.load(sd, checkpoint_id=ckpt / f"tp{self.tp_rank}", process_group=self.dp_group)
+            rd = reader(str(loc.child(f"tp{self.tp_rank}")))
+            # Read (safely) here first: inside dcp.load a refusal would come back wrapped
+            # in DCP's CheckpointException instead of the one-line UnsafeCheckpointError.
+            rd.read_metadata()
+            dcp_load(sd, storage_reader=rd, process_group=self.dp_group)
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         else:
-            self._load_resharded_tp(ckpt, saved_tp, model, optimizer)
-        rng_file = ckpt / "rng" / f"rank{self.rank}.pt"
-        if restore_rng and rng_file.is_file():
+            self._load_resharded_tp(loc, saved_tp, model, optimizer)
+        rng_file = loc.child("rng", f"rank{self.rank}.json")
+        if restore_rng and rng_file.isfile():
             # Another world size has no saved state for new ranks; they keep their seed
             # (the loop reseeds dropout per step, so this only matters for extra users).
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(rng_from_json(json.loads(rng_file.read_text())))
         self._barrier()
         return state
 
-    def _load_resharded_tp(self, ckpt: Path, saved_tp: int, model, optimizer) -> None:
+    def _load_resharded_tp(self, ckpt: Loc, saved_tp: int, model, optimizer) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                              set_model_state_dict, set_optimizer_state_dict)
 
         from opt_ray.model.parallel import merge_tp_shards, split_tp_state
 
-        shards = [read_full_tensors(ckpt / f"tp{j}") for j in range(saved_tp)]
+        shards = [read_full_tensors(ckpt.child(f"tp{j}").ref()) for j in range(saved_tp)]
         model_full = merge_tp_shards([_section(s, "model.") for s in shards])
         model_local = split_tp_state(model_full, self.tp_size, self.tp_rank)
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
@@ -356,15 +657,17 @@ class Checkpointer:
 
 def read_full_tensors(dcp_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP checkpoint, whole (shards gathered), keyed by its flattened
-    name (``model.<fqn>``, ``optim.state.<fqn>.<name>``). Local, no process group."""
-    import torch.distributed.checkpoint as dcp
+    name (``model.<fqn>``, ``optim.state.<fqn>.<name>``). Local, no process group. The
+    metadata is read with the restricted unpickler."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(dcp_dir))
-    meta = reader.read_metadata()
+    from opt_ray.train.safe_pickle import dcp_load, reader
+
+    rd = reader(str(dcp_dir))
+    meta = rd.read_metadata()
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
           for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    dcp_load(sd, storage_reader=rd, no_dist=True)
     return sd
 
 
@@ -377,9 +680,9 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     and tests. Keys as in ``OPT(cfg).state_dict()``."""
     from opt_ray.model.parallel import merge_tp_shards
 
-    ckpt = Path(ckpt)
-    tp = int(read_train_state(ckpt).get("tp_size", 1))
-    shards = [_section(read_full_tensors(ckpt / f"tp{j}"), "model.") for j in range(tp)]
+    loc = _loc(ckpt)
+    tp = int(read_train_state(loc).get("tp_size", 1))
+    shards = [_section(read_full_tensors(loc.child(f"tp{j}").ref()), "model.") for j in range(tp)]
     return merge_tp_shards(shards) if tp > 1 else shards[0]
 
 

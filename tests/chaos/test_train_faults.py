@@ -49,8 +49,10 @@ def test_gang_trains_and_reports(reference):
     assert kinds.count("checkpoint_saved") == STEPS
     start = events(reference)[0]
     assert start["versions"]["torch"] and start["hardware"]["cpus"] and start["config"]["workers"] == 2
-    # Checkpoints were registered with Ray Train (its snapshot lives in the run dir).
-    assert (reference / "checkpoint_manager_snapshot.json").exists()
+    # Checkpoints belong to the loop alone: no Ray Train snapshot that could refer to a
+    # pruned one is left in the run dir (the next invocation would refuse to start).
+    assert not list(reference.rglob("checkpoint_manager_snapshot.json"))
+    assert not (reference / "driver.json").exists()
     # Retention: the newest two only.
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
         f"step_{STEPS - 1:08d}", f"step_{STEPS:08d}"]

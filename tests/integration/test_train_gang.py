@@ -225,3 +225,74 @@ def test_guard_policy_from_the_command_line(shards, tmp_path, monkeypatch):
     rollback = next(e for e in events(tmp_path / "run") if e["event"] == "rollback")
     assert rollback["to_step"] == 4 and rollback["lr_factor"] == 0.25 and rollback["clip"] == 0.5
     assert main(["train", "--data", str(shards), "--output", "bad", "--guard-lr-factor", "2"]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# The gang's Ray wiring: devices from the cluster, elastic sizes in whole TP groups
+# --------------------------------------------------------------------------------------
+
+_GPU_PROBE = r"""
+import json, sys
+import ray, torch
+sys.path.insert(0, sys.argv[1])
+from actors.train import gang_configs
+from opt_ray.errors import UserError
+from opt_ray.ray_util import local_ray_kwargs
+from opt_ray.train.loop import TrainConfig
+
+ray.init(**local_ray_kwargs(), num_cpus=1, num_gpus=2, include_dashboard=False)
+out = {"driver_cuda": torch.cuda.is_available(), "resources": ray.cluster_resources()}
+for device in ("auto", "cpu"):
+    cfg = TrainConfig(data=".", output="run", workers=2, device=device)
+    scaling, torch_cfg, dev = gang_configs(cfg, ray.cluster_resources())
+    out[device] = {"use_gpu": scaling.use_gpu, "per_worker": scaling._resources_per_worker_not_none,
+                   "backend": torch_cfg.backend, "device": dev}
+ray.shutdown()
+ray.init(**local_ray_kwargs(), num_cpus=1, include_dashboard=False)
+try:
+    gang_configs(TrainConfig(data=".", output="run", workers=2, device="cuda"), ray.cluster_resources())
+except UserError as e:
+    out["cuda_without_gpus"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_device_auto_follows_the_cluster_not_the_driver(tmp_path):
+    """A Ray cluster that advertises 2 GPUs (on this CPU machine) and a driver without
+    CUDA: `--device auto` asks Ray for one GPU per worker and NCCL; `--device cpu` does
+    not; `--device cuda` on a cluster without GPUs is one clear error. Real Ray, in a
+    process of its own (the session's Ray advertises no GPUs)."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", _GPU_PROBE, root], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["driver_cuda"] is False and out["resources"]["GPU"] == 2
+    assert out["auto"] == {"use_gpu": True, "per_worker": {"GPU": 1}, "backend": "nccl", "device": "cuda"}
+    assert out["cpu"]["use_gpu"] is False and out["cpu"]["backend"] == "gloo"
+    assert out["cpu"]["per_worker"] == {"CPU": 1}
+    assert "--device cuda" in out["cuda_without_gpus"] and "no GPUs" in out["cuda_without_gpus"]
+
+
+def test_elastic_gang_sizes_are_whole_tp_groups():
+    """Ray Train's elastic policy picks any size its resources allow (3 workers' worth of
+    CPUs -> a gang of 3, which --tp 2 cannot use); the gang's policy rounds down to whole
+    tensor-parallel groups, and below MIN it waits rather than starting a smaller gang."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+    from actors.train import tp_elastic_policy
+
+    sc = ScalingConfig(num_workers=(2, 6), use_gpu=False, resources_per_worker={"CPU": 1})
+    nodes = {"a": {"CPU": 2.0}, "b": {"CPU": 1.0}}
+    assert ElasticScalingPolicy(sc)._count_possible_workers(nodes) == 3
+    policy = tp_elastic_policy(sc, 2)
+    assert policy._count_possible_workers(nodes) == 2
+    assert policy._count_possible_workers({"a": {"CPU": 5.0}}) == 4
+    assert policy._count_possible_workers({"a": {"CPU": 9.0}}) == 6   # capped at MAX
+    assert tp_elastic_policy(sc, 4)._count_possible_workers(nodes) == 0  # < MIN: wait
