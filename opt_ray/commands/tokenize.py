@@ -1,8 +1,10 @@
 """`opt-ray tokenize`: tokenize a dedup output into packed Arrow token shards.
 
-Reads the corpus on the driver, encodes batches on ``--workers`` Ray actors (or in this
-process with ``--workers 0``), packs documents separated by eos into rows of
-``--seq-len + 1`` tokens and writes a shards artifact (see ``opt_ray.data.shards``).
+Each input file is one task (a Ray task on ``--workers`` CPUs, or in this process with
+``--workers 0``) that reads it, encodes, packs documents separated by eos into rows of
+``--seq-len + 1`` tokens and writes and checksums its own shards; the driver writes the
+manifest (see ``opt_ray.data.tokenize_pipeline``). An interrupted run resumes from the
+files it completed when run again with the same arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training sequence length; rows hold seq_len + 1 tokens")
     p.add_argument("--output", required=True, help="shards artifact directory to write")
     p.add_argument("--workers", type=int, default=2,
-                   help="Ray encoder actors, one CPU each; 0 encodes in this process (default: 2)")
+                   help="concurrent Ray encoder tasks (one input file each, one CPU each); 0 "
+                        "encodes in this process (default: 2)")
     p.add_argument("--valid-fraction", type=float, default=0.02,
                    help="fraction of documents held out for validation (default: 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default: 0)")
@@ -36,7 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-tokens", type=int, default=None,
                    help="tokens per shard file (default: 32Mi)")
     p.add_argument("--batch-chars", type=int, default=1 << 18,
-                   help="characters of text per batch sent to a worker (default: 262144)")
+                   help="characters of text a worker encodes at a time (default: 262144)")
+    p.add_argument("--max-doc-chars", type=int, default=1 << 20,
+                   help="longer documents are encoded in pieces of at most this many "
+                        "characters, cut at spaces (default: 1048576)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_ray_args(p)
@@ -44,35 +50,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opt_ray.data.readers import InputErrors, iter_records
-    from opt_ray.data.shards import DEFAULT_SHARD_TOKENS, source_info, token_dtype, write_shards
-    from opt_ray.data.tokenizer import load_tokenizer, special_ids
+    from opt_ray.data.readers import check_output_dir, resolve_inputs
+    from opt_ray.data.shards import DEFAULT_SHARD_TOKENS, source_info
+    from opt_ray.data.tokenize_pipeline import tokenize_files
+    from opt_ray.data.tokenizer import load_tokenizer
     from opt_ray.errors import UserError
 
+    check_output_dir(args.output, overwrite=args.overwrite)   # before any work
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.batch_chars < 1:
-        raise UserError(f"--batch-chars must be >= 1, got {args.batch_chars}")
+    for flag in ("batch_chars", "max_doc_chars"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tok = load_tokenizer(args.tokenizer)
-    errors = InputErrors()
-    records = iter_records(args.inputs, text_field=args.text_field, id_field=args.id_field,
-                           errors=errors)
-    encode_map = None
+    files = resolve_inputs(args.inputs)
+    executor = None
     if args.workers > 0:
-        from actors.tokenize import ray_encode_map
+        from actors.tokenize import ray_executor
         from opt_ray.ray_util import init_ray
 
         init_ray(args.address, num_cpus=args.num_cpus)
-        encode_map = ray_encode_map(tok, special_ids(tok)["eos"],
-                                    token_dtype(tok.get_vocab_size()), args.workers)
+        executor = ray_executor(args.workers)
     source = {**source_info(args.inputs), "tokenizer_path": args.tokenizer}
-    out = write_shards(records, tok, args.output, seq_len=args.seq_len,
-                       valid_fraction=args.valid_fraction, seed=args.seed,
-                       text_field=args.text_field, id_field=args.id_field, encode_map=encode_map,
-                       shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
-                       batch_chars=args.batch_chars,
-                       source={**source, "bad_records": errors.to_dict()},
-                       progress=not args.no_progress, overwrite=args.overwrite)
+    out = tokenize_files(files, tok, args.output, seq_len=args.seq_len,
+                         valid_fraction=args.valid_fraction, seed=args.seed,
+                         text_field=args.text_field, id_field=args.id_field, executor=executor,
+                         shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                         batch_chars=args.batch_chars, max_doc_chars=args.max_doc_chars,
+                         source=source, progress=not args.no_progress,
+                         overwrite=args.overwrite)
     from opt_ray.artifacts import read_manifest
 
     m = read_manifest(out)
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokenize: {out}: train {sp['train']['rows']} rows ({sp['train']['docs']} docs), "
           f"valid {sp['valid']['rows']} rows ({sp['valid']['docs']} docs), seq_len {m['seq_len']}, "
           f"{m['dtype']}, {m['tokens_per_second']} tokens/s")
-    if errors.total:
-        print(f"tokenize: skipped {errors.total} bad records (see the manifest)")
+    bad = m["source"]["bad_records"]["total"]
+    if bad:
+        print(f"tokenize: skipped {bad} bad records (see the manifest)")
     return 0

@@ -44,8 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from opt_ray.data.readers import check_output_dir
     from opt_ray.data.tokenizer import describe, load_tokenizer, save_tokenizer, train_tokenizer
 
+    if args.action in ("load", "train"):
+        check_output_dir(args.output, overwrite=args.overwrite)   # before any work
     if args.action == "load":
         tok = load_tokenizer(args.path)
         source = {"from": "load", "path": str(Path(args.path).absolute())}

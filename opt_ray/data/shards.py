@@ -13,13 +13,20 @@ concatenated into one stream (OPT packs across documents, no padding); the strea
 into consecutive, non-overlapping rows of ``seq_len + 1`` tokens (a row gives inputs
 ``row[:-1]`` and targets ``row[1:]``). The last partial row is dropped and counted.
 
-Reading: :class:`ShardDataset` memory-maps the files; ``ds[i]`` is a zero-copy numpy view
-into the page cache, so any number of training workers on a host share one copy.
+Reading: :class:`ShardDataset` memory-maps the files lazily (a shard is opened on its
+first row, at most ``max_open`` stay open: thousands of shards at 180B tokens do not cost
+a descriptor each); ``ds[i]`` is a zero-copy numpy view into the page cache, so any
+number of training workers on a host share one copy. Verification (sha256 of every
+shard of the split) runs once per dataset: it leaves ``.verified-<split>.json`` keyed by
+the manifest's sha256 and the shards' sizes and mtimes, and a later ``verify=True``
+with the same key skips the re-hash.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -57,12 +64,14 @@ class ShardDataset:
     (a view into the mapped file, no copy); ``ds.batch(rows)`` stacks rows into one array.
 
     ``verify=True`` checks every shard of the split against the sha256 in the manifest and
-    refuses a mismatch naming the shard. Passing ``tokenizer`` (a ``tokenizers.Tokenizer``
+    refuses a mismatch naming the shard; once it passed, a marker (see the module doc)
+    spares later opens the re-hash while the files stay as they were. Shards open on
+    first use, at most ``max_open`` at a time. Passing ``tokenizer`` (a ``tokenizers.Tokenizer``
     or a path for ``load_tokenizer``) refuses shards made with a different vocabulary.
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train", *, verify: bool = True,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, max_open: int = 64):
         self.path = Path(path)
         self.split = split
         self.manifest = read_manifest(self.path, kind=KIND)
@@ -81,42 +90,94 @@ class ShardDataset:
         if tokenizer is not None:
             check_tokenizer(self.manifest, tokenizer, where=str(self.path))
         if verify:
-            # read_manifest names the failing file: the shard the user must regenerate.
-            read_manifest(self.path, verify=[s["name"] for s in self.shards])
-        self._open()
+            self._verify_once()
+        self.max_open = max(1, int(max_open))
+        starts = [0]
+        for sh in self.shards:
+            starts.append(starts[-1] + int(sh["rows"]))
+        self._starts = np.asarray(starts, dtype=np.int64)
+        # shard index -> (batch start rows within the shard, the batches' row arrays)
+        self._open: collections.OrderedDict[int, tuple[np.ndarray, list[np.ndarray]]] = \
+            collections.OrderedDict()
 
-    def _open(self) -> None:
+    # -- verification, once per dataset ----------------------------------------------
+
+    def _verify_key(self) -> dict[str, Any] | None:
+        from opt_ray.artifacts import MANIFEST, sha256_file
+        stats = []
+        for sh in self.shards:
+            try:
+                st = (self.path / sh["name"]).stat()
+            except OSError:
+                return None          # missing: read_manifest names it
+            stats.append([sh["name"], st.st_size, st.st_mtime_ns])
+        return {"manifest_sha256": sha256_file(self.path / MANIFEST), "shards": stats}
+
+    def _verify_once(self) -> None:
+        marker = self.path / f".verified-{self.split}.json"
+        key = self._verify_key()
+        if key is not None:
+            try:
+                if json.loads(marker.read_text()).get("key") == key:
+                    return
+            except (OSError, ValueError):
+                pass
+        # read_manifest names the failing file: the shard the user must regenerate.
+        read_manifest(self.path, verify=[s["name"] for s in self.shards])
+        newest = max((m for _, _, m in key["shards"]), default=0) if key else 0
+        # A file modified within the filesystem's timestamp granularity of the check could
+        # keep its mtime: only files older than that are vouched for by the marker.
+        if key is not None and time.time_ns() - newest > 2_000_000_000:
+            try:
+                from opt_ray.artifacts import write_json_atomic
+                write_json_atomic(marker, {"key": key, "verified": time.time()})
+            except OSError:
+                pass                 # a read-only artifact: verified again next time
+
+    # -- lazy opening ------------------------------------------------------------------
+
+    def _shard(self, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        got = self._open.get(k)
+        if got is not None:
+            self._open.move_to_end(k)
+            return got
         import pyarrow as pa
 
+        s = self.shards[k]
         width = self.seq_len + 1
-        self._chunks: list[np.ndarray] = []
+        p = self.path / s["name"]
+        try:
+            mm = pa.memory_map(str(p), "r")
+            reader = pa.ipc.open_file(mm)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ArtifactError(f"{self.path}: shard {s['name']} cannot be read as Arrow IPC "
+                                f"({e}); regenerate the shards with 'opt-ray tokenize'") from e
+        chunks: list[np.ndarray] = []
         starts = [0]
-        self._maps = []
-        for s in self.shards:
-            p = self.path / s["name"]
-            try:
-                mm = pa.memory_map(str(p), "r")
-                reader = pa.ipc.open_file(mm)
-            except (OSError, pa.ArrowInvalid) as e:
-                raise ArtifactError(f"{self.path}: shard {s['name']} cannot be read as Arrow IPC "
-                                    f"({e}); regenerate the shards with 'opt-ray tokenize'") from e
-            self._maps.append(mm)
-            rows = 0
-            for b in range(reader.num_record_batches):
-                col = reader.get_batch(b).column(COLUMN)
-                # flatten() of a null-free fixed-size list is a slice of its child buffer,
-                # and to_numpy(zero_copy_only) maps that buffer without copying.
-                arr = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
-                if arr.dtype != self.dtype:
-                    raise ArtifactError(f"{self.path}: shard {s['name']} holds {arr.dtype}, the "
-                                        f"manifest says {self.dtype}; regenerate the shards")
-                self._chunks.append(arr)
-                starts.append(starts[-1] + len(arr))
-                rows += len(arr)
-            if rows != s["rows"]:
-                raise ArtifactError(f"{self.path}: shard {s['name']} has {rows} rows, the manifest "
-                                    f"says {s['rows']}; regenerate the shards")
-        self._starts = np.asarray(starts, dtype=np.int64)
+        for b in range(reader.num_record_batches):
+            col = reader.get_batch(b).column(COLUMN)
+            # flatten() of a null-free fixed-size list is a slice of its child buffer, and
+            # to_numpy(zero_copy_only) maps that buffer without copying; the views keep
+            # the mapping alive after this shard is evicted from the open set.
+            arr = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
+            if arr.dtype != self.dtype:
+                raise ArtifactError(f"{self.path}: shard {s['name']} holds {arr.dtype}, the "
+                                    f"manifest says {self.dtype}; regenerate the shards")
+            chunks.append(arr)
+            starts.append(starts[-1] + len(arr))
+        if starts[-1] != s["rows"]:
+            raise ArtifactError(f"{self.path}: shard {s['name']} has {starts[-1]} rows, the "
+                                f"manifest says {s['rows']}; regenerate the shards")
+        got = (np.asarray(starts, dtype=np.int64), chunks)
+        self._open[k] = got
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return got
+
+    @property
+    def open_shards(self) -> int:
+        """Shard files currently held open (at most ``max_open``)."""
+        return len(self._open)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -128,8 +189,11 @@ class ShardDataset:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"row {i} out of range for {n} rows")
-        c = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self._chunks[c][i - self._starts[c]]
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        starts, chunks = self._shard(k)
+        r = i - int(self._starts[k])
+        c = int(np.searchsorted(starts, r, side="right")) - 1
+        return chunks[c][r - starts[c]]
 
     def batch(self, rows: Sequence[int], dtype: Any = np.int64) -> np.ndarray:
         """Rows stacked into a new ``[len(rows), seq_len + 1]`` array of ``dtype`` (int64 is
@@ -202,8 +266,8 @@ class SplitWriter:
     """Packs one split's token stream into rows and writes them into Arrow IPC shards."""
 
     def __init__(self, root: Path, split: str, seq_len: int, dtype: np.dtype,
-                 rows_per_shard: int, batch_rows: int = 1024):
-        self.root, self.split = root, split
+                 rows_per_shard: int, batch_rows: int = 1024, prefix: str = ""):
+        self.root, self.split, self.prefix = root, split, prefix
         self.width = seq_len + 1
         self.dtype = np.dtype(dtype)
         self.rows_per_shard = max(1, rows_per_shard)
@@ -247,7 +311,7 @@ class SplitWriter:
     def _new_shard(self) -> None:
         import pyarrow as pa
 
-        name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
+        name = f"{self.split}/shard-{self.prefix}{len(self.shards):05d}.arrow"
         self._shard_path = self.root / name
         self._shard_path.parent.mkdir(parents=True, exist_ok=True)
         schema = pa.schema([pa.field(COLUMN, pa.list_(pa.from_numpy_dtype(self.dtype), self.width),
@@ -273,6 +337,7 @@ class SplitWriter:
         self._writer.close()
         self._writer = None
         self.shards[-1]["sha256"] = sha256_file(self._shard_path)
+        self.shards[-1]["bytes"] = self._shard_path.stat().st_size
 
     def close(self) -> dict[str, Any]:
         """Write what is left, drop the last partial row, and return the split's summary."""

@@ -1,0 +1,296 @@
+"""The tokenize stage at corpus scale: one task per input file, the driver out of the data path.
+
+Each task (``tokenize_split``; an ``Executor`` runs it in-process or as a retried Ray task)
+reads its own input file, assigns every document its split by the hash rule
+(``shards.is_valid_doc``: a function of the document's id alone), cuts over-long documents
+into pieces at single spaces (``split_long``; the byte-level BPE's pre-tokenizer splits
+there too, so the ids are unchanged and no encoder holds a 50 MB document at once),
+encodes, packs its own train and valid streams into rows and writes and checksums its
+own shards, once. Its files go to the work dir ``.<output>.tokenize-work/sNNNNN/`` with a
+``done.json``; a rerun after a killed driver keeps every completed file, and a killed
+worker's task is retried.
+
+The driver only plans, tracks and writes the manifest from the tasks' summaries; the
+shards are moved (renamed) into the artifact, not read again. Packing is per input file:
+a file's last partial row of each split is dropped (counted in ``dropped_tail_tokens``),
+at most ``seq_len`` tokens per file and split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file
+from opt_ray.data.shards import (KIND, SPLITS, TOKENIZER_FILE, SplitWriter, encode_docs,
+                                 is_valid_doc, token_dtype)
+from opt_ray.errors import UserError
+
+WORK_VERSION = 1
+MAX_DOC_CHARS = 1 << 20     # longer documents are encoded in pieces of about this size
+
+
+def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """``text`` in pieces of at most about ``max_chars``, cut only before a single space
+    between two non-space characters: GPT-2's pre-tokenizer starts a token there
+    (`` word``), so encoding the pieces gives the ids of the whole. A stretch with no such
+    space is cut at ``max_chars`` (a rare, harmless change of ids at that point)."""
+    if len(text) <= max_chars:
+        return [text]
+    out = []
+    start = 0
+    while len(text) - start > max_chars:
+        limit = start + max_chars
+        pos = text.rfind(" ", start + 1, limit + 1)
+        while pos > start and (text[pos - 1].isspace() or pos + 1 >= len(text)
+                               or text[pos + 1].isspace()):
+            pos = text.rfind(" ", start + 1, pos)
+        if pos <= start:
+            pos = limit
+        out.append(text[start:pos])
+        start = pos
+    out.append(text[start:])
+    return out
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    """What every task needs: the work dir, the inputs and the parameters."""
+
+    work: str
+    files: tuple[InputFile, ...]
+    tokenizer_json: str
+    eos: int
+    dtype: str
+    seq_len: int
+    rows_per_shard: int
+    valid_fraction: float
+    seed: int
+    text_field: str
+    id_field: str | None
+    batch_chars: int
+    max_doc_chars: int = MAX_DOC_CHARS
+
+    def split_dir(self, s: int) -> Path:
+        return Path(self.work) / f"s{s:05d}"
+
+
+def _done(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
+    """One input file -> its own packed, checksummed shards (see the module doc)."""
+    out = job.split_dir(s)
+    if (info := _done(out)) is not None:
+        return info
+    # Which process works on this file (for operators, and the chaos test's victim).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.running").write_text(json.dumps({"pid": os.getpid()}))
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one core per task
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(job.tokenizer_json)
+    c0 = time.process_time()
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        writers = {sp: SplitWriter(tmp, sp, job.seq_len, job.dtype, job.rows_per_shard,
+                                   prefix=f"{s:05d}-") for sp in SPLITS}
+        errors = InputErrors()
+        pending: dict[str, list[str]] = {sp: [] for sp in SPLITS}
+        docs = {sp: 0 for sp in SPLITS}
+        chars = 0
+        pieces = 0
+
+        def flush() -> None:
+            nonlocal chars
+            for sp in SPLITS:
+                if pending[sp]:
+                    writers[sp].add(_encode_pieces(tok, pending[sp], job), docs[sp])
+                    pending[sp], docs[sp] = [], 0
+            chars = 0
+
+        for rec in iter_file(job.files[s], text_field=job.text_field, id_field=job.id_field,
+                             errors=errors):
+            text = rec.get(job.text_field)
+            if not text:
+                continue
+            key = rec.get(job.id_field) if job.id_field else rec.get(ID_KEY)
+            sp = "valid" if is_valid_doc(key, job.seed, job.valid_fraction) else "train"
+            parts = split_long(text, job.max_doc_chars)
+            pieces += len(parts) - 1
+            # A document's pieces go together: the eos comes after the last one only.
+            pending[sp].append(parts if len(parts) > 1 else text)
+            docs[sp] += 1
+            chars += len(text)
+            if chars >= job.batch_chars:
+                flush()
+        flush()
+        summary = {sp: w.close() for sp, w in writers.items()}
+        info = {"split": s, "splits": summary, "errors": errors.to_dict(),
+                "long_doc_pieces": pieces, "cpu_s": round(time.process_time() - c0, 3)}
+        (tmp / "done.json").write_text(json.dumps(info))
+        try:
+            os.replace(tmp, out)
+        except OSError:       # a retried twin finished first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+        return info
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _encode_pieces(tok: Any, docs: list, job: TokenizeJob):
+    """Encode documents (a str, or a list of pieces of one long document), each followed
+    by eos, as one flat token array."""
+    import numpy as np
+    flat = []
+    plain: list[str] = []
+    for d in docs:
+        if isinstance(d, str):
+            plain.append(d)
+            continue
+        if plain:
+            flat.append(encode_docs(tok, plain, job.eos, job.dtype))
+            plain = []
+        ids = [encode_docs(tok, [p], job.eos, job.dtype)[:-1] for p in d]
+        flat.append(np.concatenate(ids + [np.asarray([job.eos], dtype=job.dtype)]))
+    if plain:
+        flat.append(encode_docs(tok, plain, job.eos, job.dtype))
+    return np.concatenate(flat) if flat else np.empty(0, dtype=job.dtype)
+
+
+def _fingerprint(job: TokenizeJob) -> dict[str, Any]:
+    import hashlib
+    inputs = []
+    for f in job.files:
+        st = f.path.stat()
+        inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns])
+    return {"version": WORK_VERSION, "inputs": inputs,
+            "tokenizer": hashlib.sha256(job.tokenizer_json.encode()).hexdigest(),
+            "params": [job.seq_len, job.rows_per_shard, job.valid_fraction, job.seed,
+                       job.text_field, job.id_field, job.batch_chars, job.max_doc_chars]}
+
+
+def work_dir(output: str | os.PathLike) -> Path:
+    out = Path(output).absolute()
+    return out.with_name(f".{out.name}.tokenize-work")
+
+
+def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike, *,
+                   seq_len: int, valid_fraction: float = 0.01, seed: int = 0,
+                   text_field: str = "text", id_field: str | None = None,
+                   executor: Any = None, shard_tokens: int = 1 << 25,
+                   batch_chars: int = 1 << 18, max_doc_chars: int = MAX_DOC_CHARS,
+                   source: dict[str, Any] | None = None, progress: bool = False,
+                   overwrite: bool = False) -> Path:
+    """The tokenize stage over ``files`` (``resolve_inputs``) into a shards artifact at
+    ``out`` (atomic); ``executor``: where the per-file tasks run (default in-process).
+    Raises ``UserError`` for a corpus with no documents or too few tokens for one row."""
+    from opt_ray.data.artifact_io import PrehashedArtifactWriter
+    from opt_ray.data.dedup import LocalExecutor
+    from opt_ray.data.tokenizer import describe
+
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be >= 1, got {seq_len}")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    executor = executor or LocalExecutor()
+    tinfo = describe(tok)
+    dtype = token_dtype(tinfo["vocab_size"])
+    work = work_dir(out)
+    job = TokenizeJob(str(work), tuple(files), tok.to_str(), tinfo["special_ids"]["eos"],
+                      dtype.name, seq_len, max(1, shard_tokens // (seq_len + 1)),
+                      valid_fraction, seed, text_field, id_field, batch_chars, max_doc_chars)
+    fp = _fingerprint(job)
+    try:
+        reuse = json.loads((work / "plan.json").read_text()) == fp
+    except (OSError, ValueError):
+        reuse = False
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        from opt_ray.artifacts import write_json_atomic
+        write_json_atomic(work / "plan.json", fp)
+    t0 = time.time()
+    results: dict[int, dict] = {}
+    todo = []
+    for s in range(len(files)):
+        info = _done(job.split_dir(s))
+        if info is None:
+            todo.append((job, s))
+        else:
+            results[s] = info
+    from tqdm import tqdm
+    bar = tqdm(total=len(files), initial=len(results), unit="file", desc="tokenize",
+               disable=not progress, leave=False)
+    for info in executor.map(tokenize_split, todo):
+        results[info["split"]] = info
+        bar.update(1)
+    bar.close()
+    ordered = [results[s] for s in range(len(files))]
+    summary = _merge(ordered)
+    docs = sum(v["docs"] for v in summary.values())
+    if docs == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise UserError(f"the corpus has no documents with text (field {text_field!r}); "
+                        f"check the input path and --text-field")
+    if summary["train"]["rows"] == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise UserError(f"the corpus has only {summary['train']['stream_tokens']} training "
+                        f"tokens, fewer than one row of --seq-len + 1 = {seq_len + 1} in any "
+                        f"input file; add data or lower --seq-len")
+    bad = _merge_errors(i["errors"] for i in ordered)
+    with PrehashedArtifactWriter(out, kind=KIND, overwrite=overwrite) as w:
+        tok.save(str(w.path / TOKENIZER_FILE))
+        for info in ordered:
+            src = job.split_dir(info["split"])
+            for sp in SPLITS:
+                for sh in info["splits"][sp]["shards"]:
+                    (w.path / sh["name"]).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src / sh["name"], w.path / sh["name"])
+                    w.known[sh["name"]] = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+        tokens = sum(v["stream_tokens"] for v in summary.values())
+        w.manifest.update({
+            "seq_len": seq_len, "dtype": dtype.name, "tokenizer": tinfo,
+            "splits": summary,
+            "split": {"by": "document", "valid_fraction": valid_fraction, "seed": seed,
+                      "key": id_field or ID_KEY,
+                      "rule": "blake2b(f'{seed}\\0{key}') / 2**64 < valid_fraction"},
+            "packing": {"separator": "eos after every document", "eos_id": job.eos,
+                        "row_tokens": seq_len + 1, "tail": "dropped, per input file",
+                        "long_documents": f"encoded in pieces of <= {max_doc_chars} chars"},
+            "source": {**(source or {}), "bad_records": bad},
+            "tokens_per_second": round(tokens / max(time.time() - t0, 1e-9)),
+            "encode_cpu_seconds": round(sum(i["cpu_s"] for i in ordered), 3),
+            "long_doc_pieces": sum(i["long_doc_pieces"] for i in ordered),
+        })
+    shutil.rmtree(work, ignore_errors=True)
+    return w.out
+
+
+def _merge(infos: list[dict]) -> dict[str, Any]:
+    out = {}
+    for sp in SPLITS:
+        parts = [i["splits"][sp] for i in infos]
+        out[sp] = {"shards": [sh for p in parts for sh in p["shards"]],
+                   **{k: sum(p[k] for p in parts)
+                      for k in ("rows", "tokens", "docs", "stream_tokens", "dropped_tail_tokens")}}
+    return out
+
+
+def _merge_errors(dicts: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    errors = InputErrors()
+    for d in dicts:
+        for path, f in d["files"].items():
+            errors.files[path] = f
+    return errors.to_dict()
