@@ -37,13 +37,16 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from actors.train import FailureBudgetExceeded, run_gang
-    from opt_ray.data.shards import ShardDataset
+    from opt_ray.train.loop import preflight
 
     cfg = config_from_args(args)
-    ShardDataset(cfg.data, verify=False)  # a bad --data fails here, before any worker starts
+    # Everything knowable before Ray starts is checked here: a bad input is one line and
+    # exit 2, not a gang that fails and restarts.
+    preflight(cfg)
     if cfg.resume_from:
         _check_resume_from(Path(cfg.output), cfg.resume_from)
+    from actors.train import FailureBudgetExceeded, run_gang
+
     if args.num_cpus:
         from opt_ray.ray_util import init_ray
         init_ray(args.address, num_cpus=args.num_cpus)

@@ -16,6 +16,7 @@ OPT quirks, all explicit below:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Protocol
 
@@ -286,8 +287,10 @@ class _LMHeadLoss(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 grad: bool) -> torch.Tensor:
         dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        with torch.autocast(dev, enabled=False):
+        # Autocast exists for cpu/cuda only; on ``meta`` (shape-only runs) there is none.
+        has_autocast = dev in ("cpu", "cuda")
+        dtype = torch.get_autocast_dtype(dev) if has_autocast and torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False) if has_autocast else contextlib.nullcontext():
             hc, wc = h.to(dtype), weight.to(dtype)
             N, V = h.shape[0], weight.shape[0]
             valid = targets != IGNORE_INDEX
@@ -308,7 +311,8 @@ class _LMHeadLoss(torch.autograd.Function):
                 # A probability that underflowed (a logit gap over ~70 nats) is inexact or
                 # gives inf: recompute those rare rows exactly.
                 tiny = picked < 1e-30
-                if tiny.any():
+                # (A meta tensor has no values to test; a shape-only run skips the repair.)
+                if not tiny.is_meta and tiny.any():
                     lf = logits[tiny].float()
                     nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
                 loss += (nll * valid[s:e]).sum()

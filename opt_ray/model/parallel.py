@@ -214,17 +214,19 @@ def _dp_mesh(dp_mesh_or_group, device_type: str):
 
 def apply_fsdp(model: OPT, dp_mesh_or_group=None, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32,
-               reshard_after_forward: bool = True) -> OPT:
+               reshard_after_forward: bool = True, device_type: str | None = None) -> OPT:
     """Shard the model with FSDP2 over the data-parallel mesh or group (None: the default
     world group): one unit per decoder layer, then the root, which keeps the tied token
     embedding / LM head together with the positions, final norm and projections.
 
     ``param_dtype`` is the compute dtype of the gathered parameters (None: as stored);
     gradients are reduced in ``reduce_dtype`` (fp32 by default, as OPT's fp32 Adam did).
-    Returns ``model`` (now an FSDP module: ``optimizer.step`` works on its DTensors)."""
+    ``device_type`` is where the parameters will live (default: where they are now; pass
+    it for a model still on ``meta``). Returns ``model`` (now an FSDP module:
+    ``optimizer.step`` works on its DTensors)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    device_type = next(model.parameters()).device.type
+    device_type = device_type or next(model.parameters()).device.type
     mesh = _dp_mesh(dp_mesh_or_group, device_type)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in model.decoder.layers:
@@ -257,6 +259,134 @@ def parallelize(model: OPT, *, tp_size: int = 1, dp_group=None, tp_group=None,
     if fsdp and dist.is_initialized():
         apply_fsdp(model, dp_group, param_dtype=param_dtype)
     return model
+
+
+# --------------------------------------------------------------------------------------
+# Building sharded: the full model never exists on one rank
+# --------------------------------------------------------------------------------------
+
+def build_sharded(cfg: ModelConfig, *, device: torch.device | str, seed: int, tp_size: int = 1,
+                  dp_group=None, tp_group=None, param_dtype: torch.dtype | None = None,
+                  activation_checkpointing: bool = False, fsdp: bool = True) -> OPT:
+    """Build the model for this rank without ever holding the whole of it: construct on
+    ``meta``, swap in tensor-parallel layers, shard with FSDP2 over ``dp_group``, then
+    allocate only the local shards on ``device`` and initialise them with the paper's
+    init (``init_weights``). Peak memory of the build is about 1/(tp x dp) of the model,
+    plus one init block and, with tensor parallelism, one layer's tensor shard that
+    fairscale's constructors allocate on the CPU before it moves to ``meta``.
+
+    The weights depend on ``seed`` only, not on the world size or layout: a 1-rank and
+    an N-rank build hold the same full tensors."""
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = OPT(cfg)
+        if tp_size > 1:
+            tp, _ = _tp_world_and_rank(tp_group)
+            if tp != tp_size:
+                raise ParallelConfigError(f"tp_size={tp_size} but init_model_parallel was called "
+                                          f"with {tp}; use the same size")
+            apply_tensor_parallel(model, tp_group)
+    if tp_size > 1 and dp_group is None:
+        from fairscale.nn.model_parallel import initialize as mpu
+        dp_group = mpu.get_data_parallel_group()
+    model.activation_checkpointing = activation_checkpointing
+    if fsdp and dist.is_initialized():
+        apply_fsdp(model, dp_group, param_dtype=param_dtype, device_type=device.type)
+    model.to_empty(device=device)
+    # to_empty gives each module its own new tensor; FSDP2 keeps shared parameters shared,
+    # plain modules do not: tie the LM head to the embedding again.
+    if model.lm_head.weight is not model.decoder.embed_tokens.weight:
+        model.lm_head.weight = model.decoder.embed_tokens.weight
+    tp_rank = _tp_world_and_rank(tp_group)[1] if tp_size > 1 else 0
+    init_weights(model, seed, tp_size=tp_size, tp_rank=tp_rank)
+    return model
+
+
+# Normal draws are made in blocks of about this many elements (16 MiB of fp32), each block
+# from its own generator seeded by (seed, parameter, block): a rank draws only the blocks
+# its shard overlaps, and the values do not depend on how the tensor is split.
+_INIT_BLOCK_ELEMENTS = 1 << 22
+
+
+def _seed_of(*xs: int) -> int:
+    """A 63-bit seed from a few integers (SplitMix64-style)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _local_part(p: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """This rank's piece of ``p`` and its offset in ``p``'s (global) shape."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return p.to_local(), list(offset)
+    return p.data, [0] * p.dim()
+
+
+def init_weights(model: OPT, seed: int, *, tp_size: int = 1, tp_rank: int = 0) -> None:
+    """The paper's init, written into whatever part of each parameter this rank holds
+    (whole, FSDP2 shard, tensor-parallel slice, or both): N(0, init_std) for linears and
+    embeddings, each block's output projections (attention out_proj, fc2) at
+    init_std / sqrt(2 x layers) as metaseq does, biases 0, LayerNorm 1 and 0.
+    Deterministic in ``seed`` whatever the world size or layout."""
+    import math
+    import zlib
+
+    cfg = model.config
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
+    dims = tp_partition_dims(cfg) if tp_size > 1 else {}
+    with torch.device("meta"):
+        ref = OPT(cfg)
+    rule: dict[str, tuple[str, float, tuple[int, ...]]] = {}
+    for mname, m in ref.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if isinstance(m, nn.LayerNorm):
+                rule[name] = ("ones" if pname == "weight" else "zeros", 0.0, tuple(p.shape))
+            elif pname == "bias":
+                rule[name] = ("zeros", 0.0, tuple(p.shape))
+            else:
+                is_out = mname.endswith("self_attn.out_proj") or mname.endswith(".fc2")
+                rule[name] = ("normal", out_std if is_out else std, tuple(p.shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            kind, s, full = rule[name]
+            local, offset = _local_part(p)
+            if kind == "ones":
+                local.fill_(1.0)
+            elif kind == "zeros":
+                local.zero_()
+            else:
+                d = dims.get(name)
+                if d is not None:  # this tensor rank's slice starts tp_rank slices in
+                    offset[d] += tp_rank * p.shape[d]
+                _fill_normal(local, full, offset, s, _seed_of(seed, zlib.crc32(name.encode())))
+
+
+def _fill_normal(local: torch.Tensor, full: tuple[int, ...], offset: list[int], std: float,
+                 seed: int) -> None:
+    """Fill ``local``, the block of a 2-D ``full``-shaped tensor at ``offset``, with the
+    values a blockwise-seeded N(0, std) draw of the whole tensor would put there."""
+    rows, cols = full
+    r0, c0 = offset
+    lr, lc = local.shape
+    if lr == 0 or lc == 0:
+        return
+    per = max(1, _INIT_BLOCK_ELEMENTS // cols)
+    for b in range(r0 // per, (r0 + lr - 1) // per + 1):
+        g = torch.Generator().manual_seed(_seed_of(seed, b))
+        n = min(per, rows - b * per)
+        blk = torch.empty(n, cols).normal_(0.0, std, generator=g)
+        s, e = max(r0, b * per), min(r0 + lr, b * per + n)
+        local[s - r0:e - r0].copy_(blk[s - b * per:e - b * per, c0:c0 + lc])
 
 
 # --------------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from opt_ray.artifacts import write_text_atomic
-from opt_ray.config import (PAPER_WARMUP_TOKENS, ConfigError, ModelConfig, TrainConfig,  # noqa: F401
-                            flops_per_token, num_params, preset)
+from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_token,  # noqa: F401
+                            is_url, num_params, preset)
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook, log_resume, versions
 from opt_ray.train.chaos import Chaos
@@ -75,10 +75,17 @@ class Hooks:
 class DynamicLossScaler:
     """fp16 dynamic loss scaling (as OPT trained): scale the loss, skip a step whose
     gradients overflow and halve the scale, double it after ``growth_interval`` clean
-    steps. The scale is identical on every rank (decided from the all-reduced norm)."""
+    steps. Every rank takes the same decision: ``finite`` comes from one all-reduced
+    overflow flag (data and tensor groups), see ``Trainer._reduce_step``.
+
+    The gradients of a step are unscaled by the scale its backward used (``scale``
+    *before* ``update``), never the updated one. ``min_scale`` (2^-24) lies far below the
+    divergence guard's ``loss_scale_floor`` (1e-4), so a scale that keeps collapsing
+    reaches the guard's floor and its verdict fires instead of the scaler pinning above it.
+    """
 
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 15, growth_interval: int = 2000,
-                 min_scale: float = 2.0 ** -10):
+                 min_scale: float = 2.0 ** -24):
         self.enabled = enabled
         self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
@@ -105,6 +112,32 @@ class DynamicLossScaler:
             self.scale, self._good = float(s["scale"]), int(s["good"])
 
 
+def resolve_device(want: str = "auto") -> torch.device:
+    """The device this worker trains on: ``cpu``; or its GPU (``auto`` when it has one,
+    ``cuda`` demands one): Ray Train's ``get_device()`` under a Ray Train gang (the GPU
+    Ray assigned this worker), else ``cuda:LOCAL_RANK`` (torchrun), made current."""
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if want == "cuda":
+            raise UserError("--device cuda but this worker sees no CUDA device; run on GPU nodes "
+                            "or pass --device cpu")
+        return torch.device("cpu")
+    device = None
+    try:
+        import ray.train
+        import ray.train.torch
+
+        ray.train.get_context()  # raises outside a Ray Train worker
+        device = ray.train.torch.get_device()
+    except Exception:  # not under Ray Train: torchrun-style LOCAL_RANK
+        device = None
+    if device is None or device.type != "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def _resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision:
         if cfg.precision == "fp16" and device.type == "cpu":
@@ -114,11 +147,59 @@ def _resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "bf16"
 
 
+def _compute_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
+    dtype = _compute_dtype(precision)
+    if dtype is None or device.type not in ("cpu", "cuda"):
         return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one optimizer step is cut up, and the LR schedule (the paper's, section 2)."""
+    global_rows: int        # rows of seq_len tokens per optimizer step (the recipe's batch)
+    rows_per_rank: int      # this data-parallel rank's share
+    micro: int              # rows per forward/backward
+    accum: int              # micro-batches per step per rank
+    peak_lr: float
+    warmup_steps: int
+    decay_steps: int
+
+
+def plan_recipe(cfg: TrainConfig, seq_len: int, dp_size: int) -> Recipe:
+    """The global batch is the recipe's, exactly: ``batch_tokens`` / ``seq_len`` rows per
+    step whatever the data-parallel width, which gradient accumulation absorbs
+    (micro-batches per rank = rows / (dp x micro_batch), the last one smaller when
+    micro_batch does not divide). A batch that is not whole rows, or not divisible over
+    the data-parallel ranks, is an error (``UserError``), never rounded."""
+    p = preset(cfg.preset)
+    batch = cfg.batch_tokens or p.batch_tokens
+    what = f"--batch-tokens {batch}" if cfg.batch_tokens else f"the {cfg.preset} batch ({batch} tokens)"
+    if batch % seq_len or batch < seq_len:
+        raise UserError(f"{what} is not a whole number of rows of the data's {seq_len} tokens; "
+                        f"pass --batch-tokens as a multiple of {seq_len} (e.g. "
+                        f"{max(1, batch // seq_len) * seq_len})")
+    rows = batch // seq_len
+    if rows % dp_size:
+        raise UserError(f"{what} is {rows} rows of {seq_len} tokens, which do not split over "
+                        f"{dp_size} data-parallel ranks (workers / --tp); pass --batch-tokens as a "
+                        f"multiple of {dp_size * seq_len} or choose --workers so that workers / "
+                        f"--tp divides {rows}")
+    per_rank = rows // dp_size
+    micro = min(cfg.micro_batch, per_rank)
+    tokens_per_step = rows * seq_len
+    warmup = cfg.optim.warmup_steps
+    if warmup is None:
+        # The paper's warmup (375M tokens; 2000 steps for 175b), at most a tenth of a run
+        # that is shorter than the paper's so that it still warms up and then decays.
+        warmup = min(p.warmup(tokens_per_step), cfg.steps // 10)
+    return Recipe(global_rows=rows, rows_per_rank=per_rank, micro=micro,
+                  accum=math.ceil(per_rank / micro), peak_lr=cfg.optim.peak_lr or p.peak_lr,
+                  warmup_steps=warmup, decay_steps=cfg.optim.decay_steps or cfg.steps)
 
 
 def _peak_flops(device: torch.device, precision: str) -> float:
@@ -138,14 +219,30 @@ def _peak_flops(device: torch.device, precision: str) -> float:
 # The trainer: state + one step; train() drives it
 # --------------------------------------------------------------------------------------
 
+def padded_vocab(vocab_size: int) -> int:
+    """The model's vocabulary: the tokenizer's rounded up to a multiple of 8 (GPT-2's
+    50265 -> OPT's 50272)."""
+    return int(math.ceil(int(vocab_size) / 8) * 8)
+
+
+def model_config(cfg: TrainConfig, seq_len: int, vocab_size: int) -> ModelConfig:
+    """The preset's architecture with the data's vocabulary; rows longer than the
+    preset's positions are a ``UserError``."""
+    p = preset(cfg.preset)
+    if seq_len > p.model.max_position_embeddings:
+        raise UserError(f"--data has rows of {seq_len} tokens but preset {cfg.preset} has "
+                        f"{p.model.max_position_embeddings} positions; re-tokenize with a shorter "
+                        f"--seq-len")
+    return p.model.replace(vocab_size=padded_vocab(vocab_size), dropout=cfg.dropout)
+
+
 class Trainer:
     """Builds the model, optimizer, data and checkpointer for this rank."""
 
     def __init__(self, cfg: TrainConfig, hooks: Hooks | None = None):
         from opt_ray.data.sampler import ResumableSampler
         from opt_ray.data.shards import ShardDataset
-        from opt_ray.model.opt import OPT
-        from opt_ray.model.parallel import init_model_parallel, parallelize, tp_partition_dims
+        from opt_ray.model.parallel import build_sharded, init_model_parallel, tp_partition_dims
 
         self.cfg = cfg
         self.hooks = hooks or Hooks()
@@ -160,8 +257,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                       else torch.device("cpu"))
+        self.device = resolve_device(cfg.device)
 
         # -- layout: tensor groups of tp consecutive ranks, data groups across them
         if self.world % cfg.tp:
@@ -179,56 +275,50 @@ class Trainer:
         self.seq_len = int(self.data.seq_len)
 
         # -- model: the preset's architecture, the tokenizer's vocabulary
-        p = preset(cfg.preset)
-        # Round the vocabulary up to a multiple of 8 (GPT-2's 50265 -> OPT's 50272).
-        vocab = int(math.ceil(int(self.data.vocab_size) / 8) * 8)
-        if self.seq_len > p.model.max_position_embeddings:
-            raise UserError(f"--data has rows of {self.seq_len} tokens but preset {cfg.preset} has "
-                            f"{p.model.max_position_embeddings} positions; re-tokenize with a shorter "
-                            f"--seq-len")
-        self.model_cfg: ModelConfig = p.model.replace(vocab_size=vocab, dropout=cfg.dropout)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = OPT(self.model_cfg).to(self.device)
-        self.tp_dims = tp_partition_dims(self.model_cfg) if cfg.tp > 1 else {}
-        # FSDP only when there is something to shard over: on one data-parallel rank it
-        # would only add copies (DCP reshards plain and sharded tensors alike on load).
-        self.model = parallelize(model, tp_size=cfg.tp, dp_group=self.dp_group, tp_group=self.tp_group,
-                                 activation_checkpointing=cfg.activation_checkpointing,
-                                 fsdp=self.dp_size > 1)
+        self.model_cfg: ModelConfig = model_config(cfg, self.seq_len, int(self.data.vocab_size))
         self.precision = _resolve_precision(cfg, self.device)
+        self.tp_dims = tp_partition_dims(self.model_cfg) if cfg.tp > 1 else {}
+        # Built sharded: on meta, then TP + FSDP2, then only the local shards are allocated
+        # and initialised (the same weights for a seed whatever the layout). FSDP only when
+        # there is something to shard over: on one data-parallel rank it would only add
+        # copies (DCP reshards plain and sharded tensors alike on load). Parameters are
+        # gathered in the compute dtype; gradients reduce-scattered in fp32 into fp32
+        # master weights.
+        self.model = build_sharded(self.model_cfg, device=self.device, seed=cfg.seed, tp_size=cfg.tp,
+                                   dp_group=self.dp_group, tp_group=self.tp_group,
+                                   param_dtype=_compute_dtype(self.precision),
+                                   activation_checkpointing=cfg.activation_checkpointing,
+                                   fsdp=self.dp_size > 1)
         self.scaler = DynamicLossScaler(self.precision == "fp16")
 
         # -- the recipe
-        self.batch_tokens = cfg.batch_tokens or p.batch_tokens
-        self.global_rows = max(self.batch_tokens // self.seq_len, 1)
-        if self.global_rows % self.dp_size:
-            # Round up to a multiple of the data-parallel width: every rank does equal work.
-            self.global_rows += self.dp_size - self.global_rows % self.dp_size
-        self.rows_per_rank = self.global_rows // self.dp_size
-        self.micro = min(cfg.micro_batch, self.rows_per_rank)
-        self.accum = math.ceil(self.rows_per_rank / self.micro)
-        peak = cfg.lr or p.peak_lr
-        tokens_per_step = self.global_rows * self.seq_len
-        warmup = cfg.warmup_steps
-        if warmup is None:
-            warmup = min(math.ceil(PAPER_WARMUP_TOKENS / tokens_per_step), cfg.steps // 10)
-        self.schedule = LRSchedule(peak, warmup, cfg.decay_steps or cfg.steps)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=peak, betas=(0.9, 0.95),
-                                           eps=1e-8, weight_decay=cfg.weight_decay)
-        self.clip = cfg.grad_clip
+        self.recipe = plan_recipe(cfg, self.seq_len, self.dp_size)
+        self.global_rows = self.recipe.global_rows
+        self.batch_tokens = self.global_rows * self.seq_len
+        self.rows_per_rank = self.recipe.rows_per_rank
+        self.micro = self.recipe.micro
+        self.accum = self.recipe.accum
+        self.schedule = LRSchedule(self.recipe.peak_lr, self.recipe.warmup_steps, self.recipe.decay_steps,
+                                   min_lr_ratio=cfg.optim.min_lr_ratio)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.recipe.peak_lr,
+                                           betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.clip = cfg.optim.grad_clip
         self.sampler = ResumableSampler(len(self.data), seed=cfg.seed)
         self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
         self.peak_flops = _peak_flops(self.device, self.precision)
 
         # -- fault tolerance
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep,
+        # A URL (s3://...) goes to the checkpointer as a string (fsspec), a path as a Path.
+        where = cfg.checkpoint_location
+        self.ckpt = Checkpointer(where if is_url(where) else Path(where), keep=cfg.keep,
                                  milestone_every=cfg.milestone_every, dp_group=self.dp_group,
                                  tp_size=cfg.tp, tp_rank=self.tp_rank, on_event=self._event)
         self.chaos = Chaos.from_spec(cfg.chaos.spec, self.run_dir, self.rank)
         self.guard = None
         if cfg.guard.enabled:
-            from opt_ray.train.guard import DivergenceGuard, GuardConfig
-            self.guard = DivergenceGuard(cfg.guard_config())
+            from opt_ray.train.guard import DivergenceGuard
+            self.guard = DivergenceGuard(cfg.guard)
         self.step = 0
         self.tokens_seen = 0
         self.restored_versions: dict[str, Any] | None = None
@@ -269,7 +359,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
-        self.clip = float(state.get("clip", self.cfg.grad_clip))
+        self.clip = float(state.get("clip", self.cfg.optim.grad_clip))
         if self.guard and not keep_guard and state.get("guard"):
             self.guard.load_state_dict(state["guard"])
         if state.get("model", {}).get("vocab_size") not in (None, self.model_cfg.vocab_size):
@@ -282,7 +372,8 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
+        """One optimizer step: forward/backward of every micro-batch, one all-reduce of the
+        step's statistics, one host read, then the same skip/clip/update on every rank."""
         step = self.step + 1
         self.chaos.at_step_start(step)
         if self.guard and self.guard.should_skip(step):
@@ -297,42 +388,18 @@ class Trainer:
         global_tokens = self.global_rows * self.seq_len
         t0 = time.perf_counter()
 
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        model.train()
-        for m in range(self.accum):
-            chunk = rows[m * self.micro:(m + 1) * self.micro]
-            batch = torch.from_numpy(self.data.batch(chunk)).to(self.device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            # Dropout masks are a function of (seed, step, micro-batch, data rank): a
-            # replayed step draws the same ones; tensor ranks share them (replicated
-            # activations must be dropped identically).
-            torch.manual_seed(_mix(cfg.seed, step, m, self.dp_rank))
-            sync = m == self.accum - 1
-            if hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(sync)
-            with _autocast(self.precision, self.device):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   reduction="sum")
-            loss_sum += loss.detach().double()
-            # FSDP averages gradients over the data-parallel ranks; multiplying by dp_size
-            # turns that into a sum, so the result is d(sum of token losses)/global tokens.
-            scaled = loss * (self.dp_size * loss_factor * self.scaler.scale / global_tokens)
-            scaled.backward()
-
-        loss_val = self._all_reduce_dp(loss_sum) / global_tokens * loss_factor
-        grad_norm = self._grad_norm() / self.scaler.scale
-        finite = math.isfinite(grad_norm) and math.isfinite(loss_val)
+        # The scale this step's backward uses; its gradients are unscaled by it even when
+        # the scaler grows the scale at the end of the step.
+        used_scale = self.scaler.scale
+        stats = self.forward_backward(rows, step, loss_factor, used_scale)
+        # The step's one host synchronisation: every rank reads the same reduced values.
+        loss_sum, tp_sq, rep_sq, bad = stats.tolist()
+        loss_val = loss_sum / global_tokens * loss_factor
+        grad_norm = math.sqrt(tp_sq + rep_sq) / used_scale
+        finite = bad == 0 and math.isfinite(grad_norm) and math.isfinite(loss_val)
         self.scaler.update(finite)
         if finite:
-            coef = self.clip / (grad_norm + 1e-6)
-            inv = 1.0 / self.scaler.scale if self.scaler.enabled else 1.0
-            factor = min(coef, 1.0) * inv
-            if factor != 1.0:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(factor)
-            self.optimizer.step()
+            self.apply_update(grad_norm, used_scale)
         else:
             # An overflow (fp16) or a NaN: no update; the guard decides what else to do.
             self._event("step_skipped", step=step, loss=loss_val, grad_norm=grad_norm)
@@ -348,16 +415,42 @@ class Trainer:
                 "tokens": self.tokens_seen, "world_size": self.world, "step_s": dt,
                 "batch_pos": batch_pos, "time": time.time()}
 
-    def _all_reduce_dp(self, t: torch.Tensor) -> float:
-        t = t.clone()
-        if self.dp_size > 1:
-            dist.all_reduce(t, group=self.dp_group)
-        return float(t)
+    def forward_backward(self, rows: Any, step: int, loss_factor: float = 1.0,
+                         scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches of ``rows``, then the step's
+        statistics reduced over the gang: a float64 tensor on the worker's device,
+        [token-loss sum, squared grad norm of tensor-parallel pieces, of replicated
+        pieces, count of non-finite values]. Nothing here leaves the device or waits for
+        the host, and every tensor of it lives where the model does."""
+        cfg, model = self.cfg, self.model
+        global_tokens = self.global_rows * self.seq_len
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        model.train()
+        for m in range(self.accum):
+            chunk = rows[m * self.micro:(m + 1) * self.micro]
+            batch = torch.from_numpy(self.data.batch(chunk)).to(self.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            # Dropout masks are a function of (seed, step, micro-batch, data rank): a
+            # replayed step draws the same ones; tensor ranks share them (replicated
+            # activations must be dropped identically).
+            torch.manual_seed(_mix(cfg.seed, step, m, self.dp_rank))
+            # Gradients are reduce-scattered after every micro-batch (FSDP2's default sync
+            # stays on): only the fp32 shard accumulates, unsharded gradients never persist.
+            with _autocast(self.precision, self.device):
+                # The model's chunked, fused LM-head loss (mean over the micro-batch's tokens).
+                loss = model(inputs, targets=targets)
+            n = targets.numel()
+            loss_sum += loss.detach().double() * n
+            # FSDP averages gradients over the data-parallel ranks; multiplying by dp_size
+            # turns that into a sum, so the result is d(sum of token losses)/global tokens.
+            (loss * (n * self.dp_size * loss_factor * scale / global_tokens)).backward()
+        return self._reduce_step(loss_sum)
 
-    def _grad_norm(self) -> float:
-        """Global L2 norm of the gradients: FSDP shards are disjoint over the data group;
-        tensor-parallel splits are disjoint over the tensor group, replicated tensors are
-        counted once."""
+    def _reduce_step(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """[loss sum, tp grad sq, replicated grad sq, non-finite count], reduced: loss and
+        squares summed over the data group (FSDP shards are disjoint), tensor-parallel
+        squares and the overflow count over the tensor group (those slices are disjoint;
+        replicated tensors are counted once), so every rank of the gang decides alike."""
         from torch.distributed.tensor import DTensor
 
         groups: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
@@ -365,17 +458,27 @@ class Trainer:
             if p.grad is not None:
                 g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                 groups[0 if name in self.tp_dims else 1].append(g.detach())
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         # Per-tensor norms in one fused call, then squares summed in fp64 in a fixed order.
-        buf = torch.stack([sum((n.double() ** 2 for n in torch._foreach_norm(gs)),
-                               torch.zeros((), dtype=torch.float64)) if gs else
-                           torch.zeros((), dtype=torch.float64) for gs in groups]).cpu()
+        sq = [sum((n.double() ** 2 for n in torch._foreach_norm(gs)), zero) if gs else zero
+              for gs in groups]
+        bad = (~torch.isfinite(sq[0] + sq[1] + loss_sum)).double()
+        buf = torch.stack([loss_sum, sq[0], sq[1], bad])
         if self.dp_size > 1:
             dist.all_reduce(buf, group=self.dp_group)
         if self.cfg.tp > 1:
-            part = buf[0:1].clone()
+            part = buf[[1, 3]].contiguous()
             dist.all_reduce(part, group=self.tp_group)
-            buf[0] = part[0]
-        return float(buf.sum().sqrt())
+            buf[1], buf[3] = part[0], part[1]
+        return buf
+
+    def apply_update(self, grad_norm: float, used_scale: float) -> None:
+        """Unscale by the scale the backward used, clip to ``self.clip``, AdamW step."""
+        factor = min(self.clip / (grad_norm + 1e-6), 1.0) / (used_scale if self.scaler.enabled else 1.0)
+        if factor != 1.0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, factor)
+        self.optimizer.step()
 
     # -- the divergence guard's intervention -------------------------------------------
     def consult_guard(self, rec: dict[str, Any]) -> bool:
@@ -604,3 +707,71 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
             trainer.close()
         if own_pg:
             dist.destroy_process_group()
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every error knowable from the config, the data and the run directory, checked on
+    the driver before Ray starts (each a ``UserError``: one line naming the input and the
+    fix, exit 2): the data is a shards artifact; its rows fit the preset; the batch splits
+    over every gang size the elastic range may form; --tp divides the model; --output is
+    writable and not another stage's artifact; a run directory being resumed was trained
+    on the same tokenizer and vocabulary."""
+    from opt_ray.artifacts import MANIFEST, read_manifest
+    from opt_ray.data.shards import KIND, TOKENIZER_FILE
+    from opt_ray.model.parallel import ParallelConfigError, _check_divisible
+
+    try:
+        manifest = read_manifest(cfg.data, kind=KIND)
+    except UserError as e:
+        raise UserError(f"--data {cfg.data}: {e}; pass the output of `opt-ray tokenize`") from e
+    seq_len = int(manifest["seq_len"])
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    model_cfg = model_config(cfg, seq_len, vocab)
+    for world in cfg.world_sizes():
+        plan_recipe(cfg, seq_len, world // cfg.tp)
+    try:
+        _check_divisible(model_cfg, cfg.tp)
+    except ParallelConfigError as e:
+        raise UserError(f"--tp {cfg.tp} with --preset {cfg.preset}: {e}") from e
+
+    out = Path(cfg.output)
+    mf = out / MANIFEST
+    if mf.is_file():
+        try:
+            kind = json.loads(mf.read_text()).get("kind")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            kind = None
+        if kind != "train_run":
+            raise UserError(f"--output {out} holds a {kind!r} artifact of another stage, not a "
+                            f"training run; choose a new --output directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output {out} is not writable ({e.strerror or e}); choose a directory "
+                        f"you can write to") from e
+
+    kept = out / TOKENIZER_FILE
+    data_tok = Path(cfg.data) / TOKENIZER_FILE
+    if kept.is_file() and data_tok.is_file() and kept.read_bytes() != data_tok.read_bytes():
+        from opt_ray.data.tokenizer import load_tokenizer, tokenizer_hash
+        if tokenizer_hash(load_tokenizer(kept)) != manifest["tokenizer"]["hash"]:
+            raise UserError(f"--data {cfg.data} was tokenized with another tokenizer than the run "
+                            f"in --output {out} was trained with ({kept}); resume with the shards "
+                            f"of that tokenizer, or start a new --output")
+    if not is_url(cfg.checkpoint_location):
+        from opt_ray.train.checkpoint import committed, read_train_state
+        ckpts = committed(cfg.checkpoint_location)
+        if ckpts:
+            try:
+                state = read_train_state(ckpts[-1][1])
+            except (OSError, ValueError):
+                state = {}
+            had = (state.get("model") or {}).get("vocab_size")
+            if had is not None and int(had) != model_cfg.vocab_size:
+                raise UserError(f"--data {cfg.data} has a vocabulary of {model_cfg.vocab_size} "
+                                f"(padded), the checkpoints in {cfg.checkpoint_location} were "
+                                f"trained with {had}; resume with the same --data or start a new "
+                                f"--output")

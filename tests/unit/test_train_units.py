@@ -109,3 +109,38 @@ def test_dynamic_loss_scaler():
     off = DynamicLossScaler(False)
     off.update(False)
     assert off.scale == 1.0        # bf16/fp32: no scaling at all
+
+
+def test_loss_scaler_floor_lets_the_guard_verdict_fire():
+    """Overflow after overflow halves the scale down past the guard's floor (1e-4): the
+    guard's loss-scale verdict fires; the scaler's own floor (2^-24) lies below it."""
+    from opt_ray.train.guard import DivergenceGuard, GuardConfig
+    from opt_ray.train.loop import DynamicLossScaler
+
+    s, g = DynamicLossScaler(True), DivergenceGuard(GuardConfig())
+    assert s.min_scale < GuardConfig().loss_scale_floor
+    verdict = None
+    for step in range(1, 60):
+        s.update(False)
+        verdict = g.observe(step, 3.0, float("inf"), s.scale)
+        if verdict:
+            break
+    assert verdict is not None and verdict.reason == "loss_scale_floor"
+    assert s.scale <= GuardConfig().loss_scale_floor
+
+
+def test_recipe_keeps_the_global_batch_and_the_papers_warmup():
+    from opt_ray.config import TrainConfig
+    from opt_ray.errors import UserError
+    from opt_ray.train.loop import plan_recipe
+
+    cfg = TrainConfig(data="d", output="o", preset="125m", steps=100_000, micro_batch=8)
+    for dp in (1, 2, 4, 8):
+        r = plan_recipe(cfg, 2048, dp)
+        # 0.5M tokens = 256 rows of 2048 whatever the data-parallel width.
+        assert r.global_rows == 256 and r.rows_per_rank * dp == 256 and r.accum == 256 // (8 * dp)
+    assert plan_recipe(cfg, 2048, 1).warmup_steps == -(-375_000_000 // (256 * 2048))  # 716 steps
+    big = TrainConfig(data="d", output="o", preset="175b", steps=140_000)
+    assert plan_recipe(big, 2048, 8).warmup_steps == 2000 and plan_recipe(big, 2048, 8).peak_lr == 1.2e-4
+    with pytest.raises(UserError, match="do not split over 3"):
+        plan_recipe(cfg, 2048, 3)

@@ -1,0 +1,77 @@
+"""The trainer's real step, in one process: every tensor of it on the model's device
+(checked with the model on ``meta``, where a stray CPU tensor fails), and the fp16 loss
+scaler's unscale factor across a growth step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+WORDS = "the quick brown fox jumps over lazy dog and runs far away from home".split()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from opt_ray.data.shards import write_shards
+    from opt_ray.data.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(200)]
+    tok = train_tokenizer(texts, 300)
+    return write_shards(({"text": t} for t in texts), tok, tmp_path_factory.mktemp("d") / "s",
+                        seq_len=32, valid_fraction=0.05)
+
+
+def _trainer(shards, out, **kw):
+    from opt_ray.train.loop import TrainConfig, Trainer, _ensure_process_group
+
+    _ensure_process_group()
+    cfg = TrainConfig(data=str(shards), output=str(out), preset="tiny", steps=4, batch_tokens=4 * 32,
+                      micro_batch=2, lr=1e-3, warmup_steps=0, guard=False, dropout=0.0,
+                      precision="fp32", device="cpu", **kw)
+    return Trainer(cfg)
+
+
+def test_step_tensors_live_on_the_model_device(shards, tmp_path):
+    """With model and data on ``meta`` the whole device part of the step (micro-batch
+    forward/backward, loss accumulator, grad-norm pieces, overflow flag) and the update
+    (unscale/clip, AdamW) run: any tensor made on the CPU would fail to mix with them."""
+    t = _trainer(shards, tmp_path / "run")
+    try:
+        t.model.to("meta")
+        t.optimizer = torch.optim.AdamW(t.model.parameters(), lr=1e-3)
+        t.device = torch.device("meta")
+        rows = t.sampler.next_batch(t.global_rows, t.dp_rank, t.dp_size)
+        stats = t.forward_backward(rows, 1)
+        assert stats.device.type == "meta" and stats.shape == (4,) and stats.dtype == torch.float64
+        grads = [p.grad for p in t.model.parameters()]
+        assert all(g is not None and g.device.type == "meta" for g in grads)
+        t.apply_update(grad_norm=2.0, used_scale=1.0)
+        assert all(p.device.type == "meta" for p in t.model.parameters())
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            stats.tolist()  # the step's one host read: the only place values leave the device
+    finally:
+        t.close()
+
+
+def test_growth_step_unscales_by_the_scale_the_backward_used(shards, tmp_path):
+    """fp32 with loss scaling by powers of two is exact: a scaled run whose scale grows
+    after every step must update exactly like an unscaled one (the old code unscaled a
+    growth step by the new, doubled scale)."""
+    from opt_ray.train.loop import DynamicLossScaler
+
+    params = []
+    for scaled in (False, True):
+        t = _trainer(shards, tmp_path / f"run{scaled}")
+        try:
+            if scaled:
+                t.scaler = DynamicLossScaler(True, init_scale=4.0, growth_interval=1)
+            recs = [t.train_step() for _ in range(3)]
+            params.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
+            if scaled:
+                assert [r["loss_scale"] for r in recs] == [8.0, 16.0, 32.0]
+        finally:
+            t.close()
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
