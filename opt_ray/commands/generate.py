@@ -39,38 +39,41 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from opt_ray.serve import api
-    from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, engine_from_checkpoint,
-                                      resolve_checkpoint)
+    from opt_ray.serve.engine import EngineConfig, EngineLoop, engine_from_checkpoint, resolve_checkpoint
+    from opt_ray.serve.frontend import Frontend, LocalEngineHandle
     from opt_ray.serve.loading import check_checkpoint
 
-    check_checkpoint(resolve_checkpoint(args.checkpoint))
-    engine = engine_from_checkpoint(args.checkpoint, EngineConfig(max_num_seqs=max(args.n, 1), dtype=args.dtype))
+    path = resolve_checkpoint(args.checkpoint)
+    check_checkpoint(path)
+    engine = engine_from_checkpoint(path, EngineConfig(max_num_seqs=max(args.n, 1), dtype=args.dtype))
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
             "seed": args.seed, "stop": args.stop, "min_tokens": args.min_tokens, "n": args.n}
-    # The same validation as the HTTP API: a bad flag is one readable line (exit 2).
-    req = api.parse_completion(body, model_name="local", tokenizer=engine.tokenizer,
-                               max_model_len=engine.max_model_len,
-                               vocab_size=engine.model.config.vocab_size)
-    acc = api.Accumulator(req)
 
-    async def main() -> None:
+    async def main() -> list[api.Accumulator]:
         loop = EngineLoop(engine)
+        fe = Frontend(LocalEngineHandle(loop), engine.tokenizer, model_name="local",
+                      max_model_len=engine.max_model_len, vocab_size=engine.model.config.vocab_size)
         try:
-            async for out in loop.generate(EngineRequest(req.request_id, req.prompt_token_ids, req.params)):
-                acc.add(out)
+            # The same validation as the HTTP API: a bad flag is one readable line (exit 2).
+            req = await fe.parse(body)
+            accs = fe.accumulators(req)
+            async for p, out in await fe.start(req):
+                accs[p].add(out)
                 if not args.json and args.n == 1:
                     sys.stdout.write("".join(c.text for c in out.outputs))
                     sys.stdout.flush()
+            return accs
         finally:
             loop.stop()
+            fe.close()
 
-    asyncio.run(main())
+    accs = asyncio.run(main())
     if args.json:
-        print(json.dumps(api.completion_response(acc, engine.tokenizer)))
+        print(json.dumps(api.completion_response(accs, engine.tokenizer)))
     elif args.n == 1:
         print()
     else:
-        for i, c in sorted(acc.choices.items()):
+        for i, c in sorted(accs[0].choices.items()):
             print(f"--- {i} ({c.finish_reason})\n{c.text}")
     return 0

@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Deploy a continuous-batching generation app on Ray Serve: "
                                    "POST /v1/completions (OpenAI-compatible, stream: true as SSE), "
                                    "GET /v1/models, and gRPC opt_ray.v1.GenerationService. Blocks "
-                                   "until Ctrl-C, then shuts the app down.")
+                                   "until Ctrl-C, then shuts the app down. With --no-ray, the same "
+                                   "API from one engine in this process.")
     p.add_argument("--checkpoint", required=True,
                    help="HF-format checkpoint dir, or a training run dir holding an export")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: dir name)")
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weights and KV cache dtype (default float32; OPT's released weights are float16)")
     # Request limits: flags, defaults and help from FrontendConfig's fields.
     add_dataclass_args(p, FrontendConfig, dest="frontend__")
+    p.add_argument("--no-ray", action="store_true",
+                   help="serve from this process without Ray: one engine, the same HTTP and gRPC "
+                        "API (--replicas and --address do not apply)")
     add_ray_args(p)
     p.set_defaults(func=run)
 
@@ -59,12 +63,17 @@ def run(args: argparse.Namespace) -> int:
     if args.grpc_port and args.grpc_port == args.http_port:
         raise UserError(f"--grpc-port {args.grpc_port} is also --http-port; give gRPC another port "
                         f"(or 0 for none)")
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.no_ray and (args.replicas != 1 or args.max_replicas or args.address):
+        raise UserError("--no-ray serves one engine in this process: drop --replicas, --max-replicas "
+                        "and --address, or drop --no-ray")
+    if args.no_ray or not (args.address or os.environ.get("RAY_ADDRESS")):
         # An embedded Ray runs the proxy and the ingress here: their ports must be free.
         # (On a cluster they listen on its nodes, which this machine cannot check.)
         check_port_free(args.host, args.http_port, "--http-port")
         if args.grpc_port:
             check_port_free(args.host, args.grpc_port, "--grpc-port")
+    if args.no_ray:
+        return serve_local(args, engine_config, frontend_config)
     from ray import serve
 
     from actors.serve import build_app, start
@@ -81,14 +90,56 @@ def run(args: argparse.Namespace) -> int:
                     replicas=args.replicas, max_replicas=args.max_replicas, host=args.host,
                     grpc_port=args.grpc_port or None, frontend_config=frontend_config)
     start(app, host=args.host, http_port=args.http_port)
-    print(f"opt-ray serve: OpenAI-compatible API at http://{args.host}:{args.http_port}/v1 "
-          f"(POST /v1/completions, GET /v1/models)", flush=True)
-    if args.grpc_port:
-        print(f"opt-ray serve: gRPC opt_ray.v1.GenerationService at {args.host}:{args.grpc_port}", flush=True)
-    print("opt-ray serve: Ctrl-C to stop", flush=True)
+    _announce(args)
     try:
         while not stop.wait(1.0):
             pass
         print("opt-ray serve: stopping", flush=True)
     finally:
         serve.shutdown()
+
+
+def serve_local(args: argparse.Namespace, engine_config, frontend_config) -> int:
+    """``--no-ray``: the front end over an in-process engine, until SIGINT/SIGTERM."""
+    import asyncio
+
+    from opt_ray.serve.engine import EngineLoop, engine_from_checkpoint
+    from opt_ray.serve.frontend import Frontend, LocalEngineHandle
+    from opt_ray.serve.grpc_service import start_grpc_server
+    from opt_ray.serve.http import HttpServer
+
+    engine = engine_from_checkpoint(args.checkpoint, engine_config)
+
+    async def main() -> None:
+        loop = EngineLoop(engine)
+        fe = Frontend.for_checkpoint(LocalEngineHandle(loop), args.checkpoint, model_name=args.model_name,
+                                     max_model_len=engine.max_model_len, config=frontend_config)
+        http = HttpServer(fe, args.host, args.http_port)
+        grpc_server = None
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        try:
+            await http.start()
+            if args.grpc_port:
+                grpc_server = await start_grpc_server(fe, f"{args.host}:{args.grpc_port}")
+            _announce(args)
+            await stop.wait()
+            print("opt-ray serve: stopping", flush=True)
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
+            await http.stop()
+            loop.stop(drain_timeout_s=5.0)
+            fe.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def _announce(args: argparse.Namespace) -> None:
+    print(f"opt-ray serve: OpenAI-compatible API at http://{args.host}:{args.http_port}/v1 "
+          f"(POST /v1/completions, GET /v1/models)", flush=True)
+    if args.grpc_port:
+        print(f"opt-ray serve: gRPC opt_ray.v1.GenerationService at {args.host}:{args.grpc_port}", flush=True)
+    print("opt-ray serve: Ctrl-C to stop", flush=True)

@@ -36,7 +36,9 @@ class GenerationServicer:
             await _abort(context, e)
             return None
         text = req.prompt_text if req.params.echo else ""
-        choices = [dataclasses.replace(c, text=text + c.text) for _, c in sorted(acc.choices.items())]
+        choices = [dataclasses.replace(c, text=text + c.text) if not req.echo_only else
+                   dataclasses.replace(c, text=text, token_ids=[], logprobs=[])
+                   for _, c in sorted(acc.choices.items())]
         return api.grpc_response(req, choices, fe.tokenizer, acc.usage())
 
     async def GenerateStream(self, request, context):
@@ -52,7 +54,8 @@ class GenerationServicer:
         try:
             async for _, out in ex:
                 acc.add(out)
-                choices = [c for c in out.outputs if c.finish_reason != "abort"]
+                choices = [c if not req.echo_only else dataclasses.replace(c, text="", token_ids=[], logprobs=[])
+                           for c in out.outputs if c.finish_reason != "abort"]
                 if first and req.params.echo:
                     choices = [CompletionOutput(i, req.prompt_text, []) for i in range(req.params.n)] + choices
                 first = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,11 +58,31 @@ def cut(ckpt, tmp_path):
     return d
 
 
-def test_cut_off_safetensors_serve_subprocess(cut):
-    p = subprocess.run([sys.executable, "-m", "opt_ray.cli", "serve", "--checkpoint", str(cut),
-                        "--http-port", str(free_port()), "--grpc-port", "0"], cwd=ROOT, text=True,
-                       capture_output=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
-    _one_line_error(p.returncode, p.stderr, str(cut / "model.safetensors"), "cut off")
+def test_cut_off_safetensors_serve(cut, no_ray, capsys):
+    rc = main(["serve", "--checkpoint", str(cut), "--http-port", str(free_port()), "--grpc-port", "0"])
+    _one_line_error(rc, capsys.readouterr().err, str(cut / "model.safetensors"), "cut off")
+
+
+def test_serve_no_ray_answers_and_stops_on_sigterm(ckpt):
+    """`opt-ray serve --no-ray` as a user runs it: a completion over HTTP, then SIGTERM."""
+    import httpx
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "opt_ray.cli", "serve", "--no-ray", "--checkpoint", str(ckpt),
+                          "--model-name", "m", "--http-port", str(port), "--grpc-port", "0"],
+                         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = p.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "m", "prompt": "The quick", "max_tokens": 4, "temperature": 0,
+                             "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_cut_off_safetensors_generate(cut, capsys):

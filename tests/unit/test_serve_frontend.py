@@ -247,12 +247,20 @@ def test_grpc_unary_stream_invalid_argument_and_cancel(server):
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(pb.GenerateRequest(prompt="x", temperature=-1), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
+        scored = stub.Generate(pb.GenerateRequest(prompt_token_ids=[2, 5, 6], max_tokens=0, echo=True), timeout=30)
+        assert scored.choices[0].text == ref_tok_decode(server, [2, 5, 6]) and not scored.choices[0].token_ids
+        assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == 3
         before = _stats(server)["aborted_requests"]
         call = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPTS[2], max_tokens=200, temperature=0,
                                                       ignore_eos=True), timeout=60)
         next(call), next(call)
         call.cancel()
     _wait_all_free(server, before)
+
+
+def ref_tok_decode(server, ids):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(server.ckpt / "tokenizer.json")).decode(ids)
 
 
 def test_concurrent_requests_share_the_engine(server, hf):
