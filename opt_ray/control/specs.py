@@ -63,6 +63,19 @@ class Stage:
 _TASK_NAME = re.compile(r"[A-Za-z0-9_.\-*?\[\]]{1,128}")
 
 
+# TrainConfig's messages name the flag; the spec field of each flag the spec sets.
+_FLAG_FIELDS = {"workers": "min_workers", "tp": "min_workers"}
+
+
+def _config_field(message: str) -> str:
+    """The TrainSpec field a TrainConfig error is about (``--steps ...`` -> ``steps``)."""
+    if message.startswith("unknown preset"):
+        return "preset"
+    m = re.search(r"--([a-z][a-z-]*)", message)
+    flag = m.group(1) if m else "preset"
+    return _FLAG_FIELDS.get(flag, flag.replace("-", "_"))
+
+
 def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -201,26 +214,38 @@ class SpecValidator:
         return Stage("tokenize", argv, [out])
 
     def train(self, s: pb.TrainSpec, name: str = "spec.train", produced=()) -> Stage:
-        from opt_ray.config import PRESETS  # config only: no torch, no Ray
-        if s.preset not in PRESETS:
-            raise SpecError(f"{name}.preset={s.preset!r} is unknown; choose one of "
-                            f"{', '.join(PRESETS)}")
+        """The run's settings are validated by the same ``TrainConfig`` that ``opt-ray
+        train`` builds (one set of rules); here only what the control plane adds: paths
+        inside the roots and the cluster-protecting bounds."""
+        from opt_ray.config import ConfigError, TrainConfig  # config only: no torch, no Ray
         data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
         # An existing run directory is allowed: training resumes from its checkpoints.
         out = self.path(f"{name}.output", s.output)
         lo, hi = self.workers(f"{name}.", s.min_workers, s.max_workers)
         self._int(f"{name}.steps", s.steps, 1, self.bounds.max_steps)
-        if s.resume_from < 0 or s.resume_from > s.steps:
+        self._int(f"{name}.checkpoint_every", s.checkpoint_every, 1, self.bounds.max_steps,
+                  zero_ok=True)
+        given = {"preset": s.preset, "data": str(data), "output": str(out), "steps": s.steps,
+                 "workers": (lo, hi) if hi != lo else lo}
+        if s.checkpoint_every:
+            given["checkpoint_every"] = s.checkpoint_every
+        if s.resume_from:
+            given["resume_from"] = s.resume_from
+        try:
+            cfg = TrainConfig(**given)
+        except ConfigError as e:
+            raise SpecError(f"{name}.{_config_field(str(e))}: {e}") from e
+        if s.resume_from < 0:
             raise SpecError(f"{name}.resume_from={s.resume_from} must be a checkpoint step in "
                             f"0..steps ({s.steps}); 0 resumes from the latest checkpoint")
-        argv = ["train", "--preset", s.preset, "--data", str(data), "--output", str(out),
-                "--workers", f"{lo}:{hi}" if hi != lo else str(lo), "--steps", str(s.steps),
+        # The command line says exactly what the spec set; the rest are train's defaults.
+        argv = ["train", "--preset", cfg.preset, "--data", cfg.data, "--output", cfg.output,
+                "--workers", f"{lo}:{hi}" if hi != lo else str(lo), "--steps", str(cfg.steps),
                 *NO_PROGRESS]
-        if self._int(f"{name}.checkpoint_every", s.checkpoint_every, 1, self.bounds.max_steps,
-                     zero_ok=True):
-            argv += ["--checkpoint-every", str(s.checkpoint_every)]
-        if s.resume_from:
-            argv += ["--resume-from", str(s.resume_from)]
+        if s.checkpoint_every:
+            argv += ["--checkpoint-every", str(cfg.checkpoint_every)]
+        if cfg.resume_from:
+            argv += ["--resume-from", str(cfg.resume_from)]
         return Stage("train", argv, [out], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:

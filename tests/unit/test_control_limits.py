@@ -248,3 +248,27 @@ def test_ctl_eval_submits_and_watches_an_eval_job(env, capsys, monkeypatch):
     # `ctl submit eval` is the same spec.
     assert main(base + ["--json", "submit", "eval", "run", "--tasks", "copa"]) == 0
     assert json.loads(capsys.readouterr().out)["spec"]["eval"]["tasks"] == ["copa"]
+
+
+# ------------------------------------------------------------------------- one set of rules
+
+def test_train_spec_is_validated_by_the_train_config_itself(env):
+    """The control plane builds opt-ray train's own TrainConfig: its rules and messages,
+    named by the spec field (issue 11.7)."""
+    from opt_ray.config import ConfigError, TrainConfig
+    (env.root / "shards").mkdir()
+
+    def spec(**kw):
+        base = dict(preset="tiny", data=str(env.root / "shards"), output=str(env.root / "run"),
+                    min_workers=1, steps=10)
+        return pb.JobSpec(train=pb.TrainSpec(**{**base, **kw}))
+
+    with pytest.raises(ConfigError) as direct:
+        TrainConfig(data="d", output="o", steps=10, resume_from=20)
+    msg = _invalid(lambda: env.client.submit(spec(resume_from=20)))
+    assert msg == f"spec.train.resume_from: {direct.value}"
+    msg = _invalid(lambda: env.client.submit(spec(preset="huge")))
+    assert msg.startswith("spec.train.preset: unknown preset 'huge'; choose one of tiny")
+    job = env.client.submit(spec(min_workers=1, max_workers=2, checkpoint_every=5))
+    assert job.attempts[0].entrypoint.endswith("--workers 1:2 --steps 10 --no-progress "
+                                               "--checkpoint-every 5")
