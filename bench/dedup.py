@@ -8,17 +8,18 @@ copies, generated stubs, versions of the same module).
 1. signatures, one core, same texts: ``opt_ray.data.minhash.signatures`` (C kernel, and
    the numpy fallback) vs the same shingling + ``datasketch.MinHash.update_batch``;
    output must be identical. Goal: >= 3x datasketch.
-2. Ray scaling: signature batches through 1 and then 2 ``DedupWorker`` actors (actors
-   started and warmed before timing). Goal: 2 workers >= 1.6x one.
-3. end-to-end: the whole stage (read, sign, buckets, verify, write Parquet) on Ray with 2
-   workers, MB/s of text in.
+2. end-to-end in one process (read, sign, buckets, verify, write Parquet), MB/s of text.
+3. ``--scale 50,200``: the ``opt-ray dedup`` CLI on corpora of those sizes (jsonl files of
+   ~8 MB: the workers' splits) with 1 and 2 workers: MB/s after Ray is up, per worker,
+   and the driver's peak RSS (its own ``ru_maxrss``), with the load average.
 4. accuracy at 0.95 and 0.85 on a subset: exact-Jaccard ground truth by brute force
    (sparse doc x shingle matrix product, all pairs), pair recall (both ends of a true
    pair in one cluster), LSH candidate recall (ours and datasketch's own optimal bands),
    and false removals (removed without a true partner >= threshold). Goal: recall >=
    0.99, no false removal.
 
-Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2] [--no-ray]``.
+Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2]`` or
+``python -m bench.dedup --scale 50,200 [--workers 1,2]``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -135,94 +137,101 @@ def bench_signatures(texts: list[str], trials: int) -> dict:
     return res
 
 
-def bench_scaling(texts: list[str], trials: int) -> dict:
-    """Signature throughput through 1 vs 2 worker actors. Both settings use the same two
-    warm actors (the 1-worker runs submit to the first only) and alternate trial by
-    trial, so a burst of load from other users of the machine hits both alike."""
-    import ray
-
-    from actors.dedup import RayBackend
-    from opt_ray.data.dedup import DedupConfig
-    cfg = DedupConfig()
-    mb = sum(len(t.encode()) for t in texts) / 1e6
-    # ~256 KB batches: enough tasks to keep two workers busy.
-    batches, cur, size = [], [], 0
-    for t in texts:
-        cur.append(t)
-        size += len(t)
-        if size >= 256_000:
-            batches.append(cur)
-            cur, size = [], 0
-    batches += [cur] if cur else []
-    backend = RayBackend(cfg, 2)
-    for w in backend.workers:        # actors up and warm (kernel loaded)
-        ray.get(w.process.options(num_returns=1 + cfg.num_buckets).remote(0, ["warm up"])[0])
-
-    cpu = {"driver": 0.0, "workers": 0.0}
-
-    def run(workers: int) -> float:
-        backend.num_workers = workers   # least-loaded choice among the first `workers`
-        w0 = sum(ray.get([w.cpu_seconds.remote() for w in backend.workers]))
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        n = 0
-        for b, batch in enumerate(batches):
-            backend.submit_batch(b, n, batch)
-            n += len(batch)
-            while backend.in_flight() >= 2 * workers:
-                backend.done_batches(block=True)
-        while backend.in_flight():
-            backend.done_batches(block=True)
-        wall = time.perf_counter() - t0
-        cpu["driver"] += time.process_time() - c0
-        cpu["workers"] += sum(ray.get([w.cpu_seconds.remote() for w in backend.workers])) - w0
-        return wall
-
-    times: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(max(trials, 3)):
-        for workers in (1, 2):
-            times[workers].append(run(workers))
-    backend.num_workers = 2
-    backend.close()
-    res = {f"workers_{w}_mb_s": round(mb / min(ts), 2) for w, ts in times.items()}
-    res["speedup_2_vs_1"] = round(min(times[1]) / min(times[2]), 2)
-    res["speedup_per_trial"] = [round(a / b, 2) for a, b in zip(times[1], times[2])]
-    # Amdahl from CPU accounting: with the driver's serial share f of all CPU, two
-    # workers can be at most 1 / (f + (1 - f) / 2) faster than one.
-    f = cpu["driver"] / (cpu["driver"] + cpu["workers"])
-    res["cpu_s_driver_vs_workers"] = [round(cpu["driver"], 2), round(cpu["workers"], 2)]
-    res["speedup_bound_from_cpu"] = round(1 / (f + (1 - f) / 2), 2)
-    return res
+def build_corpus(corpus, mb: float, out_dir: Path, file_mb: float = 8.0,
+                 seed: int = 0) -> list[str]:
+    """``mb`` MB of the real text as jsonl files of about ``file_mb`` MB (the splits the
+    workers read), ``{"text", "path"}`` per document; returns the file paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, cur, size = [], None, 0.0
+    for path, text in sample(corpus, mb, seed):
+        if cur is None or size >= file_mb * 1e6:
+            if cur is not None:
+                cur.close()
+            paths.append(str(out_dir / f"part-{len(paths):04d}.jsonl"))
+            cur, size = open(paths[-1], "w"), 0.0
+        cur.write(json.dumps({"text": text, "path": path}) + "\n")
+        size += len(text.encode())
+    if cur is not None:
+        cur.close()
+    return paths
 
 
-def bench_end_to_end(docs, tmp: Path, ray_backend: bool) -> dict:
-    from opt_ray.data.dedup import DedupConfig, LocalBackend, run_dedup
+# The CLI in a child process that reports its own (the driver's) peak RSS at exit.
+_DRIVER = ("import json, resource, sys, time; from opt_ray.cli import main; t = time.time(); "
+           "rc = main(sys.argv[1:]); print(json.dumps({'rc': rc, 'wall_s': time.time() - t, "
+           "'driver_peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+
+
+def run_cli(argv: list[str]) -> dict:
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, *argv], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{\"rc\"")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def bench_scale(corpus, tmp: Path, sizes_mb: list[float], workers: list[int],
+                dedup: bool = True) -> dict:
+    """The dedup CLI on corpora of each size and worker count: MB/s (from the report's
+    timings: after Ray is up), per worker, driver peak RSS, load average."""
+    out: dict = {}
+    for mb in sizes_mb:
+        files = build_corpus(corpus, mb, tmp / f"c{int(mb)}")
+        real_mb = sum(os.path.getsize(f) for f in files) / 1e6
+        for w in workers:
+            dest = tmp / f"dedup-{int(mb)}-{w}"
+            load0 = os.getloadavg()[0]
+            r = run_cli(["dedup", *files, "--output", str(dest), "--workers", str(w),
+                         "--num-cpus", str(max(workers)), "--buckets", "4", "--no-progress",
+                         "--overwrite"])
+            rep = json.loads((dest / "dedup_report.json").read_text())
+            t = rep["timings"]
+            out[f"{int(mb)}mb_{w}w"] = {
+                "input_mb": round(real_mb, 1), "files": len(files), "workers": w,
+                "docs": rep["counts"]["docs"], "removed": rep["counts"]["duplicates_removed"],
+                "mb_s": rep["throughput_mb_s"],
+                "mb_s_per_worker": round(rep["throughput_mb_s"] / w, 2),
+                "driver_peak_rss_mb": round(r["driver_peak_rss_mb"], 1),
+                "wall_s_with_ray_start": round(r["wall_s"], 1),
+                "phase_s": {k: v for k, v in t.items()},
+                "load_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+            print(json.dumps({k: out[f"{int(mb)}mb_{w}w"][k] for k in
+                              ("input_mb", "workers", "mb_s", "driver_peak_rss_mb", "load_1m")}),
+                  file=sys.stderr, flush=True)
+            if w != workers[-1] or mb != sizes_mb[-1]:
+                shutil.rmtree(dest, ignore_errors=True)
+    return out
+
+
+def bench_end_to_end(docs, tmp: Path) -> dict:
+    from opt_ray.data.dedup import DedupConfig, run_dedup
     src = tmp / "corpus.jsonl"
     if not src.exists():
         with open(src, "w") as f:
             for path, text in docs:
                 f.write(json.dumps({"text": text, "path": path}) + "\n")
     cfg = DedupConfig()
-    out = tmp / ("e2e-ray" if ray_backend else "e2e-local")
-    startup = 0.0
-    if ray_backend:
-        from actors.dedup import RayBackend
-        t = time.perf_counter()
-        backend = RayBackend(cfg, 2)
-        backend.worker_pids()   # actors up; their start-up is reported, not timed below
-        startup = time.perf_counter() - t
-    else:
-        backend = LocalBackend(cfg)
-    try:   # best of two runs: the shared machine's load comes in bursts
-        rep = min((run_dedup([str(src)], str(out), cfg, backend, id_field="path",
-                             overwrite=True) for _ in range(2)),
-                  key=lambda r: r["timings"]["total_s"])
-    finally:
-        backend.close()
-    return {"mb_s": rep["throughput_mb_s"], "seconds": rep["timings"],
-            "actor_startup_s": round(startup, 2), **{
+    rep = run_dedup([str(src)], str(tmp / "e2e-local"), cfg, id_field="path", overwrite=True)
+    return {"mb_s": rep["throughput_mb_s"], "seconds": rep["timings"], **{
         k: rep["counts"][k] for k in ("docs", "candidate_pairs", "exact_duplicates",
                                       "duplicates_removed")}}
+
+
+def _candidate_pairs(keys, ords):
+    """All pairs sharing a band key (the previous algorithm's candidates, for recall)."""
+    import numpy as np
+    order = np.lexsort((ords, keys))
+    keys, ords = keys[order], ords[order]
+    edge = np.flatnonzero(np.diff(keys) != 0) + 1
+    starts = np.concatenate([[0], edge])
+    ends = np.concatenate([edge, [len(keys)]])
+    out = set()
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        m = ords[s:e].tolist()
+        out.update((min(a, b), max(a, b)) for i, a in enumerate(m) for b in m[i + 1:] if a != b)
+    return out
 
 
 def ground_truth(texts: list[str], threshold: float, ngram: int = 5):
@@ -254,8 +263,7 @@ def bench_accuracy(docs, tmp: Path) -> dict:
     import numpy as np
 
     from opt_ray.data import minhash
-    from opt_ray.data.dedup import (BucketTable, DedupConfig, LocalBackend, band_keys,
-                                    run_dedup)
+    from opt_ray.data.dedup import DedupConfig, band_keys, run_dedup
     texts = [t for _, t in docs]
     src = tmp / "subset.jsonl"
     with open(src, "w") as f:
@@ -266,7 +274,7 @@ def bench_accuracy(docs, tmp: Path) -> dict:
     for threshold in (0.95, 0.85):
         truth = ground_truth(texts, threshold)
         cfg = DedupConfig(threshold=threshold)
-        rep = run_dedup([str(src)], str(tmp / f"acc-{threshold}"), cfg, LocalBackend(cfg),
+        rep = run_dedup([str(src)], str(tmp / f"acc-{threshold}"), cfg,
                         id_field="i", overwrite=True)
         cluster_of = {}
         removed = set()
@@ -288,10 +296,8 @@ def bench_accuracy(docs, tmp: Path) -> dict:
         # LSH alone, on the pairs that are not identical (identical ones always collide).
         for label, (b, rr) in [("lsh_candidate_recall_below_1", (cfg.bands, cfg.rows)),
                                ("lsh_candidate_recall_below_1_datasketch_optimum", (3, 42))]:
-            table = BucketTable()
-            table.add(0, band_keys(sig, b, rr).ravel(),
-                      np.repeat(np.arange(len(texts)), b))
-            cand = {tuple(p) for p in table.candidate_pairs().tolist()}
+            cand = _candidate_pairs(band_keys(sig, b, rr).ravel(),
+                                    np.repeat(np.arange(len(texts)), b))
             r[label] = round(sum(p in cand for p in near) / len(near), 5) if near else None
         res[str(threshold)] = r
     return res
@@ -302,32 +308,30 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=8.0, help="MB of text for the speed runs")
     ap.add_argument("--subset", type=int, default=5000, help="documents for accuracy")
     ap.add_argument("--trials", type=int, default=2)
-    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--scale", default=None, metavar="MB,MB",
+                    help="only the corpus-scale runs (issue 13): the CLI on corpora of these "
+                         "sizes with 1 and 2 workers, e.g. 50,200")
+    ap.add_argument("--workers", default="1,2", help="worker counts for --scale")
     args = ap.parse_args()
 
-    import pyarrow.parquet  # noqa: F401  - one-time imports (~2 s here) stay out of the timings
-    import ray  # noqa: F401
     corpus = real_corpus()
-    speed_docs = sample(corpus, args.mb, seed=0)
-    texts = [t for _, t in speed_docs]
     out = {"bench": "dedup", "machine": platform.node(), "cpus": os.cpu_count(),
            "corpus_files": len(corpus),
            "corpus_mb": round(sum(len(t.encode()) for _, t in corpus) / 1e6, 1)}
-    print("# signatures", file=sys.stderr, flush=True)
-    out["signatures_one_core"] = bench_signatures(texts, args.trials)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        if args.scale:
+            sizes = [float(x) for x in args.scale.split(",")]
+            workers = [int(x) for x in args.workers.split(",")]
+            out["scale"] = bench_scale(corpus, tmp, sizes, workers)
+            print(json.dumps(out))
+            return 0
+        speed_docs = sample(corpus, args.mb, seed=0)
+        texts = [t for _, t in speed_docs]
+        print("# signatures", file=sys.stderr, flush=True)
+        out["signatures_one_core"] = bench_signatures(texts, args.trials)
         print("# end-to-end (in-process)", file=sys.stderr, flush=True)
-        out["end_to_end_local"] = bench_end_to_end(speed_docs, tmp, ray_backend=False)
-        if not args.no_ray:
-            from opt_ray.ray_util import init_ray
-            init_ray(None, num_cpus=os.cpu_count())
-            print("# ray scaling", file=sys.stderr, flush=True)
-            out["ray_scaling"] = bench_scaling(texts, args.trials)
-            print("# end-to-end (ray, 2 workers)", file=sys.stderr, flush=True)
-            out["end_to_end_ray_2_workers"] = bench_end_to_end(speed_docs, tmp, ray_backend=True)
-            import ray
-            ray.shutdown()
+        out["end_to_end_local"] = bench_end_to_end(speed_docs, tmp)
         print("# accuracy", file=sys.stderr, flush=True)
         acc_docs = accuracy_subset(corpus, args.subset)
         out["accuracy"] = bench_accuracy(acc_docs, tmp)

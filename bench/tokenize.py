@@ -1,18 +1,19 @@
-"""Tokenize stage vs the raw encoder, side by side in one process (prints JSON).
+"""Tokenize stage: per core vs the raw encoder, and at corpus scale (prints JSON).
 
-On the same texts (the built-in sample corpus, repeated ``--repeat`` times, in a jsonl
-file) and the same byte-level BPE (trained here, ``--vocab-size``):
+Default run, in one process, on the built-in sample corpus repeated ``--repeat`` times and
+a byte-level BPE trained here (``--vocab-size``):
 
-* raw: ``Tokenizer.encode_batch`` over the texts already in memory, single-threaded
-  (``TOKENIZERS_PARALLELISM=false``), i.e. one core's worth of encoder;
-* stage, in-process: the whole stage (read jsonl -> split -> encode -> pack -> write Arrow
-  shards + sha256 + manifest) with ``--workers 0``: the per-core figure, goal >= 0.8x raw;
-* stage on Ray with 1 and 2 encoder actors (local Ray, actor start-up included):
-  goal 2 workers >= 1.6x one.
+* raw: ``Tokenizer.encode_batch`` over texts already in memory, single-threaded;
+* stage, in-process (``tokenize_files`` with the local executor: read jsonl -> split ->
+  encode -> pack -> write Arrow shards + sha256 -> manifest): goal >= 0.8x raw per core.
 
-Each figure is the best of ``--trials`` runs, the configurations interleaved trial by
-trial (the machines are shared and noisy).
-Run: ``python -m bench.tokenize [--repeat 2] [--trials 2] [--vocab-size 8192]``.
+``--scale 50,200``: the ``opt-ray tokenize`` CLI on corpora of those sizes of real text
+(``bench.dedup.build_corpus``: jsonl files of ~8 MB, one task each) with 1 and 2 workers:
+MB/s and tokens/s after Ray is up (the manifest's rate), per worker, the driver's peak
+RSS (its own ``ru_maxrss``), with the load average.
+
+Run: ``python -m bench.tokenize [--repeat 2] [--trials 2]`` or
+``python -m bench.tokenize --scale 50,200 [--workers 1,2]``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,96 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers is imported
+
+
+def per_core(args, work: Path) -> dict:
+    from opt_ray.data.readers import resolve_inputs
+    from opt_ray.data.sample import write_sample_corpus
+    from opt_ray.data.tokenize_pipeline import tokenize_files
+    from opt_ray.data.tokenizer import train_tokenizer
+
+    sample = write_sample_corpus(work / "sample")
+    lines = sample.read_text().splitlines(keepends=True)
+    corpus = work / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for _ in range(args.repeat):
+            f.writelines(lines)
+    texts = [json.loads(ln)["text"] for ln in lines] * args.repeat
+    tok = train_tokenizer(iter(texts[:len(lines)]), args.vocab_size)
+    files = resolve_inputs([str(corpus)])
+
+    def raw() -> tuple[float, int, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = 0
+        for i in range(0, len(texts), 1000):
+            n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 1000],
+                                                          add_special_tokens=False))
+        return time.perf_counter() - t0, n, time.process_time() - c0
+
+    def stage() -> tuple[float, int, float]:
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokenize_files(files, tok, out, seq_len=args.seq_len, valid_fraction=0.01)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        m = json.loads((out / "manifest.json").read_text())
+        return dt, sum(s["stream_tokens"] for s in m["splits"].values()), cpu
+
+    stage()   # warm-up: imports stay out of the timings
+    runs: dict[str, list] = {"raw_encode_batch": [], "stage_in_process": []}
+    for _ in range(args.trials):
+        runs["raw_encode_batch"].append(raw())
+        runs["stage_in_process"].append(stage())
+    res = {}
+    for k, v in runs.items():
+        dt, n, _ = min(v)
+        cpu = min(r[2] for r in v)
+        res[k] = {"seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt),
+                  "tokens_per_cpu_s": round(n / cpu)}
+    res["stage_vs_raw_per_core_cpu_time"] = round(
+        res["stage_in_process"]["tokens_per_cpu_s"] / res["raw_encode_batch"]["tokens_per_cpu_s"], 3)
+    return res
+
+
+def scale(sizes: list[float], workers: list[int], work: Path, vocab_size: int) -> dict:
+    from bench.dedup import build_corpus, real_corpus, run_cli
+    from opt_ray.data.tokenizer import save_tokenizer, train_tokenizer
+
+    corpus = real_corpus()
+    tok_dir = work / "tok"
+    # A vocabulary from ~4 MB of the same text (training on all of it is not the stage).
+    save_tokenizer(train_tokenizer((t for _, t in corpus[::100]), vocab_size), tok_dir)
+    out: dict = {}
+    for mb in sizes:
+        files = build_corpus(corpus, mb, work / f"c{int(mb)}")
+        real_mb = sum(os.path.getsize(f) for f in files) / 1e6
+        for w in workers:
+            dest = work / f"tok-{int(mb)}-{w}"
+            load0 = os.getloadavg()[0]
+            r = run_cli(["tokenize", *files, "--tokenizer", str(tok_dir), "--seq-len", "2048",
+                         "--output", str(dest), "--workers", str(w), "--num-cpus",
+                         str(max(workers)), "--no-progress", "--overwrite"])
+            m = json.loads((dest / "manifest.json").read_text())
+            tokens = sum(s["stream_tokens"] for s in m["splits"].values())
+            seconds = tokens / max(m["tokens_per_second"], 1)
+            out[f"{int(mb)}mb_{w}w"] = {
+                "input_mb": round(real_mb, 1), "files": len(files), "workers": w,
+                "tokens": tokens, "tokens_per_s": m["tokens_per_second"],
+                "mb_s": round(real_mb / seconds, 2),
+                "mb_s_per_worker": round(real_mb / seconds / w, 2),
+                "encode_cpu_s": m["encode_cpu_seconds"],
+                "driver_peak_rss_mb": round(r["driver_peak_rss_mb"], 1),
+                "wall_s_with_ray_start": round(r["wall_s"], 1),
+                "load_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+            print(json.dumps(out[f"{int(mb)}mb_{w}w"]), file=sys.stderr, flush=True)
+            shutil.rmtree(dest, ignore_errors=True)
+    return out
 
 
 def main() -> int:
@@ -35,130 +121,22 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--no-ray", action="store_true", help="skip the Ray runs")
+    ap.add_argument("--scale", default=None, metavar="MB,MB",
+                    help="only the corpus-scale CLI runs, e.g. 50,200")
+    ap.add_argument("--workers", default="1,2", help="worker counts for --scale")
     args = ap.parse_args()
-
-    from opt_ray.data.readers import iter_records
-    from opt_ray.data.sample import write_sample_corpus
-    from opt_ray.data.shards import token_dtype, write_shards
-    from opt_ray.data.tokenizer import special_ids, train_tokenizer
-
-    work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
+    res: dict = {"bench": "tokenize", "machine": f"{platform.node()} {os.cpu_count()} cpus",
+                 "load_average_1m_start": os.getloadavg()[0]}
+    work = Path(tempfile.mkdtemp(prefix="bench-tokenize-", dir=os.environ.get("BENCH_TMP")))
     try:
-        sample = write_sample_corpus(work / "sample")
-        lines = sample.read_text().splitlines(keepends=True)
-        corpus = work / "corpus.jsonl"
-        with open(corpus, "w") as f:
-            for r in range(args.repeat):
-                f.writelines(lines)
-        texts = [json.loads(ln)["text"] for ln in lines] * args.repeat
-        chars = sum(map(len, texts))
-        tok = train_tokenizer(iter(texts[:len(lines)]), args.vocab_size)
-        # Warm up imports (pyarrow, ray via metrics) so no trial pays for them.
-        write_shards(iter(json.loads(ln) for ln in lines[:50]), tok, work / "warm", seq_len=16)
-        eos = special_ids(tok)["eos"]
-
-        def raw(fast: bool) -> tuple[float, int]:
-            encode = tok.encode_batch_fast if fast else tok.encode_batch
-            t0, c0 = time.perf_counter(), time.process_time()
-            n = 0
-            for i in range(0, len(texts), 1000):
-                n += sum(len(e.ids) for e in encode(texts[i:i + 1000], add_special_tokens=False))
-            return time.perf_counter() - t0, n, time.process_time() - c0
-
-        def stage(encode_map=None) -> tuple[float, int, float, float]:
-            out = work / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            t0, c0 = time.perf_counter(), time.process_time()
-            write_shards(iter_records([str(corpus)]), tok, out, seq_len=args.seq_len,
-                         valid_fraction=0.01, encode_map=encode_map)
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            m = json.loads((out / "manifest.json").read_text())
-            return (dt, sum(s["stream_tokens"] for s in m["splits"].values()), cpu,
-                    m["encode_cpu_seconds"])
-
-        def wait_cpus_free(timeout: float = 60.0) -> None:
-            """ray.kill is asynchronous: a trial must not start while the previous trial's
-            actors still hold the CPUs, or the new actors queue behind them (which would
-            charge the 2-worker runs, which need every CPU, for the previous run's exit)."""
-            import ray
-
-            deadline = time.monotonic() + timeout
-            while (ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0)
-                   and time.monotonic() < deadline):
-                time.sleep(0.1)
-
-        def summary(runs: list) -> dict:
-            dt, n = min(runs)[:2]
-            cpu = min(r[2] for r in runs)
-            # driver-process CPU seconds: for the in-process runs this is the one core's
-            # work, a fairer per-core measure than wall time on a loaded machine
-            out = {"seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt),
-                   "driver_cpu_seconds": round(cpu, 3), "tokens_per_cpu_s": round(n / cpu),
-                   "all_seconds": [round(r[0], 3) for r in runs]}
-            if len(runs[0]) > 3:
-                out["encode_cpu_seconds"] = round(min(r[3] for r in runs), 3)
-            if len(runs[0]) > 4:
-                out["actor_startup_seconds"] = [round(r[4], 3) for r in runs]
-            return out
-
-        res: dict = {"bench": "tokenize", "machine": f"{platform.node()} {os.cpu_count()} cpus",
-                     "corpus_chars": chars, "docs": len(texts), "vocab_size": tok.get_vocab_size(),
-                     "seq_len": args.seq_len, "load_average_1m_start": os.getloadavg()[0]}
-        # Trials interleave the configurations so that each sees the same (drifting) load.
-        runs: dict[str, list] = {k: [] for k in ("raw_encode_batch", "raw_encode_batch_fast",
-                                                 "stage_in_process")}
-        for _ in range(args.trials):
-            runs["raw_encode_batch"].append(raw(False))
-            runs["raw_encode_batch_fast"].append(raw(True))
-            runs["stage_in_process"].append(stage())
-        if not args.no_ray:
-            import ray
-
-            from actors.tokenize import TokenizePool, ray_encode_map
-
-            from opt_ray.ray_util import local_ray_kwargs
-
-            ray.init(**local_ray_kwargs(), num_cpus=2, include_dashboard=False, log_to_driver=False)
-            try:
-                dtype = token_dtype(tok.get_vocab_size())
-                for _ in range(args.trials):
-                    for w in (1, 2):
-                        # the whole stage, actors started by it
-                        wait_cpus_free()
-                        runs.setdefault(f"stage_ray_{w}_workers", []).append(
-                            stage(ray_encode_map(tok, eos, dtype, w)))
-                        # the same with the actors already started: the stage's steady
-                        # state, what matters for corpora bigger than this one
-                        wait_cpus_free()
-                        t0 = time.perf_counter()
-                        with TokenizePool(tok, eos, dtype, w) as pool:
-                            pool.wait_ready()
-                            startup = time.perf_counter() - t0
-                            runs.setdefault(f"stage_ray_{w}_workers_warm", []).append(
-                                (*stage(pool.map), startup))
-            finally:
-                ray.shutdown()
-        res.update({k: summary(v) for k, v in runs.items()})
-        assert res["stage_in_process"]["tokens"] == res["raw_encode_batch"]["tokens"] + len(texts)
-        res["stage_vs_raw_per_core"] = round(res["stage_in_process"]["tokens_per_s"]
-                                             / res["raw_encode_batch"]["tokens_per_s"], 3)
-        res["stage_vs_raw_per_core_cpu_time"] = round(res["stage_in_process"]["tokens_per_cpu_s"]
-                                                      / res["raw_encode_batch"]["tokens_per_cpu_s"], 3)
-        if not args.no_ray:
-            res["ray_2_vs_1_workers"] = round(res["stage_ray_2_workers"]["tokens_per_s"]
-                                              / res["stage_ray_1_workers"]["tokens_per_s"], 3)
-            res["ray_2_vs_1_workers_warm"] = round(res["stage_ray_2_workers_warm"]["tokens_per_s"]
-                                                   / res["stage_ray_1_workers_warm"]["tokens_per_s"], 3)
-            # Amdahl bound from CPU accounting (load-independent): the driver (read, split,
-            # pack, write) is serial, encoding splits over the workers.
-            drv = res["stage_ray_1_workers"]["driver_cpu_seconds"]
-            enc = res["stage_ray_1_workers"]["encode_cpu_seconds"]
-            res["ray_2_vs_1_bound_from_cpu"] = round(max(drv, enc) / max(drv, enc / 2), 3)
-            res["ray_1_worker_vs_raw"] = round(res["stage_ray_1_workers"]["tokens_per_s"]
-                                               / res["raw_encode_batch"]["tokens_per_s"], 3)
+        if args.scale:
+            res["scale"] = scale([float(x) for x in args.scale.split(",")],
+                                 [int(x) for x in args.workers.split(",")], work,
+                                 args.vocab_size)
+        else:
+            res.update(per_core(args, work))
+            res["goals"] = {"stage_vs_raw_per_core_cpu_time": ">= 0.8"}
         res["load_average_1m_end"] = os.getloadavg()[0]
-        res["goals"] = {"stage_vs_raw_per_core": ">= 0.8", "ray_2_vs_1_workers": ">= 1.6"}
         print(json.dumps(res))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -680,6 +680,9 @@ def components_phase(plan: Plan, n_splits: int) -> dict[str, Any]:
         for s in range(n_splits):
             lo, hi = np.searchsorted(rem_uids, [s << 32, (s + 1) << 32])
             np.save(tmp / f"removed-s{s:05d}.npy", rem_uids[lo:hi])
+        # The report's excerpt is made here, so the driver never loads every cluster.
+        (tmp / "report_clusters.json").write_text(
+            json.dumps(report_clusters(tmp, plan.cfg.report_clusters)))
         return _finish_task(tmp, {"clusters": int(len(keep_of)), "removed": int(removed.sum()),
                                   "exact_duplicates": int(sum(len(x) for x in us[0::2]))})
 
@@ -960,7 +963,7 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, execu
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "throughput_mb_s": round(nbytes / 1e6 / max(timings["total_s"], 1e-9), 3),
         "input_errors": errors.to_dict(), "resumed": resumed,
-        "clusters": report_clusters(work / "components", cfg.report_clusters),
+        "clusters": json.loads((work / "components" / "report_clusters.json").read_text()),
     }
     steps += [{"phase": k[:-2], "seconds": round(v, 4)} for k, v in timings.items()]
     steps.append({"phase": "done", **counts})
@@ -971,18 +974,28 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, execu
 
 
 def _report_duplicate_ids(plan: Plan, errors: InputErrors, strict: bool) -> None:
-    """Duplicate ids as bad records of the file and row where they occur again."""
+    """Duplicate ids as bad records of the file where they occur again: every one
+    counted, the first ``errors.max_examples`` per file described."""
     t = _read_tables(plan.part_dir("keys", p) / "dup_ids.parquet" for p in range(plan.parts))
     t = t.sort_by("uid")
-    for uid, first, doc_id in zip(t.column("uid").to_pylist(), t.column("first").to_pylist(),
-                                  t.column("id").to_pylist()):
-        f = plan.files[uid >> 32]
-        where = f"{plan.files[first >> 32].path} record {(first & 0xFFFFFFFF) + 1}"
-        detail = (f"id {doc_id!r} (record {(uid & 0xFFFFFFFF) + 1} of the file) was "
-                  f"already used by {where}; fix --id-field, or omit it to generate ids")
-        if strict:
-            raise UserError(f"{f.path}: duplicate id: {detail}")
-        errors.add(str(f.path), (uid & 0xFFFFFFFF) + 1, "duplicate_id", detail)
+    uids = t.column("uid").to_numpy()
+    splits, starts, counts = np.unique(uids >> 32, return_index=True, return_counts=True)
+    for s, start, count in zip(splits.tolist(), starts.tolist(), counts.tolist()):
+        f = plan.files[s]
+        shown = min(count, errors.max_examples)
+        rows = t.slice(start, shown).to_pydict()
+        for uid, first, doc_id in zip(rows["uid"], rows["first"], rows["id"]):
+            k = (uid & 0xFFFFFFFF) + 1
+            detail = (f"id {doc_id!r} (usable record {k} of the file) was already used by "
+                      f"{plan.files[first >> 32].path} usable record {(first & 0xFFFFFFFF) + 1}; "
+                      f"fix --id-field, or omit it to generate ids")
+            if strict:
+                raise UserError(f"{f.path}: duplicate id: {detail}")
+            errors.add(str(f.path), k, "duplicate_id", detail)
+        if count > shown:          # counted, not described (bounded driver work)
+            entry = errors.files[str(f.path)]
+            entry["count"] += count - shown
+            entry["by_kind"]["duplicate_id"] += count - shown
 
 
 def report_clusters(components_dir: Path, limit: int) -> list[dict[str, Any]]:
@@ -1006,9 +1019,18 @@ def report_clusters(components_dir: Path, limit: int) -> list[dict[str, Any]]:
     return out
 
 
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:      # another filesystem: copy
+        shutil.copyfile(src, dst)
+
+
 def _finish_output(out: Path, overwrite: bool, work: Path, filtered: list[dict],
                    report: dict[str, Any], steps: list[dict]) -> None:
-    """Move the workers' shards (renames, no copies) and write the report and manifest."""
+    """Link the workers' shards into the artifact (hard links: no copy, and the work dir
+    stays whole until the artifact is committed, should the driver die here) and write
+    the report and manifest."""
     from opt_ray.data.artifact_io import PrehashedArtifactWriter
 
     with PrehashedArtifactWriter(out, kind="dedup", overwrite=overwrite) as w:
@@ -1016,10 +1038,10 @@ def _finish_output(out: Path, overwrite: bool, work: Path, filtered: list[dict],
         for info in filtered:
             src = work / "filter" / f"s{info['split']:05d}"
             for sh in info["shards"]:
-                os.replace(src / sh["file"], w.path / sh["file"])
+                _link(src / sh["file"], w.path / sh["file"])
                 w.known[sh["file"]] = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
                 shards.append({"file": sh["file"], "rows": sh["rows"]})
-        shutil.copyfile(work / "components" / CLUSTERS, w.path / CLUSTERS)
+        _link(work / "components" / CLUSTERS, w.path / CLUSTERS)
         (w.path / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         with open(w.path / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in steps)

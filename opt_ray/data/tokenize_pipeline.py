@@ -11,7 +11,7 @@ own shards, once. Its files go to the work dir ``.<output>.tokenize-work/sNNNNN/
 worker's task is retried.
 
 The driver only plans, tracks and writes the manifest from the tasks' summaries; the
-shards are moved (renamed) into the artifact, not read again. Packing is per input file:
+shards are hard-linked into the artifact, not read again. Packing is per input file:
 a file's last partial row of each split is dropped (counted in ``dropped_tail_tokens``),
 at most ``seq_len`` tokens per file and split.
 """
@@ -257,7 +257,7 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
             for sp in SPLITS:
                 for sh in info["splits"][sp]["shards"]:
                     (w.path / sh["name"]).parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(src / sh["name"], w.path / sh["name"])
+                    _link(src / sh["name"], w.path / sh["name"])
                     w.known[sh["name"]] = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
         tokens = sum(v["stream_tokens"] for v in summary.values())
         w.manifest.update({
@@ -276,6 +276,14 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
         })
     shutil.rmtree(work, ignore_errors=True)
     return w.out
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link (no copy; the work dir stays whole until the artifact is committed)."""
+    try:
+        os.link(src, dst)
+    except OSError:      # another filesystem: copy
+        shutil.copyfile(src, dst)
 
 
 def _merge(infos: list[dict]) -> dict[str, Any]:
