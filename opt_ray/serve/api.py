@@ -145,6 +145,9 @@ FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream"
            "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "suffix"}
 
 
+MAX_STOP = 16
+
+
 def _num(body: dict, name: str, kind: type, default: Any) -> Any:
     v = body.get(name, default)
     if v is None:
@@ -216,8 +219,12 @@ def parse_body(body: Any, *, model_name: str, limits: Limits) -> CompletionReque
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise bad("stop", "must be a non-empty string or a list of up to 4 non-empty strings")
+    # OpenAI allows 4; lm-eval sends a task's `until` list plus the EOS string (often more),
+    # and vLLM takes any number: allow a few more, each bounded.
+    if not isinstance(stop, list) or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop) \
+            or len(stop) > MAX_STOP:
+        raise bad("stop", f"must be a non-empty string or a list of up to {MAX_STOP} non-empty "
+                          f"strings of at most 256 characters")
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(type(t) is int and 0 <= t < vocab_size for t in stop_ids):
         raise bad("stop_token_ids", f"must be a list of token ids in [0, {vocab_size})")

@@ -1,8 +1,9 @@
 """lm-evaluation-harness's own ``local-completions`` backend against the Ray-free HTTP
 front end gives the same per-choice and rolling log-likelihoods as lm-eval's ``hf``
-backend on the same random-weight checkpoint written by transformers (fp32, 1e-4), with
-and without BOS, at batch sizes 1 and 4 (a batch is one request with a list of token-id
-lists). Local tasks only (``dataset_path: json``, offline)."""
+backend on the same random-weight checkpoint written by transformers (fp32, 1e-4), and
+the same greedy generations, with and without BOS, at batch sizes 1 and 4 (a batch is one
+request with a list of token-id lists). Local tasks only (``dataset_path: json``,
+offline)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ MC_DOCS = [
     {"question": "Open pretrained transformers are", "choices": [" decoder-only", " brown", " language models."], "label": 2},
     {"question": "Zürich, café,", "choices": [" naïve", " bytes", " every step"], "label": 0},
 ]
+GEN_DOCS = [{"question": "The quick brown", "answer": " fox"},
+            {"question": "Zürich, café, naïve: bytes that span", "answer": " more"}]
 ROLL_DOCS = [
     {"text": "The quick brown fox jumps over the lazy dog. " * 4},
     {"text": "Continuous batching lets requests join and leave at every step. Open pretrained "
@@ -40,6 +43,7 @@ ROLL_DOCS = [
 def _write_tasks(d) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in MC_DOCS))
+    (d / "gen.jsonl").write_text("".join(json.dumps(x) + "\n" for x in GEN_DOCS))
     (d / "roll.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ROLL_DOCS))
     (d / "optray_mc.yaml").write_text(f"""task: optray_mc
 dataset_path: json
@@ -53,6 +57,27 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    (d / "optray_gen.yaml").write_text(f"""task: optray_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'gen.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", ".", ",", ":", ";"]
+  max_gen_toks: 8
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
 """)
     (d / "optray_roll.yaml").write_text(f"""task: optray_roll
 dataset_path: json
@@ -65,19 +90,22 @@ doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
 """)
 
 
-def _per_request(results) -> dict[str, list[float]]:
-    """task -> the log-likelihood of every request (every choice of every doc), in order."""
+def _per_request(results) -> dict[str, list]:
+    """task -> the result of every request (every choice of every doc), in order: a
+    log-likelihood, or the generated text."""
     out = {}
     for task, samples in results["samples"].items():
-        lls = []
+        got = []
         for s in sorted(samples, key=lambda s: s["doc_id"]):
             for r in s["resps"]:
                 x = r[0]
-                lls.append(float(x[0] if isinstance(x, (list, tuple)) else x))
-        out[task] = lls
+                got.append(x if isinstance(x, str) else float(x[0] if isinstance(x, (list, tuple)) else x))
+        out[task] = got
     return out
 
 
@@ -94,7 +122,7 @@ def setup(tmp_path_factory):
 
 def _evaluate(model: str, model_args: dict, tm, batch_size: int):
     import lm_eval
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["optray_mc", "optray_roll"],
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["optray_mc", "optray_roll", "optray_gen"],
                                    task_manager=tm, batch_size=batch_size, log_samples=True,
                                    device="cpu", bootstrap_iters=0)
 
@@ -123,3 +151,5 @@ def test_local_completions_equals_hf_backend(setup):
                     assert len(got[task]) == len(ref[bos][task])
                     diff = max(abs(a - b) for a, b in zip(got[task], ref[bos][task]))
                     assert diff < 1e-4, (task, bos, batch_size, got[task], ref[bos][task])
+                # Greedy generation with the task's stop strings: the same text.
+                assert got["optray_gen"] == ref[bos]["optray_gen"], (bos, batch_size)

@@ -78,8 +78,12 @@ def test_greedy_via_openai_client_matches_transformers(server):
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
         got = list(pool.map(lambda p: client.completions.create(
             model="opt-tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text, PROMPTS))
-    assert got == _hf_greedy_texts(server["ckpt"], PROMPTS, 12)
+    want = _hf_greedy_texts(server["ckpt"], PROMPTS, 12)
+    assert got == want
     assert client.models.list().data[0].id == "opt-tiny"
+    # One request with a list of prompts: an engine request each, spread over the replicas.
+    batch = client.completions.create(model="opt-tiny", prompt=PROMPTS, max_tokens=12, temperature=0)
+    assert [c.text for c in batch.choices] == want
 
 
 def test_streaming_equals_non_streaming_and_seeds_reproduce(server):
