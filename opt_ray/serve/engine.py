@@ -543,6 +543,8 @@ class Engine:
         self.prefill_tokens += n_prefill
         self._last = (len(rows), n_prefill, n_decode)
         h = self.runner.forward(tokens, positions, slots, rows, select)
+        if not select:                   # only prompt chunks that do not end their prompt
+            return
         # Sampling runs on the CPU with per-request CPU generators: reproducible anywhere.
         logits = self.runner.lm_head(h).cpu()                                   # (len(select), V)
         for run, first, cnt, at in prompt_lp:
@@ -558,6 +560,8 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, samplers: list[tuple[_Running, list[_Seq], int]]) -> None:
         flat = [(run, s, at) for run, seqs, at in samplers for s in seqs]
+        if not flat:
+            return
         rows = torch.tensor([at for _, _, at in flat])
         x = logits[rows]                                                     # (B, V) raw
         params = [run.req.params for run, _, _ in flat]

@@ -123,7 +123,7 @@ class ModelRunner:
             x = x + layer.fc2(layer.act(layer.fc1(h)))
             if not layer.pre_ln:
                 x = layer.final_layer_norm(x)
-        x = x[torch.tensor(select, device=dev)]          # norms are per token: select first
+        x = x[torch.tensor(select, dtype=torch.long, device=dev)]   # norms are per token: select first
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)
         if dec.project_out is not None:

@@ -1,0 +1,240 @@
+"""The packed engine step (issue 15): prefill chunks and decode rows in one forward, each
+row attending over its own length, chunked prefill, batched sampling, logprobs, the byte
+table detokenizer. References: transformers (greedy ids, log-softmax) and the tokenizer's
+own decode."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, IncrementalDetokenizer,
+                                  engine_from_checkpoint)
+from opt_ray.serve.sampling import SamplingParams, filter_top_k_top_p, make_generator, sample_batch
+from tests.serve_helpers import build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("opt-tiny-packed"))
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    from transformers import OPTForCausalLM
+    return OPTForCausalLM.from_pretrained(str(ckpt)).eval()
+
+
+def _engine(ckpt, **kw):
+    kw.setdefault("max_num_seqs", 8)
+    kw.setdefault("max_waiting", 16)
+    return engine_from_checkpoint(ckpt, EngineConfig(**kw))
+
+
+def _prompts(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 400) for _ in range(L)] for L in lengths[:n]]
+
+
+def _hf_greedy(hf, ids: list[int], max_new: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=1)
+    return out[0, len(ids):].tolist()
+
+
+def _hf_logsoftmax(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _drain(engine, rids: set[str]):
+    toks: dict[str, list[int]] = {r: [] for r in rids}
+    lps: dict[str, list] = {r: [] for r in rids}
+    prompt_lps: dict[str, list] = {}
+    done: set[str] = set()
+    while done != rids:
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                prompt_lps[out.request_id] = out.prompt_logprobs
+            for c in out.outputs:
+                toks[out.request_id] += c.token_ids
+                lps[out.request_id] += c.logprobs or []
+            if out.finished:
+                done.add(out.request_id)
+    return toks, lps, prompt_lps
+
+
+LENGTHS = [1, 3, 17, 90, 200, 40]
+
+
+@pytest.mark.parametrize("budget", [512, 7])
+def test_greedy_equals_transformers_very_different_lengths(ckpt, hf, budget):
+    """Prompts of 1..200 tokens together (chunked under a 7-token budget or not): greedy
+    ids equal transformers' for every request."""
+    engine = _engine(ckpt, max_prefill_tokens=budget)
+    prompts = _prompts(6, LENGTHS)
+    p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(EngineRequest(f"r{i}", ids, p))
+    got, _, _ = _drain(engine, {f"r{i}" for i in range(6)})
+    for i, ids in enumerate(prompts):
+        assert got[f"r{i}"] == _hf_greedy(hf, ids, 10), (i, len(ids))
+    # Every prompt token went through the model exactly once.
+    assert engine.stats().prefill_tokens == sum(map(len, prompts))
+
+
+def test_chunked_prefill_same_tokens_and_chunk_count(ckpt):
+    prompt = _prompts(1, [50], seed=3)[0]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    whole = _engine(ckpt).generate(prompt, p)[0].token_ids
+    engine = _engine(ckpt, max_prefill_tokens=8)
+    engine.add_request(EngineRequest("c", prompt, p))
+    first_token_step = None
+    while engine.has_work():
+        outs = engine.step()
+        if first_token_step is None and any(c.token_ids for o in outs for c in o.outputs):
+            first_token_step = engine.steps
+            assert engine.stats().last_step_prefill_tokens == 50 - 6 * 8
+    assert first_token_step == 7                           # ceil(50 / 8) chunks
+    assert _engine(ckpt, max_prefill_tokens=8).generate(prompt, p)[0].token_ids == whole
+
+
+def test_prefill_and_decode_share_one_forward(ckpt, hf):
+    """A newcomer's prompt is computed in the same forward as the running decodes: one
+    forward per step, its rows = the decoders + the newcomer's chunk."""
+    engine = _engine(ckpt)
+    a, b, c = _prompts(3, [30, 12, 70], seed=5)
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.add_request(EngineRequest("a", a, p))
+    engine.add_request(EngineRequest("b", b, p))
+    engine.step()                                            # both prompts: one forward
+    st = engine.stats()
+    assert (st.forwards, st.last_step_rows, st.last_step_prefill_tokens, st.last_step_decode_rows) == (1, 2, 42, 0)
+    engine.step()
+    engine.add_request(EngineRequest("c", c, p))
+    outs = {o.request_id: o for o in engine.step()}
+    st = engine.stats()
+    assert (st.forwards, st.last_step_rows, st.last_step_prefill_tokens, st.last_step_decode_rows) == (3, 3, 70, 2)
+    assert set(outs) == {"a", "b", "c"} and all(len(o.outputs[0].token_ids) == 1 for o in outs.values())
+    got, _, _ = _drain(engine, {"a", "b", "c"})
+    assert engine.stats().forwards == engine.steps
+    # And the packed tokens are the right ones.
+    firsts = {"a": 2, "b": 2, "c": 0}
+    for rid, ids in zip("abc", (a, b, c)):
+        assert got[rid] == _hf_greedy(hf, ids, 8)[firsts[rid] + 1:], rid
+
+
+def test_logprobs_equal_transformers_prompt_and_generated(ckpt, hf):
+    """echo + logprobs: every prompt token's log-prob (first None) and every generated
+    token's raw log-prob (before temperature) equal transformers' log_softmax over the
+    full sequence; the top-N are the true top-N; the chosen token is always present."""
+    engine = _engine(ckpt, max_prefill_tokens=16)          # prompt logprobs across chunks
+    prompts = _prompts(3, [37, 5, 120], seed=7)
+    k = 2
+    params = [SamplingParams(max_tokens=9, temperature=0, echo=True, logprobs=k, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=3.0, seed=1, echo=True, logprobs=1, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=0, logprobs=0, ignore_eos=True)]
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        engine.add_request(EngineRequest(f"l{i}", ids, p))
+    toks, lps, plps = _drain(engine, {"l0", "l1", "l2"})
+    outside = 0
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        rid = f"l{i}"
+        full = ids + toks[rid]
+        ref = _hf_logsoftmax(hf, full)                      # (len, V)
+        entries = ([] if not p.echo else plps[rid][1:]) + lps[rid]
+        start = 1 if p.echo else len(ids)
+        if p.echo:
+            assert plps[rid][0] is None and len(plps[rid]) == len(ids)
+        else:
+            assert plps.get(rid) is None
+        assert len(entries) == len(full) - start
+        for j, e in zip(range(start, len(full)), entries):
+            assert e.token_id == full[j]
+            assert e.logprob == pytest.approx(float(ref[j - 1, full[j]]), abs=1e-4)
+            top_ref = torch.topk(ref[j - 1], p.logprobs).indices.tolist() if p.logprobs else []
+            assert [t for t, _ in e.top[:p.logprobs]] == top_ref
+            assert dict(e.top)[full[j]] == e.logprob       # chosen present whatever it is
+            outside += full[j] not in top_ref
+    assert outside > 0                                     # the case was exercised
+
+
+def test_stream_equals_non_stream_with_logprobs(ckpt):
+    engine = _engine(ckpt, max_prefill_tokens=10)
+    prompts = _prompts(4, [3, 60, 25, 9], seed=11)
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=40, top_p=0.9, seed=5,
+                            logprobs=3, echo=True, ignore_eos=True)
+    expected = [engine.generate(ids, params)[0] for ids in prompts]
+
+    async def one(loop, i, ids):
+        toks, text, lps = [], "", []
+        async for out in loop.generate(EngineRequest(f"s{i}", ids, params)):
+            for c in out.outputs:
+                toks += c.token_ids
+                text += c.text
+                lps += c.logprobs or []
+        return toks, text, lps
+
+    async def main():
+        loop = EngineLoop(engine)
+        try:
+            return await asyncio.gather(*(one(loop, i, ids) for i, ids in enumerate(prompts)))
+        finally:
+            loop.stop()
+    for (toks, text, lps), e in zip(asyncio.run(main()), expected):
+        assert toks == e.token_ids and text == e.text
+        # Same tokens and alternatives; values equal up to GEMM rounding (other batch shapes).
+        assert [(x.token_id, [t for t, _ in x.top]) for x in lps] == \
+            [(x.token_id, [t for t, _ in x.top]) for x in e.logprobs]
+        assert [x.logprob for x in lps] == pytest.approx([x.logprob for x in e.logprobs], abs=1e-4)
+
+
+def test_byte_table_detokenizer_equals_decode(ckpt):
+    engine = _engine(ckpt)
+    tok = engine.tokenizer
+    assert engine._byte_table is not None                  # the O(1) path is in use
+    rng = random.Random(0)
+    V = tok.get_vocab_size()
+    for trial in range(30):
+        ids = [rng.randrange(0, V) for _ in range(rng.randint(1, 40))]
+        fast, slow = IncrementalDetokenizer(tok), IncrementalDetokenizer(tok, table=None)
+        a = "".join(fast.push(t) for t in ids) + fast.flush()
+        b = "".join(slow.push(t) for t in ids) + slow.flush()
+        assert a == b == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_sample_batch_rows_independent_and_filtered():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    ps = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=3, seed=1),
+          SamplingParams(temperature=0.7, top_p=0.5, seed=2), SamplingParams(temperature=2.0, seed=3),
+          SamplingParams(temperature=1.0, top_k=5, top_p=0.8, seed=4),
+          SamplingParams(temperature=0, repetition_penalty=100.0)]
+    seen = [None] * 5 + [torch.tensor([int(logits[5].argmax())])]
+    gens = [None if p.greedy else make_generator(p.seed) for p in ps]
+    batch = sample_batch(logits, ps, seen, gens)
+    # Each row alone, with a fresh generator of the same seed, gives the same token.
+    for i, p in enumerate(ps):
+        g = None if p.greedy else make_generator(p.seed)
+        assert sample_batch(logits[i:i + 1], [p], [seen[i]], [g]) == [batch[i]]
+    assert batch[0] == int(logits[0].argmax())
+    assert batch[5] != int(logits[5].argmax())             # the penalty moved it
+    # Draws only from the tokens filter_top_k_top_p keeps.
+    for i in (1, 2, 4):
+        allowed = torch.isfinite(filter_top_k_top_p(logits[i] / ps[i].temperature, ps[i].top_k, ps[i].top_p))
+        rows = logits[i].expand(200, -1)
+        g = make_generator(9)
+        picks = sample_batch(rows, [ps[i]] * 200, [None] * 200, [g] * 200)
+        assert all(bool(allowed[t]) for t in picks) and len(set(picks)) > 1
+
+
+def test_float16_and_threads_config(ckpt):
+    engine = _engine(ckpt, dtype="float16", threads=1)
+    assert torch.get_num_threads() == 1
+    out = engine.generate(_prompts(1, [20])[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 5
+    torch.set_num_threads(2)
