@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import threading
-import time
 
 from opt_ray.config import add_dataclass_args, from_args
 from opt_ray.ray_util import add_ray_args, init_ray

@@ -209,10 +209,12 @@ class Frontend:
             await ex.close()
         return accs
 
-    async def completion_json(self, body: bytes | dict) -> dict[str, Any]:
-        """A whole non-streaming completions exchange (raises ``ApiError``)."""
-        req = await self.parse(body)
-        return api.completion_response(await self.complete(req), self.tokenizer)
+    async def render(self, accs: list[api.Accumulator]) -> bytes:
+        """The non-streaming response as JSON bytes, built on the thread pool: echoing
+        long prompts with logprobs decodes every token (and its alternatives)."""
+        def build() -> bytes:
+            return json.dumps(api.completion_response(accs, self.tokenizer)).encode()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, build)
 
     async def sse(self, req: CompletionRequest, ex: Execution) -> AsyncIterator[str]:
         """Server-sent events for a started streaming request. An error after the status

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from opt_ray.serve.api import ApiError, body_too_large
@@ -65,8 +65,7 @@ def build_http_app(frontend: Frontend) -> Starlette:
             accs = await frontend.complete(req, ex)
         except ApiError as e:
             return error_response(e)
-        from opt_ray.serve import api
-        return JSONResponse(api.completion_response(accs, frontend.tokenizer))
+        return Response(await frontend.render(accs), media_type="application/json")
 
     async def models(request: Request):
         return JSONResponse(await frontend.models())
