@@ -1,0 +1,80 @@
+"""The trainer's real step on a 2-process gloo gang (data parallel, FSDP2), no Ray:
+gradients are reduce-scattered after every micro-batch (not only the last), and an fp16
+overflow injected into one rank's gradient shard makes every rank take the same skip
+and the same loss-scale decision."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+WORDS = "the quick brown fox jumps over lazy dog and runs far away from home".split()
+
+
+def _worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from opt_ray.train.loop import DynamicLossScaler, TrainConfig, Trainer
+
+    cfg = TrainConfig(data=shards, output=out, preset="tiny", steps=3, batch_tokens=8 * 32,
+                      micro_batch=2, lr=1e-3, warmup_steps=0, guard=False, dropout=0.0,
+                      precision="fp32", device="cpu", workers=world)
+    t = Trainer(cfg)
+    try:
+        # Loss scaling on in fp32 (CPU has no fp16 autocast): the decisions are the same code.
+        t.scaler = DynamicLossScaler(True, init_scale=16.0, growth_interval=100)
+        calls = {"n": 0}
+        state = {"step": 0}
+
+        def hook(p):  # FSDP2 runs it after each reduce-scatter into the sharded gradient
+            calls["n"] += 1
+            if rank == 1 and state["step"] == 2 and p.grad.to_local().numel():
+                p.grad.to_local().view(-1)[0] = math.inf  # an overflow in this rank's shard only
+
+        params = list(t.model.parameters())
+        for p in params:
+            p.register_post_accumulate_grad_hook(hook)
+        recs = []
+        for step in (1, 2, 3):
+            state["step"] = step
+            calls["n"] = 0
+            before = [p.detach().to_local().clone() for p in params]
+            r = t.train_step()
+            changed = any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
+            recs.append({"loss_scale": r["loss_scale"], "grad_norm": r["grad_norm"],
+                         "changed": changed, "reduce_scatters_per_param": calls["n"] / len(params),
+                         "accum": t.accum})
+        Path(out, f"rank{rank}.json").write_text(json.dumps(recs))
+    finally:
+        t.close()
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_per_micro_batch_reduce_scatter_and_same_overflow_decision(tmp_path):
+    from opt_ray.data.shards import write_shards
+    from opt_ray.data.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(200)]
+    shards = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300), tmp_path / "s",
+                          seq_len=32, valid_fraction=0.05)
+    out = tmp_path / "run"
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(shards), str(out)), nprocs=2, join=True)
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 8 rows / 2 ranks / micro 2 = 2 micro-batches, each reduce-scattered.
+    assert all(s["accum"] == 2 and s["reduce_scatters_per_param"] == 2 for s in r0 + r1)
+    # Step 2 overflowed on rank 1's shard only: both ranks skip it and halve the scale.
+    assert [s["loss_scale"] for s in r0] == [s["loss_scale"] for s in r1] == [16.0, 8.0, 8.0]
+    assert [s["changed"] for s in r0] == [s["changed"] for s in r1] == [True, False, True]
+    assert math.isinf(r0[1]["grad_norm"]) and math.isinf(r1[1]["grad_norm"])
