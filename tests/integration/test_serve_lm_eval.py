@@ -117,7 +117,7 @@ def setup(tmp_path_factory):
     ckpt = build_checkpoint(root / "ckpt", opt_bos=True)
     _write_tasks(root / "tasks")
     from lm_eval.tasks import TaskManager
-    return ckpt, TaskManager(include_path=str(root / "tasks"))
+    return ckpt, TaskManager(include_path=str(root / "tasks"), include_defaults=False)
 
 
 def _evaluate(model: str, model_args: dict, tm, batch_size: int):
