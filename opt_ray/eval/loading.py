@@ -1,0 +1,94 @@
+"""A checkpoint to evaluate, and the tokenizer it ships with.
+
+Three layouts are accepted, as ``opt-ray export`` / ``opt-ray train`` write them:
+
+- an HF-format directory (``config.json`` + weights), tokenizer beside it
+  (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``);
+- a training run directory (its newest valid checkpoint), tokenizer at
+  ``RUN_DIR/tokenizer.json`` (training copies the shards' tokenizer there);
+- one checkpoint of a run, ``RUN_DIR/checkpoints/step_N``.
+
+Log-likelihoods are only meaningful with the tokenizer the model was trained with, so a
+checkpoint without one is refused before the weights are read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opt_ray.errors import UserError
+
+
+@dataclass
+class EvalCheckpoint:
+    """Where a checkpoint's pieces are; nothing is loaded yet."""
+    path: Path                 # as given
+    kind: str                  # "hf" or "run"
+    weights: Path              # the HF dir, or the resolved checkpoints/step_N
+    tokenizer: Path            # file or directory for ``load_tokenizer``
+    run_dir: Path | None       # the training run the checkpoint belongs to, if any
+    step: int | None           # its training step, if known
+
+    def describe(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.weights), "kind": self.kind, "step": self.step,
+                "run_dir": str(self.run_dir) if self.run_dir else None}
+
+
+def locate(path: str | os.PathLike) -> EvalCheckpoint:
+    """Find the weights, tokenizer and run directory of ``path``; raises ``UserError``."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist; pass an HF-format directory (from "
+                        f"`opt-ray export`), a training run directory or one of its "
+                        f"checkpoints/step_N directories")
+    if (p / "config.json").is_file():
+        tok = _tokenizer_in(p)
+        run_dir, step = None, None
+        kind, weights = "hf", p
+    else:
+        from opt_ray.train.checkpoint import read_train_state, resolve
+
+        weights = resolve(p)  # CheckpointError (a UserError) names the fix
+        run_dir = weights.parent.parent if weights.parent.name == "checkpoints" else None
+        step = int(read_train_state(weights).get("step", 0))
+        tok = run_dir / "tokenizer.json" if run_dir and (run_dir / "tokenizer.json").is_file() else None
+        kind = "run"
+    if tok is None:
+        where = p if kind == "hf" else (run_dir or p)
+        raise UserError(f"checkpoint {p} has no tokenizer (expected tokenizer.json, or vocab.json "
+                        f"+ merges.txt, in {where}); scores need the tokenizer the model was trained "
+                        f"with: `opt-ray export RUN_DIR --output DIR --tokenizer TOK` ships one, or "
+                        f"copy it into {where}")
+    return EvalCheckpoint(path=p, kind=kind, weights=weights, tokenizer=tok, run_dir=run_dir, step=step)
+
+
+def _tokenizer_in(d: Path) -> Path | None:
+    if (d / "tokenizer.json").is_file():
+        return d / "tokenizer.json"
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return d
+    return None
+
+
+def load_model(ckpt: EvalCheckpoint, *, dtype: Any = None):
+    """The project's ``OPT`` (eval mode) with the checkpoint's weights."""
+    if ckpt.kind == "hf":
+        from opt_ray.model.hf import from_hf
+        return from_hf(ckpt.weights, dtype=dtype)
+    from opt_ray.train.checkpoint import load_model as load_run_model
+    return load_run_model(ckpt.weights, dtype=dtype)
+
+
+def load_tokenizer(ckpt: EvalCheckpoint, model_vocab: int | None = None):
+    """The checkpoint's ``tokenizers.Tokenizer``; refuses one with more ids than the model."""
+    from opt_ray.data.tokenizer import load_tokenizer as load
+
+    tok = load(ckpt.tokenizer)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if model_vocab is not None and n > model_vocab:
+        raise UserError(f"the tokenizer {ckpt.tokenizer} has {n} ids but the model's vocabulary is "
+                        f"{model_vocab}; it is not the tokenizer this model was trained with")
+    return tok
