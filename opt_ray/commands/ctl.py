@@ -1,4 +1,4 @@
-"""`opt-ray ctl`: the control-plane client: submit, status, list, watch, cancel, scale,
+"""`opt-ray ctl`: the control-plane client: submit, eval, status, list, watch, cancel, delete, scale,
 rollback, serve, logbook, health.
 
 Relative paths are made absolute here (the server does not share your working
@@ -32,8 +32,8 @@ def _abs(p: str) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ctl", help="control-plane client: submit, status, watch, cancel, scale, "
-                                   "rollback, serve, logbook",
+    p = sub.add_parser("ctl", help="control-plane client: submit, eval, status, list, watch, "
+                                   "cancel, delete, scale, rollback, serve, logbook",
                        description="Talk to 'opt-ray control' over gRPC.")
     p.add_argument("--target", default=os.environ.get("OPT_RAY_CONTROL", "127.0.0.1:50051"),
                    help="control server host:port (default: $OPT_RAY_CONTROL or 127.0.0.1:50051)")
