@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "checkpoint, or a checkpoints/step_N directory) to an HF-format "
                                    "directory that `opt-ray serve` and transformers load. Tensor- and "
                                    "data-parallel shards are merged.")
-    p.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory or checkpoint directory")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CKPT",
+                   help="run directory or checkpoint directory (local, or an s3://... URL with "
+                        "the standard AWS environment variables)")
     p.add_argument("--output", required=True, help="HF checkpoint directory to write")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype to write (default fp32, the master weights)")
@@ -48,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_tokenizer(explicit: str | None, ckpt: Path):
+def _find_tokenizer(explicit: str | None, ckpt):
     from opt_ray.data.tokenizer import load_tokenizer
 
     if explicit:
         return load_tokenizer(explicit)
+    if not isinstance(ckpt, Path):  # object storage: the run's tokenizer is in its local RUN_DIR
+        return None
     run_tok = ckpt.parent.parent / "tokenizer.json"  # RUN_DIR/checkpoints/step_N
     return load_tokenizer(run_tok) if run_tok.is_file() else None

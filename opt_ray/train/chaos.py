@@ -123,15 +123,23 @@ class Chaos:
             if self._claim(ev, pid=os.getpid()):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    def after_save(self, step: int, ckpt_dir: Path) -> None:
-        """Corrupt the just-committed checkpoint (call on one rank only)."""
+    def after_save(self, step: int, ckpt_dir) -> None:
+        """Corrupt the just-committed checkpoint (call on one rank only); ``ckpt_dir`` is a
+        local path or an object-storage URL."""
+        from opt_ray.train.checkpoint import MANIFEST, Loc
+
         for ev in self._mine("corrupt", step):
             # The largest file: a model/optimizer shard, the part that matters.
-            files = sorted((p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != "manifest.json"),
-                           key=lambda p: (-p.stat().st_size, str(p)))
-            if files and self._claim(ev, file=str(files[0])):
-                with open(files[0], "r+b") as f:
-                    f.write(b"\x00chaos\x00" * 8)
+            d = Loc(ckpt_dir)
+            files = sorted((name for name in d.files() if name != MANIFEST),
+                           key=lambda name: (-d.child(name).size(), name))
+            if files and self._claim(ev, file=str(d.child(files[0]))):
+                f = d.child(files[0])
+                data = bytearray(f.read_bytes())
+                garbage = b"\x00chaos\x00" * 8
+                data[:len(garbage)] = garbage
+                with f.fs.open(f.path, "wb") as out:
+                    out.write(bytes(data))
 
     def loss_factor(self, step: int) -> float:
         """Multiply this step's loss by the returned factor (NaN or a spike); 1.0 normally.
