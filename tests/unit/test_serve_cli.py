@@ -108,3 +108,26 @@ def test_generate_float16(ckpt, capsys):
                  "--json", "The quick"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_cut_off_torch_bin_and_missing_tokenizer_are_named(ckpt, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from opt_ray.errors import UserError
+    from opt_ray.serve.loading import check_checkpoint
+    d = tmp_path / "bin"
+    shutil.copytree(ckpt, d)
+    (d / "model.safetensors").unlink()
+    torch.save(load_file(str(ckpt / "model.safetensors")), d / "pytorch_model.bin")
+    check_checkpoint(d)                                  # whole: passes
+    f = d / "pytorch_model.bin"
+    with f.open("r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    with pytest.raises(UserError, match="pytorch_model.bin: cut off"):
+        check_checkpoint(d)
+    (ckpt_copy := tmp_path / "notok").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(ckpt / name, ckpt_copy / name)
+    with pytest.raises(UserError, match="tokenizer"):
+        check_checkpoint(ckpt_copy)
