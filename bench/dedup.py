@@ -158,8 +158,9 @@ def build_corpus(corpus, mb: float, out_dir: Path, file_mb: float = 8.0,
 
 # The CLI in a child process that reports its own (the driver's) peak RSS at exit.
 _DRIVER = ("import json, resource, sys, time; from opt_ray.cli import main; t = time.time(); "
-           "rc = main(sys.argv[1:]); print(json.dumps({'rc': rc, 'wall_s': time.time() - t, "
-           "'driver_peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+           "rc = main(sys.argv[1:]); u = resource.getrusage(resource.RUSAGE_SELF); "
+           "print(json.dumps({'rc': rc, 'wall_s': time.time() - t, 'driver_cpu_s': "
+           "u.ru_utime + u.ru_stime, 'driver_peak_rss_mb': u.ru_maxrss / 1024}))")
 
 
 def run_cli(argv: list[str]) -> dict:
@@ -194,11 +195,15 @@ def bench_scale(corpus, tmp: Path, sizes_mb: list[float], workers: list[int],
                 "mb_s": rep["throughput_mb_s"],
                 "mb_s_per_worker": round(rep["throughput_mb_s"] / w, 2),
                 "driver_peak_rss_mb": round(r["driver_peak_rss_mb"], 1),
+                "driver_cpu_s": round(r["driver_cpu_s"], 2),
+                "task_cpu_s": rep.get("task_cpu_s"),
+                "task_mb_per_cpu_s": round(real_mb / max(sum(rep.get("task_cpu_s", {}).values()), 1e-9), 2),
                 "wall_s_with_ray_start": round(r["wall_s"], 1),
                 "phase_s": {k: v for k, v in t.items()},
                 "load_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
             print(json.dumps({k: out[f"{int(mb)}mb_{w}w"][k] for k in
-                              ("input_mb", "workers", "mb_s", "driver_peak_rss_mb", "load_1m")}),
+                              ("input_mb", "workers", "mb_s", "driver_peak_rss_mb",
+                               "driver_cpu_s", "task_mb_per_cpu_s", "load_1m")}),
                   file=sys.stderr, flush=True)
             if w != workers[-1] or mb != sizes_mb[-1]:
                 shutil.rmtree(dest, ignore_errors=True)

@@ -108,6 +108,8 @@ def scale(sizes: list[float], workers: list[int], work: Path, vocab_size: int) -
                 "mb_s_per_worker": round(real_mb / seconds / w, 2),
                 "encode_cpu_s": m["encode_cpu_seconds"],
                 "driver_peak_rss_mb": round(r["driver_peak_rss_mb"], 1),
+                "driver_cpu_s": round(r["driver_cpu_s"], 2),
+                "task_mb_per_cpu_s": round(real_mb / max(m["encode_cpu_seconds"], 1e-9), 2),
                 "wall_s_with_ray_start": round(r["wall_s"], 1),
                 "load_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
             print(json.dumps(out[f"{int(mb)}mb_{w}w"]), file=sys.stderr, flush=True)

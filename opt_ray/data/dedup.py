@@ -299,7 +299,9 @@ def _done(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _finish_task(tmp: Path, info: dict[str, Any]) -> dict[str, Any]:
+def _finish_task(tmp: Path, c0: float, info: dict[str, Any]) -> dict[str, Any]:
+    """Write the done marker (with the task's CPU seconds since ``c0``) into ``tmp``."""
+    info["cpu_s"] = round(time.process_time() - c0, 3)
     (tmp / "done.json").write_text(json.dumps(info))
     return info
 
@@ -355,6 +357,7 @@ def sign_split(plan: Plan, s: int) -> dict[str, Any]:
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     cfg, P = plan.cfg, plan.parts
     errors = InputErrors(strict=plan.strict)
     keys_p: list[list[np.ndarray]] = [[] for _ in range(P)]
@@ -366,7 +369,6 @@ def sign_split(plan: Plan, s: int) -> dict[str, Any]:
     nbytes = 0
     texts: list[str] = []
     tbytes = 0
-    c0 = time.process_time()
 
     def flush() -> None:
         nonlocal texts, tbytes
@@ -416,9 +418,8 @@ def sign_split(plan: Plan, s: int) -> dict[str, Any]:
             sel = np.flatnonzero(id_route.astype(np.int64) == p)
             _write_table(tmp / f"ids-p{p:04d}.parquet",
                          {"id": id_arr.take(pa.array(sel)), "uid": uid_arr[sel]})
-        return _finish_task(tmp, {"split": s, "docs": len(uids), "bytes": nbytes,
-                                  "ids_hash": ids_hash.hexdigest(), "errors": errors.to_dict(),
-                                  "cpu_s": round(time.process_time() - c0, 3)})
+        return _finish_task(tmp, c0, {"split": s, "docs": len(uids), "bytes": nbytes,
+                                  "ids_hash": ids_hash.hexdigest(), "errors": errors.to_dict()})
 
 
 def keys_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
@@ -427,6 +428,7 @@ def keys_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     name = f"p{p:04d}.parquet"
     ids = _read_tables(plan.split_dir("sign", s) / f"ids-{name}" for s in range(n_splits))
     digs = _read_tables(plan.split_dir("sign", s) / f"digests-{name}" for s in range(n_splits))
@@ -462,7 +464,7 @@ def keys_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
         import pyarrow as pa
         _write_table(tmp / "dup_ids.parquet", {"uid": dup_uid, "first": first_of,
                                               "id": pa.array(dup_ids, pa.string())})
-        return _finish_task(tmp, {"part": p, "exact": int(dup.sum()),
+        return _finish_task(tmp, c0, {"part": p, "exact": int(dup.sum()),
                                   "duplicate_ids": int(len(dup_uid))})
 
 
@@ -482,6 +484,7 @@ def bucket_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     t = _read_tables(plan.split_dir("sign", s) / f"bands-p{p:04d}.parquet"
                      for s in range(n_splits))
     keys = t.column("key").to_numpy()
@@ -503,7 +506,7 @@ def bucket_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
         np.save(tmp / "members.npy", members)
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "need.npy", np.unique(members))
-        return _finish_task(tmp, {"part": p, "groups": int(len(sizes)),
+        return _finish_task(tmp, c0, {"part": p, "groups": int(len(sizes)),
                                   "links": int((sizes - 1).sum()),
                                   "largest_group": int(sizes.max()) if len(sizes) else 0})
 
@@ -522,6 +525,7 @@ def fetch_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     cfg = plan.cfg
     lo, hi = s << 32, (s + 1) << 32
     need = []
@@ -556,7 +560,7 @@ def fetch_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]
             _write_table(tmp / f"p{p:04d}.parquet",
                          {"uid": np.asarray(rows[p], np.int64),
                           "v": pa.array([x for x in vals[p]], pa.list_(pa.uint64()))})
-        return _finish_task(tmp, {"split": s, "fetched": len(wanted)})
+        return _finish_task(tmp, c0, {"split": s, "fetched": len(wanted)})
 
 
 def verify_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
@@ -565,6 +569,7 @@ def verify_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     cfg = plan.cfg
     d = plan.part_dir("buckets", p)
     members, offsets = np.load(d / "members.npy"), np.load(d / "offsets.npy")
@@ -624,7 +629,7 @@ def verify_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
     with _Task(out) as tmp:
         np.savez(tmp / "edges.npz", u=np.asarray(eu, np.int64), v=np.asarray(ev, np.int64),
                  sim=np.asarray(es, np.float64))
-        return _finish_task(tmp, {"part": p, "pairs_verified": compared,
+        return _finish_task(tmp, c0, {"part": p, "pairs_verified": compared,
                                   "pairs_similar": similar, "pairs_skipped_connected": skipped})
 
 
@@ -634,6 +639,7 @@ def components_phase(plan: Plan, n_splits: int) -> dict[str, Any]:
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     us, vs, ss = [], [], []
     for p in range(plan.parts):
         ex = np.load(plan.part_dir("keys", p) / "exact.npy")
@@ -683,7 +689,7 @@ def components_phase(plan: Plan, n_splits: int) -> dict[str, Any]:
         # The report's excerpt is made here, so the driver never loads every cluster.
         (tmp / "report_clusters.json").write_text(
             json.dumps(report_clusters(tmp, plan.cfg.report_clusters)))
-        return _finish_task(tmp, {"clusters": int(len(keep_of)), "removed": int(removed.sum()),
+        return _finish_task(tmp, c0, {"clusters": int(len(keep_of)), "removed": int(removed.sum()),
                                   "exact_duplicates": int(sum(len(x) for x in us[0::2]))})
 
 
@@ -716,6 +722,7 @@ def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any
     if (info := _done(out)) is not None:
         return info
     _started(out)
+    c0 = time.process_time()
     removed = set(np.load(plan.root / "components" / f"removed-s{s:05d}.npy").tolist())
     dup_ids: set[int] = set()
     for p in range(plan.parts):
@@ -741,7 +748,7 @@ def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any
             shards.append(_write_shard(tmp, f"part-{s:05d}-{len(shards):04d}.parquet", buf))
         if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
             raise _changed(plan.files[s])
-        return _finish_task(tmp, {"split": s, "shards": shards})
+        return _finish_task(tmp, c0, {"split": s, "shards": shards})
 
 
 def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
@@ -958,11 +965,16 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, execu
               "text_field": text_field, "id_field": id_field, "strict": strict,
               "workers": executor.num_workers}
     timings["total_s"] = time.perf_counter() - t_start
+    worker_cpu: dict[str, float] = {}
+    for st in steps:
+        if "cpu_s" in st:
+            worker_cpu[st["phase"]] = round(worker_cpu.get(st["phase"], 0.0) + st["cpu_s"], 3)
     report = {
         "inputs": [str(f.path) for f in files], "params": params, "counts": counts,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "throughput_mb_s": round(nbytes / 1e6 / max(timings["total_s"], 1e-9), 3),
         "input_errors": errors.to_dict(), "resumed": resumed,
+        "task_cpu_s": worker_cpu,   # CPU seconds of the tasks of this run, per phase
         "clusters": json.loads((work / "components" / "report_clusters.json").read_text()),
     }
     steps += [{"phase": k[:-2], "seconds": round(v, 4)} for k, v in timings.items()]

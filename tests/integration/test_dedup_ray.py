@@ -18,7 +18,7 @@ from opt_ray.data.readers import iter_records
 
 def strip_timings(report: dict) -> dict:
     r = dict(report)
-    for k in ("timings", "throughput_mb_s", "params", "inputs", "resumed"):
+    for k in ("timings", "throughput_mb_s", "params", "inputs", "resumed", "task_cpu_s"):
         r.pop(k)
     return r
 
