@@ -1,4 +1,8 @@
-"""`opt-ray model info`: parameter count, FLOPs per token and memory needs of the presets."""
+"""`opt-ray model info`: parameter count, FLOPs per token and memory needs of the presets.
+
+With ``--preset`` it also prints the training plan of ``opt_ray.model.plan``: what one rank
+holds under FSDP2 x tensor parallelism on ``--gpus`` GPUs, whether it fits, the fix when it
+does not, and the step time at ``--mfu``."""
 
 from __future__ import annotations
 
@@ -23,7 +27,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                        "default: a table of all")
     info.add_argument("--seq-len", type=int, default=2048, help="sequence length (default 2048)")
     info.add_argument("--gpus", type=int, default=8,
-                      help="FSDP data-parallel degree the training state is sharded over (default 8)")
+                      help="GPUs in the training gang; the state is sharded over gpus/tp "
+                           "data-parallel ranks (default 8)")
+    info.add_argument("--tp", type=int, default=1,
+                      help="tensor-parallel degree; must divide --gpus and the model's heads, FFN and "
+                           "vocabulary (default 1)")
+    info.add_argument("--micro-batch", type=int, default=1,
+                      help="sequences per forward/backward on one rank (default 1)")
+    info.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                      default=False, help="recompute each decoder layer in backward, keeping only "
+                                          "its input (default off)")
+    info.add_argument("--precision", choices=["bf16", "fp16"], default="bf16",
+                      help="compute dtype of the gathered parameters (default bf16)")
+    info.add_argument("--gpu-memory", default="80GB",
+                      help="memory of one GPU, e.g. 80GB (A100/H100), 141GB (H200); GB is read as "
+                           "GiB, as vendors mean it (default 80GB)")
+    info.add_argument("--mfu", type=float, default=0.47,
+                      help="model FLOPs utilisation the step time assumes (default 0.47, the "
+                           "paper's 147 of 312 TFLOP/s per A100)")
+    info.add_argument("--peak-tflops", type=float, default=312.0,
+                      help="dense bf16/fp16 peak of one GPU in TFLOP/s (default 312, A100; H100 "
+                           "SXM 989)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=run)
     p.set_defaults(func=run)
@@ -39,11 +63,15 @@ def model_info(name: str, seq_len: int = 2048, gpus: int = 8) -> dict:
     L, d, h = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads
     # Training state, all fp32 as OPT kept it: weights 4 + grads 4 + Adam m and v 8 bytes.
     train_state = 16 * n
-    # Activations per sequence of seq_len in 16-bit (Korthikanti et al. 2022, no sequence
-    # parallelism): s*h*(34 + 5*a*s/h) bytes per layer; with per-layer activation
-    # checkpointing only each layer's input (2*s*h bytes) is kept, plus one layer's full set.
+    # Activations of one sequence in bf16 without tensor parallelism, as the planner counts
+    # them (SDPA's flash kernel: no T x T matrix); with per-layer checkpointing each layer's
+    # input is kept and one layer's full set recomputed.
+    from opt_ray.model.plan import Setup, activation_bytes, layer_activation_bytes
+
     s = seq_len
-    act_layer = s * d * (34 + 5 * h * s / d)
+    act = activation_bytes(cfg, Setup(seq_len=s, micro_batch=1))
+    act_ck = activation_bytes(cfg, Setup(seq_len=s, micro_batch=1, activation_checkpointing=True))
+    act_layer = layer_activation_bytes(cfg, s, 1, 2, 1)
     kv_per_token = 2 * L * d * 2  # k and v, every layer, 16-bit
     return {
         "preset": name,
@@ -58,8 +86,8 @@ def model_info(name: str, seq_len: int = 2048, gpus: int = 8) -> dict:
             "state_bytes": train_state,
             "gpus": gpus,
             "state_bytes_per_gpu": train_state / gpus,
-            "activation_bytes_per_sequence": L * act_layer,
-            "activation_bytes_per_sequence_checkpointed": L * 2 * s * d + act_layer,
+            "activation_bytes_per_sequence": act.saved,
+            "activation_bytes_per_sequence_checkpointed": act_ck.saved + act_layer,
         },
         "infer": {
             "weight_bytes_16bit": 2 * n,
@@ -131,10 +159,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
     names = [args.preset] if args.preset else list(PRESETS)
     infos = [model_info(n, args.seq_len, args.gpus) for n in names]
+    if not args.preset:
+        if args.json:
+            print(json.dumps(infos, indent=2))
+        else:
+            _print_table(infos)
+        return 0
+    from opt_ray.model.plan import format_plan, parse_memory, plan_preset
+
+    p = plan_preset(args.preset, gpus=args.gpus, tp=args.tp, seq_len=args.seq_len,
+                    micro_batch=args.micro_batch,
+                    activation_checkpointing=args.activation_checkpointing,
+                    precision=args.precision, gpu_memory_gib=parse_memory(args.gpu_memory),
+                    mfu=args.mfu, peak_tflops=args.peak_tflops)
     if args.json:
-        print(json.dumps(infos[0] if args.preset else infos, indent=2))
-    elif args.preset:
-        _print_one(infos[0])
+        infos[0]["plan"] = p.to_dict()
+        print(json.dumps(infos[0], indent=2))
     else:
-        _print_table(infos)
+        _print_one(infos[0])
+        print(format_plan(p))
     return 0
