@@ -22,7 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "info", help="parameters, FLOPs per token and memory for training and inference",
         description="Parameters, FLOPs per token, and memory: training (fp32 weights, grads and "
                     "Adam state, sharded by FSDP over --gpus) and inference (bf16/fp16 weights + "
-                    "KV cache). Without --preset, a table of every preset.")
+                    "KV cache). With --preset, the training plan: what one rank holds under FSDP2 "
+                    "x tensor parallelism (--gpus, --tp), whether it fits --gpu-memory (and the fix "
+                    "when not), and the step time at --mfu (deploy/SCALING.md is made of these). "
+                    "Without --preset, a table of every preset.")
     info.add_argument("--preset", help="a preset name (tiny, 125m, 350m, 1.3b, ... 175b); "
                                        "default: a table of all")
     info.add_argument("--seq-len", type=int, default=2048, help="sequence length (default 2048)")

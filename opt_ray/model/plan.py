@@ -312,6 +312,9 @@ def plan(cfg: ModelConfig, setup: Setup, *, name: str = "custom", batch_tokens: 
     and each formula's source). ``batch_tokens``: tokens per step when ``setup`` does not
     say (a preset's Table 1 batch)."""
     check_tp(cfg, setup.tp)
+    if setup.seq_len > cfg.max_position_embeddings:
+        raise PlanError(f"--seq-len {setup.seq_len} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions; use at most that")
     tp, dp, c = setup.tp, setup.dp, setup.compute_bytes
     specs = param_specs(cfg)
     shard = sum(p.shard_numel(tp, dp) for p in specs)

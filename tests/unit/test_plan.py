@@ -35,7 +35,8 @@ def test_param_count_is_configs(name):
     cfg = preset(name).model
     assert sum(s.numel for s in P.param_specs(cfg)) == num_params(cfg)
     # One rank of one: the whole model.
-    assert P.plan_preset(name, gpus=1, tp=1).params_per_rank == num_params(cfg)
+    assert P.plan_preset(name, gpus=1, tp=1, seq_len=cfg.max_position_embeddings).params_per_rank \
+        == num_params(cfg)
 
 
 # The pre-LN, post-LN (350m: project_in/out) and largest layouts.
@@ -59,7 +60,8 @@ def test_tp_split_dims_are_parallels():
 
 def test_per_rank_shards_are_what_fsdp2_and_tp_allocate():
     """Rank 0 of 8 (tp 2 x dp 4) with sizes that do not divide evenly, so FSDP2's padding
-    counts: the planner's per-tensor shard equals FSDP2's padded sharded size."""
+    counts: the planner's per-tensor shard equals FSDP2's padded sharded size. And the
+    activations a tensor-parallel rank keeps: the split ones / tp, the rest whole."""
     import torch.distributed as dist
     from fairscale.nn.model_parallel.initialize import destroy_model_parallel
     from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
@@ -82,12 +84,28 @@ def test_per_rank_shards_are_what_fsdp2_and_tp_allocate():
         for unit in [model, *model.decoder.layers]:
             for fp in _get_module_fsdp_state(unit)._fsdp_param_group.fsdp_params:
                 allocated[names[id(fp.sharded_param)]] = math.prod(fp.padded_sharded_param_size)
+        # Tensor parallelism alone (the fake group's collectives return uninitialised
+        # buffers of the right size, which is all that counting bytes needs).
+        B, T = 2, 48
+        tp_model = parallelize(OPT(cfg), tp_size=tp, tp_group=tp_group, fsdp=False)
+        tp_model = tp_model.to(torch.bfloat16).train()
+        ids = torch.randint(0, cfg.vocab_size, (B, T))
+        with _LiveBytes({p.untyped_storage()._cdata for p in tp_model.parameters()}) as m:
+            h = tp_model.hidden_states(ids)
+            kept = m.cur
+        del h
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()
     want = {s.name: s.shard_numel(tp, dp) for s in P.param_specs(cfg)}
     assert allocated == want
-    assert P.plan(cfg, P.Setup(gpus=tp * dp, tp=tp)).params_per_rank == sum(want.values())
+    assert P.plan(cfg, P.Setup(gpus=tp * dp, tp=tp, seq_len=T)).params_per_rank == sum(want.values())
+    a = P.activation_bytes(cfg, P.Setup(gpus=tp * dp, tp=tp, seq_len=T, micro_batch=B,
+                                        dropout_mask_bytes=2))
+    # Kept activations + the returned hidden states (B x T x d, bf16); fairscale's vocab-
+    # parallel embedding also keeps its masked ids (int64) and mask: within 3%.
+    planned = a.saved + B * T * cfg.hidden_size * 2
+    assert abs(planned - kept) <= 0.03 * kept, (planned, kept)
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -211,6 +229,10 @@ def test_cli_plan_json_and_errors(capsys):
     assert "must divide model.num_attention_heads" in capsys.readouterr().err
     assert main(["model", "info", "--preset", "1.3b", "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory" in capsys.readouterr().err
+    assert main(["model", "info", "--preset", "1.3b", "--seq-len", "4096"]) == 2
+    assert "exceeds the model's 2048 positions" in capsys.readouterr().err
+    assert main(["model", "info", "--preset", "1.3b", "--micro-batch", "0"]) == 2
+    assert "--micro-batch must be a positive integer" in capsys.readouterr().err
 
 
 def test_scaling_md_is_fresh():
