@@ -47,12 +47,37 @@ def start_local_ray(**init_kwargs: Any):
     on the machine, and with another Ray running, a job either fails ("multiple active
     Ray instances") or lands on the other cluster. Returns ``ray.init``'s context."""
     import ray
+    from ray._private.services import get_node_ip_address
     from ray._private.utils import write_ray_address
 
     kw = local_ray_kwargs()
-    ctx = ray.init(**kw, **init_kwargs)
+    # The GCS port is chosen here, so that the cluster's address is known before it
+    # starts: every Ray process of it (raylet, workers, actors) inherits RAY_ADDRESS from
+    # the environment ray.init starts them with. Ray's own actors look the cluster up
+    # without an address (Ray Train's placement-group cleaner calls the state API), and
+    # would otherwise scan every GCS on the machine. The driver's environment is restored
+    # right after, so nothing else in this process sees the variables.
+    port = _free_port()
+    address = f"{get_node_ip_address()}:{port}"
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update({"RAY_ADDRESS": address, "RAY_GCS_SERVER_PORT": str(port)})
+    try:
+        ctx = ray.init(**kw, **init_kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     write_ray_address(cluster_address(ctx), kw["_temp_dir"])
     return ctx
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def cluster_address(ctx: Any = None) -> str:

@@ -23,10 +23,12 @@ def ray_local():
     """A local Ray cluster for the whole session. Logical CPUs exceed the 2 real cores so
     that a handful of small actors can be scheduled at once."""
     import ray
-    from opt_ray.ray_util import local_ray_kwargs
+    from opt_ray.ray_util import start_local_ray
     if not ray.is_initialized():
-        ray.init(**local_ray_kwargs(), num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _system_config={"metrics_report_interval_ms": 1000})
+        # Pinned to itself (opt_ray.ray_util.start_local_ray): another Ray on the machine
+        # changes nothing in the suite.
+        start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                        _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 
