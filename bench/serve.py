@@ -19,6 +19,9 @@ Measured, in this order, interleaving engine and reference so load drift hits bo
   * Poisson arrivals at several rates through ``EngineLoop`` (the path a Serve replica
     uses): TTFT, TPOT, end-to-end latency p50/p99, output tokens/s.
 
+The engine is the packed one (issue 15): prompts chunked and packed with the decode rows
+in one unpadded forward per step. Against vLLM: ``bench/serve_vs_vllm.py``.
+
 Prints one JSON object (last line). ``python -m bench.serve [--quick] [--dtype bfloat16]``.
 """
 
@@ -164,7 +167,7 @@ async def _poisson(engine, reqs, rate: float, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer and shorter requests")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="weights/KV dtype for both sides (default float32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rates", default="0.25,1", help="Poisson arrival rates (req/s)")
@@ -186,7 +189,8 @@ def main() -> None:
         build_125m(ckpt, args.dtype)
         dt = getattr(torch, args.dtype)
         hf = OPTForCausalLM.from_pretrained(str(ckpt), dtype=dt).eval()
-        engine = engine_from_checkpoint(ckpt, EngineConfig(max_num_seqs=8, max_model_len=256, dtype=args.dtype))
+        engine = engine_from_checkpoint(ckpt, EngineConfig(max_num_seqs=8, max_model_len=256, dtype=args.dtype,
+                                                          threads=args.threads))
         # Warm-up both (first calls allocate and pick kernels).
         hf_static(hf, single[:1], 1)
         engine_closed_loop(engine, single[:1], "warm")
