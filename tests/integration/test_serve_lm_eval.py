@@ -8,7 +8,6 @@ offline)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -111,13 +110,14 @@ def _per_request(results) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    root = tmp_path_factory.mktemp("lm-eval")
-    ckpt = build_checkpoint(root / "ckpt", opt_bos=True)
-    _write_tasks(root / "tasks")
-    from lm_eval.tasks import TaskManager
-    return ckpt, TaskManager(include_path=str(root / "tasks"), include_defaults=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        root = tmp_path_factory.mktemp("lm-eval")
+        ckpt = build_checkpoint(root / "ckpt", opt_bos=True)
+        _write_tasks(root / "tasks")
+        from lm_eval.tasks import TaskManager
+        yield ckpt, TaskManager(include_path=str(root / "tasks"), include_defaults=False)
 
 
 def _evaluate(model: str, model_args: dict, tm, batch_size: int):
