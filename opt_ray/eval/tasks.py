@@ -13,13 +13,15 @@
   way out: ``--include-path`` with a local copy.
 
 Scanning lm-eval's ~15,000 built-in task files takes ~10 s, so when every name is
-found under ``include_path`` the built-ins are not scanned.
+found under ``include_path`` the built-ins are not scanned, and a process keeps the
+registries it has built (one per ``include_path``) for its next evaluation.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,16 +31,21 @@ from opt_ray.errors import UserError
 
 def task_manager(names: Sequence[str], include_path: str | None = None):
     """A ``TaskManager`` that knows ``names``: local tasks only when that suffices."""
-    from lm_eval.tasks import TaskManager
-
     if include_path:
         if not Path(include_path).is_dir():
             raise UserError(f"--include-path {include_path} is not a directory; pass the directory "
                             f"holding your task YAML files")
-        local = TaskManager(include_path=include_path, include_defaults=False)
+        include_path = str(Path(include_path).resolve())
+        local = _manager(include_path, False)
         if all(_known(local, n) for n in names):
             return local
-    return TaskManager(include_path=include_path)
+    return _manager(include_path, True)
+
+
+@functools.lru_cache(maxsize=8)
+def _manager(include_path: str | None, defaults: bool):
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
 def _known(tm, name: str) -> bool:
@@ -50,15 +57,19 @@ def _known(tm, name: str) -> bool:
 
 
 def check_names(tm, names: Sequence[str]) -> list[str]:
-    """``names`` with globs expanded; an unknown name is a ``UserError`` with close matches."""
-    out: list[str] = []
+    """``names`` with globs expanded; unknown names are one ``UserError`` listing each
+    with its close matches."""
+    unknown = []
     for name in names:
         if not _known(tm, name):
             close = difflib.get_close_matches(name, tm.all_tasks, n=5, cutoff=0.6)
-            hint = (f"close matches: {', '.join(close)}" if close
-                    else "no registered name is close")
-            raise UserError(f"unknown task {name!r} ({hint}); `lm-eval ls tasks` lists the "
-                            f"registry, --include-path DIR adds your own YAML tasks")
+            unknown.append(f"{name!r} (" + (f"close matches: {', '.join(close)}" if close
+                                            else "no registered name is close") + ")")
+    if unknown:
+        raise UserError(f"unknown task {'; '.join(unknown)}; `lm-eval ls tasks` lists the registry, "
+                        f"--include-path DIR adds your own YAML tasks")
+    out: list[str] = []
+    for name in names:
         if any(c in name for c in "*?[") and name not in tm.task_index:
             out += [n for n in fnmatch.filter(tm.all_tasks, name) if n not in out]
         elif name not in out:
