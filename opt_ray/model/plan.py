@@ -381,17 +381,21 @@ def _suggest(cfg: ModelConfig, setup: Setup, name: str, tokens: int) -> list[str
         return f"{flags} ({_gib(p.total_bytes)})"
 
     out: list[str] = []
-    if not setup.activation_checkpointing and (p := try_(activation_checkpointing=True)):
-        out.append(say(p, "--activation-checkpointing"))
-    for ck in sorted({setup.activation_checkpointing, True}):
+    ckpt = "" if setup.activation_checkpointing else " --activation-checkpointing"
+    if ckpt and (p := try_(activation_checkpointing=True)):
+        out.append(say(p, ckpt.strip()))
+
+    def smaller_micro_batch(with_ckpt: bool) -> str | None:
         mb = setup.micro_batch // 2
         while mb >= 1:
-            if p := try_(micro_batch=mb, activation_checkpointing=ck):
-                out.append(say(p, f"--micro-batch {mb}" + (" --activation-checkpointing" if ck and not setup.activation_checkpointing else "")))
-                break
+            if p := try_(micro_batch=mb, activation_checkpointing=setup.activation_checkpointing or with_ckpt):
+                return say(p, f"--micro-batch {mb}" + (ckpt if with_ckpt else ""))
             mb //= 2
-        if out:
-            break
+        return None
+
+    # The largest smaller micro-batch that fits as set; failing that, with checkpointing.
+    if fix := smaller_micro_batch(False) or (ckpt and not out and smaller_micro_batch(True)):
+        out.append(fix)
     tps = [t for t in range(setup.tp + 1, setup.gpus + 1) if setup.gpus % t == 0]
     for t in tps:
         if p := try_(tp=t):
