@@ -25,6 +25,10 @@ The setup being counted (``opt_ray.model.parallel``, ``opt_ray.model.opt``):
   the T x T score matrix.
 - The loss is the chunked fused LM-head loss (``opt.lm_head_loss``): logits are made
   ``_LOSS_CHUNK_ELEMENTS`` at a time; the compute-dtype gradient of the logits is whole.
+  With tp > 1 it is counted on the rank's vocabulary shard (V / tp). Caveat: as of this
+  writing ``OPT.forward`` with a tensor-parallel head still gathers the full logits and
+  runs ``cross_entropy`` on them in fp32 (about tokens x V x (c + 8) bytes instead);
+  issue 11 item 3 gives that path the fused loss.
 
 Memory per rank is the sum of each component at its own peak. Not every peak coincides
 (the loss's forward scratch is gone before the layers' backward starts), so the sum
