@@ -2,7 +2,7 @@
 meta -> FSDP2 -> local shards only -> the paper's init) on 1, 2, 4 gloo processes.
 
 Each rank records its peak RSS growth during the build (Linux: ``/proc/self/clear_refs``
-resets the high-water mark, ``VmHWM`` reads it) and a fingerprint of a few full tensors
+resets the high-water mark, ``VmHWM`` reads it) and a fingerprint (sha256) of a few full tensors
 (gathered after the measurement), which must not depend on the number of ranks.
 
     python -m bench.train_build --preset 1.3b --layers 4 --ranks 1 2 4   # one JSON line
@@ -18,6 +18,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 sys.path.insert(0, str(_BENCH.parent))
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
@@ -63,7 +64,7 @@ def _rank(rank: int, world: int, port: int, preset: str, layers: int, out: str) 
     for name in FINGERPRINT:
         p = params[name]
         full = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
-        fp[name] = [float(full.double().sum()), float(full.double().square().sum())]
+        fp[name] = hashlib.sha256(full.contiguous().numpy().tobytes()).hexdigest()
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "base_rss_mib": base / 1024, "peak_rss_mib": peak / 1024,
         "build_growth_mib": (peak - base) / 1024, "seconds": seconds,

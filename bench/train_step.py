@@ -5,6 +5,10 @@ for both models built with the same weights, in one process, steps interleaved (
 order alternates every repeat) so that machine noise hits both alike. Both sides use the
 same optimizer settings (the paper's AdamW; torch's fused kernel where available).
 
+- ``trainer``: the real trainer step, ``opt_ray.train.loop.Trainer.train_step()`` (sampler,
+  shard reads, LR schedule, micro-batches through the model's chunked LM-head loss, the
+  reduced step statistics, clipping, AdamW), on shards of random tokens written here,
+  loaded with the same weights as the other sides
 - ``ours``: ``loss = model(inputs, targets=targets)`` (the fused, chunked LM-head loss),
   fp32 parameters under autocast: the same precision recipe as the transformers side
 - ``hf``: ``loss = model(input_ids=ids, labels=ids).loss`` (its own loss path)
@@ -64,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast dtype (fp16 on CUDA only)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
-    p.add_argument("--sides", default="ours,hf",
-                   help="comma list of ours, hf, ours_bf16 (default ours,hf)")
+    p.add_argument("--sides", default="trainer,hf",
+                   help="comma list of trainer, ours, hf, ours_bf16 (default trainer,hf)")
     p.add_argument("--no-hf", action="store_true", help="time opt-ray only (drop hf from --sides)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the opt-ray model(s)")
@@ -83,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-SIDES = ("ours", "hf", "ours_bf16")
+SIDES = ("trainer", "ours", "hf", "ours_bf16")
 
 
 # -- the two sides -----------------------------------------------------------------------
@@ -104,6 +108,8 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
     ours = OPT(cfg).to(dev)
     if "ours" in sides:
         models["ours"] = ours
+    if "trainer" in sides:
+        models["trainer"] = _trainer(args, cfg, ours, dev)
     if "ours_bf16" in sides:
         import copy
         models["ours_bf16"] = _fsdp_bf16(copy.deepcopy(ours), dev)
@@ -121,15 +127,59 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
     del ours  # only the requested sides stay resident (the memory children build one)
     fused = _fused_adamw_ok(dev)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
-                                 weight_decay=0.1, fused=fused) for k, m in models.items()}
+                                 weight_decay=0.1, fused=fused) for k, m in models.items()
+            if k != "trainer"}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq_len), generator=g).to(dev)
     targets = ids.roll(-1, dims=1)
     targets[:, -1] = -100  # the same T-1 predictions per row that HF's labels shift gives
-    for m in models.values():
-        m.train()
+    for k, m in models.items():
+        if k != "trainer":
+            m.train()
     return {"cfg": cfg, "models": models, "opts": opts, "ids": ids, "targets": targets,
             "fused_adamw": fused, "autocast": torch.bfloat16 if args.dtype == "bf16" else torch.float16}
+
+
+def _random_shards(out: Path, vocab: int, seq_len: int, rows: int) -> Path:
+    """A shards artifact (opt_ray.data.shards layout) of uniformly random tokens."""
+    import pyarrow as pa
+
+    from opt_ray.artifacts import sha256_file, write_json_atomic
+    from opt_ray.data.shards import COLUMN
+
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(3, vocab, (rows, seq_len + 1), generator=g).to(torch.int32).numpy().astype("uint16")
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(toks.reshape(-1)), seq_len + 1)
+    name = "train/shard-00000.arrow"
+    with pa.OSFile(str(out / name), "wb") as f, pa.ipc.new_file(f, pa.schema([(COLUMN, arr.type)])) as w:
+        w.write_table(pa.table({COLUMN: arr}))
+    info = {"name": name, "rows": rows, "tokens": rows * (seq_len + 1), "sha256": sha256_file(out / name)}
+    write_json_atomic(out / "manifest.json", {
+        "kind": "shards", "seq_len": seq_len, "dtype": "uint16",
+        "tokenizer": {"vocab_size": vocab, "hash": "random-tokens"},
+        "splits": {"train": {"rows": rows, "shards": [info]}},
+        "files": {name: {"sha256": info["sha256"], "bytes": (out / name).stat().st_size}}})
+    return out
+
+
+def _trainer(args: argparse.Namespace, cfg, weights, dev: torch.device):
+    """The real trainer for one rank (a one-process group), with ``weights``' values."""
+    import tempfile
+
+    from opt_ray.train.loop import TrainConfig, Trainer, _ensure_process_group
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    shards = _random_shards(work / "shards", cfg.vocab_size - 7, args.seq_len, args.batch * 64)
+    _ensure_process_group()
+    tcfg = TrainConfig(data=str(shards), output=str(work / "run"), preset=args.preset, steps=10_000,
+                       batch_tokens=args.batch * args.seq_len, micro_batch=args.batch, lr=6e-4,
+                       precision=args.dtype, device=args.device, guard=False, dropout=cfg.dropout,
+                       num_threads=args.threads)
+    t = Trainer(tcfg)
+    assert t.model_cfg.vocab_size == cfg.vocab_size, (t.model_cfg.vocab_size, cfg.vocab_size)
+    t.model.load_state_dict(weights.state_dict())
+    return t
 
 
 def _fsdp_bf16(model, dev: torch.device):
@@ -160,6 +210,8 @@ def _fused_adamw_ok(dev: torch.device) -> bool:
 
 def step(side: str, s: dict) -> float:
     """One training step; returns the loss."""
+    if side == "trainer":
+        return s["models"]["trainer"].train_step()["loss"]  # the loop's own step, whole
     m, opt, ids = s["models"][side], s["opts"][side], s["ids"]
     with torch.autocast(ids.device.type, dtype=s["autocast"]):
         if side != "hf":
@@ -289,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = max(peak, matmul_peak(args.device, s["autocast"]))
 
     result: dict = {
-        "bench": "train_step", "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+        "bench": "train_step", "load_avg": [round(x, 2) for x in os.getloadavg()], "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": tokens, "device": args.device, "autocast": args.dtype,
         "dropout": cfg.dropout, "fused_adamw": s["fused_adamw"], "repeats": args.repeats,
         "compile": args.compile,

@@ -6,17 +6,28 @@ single-process gloo group is created), and nothing of Ray: the Ray touch points 
 through ``hooks`` (``actors/train.py``).
 
 One optimizer step, the paper's recipe (../shared/OPT_FACTS.md):
-  1. the sampler hands this data-parallel rank its slice of the global batch
-     (``batch_tokens`` / seq_len rows, whatever the world size);
-  2. micro-batches are accumulated (FSDP2 syncs gradients on the last one only);
-     the loss is a token-level sum divided by the *global* token count, so the update
-     does not depend on how the batch was split over ranks or micro-batches;
-  3. mixed precision: bf16 autocast on CPU, fp16 + dynamic loss scaling (the paper)
-     or bf16 on GPU; fp32 master weights and Adam state;
-  4. global grad norm (over data shards and tensor shards), clip, AdamW step, LR
-     from the warmup + linear-decay-to-10% schedule;
+  1. the sampler hands this data-parallel rank its slice of the global batch, which is
+     the recipe's exactly (``batch_tokens`` / seq_len rows whatever the world size;
+     gradient accumulation absorbs the data-parallel width, see ``plan_recipe``);
+  2. micro-batches go through ``model(x, targets=y)``, the model's chunked, fused LM-head
+     loss (no fp32 logits of the batch), and their gradients are reduce-scattered after
+     each one (FSDP2's sync stays on), so only the fp32 gradient *shard* accumulates; the
+     loss is a token-level sum divided by the *global* token count, so the update does
+     not depend on how the batch was split over ranks or micro-batches;
+  3. mixed precision: FSDP2 gathers parameters in the compute dtype (bf16, or fp16 with
+     dynamic loss scaling as the paper did) and reduces gradients in fp32 into fp32
+     master weights and Adam state;
+  4. one all-reduce of the step's statistics (loss sum, gradient-norm pieces, overflow
+     count) on the worker's device, one host read; every rank then takes the same
+     skip/scale decision, clips, unscales by the scale the backward used and steps AdamW
+     (LR from the warmup + linear-decay-to-10% schedule);
   5. the divergence guard looks at (loss, grad norm, loss scale) and may roll back;
   6. metrics.jsonl + Ray metrics; every ``checkpoint_every`` steps a checkpoint.
+
+Devices: every tensor of the step lives on the worker's device (``resolve_device``: the
+GPU Ray Train assigned, ``cuda:LOCAL_RANK``, or the CPU), so NCCL can reduce it. The
+model is built sharded (``opt_ray.model.parallel.build_sharded``): the whole model never
+exists on one rank.
 
 Determinism: data order is the sampler's (a function of seed and samples consumed),
 dropout is reseeded from (seed, step, micro-batch, data rank) before every micro-batch,

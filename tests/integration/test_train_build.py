@@ -11,6 +11,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(300)
 def test_build_peak_memory_falls_with_ranks_and_init_does_not_change():
+    import hashlib
+
     import torch
 
     from bench.train_build import FINGERPRINT, measure
@@ -28,8 +30,7 @@ def test_build_peak_memory_falls_with_ranks_and_init_does_not_change():
                           fsdp=False)
     params = dict(whole.named_parameters())
     for name in FINGERPRINT:
-        full = params[name].detach().double()
-        want = [float(full.sum()), float(full.square().sum())]
+        want = hashlib.sha256(params[name].detach().contiguous().numpy().tobytes()).hexdigest()
         assert recs[0]["fingerprint"][name] == want and recs[1]["fingerprint"][name] == want, name
     assert float(params["model.decoder.layers.1.fc2.weight"].std()) == pytest.approx(
         0.006 / (2 * 2) ** 0.5, rel=0.02)  # output projections scaled by 1/sqrt(2 x layers)
