@@ -306,6 +306,9 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         interrupted.append(name)
         Logbook(run_dir).event("interrupted", step=_newest_checkpoint_step(cfg),
                                reason=f"{name} to the driver", resume=resume)
+        # Recorded: a SIGKILL that follows (`ray job stop` escalates after a few seconds)
+        # must not make the next driver log this interruption a second time.
+        driver_file.unlink(missing_ok=True)
         print(f"\nopt-ray train: {name}: stopping the gang; the run resumes from its newest "
               f"checkpoint with:\n  {resume}", file=sys.stderr, flush=True)
 
