@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     # exit 2, not a gang that fails and restarts.
     preflight(cfg)
     if cfg.resume_from:
-        _check_resume_from(Path(cfg.output), cfg.resume_from)
+        _check_resume_from(cfg.checkpoint_location, cfg.resume_from)
     from actors.train import FailureBudgetExceeded, run_gang
 
     if args.num_cpus:
@@ -61,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_resume_from(run_dir, step: int) -> None:
+def _check_resume_from(checkpoints: str, step: int) -> None:
     """Fail before any worker starts when the requested checkpoint is not there."""
     from opt_ray.train.checkpoint import CheckpointError, committed, verify
 
-    steps = {s: p for s, p in committed(run_dir / "checkpoints")}
+    steps = {s: p for s, p in committed(checkpoints)}
     if step not in steps or verify(steps[step]) is not None:
         valid = [s for s, p in steps.items() if verify(p) is None]
         raise CheckpointError(f"--resume-from {step}: no valid checkpoint of step {step} in "
-                              f"{run_dir / 'checkpoints'}; valid steps: {valid or 'none'}")
+                              f"{checkpoints}; valid steps: {valid or 'none'}")
