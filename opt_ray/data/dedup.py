@@ -825,7 +825,7 @@ def _progress(total: int | None, unit: str, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def _merge_errors(dicts: Iterable[dict[str, Any]], strict: bool) -> InputErrors:
+def _merge_errors(dicts: Iterable[dict[str, Any]]) -> InputErrors:
     errors = InputErrors(strict=False)
     for d in dicts:
         for path, f in d["files"].items():
@@ -918,7 +918,7 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, execu
     by_part = {ph: (lambda a, ph=ph: plan.part_dir(ph, a[1])) for ph in ("keys", "buckets", "verify")}
     signed = sorted(phase("sign", sign_split, [(plan, s) for s in range(n)], "split",
                           by_split["sign"]), key=lambda i: i["split"])
-    errors = _merge_errors((i["errors"] for i in signed), strict)
+    errors = _merge_errors(i["errors"] for i in signed)
     docs = sum(i["docs"] for i in signed)
     nbytes = sum(i["bytes"] for i in signed)
     _M_DOCS.inc(docs)

@@ -11,8 +11,6 @@ with itself.
 
 from __future__ import annotations
 
-import json
-import random
 import sys
 from pathlib import Path
 
