@@ -20,28 +20,6 @@ LM_EVAL_MISSING = ("lm-eval is not installed; `opt-ray eval --tasks` needs it: "
                    "pip install 'opt-ray[eval]'")
 
 
-def _limit(s: str) -> float | int:
-    v = float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"--limit must be > 0, got {s}")
-    return int(v) if v >= 1 and v == int(v) else v
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("true", "1", "yes"):
-        return True
-    if s.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def _positive(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from opt_ray.ray_util import add_ray_args
 
@@ -54,36 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "table, writes its JSON with --output, and records the scores in the run's logbook. "
                     "With --data: mean next-token loss and perplexity on token shards (one JSON line).")
     p.add_argument("checkpoint", metavar="RUN_DIR|CKPT|HF_DIR", help="model to evaluate")
+    from opt_ray.config import add_dataclass_args
+    from opt_ray.eval.config import EvalConfig
+
     t = p.add_argument_group("lm-eval tasks (needs `pip install 'opt-ray[eval]'`)")
-    t.add_argument("--tasks", default=None,
-                   help="comma-separated lm-eval task, group or tag names (globs allowed), e.g. "
-                        "hellaswag,piqa,arc_easy")
-    t.add_argument("--num-fewshot", type=int, default=None,
-                   help="few-shot examples per prompt (default: each task's own, else 0)")
-    t.add_argument("--include-path", default=None,
-                   help="directory of extra lm-eval YAML tasks (e.g. dataset_path: json with local files)")
-    t.add_argument("--limit", type=_limit, default=None,
-                   help="evaluate at most N documents per task (a number < 1 is a fraction)")
-    t.add_argument("--workers", type=_positive, default=1,
-                   help="Ray actors scoring requests in parallel, each with its own copy of the model")
-    t.add_argument("--output", default=None, help="write lm-eval's results JSON here")
-    t.add_argument("--log-samples", action="store_true",
-                   help="include every document's requests and scores in --output")
-    t.add_argument("--seed", type=int, default=None,
-                   help="seed for lm-eval's sampling of documents and few-shot examples, and for "
-                        "sampled generation (default: lm-eval's seeds)")
-    t.add_argument("--add-bos-token", type=_bool, default=None, metavar="true|false",
-                   help="prepend bos to every input (default: as the tokenizer does; OPT's prepends </s>)")
-    t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights' dtype for scoring (log-softmax is fp32 either way)")
-    t.add_argument("--no-logbook", dest="logbook", action="store_false",
-                   help="do not record the scores in the run's logbook")
+    add_dataclass_args(t, EvalConfig)
     add_ray_args(t)
     d = p.add_argument_group("perplexity on token shards")
     d.add_argument("--data", default=None, help="token shards directory (from `opt-ray tokenize`)")
     d.add_argument("--split", default="valid", help="shard split (default valid)")
     d.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
-    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass")
     p.set_defaults(func=run)
 
 
@@ -140,72 +98,73 @@ def run_shards(args: argparse.Namespace) -> int:
 def run_tasks(args: argparse.Namespace) -> int:
     import os
 
+    from opt_ray.config import from_args
+    from opt_ray.eval.config import EvalConfig
+
+    cfg = from_args(EvalConfig, args)   # bad values fail here, before anything loads
     try:
         import lm_eval  # noqa: F401
     except ImportError as e:
         raise UserError(LM_EVAL_MISSING) from e
     from opt_ray.eval.loading import locate
 
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    if not names:
+    if not cfg.tasks:
         raise UserError("--tasks is empty; name at least one lm-eval task")
-    if args.output:
-        _check_writable(args.output)
+    if cfg.output:
+        _check_writable(cfg.output)
     ckpt = locate(args.checkpoint)   # a missing tokenizer fails before anything loads
-    results = evaluate_tasks(
-        ckpt.path, names, num_fewshot=args.num_fewshot, include_path=args.include_path,
-        limit=args.limit, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-        add_bos_token=args.add_bos_token, dtype=args.dtype, log_samples=args.log_samples,
-        address=args.address, num_cpus=args.num_cpus)
+    results = evaluate_tasks(ckpt.path, cfg, address=args.address, num_cpus=args.num_cpus)
     from lm_eval.utils import handle_non_serializable, make_table
 
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    if args.output:
+    if cfg.output:
         import json
 
         from opt_ray.artifacts import write_text_atomic
-        write_text_atomic(args.output, json.dumps(results, indent=2, default=handle_non_serializable,
-                                                  ensure_ascii=False) + "\n")
-        print(f"results written to {os.path.abspath(args.output)}", file=sys.stderr)
-    if args.logbook and ckpt.run_dir is not None:
+        write_text_atomic(cfg.output, json.dumps(results, indent=2, default=handle_non_serializable,
+                                                 ensure_ascii=False) + "\n")
+        print(f"results written to {os.path.abspath(cfg.output)}", file=sys.stderr)
+    if cfg.logbook and ckpt.run_dir is not None:
         from opt_ray.logbook import Logbook
         Logbook(ckpt.run_dir).event(
-            "eval", checkpoint=str(ckpt.weights), step=ckpt.step, tasks=names,
-            num_fewshot=args.num_fewshot, limit=args.limit, results=scores(results))
+            "eval", checkpoint=str(ckpt.weights), step=ckpt.step, tasks=list(cfg.tasks),
+            num_fewshot=cfg.num_fewshot, limit=cfg.limit, results=scores(results))
         print(f"scores recorded in {ckpt.run_dir / 'logbook.jsonl'}", file=sys.stderr)
     return 0
 
 
-def evaluate_tasks(checkpoint, names: list[str], *, num_fewshot: int | None = None,
-                   include_path: str | None = None, limit: float | int | None = None,
-                   batch_size: int = 8, workers: int = 1, seed: int | None = None,
-                   add_bos_token: bool | None = None, dtype: str = "float32",
-                   log_samples: bool = False, address: str | None = None,
-                   num_cpus: int | None = None) -> dict:
-    """lm-eval's ``simple_evaluate`` of ``names`` on ``checkpoint`` through ``OptLM``;
-    returns lm-eval's results dict. Task problems are found before the model loads."""
+def evaluate_tasks(checkpoint, cfg=None, *, address: str | None = None,
+                   num_cpus: int | None = None, **overrides) -> dict:
+    """lm-eval's ``simple_evaluate`` of ``cfg.tasks`` on ``checkpoint`` through ``OptLM``;
+    returns lm-eval's results dict. ``cfg`` is an ``EvalConfig`` (or its fields as keyword
+    arguments). Task problems are found before the model loads."""
     from lm_eval import simple_evaluate
 
     from opt_ray.eval import tasks as T
+    from opt_ray.eval.config import EvalConfig
     from opt_ray.eval.lm import OptLM
 
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
-    tm = T.task_manager(names, include_path)
-    names = T.check_names(tm, names)
+    if cfg is None:
+        cfg = EvalConfig(**overrides)
+    elif overrides:
+        cfg = EvalConfig(**{**cfg.to_dict(), **overrides})
+    tm = T.task_manager(cfg.tasks, cfg.include_path)
+    names = T.check_names(tm, cfg.tasks)
     T.check_local_data(tm, names)
     task_objs = T.load_tasks(tm, names)
-    if workers > 1:
+    if cfg.workers > 1:
         from opt_ray.ray_util import init_ray
         init_ray(address, num_cpus=num_cpus)
-    lm = OptLM.from_checkpoint(checkpoint, batch_size=batch_size, workers=workers,
-                               add_bos_token=add_bos_token, dtype=dtype, seed=seed or 0)
+    lm = OptLM.from_checkpoint(checkpoint, batch_size=cfg.batch_size, workers=cfg.workers,
+                               add_bos_token=cfg.add_bos_token, dtype=cfg.dtype, seed=cfg.seed or 0)
+    seed = cfg.seed
     seeds = {} if seed is None else {"random_seed": seed, "numpy_random_seed": seed,
                                      "torch_random_seed": seed, "fewshot_random_seed": seed}
-    results = simple_evaluate(model=lm, tasks=task_objs, task_manager=tm, num_fewshot=num_fewshot,
-                              limit=limit, batch_size=batch_size, log_samples=log_samples, **seeds)
+    results = simple_evaluate(model=lm, tasks=task_objs, task_manager=tm, num_fewshot=cfg.num_fewshot,
+                              limit=cfg.limit, batch_size=cfg.batch_size, log_samples=cfg.log_samples,
+                              **seeds)
     results["config"]["model"] = str(checkpoint)
     return results
 

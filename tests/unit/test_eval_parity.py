@@ -52,9 +52,9 @@ def test_loglikelihoods_equal_lm_eval_hf_backend(setup, add_bos_token):
 
     num_fewshot = 2 if add_bos_token is None else 0
     ref, hf = _hf_results(setup, add_bos_token, num_fewshot)
-    ours = evaluate_tasks(setup["ckpt"], ["mc_parity", "rolling_parity"], include_path=str(setup["tasks"]),
-                          num_fewshot=num_fewshot, batch_size=3, add_bos_token=add_bos_token,
-                          log_samples=True)
+    ours = evaluate_tasks(setup["ckpt"], tasks=["mc_parity", "rolling_parity"],
+                          include_path=str(setup["tasks"]), num_fewshot=num_fewshot, batch_size=3,
+                          bos={None: "auto", False: "false"}[add_bos_token], log_samples=True)
     # The rolling documents really are longer than one window.
     assert all(len(hf.tok_encode(d)) > 2 * MAX_POS for d in setup["docs"])
     for task, per_doc in (("mc_parity", 4), ("rolling_parity", 1)):
