@@ -8,6 +8,8 @@ result under the work dir ``.<output>.dedup-work/`` (a sibling of the output) fo
 killed worker (its task is retried) or a killed driver (run the command again) costs only
 the unfinished splits; the output is identical either way.
 
+A split is an input file, or a run of row groups of a Parquet file larger than
+``split_bytes`` (``readers.split_row_groups``; rows keep their file-wide numbers).
 Documents are named by a ``uid = split << 32 | k`` (``k``: the k-th good record of the
 split), which orders them as the inputs do. The phases and the data between them:
 
@@ -65,7 +67,8 @@ import numpy as np
 
 from opt_ray import metrics
 from opt_ray.data import minhash
-from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file, resolve_inputs
+from opt_ray.data.readers import (ID_KEY, InputErrors, InputFile, iter_file, resolve_inputs,
+                                  split_row_groups)
 from opt_ray.errors import UserError
 
 REPORT = "dedup_report.json"
@@ -115,6 +118,7 @@ class DedupConfig:
     shard_bytes: int = 128 << 20  # text characters per output Parquet shard, at most
     shard_rows: int = 200_000    # records per output Parquet shard, at most
     report_clusters: int = 10_000  # clusters listed in dedup_report.json (all: clusters.parquet)
+    split_bytes: int = 256 << 20   # Parquet files larger than this are split by row groups
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -133,7 +137,8 @@ class DedupConfig:
         if self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm:
             raise UserError(f"--bands x --rows ({self.bands} x {self.rows}) must be between 1 "
                             f"and --num-perm ({self.num_perm})")
-        for name in ("batch_docs", "batch_bytes", "num_buckets", "shard_bytes", "shard_rows"):
+        for name in ("batch_docs", "batch_bytes", "num_buckets", "shard_bytes", "shard_rows",
+                     "split_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -796,7 +801,8 @@ def _fingerprint(files: list[InputFile], cfg: DedupConfig, text_field: str,
     inputs = []
     for f in files:
         st = f.path.stat()
-        inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns])
+        inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns,
+                       list(f.row_groups) if f.row_groups else None])
     return {"version": WORK_VERSION, "inputs": inputs, "cfg": asdict(cfg),
             "text_field": text_field, "id_field": id_field, "strict": strict}
 
@@ -857,6 +863,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
 
     executor = executor or LocalExecutor()
     files = files if files is not None else resolve_inputs(inputs)
+    files = split_row_groups(files, cfg.split_bytes)
     out = Path(output).absolute()
     if out.exists() and not overwrite:
         raise ArtifactError(f"output directory {out} already exists; choose another "
@@ -970,7 +977,8 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, execu
         if "cpu_s" in st:
             worker_cpu[st["phase"]] = round(worker_cpu.get(st["phase"], 0.0) + st["cpu_s"], 3)
     report = {
-        "inputs": [str(f.path) for f in files], "params": params, "counts": counts,
+        "inputs": list(dict.fromkeys(str(f.path) for f in files)), "params": params,
+        "counts": counts,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "throughput_mb_s": round(nbytes / 1e6 / max(timings["total_s"], 1e-9), 3),
         "input_errors": errors.to_dict(), "resumed": resumed,

@@ -88,6 +88,32 @@ class InputFile:
     path: Path
     kind: str          # "jsonl" | "parquet" | "txt"
     name: str          # id prefix: file name without extension, with directory prefix
+    # Parquet only: the row groups [first, last) this split reads (None: the whole file).
+    row_groups: tuple[int, int] | None = None
+
+
+def split_row_groups(files: list[InputFile], max_bytes: int) -> list[InputFile]:
+    """Cut Parquet files larger than ``max_bytes`` into splits of whole row groups of
+    about that size, so that workers read one large file in parallel. Rows keep their
+    file-wide numbers (ids ``name:row``), so the records are the same as unsplit."""
+    import pyarrow.parquet as pq
+    out: list[InputFile] = []
+    for f in files:
+        if f.kind != "parquet" or f.row_groups is not None or f.path.stat().st_size <= max_bytes:
+            out.append(f)
+            continue
+        try:
+            meta = pq.ParquetFile(f.path).metadata
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise UserError(f"input {f.path} is not a readable Parquet file ({e})") from e
+        start, size = 0, 0
+        for g in range(meta.num_row_groups):
+            size += meta.row_group(g).total_byte_size
+            if size >= max_bytes and g + 1 < meta.num_row_groups:
+                out.append(InputFile(f.path, f.kind, f.name, (start, g + 1)))
+                start, size = g + 1, 0
+        out.append(InputFile(f.path, f.kind, f.name, (start, meta.num_row_groups)))
+    return out
 
 
 def resolve_inputs(inputs: list[str]) -> list[InputFile]:
@@ -371,7 +397,13 @@ def _iter_parquet(f: InputFile, text_field: str, id_field: str | None,
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise UserError(f"input {f.path} is not a readable Parquet file ({e})") from e
     n = 0
-    for batch in pf.iter_batches(batch_size=batch_size):
+    groups = None
+    if f.row_groups is not None:
+        first, last = f.row_groups
+        groups = list(range(first, last))
+        # Rows are numbered file-wide: a split starts after the rows of the groups before it.
+        n = sum(pf.metadata.row_group(g).num_rows for g in range(first))
+    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups):
         for rec in batch.to_pylist():
             n += 1
             out = _finish(rec, f, n, text_field, id_field, errors, f"{f.name}:{n}")
