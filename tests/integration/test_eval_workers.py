@@ -23,7 +23,7 @@ def test_two_workers_equal_one(ray_local, tmp_path):
     write_mc_task(tmp_path / "tasks", "mc_workers", mc_rows(8))
     write_rolling_task(tmp_path / "tasks", "rolling_workers", [" ".join(TEXTS[i:] + TEXTS[:i]) for i in range(3)])
     names = ["mc_workers", "rolling_workers"]
-    runs = [evaluate_tasks(ckpt, names, include_path=str(tmp_path / "tasks"), workers=w,
+    runs = [evaluate_tasks(ckpt, tasks=names, include_path=str(tmp_path / "tasks"), workers=w,
                            batch_size=2, log_samples=True) for w in (1, 2)]
     for task in names:
         one, two = ([[x[0] for x in s["resps"]] for s in sorted(r["samples"][task], key=lambda s: s["doc_id"])]
