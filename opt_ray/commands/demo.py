@@ -35,8 +35,11 @@ from opt_ray.ray_util import add_ray_args
 MARKER = ".opt-ray-demo"
 # Measured with `make demo` on the 2-core development machine (see the report in
 # bench/RESULTS.md); kept here so that --help says what to expect.
-MEASURED = ("Takes about 6 minutes on 2 CPU cores (measured 2026-12-02 while the machine was "
-            "loaded by other work, load average ~10; faster on a quiet machine).")
+MEASURED = ("Measured (2026-12-02, `opt-ray demo` with its defaults, another Ray running on the "
+            "machine): 20.9 minutes on the 2-core development machine while about eight other "
+            "jobs loaded it (load average 35-48); 18 of those minutes were the 40 training steps "
+            "at ~27 s each, which take ~0.4 s each on the quiet machine (bench/RESULTS.md), so "
+            "expect a few minutes there. Not yet timed on a quiet machine.")
 PROMPTS = ("The module", "In this chapter", "The function returns")
 
 
@@ -53,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="demo-out",
                    help="directory for every artifact (default: demo-out); a previous demo "
                         "output there is replaced")
-    p.add_argument("--steps", type=int, default=60, help="training steps of the tiny preset (default: 60)")
+    p.add_argument("--steps", type=int, default=40, help="training steps of the tiny preset (default: 40)")
     p.add_argument("--batch-tokens", type=int, default=4096,
                    help="tokens per training step (default: 4096, a quarter of the tiny preset's, "
                         "so the demo trains in a few minutes on a laptop CPU)")
@@ -158,7 +161,7 @@ def _serve_and_complete(hf: Path, address: str, prompts: list[str], log: Path,
         r = _post(f"{base}/v1/completions", {"model": "demo", "prompt": prompt, "max_tokens": 30,
                                               "temperature": 0.8, "top_p": 0.95, "seed": 0})
         text = r["choices"][0]["text"].replace("\n", " ")
-        print(f"  POST /v1/completions {prompt!r} -> {prompt}{text}", flush=True)
+        print(f"  POST /v1/completions {prompt!r} -> {text!r}", flush=True)
     timings["serve"] = time.time() - t0
     return proc, base
 
@@ -266,7 +269,8 @@ def _summary(out: Path, corpus: Path, p: dict[str, Path], timings: dict[str, flo
               f"{metrics[-1]['loss']:.3f} at step {metrics[-1]['step']}; "
               f"{kinds.count('worker_lost')} worker loss(es), {kinds.count('restart')} gang restart(s)")
     if dashboard:
-        print(f"  Ray dashboard (while this process runs): http://{dashboard.removeprefix('http://')}")
+        print(f"  Ray dashboard: http://{dashboard.removeprefix('http://')} (up while the demo "
+              f"runs; --keep-serving keeps it and the app up)")
     body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 30})
     serve_at = base or "http://127.0.0.1:8000"
     print("\nNext:")
