@@ -14,7 +14,7 @@ import dataclasses
 import os
 import typing
 import uuid
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from opt_ray.errors import UserError

@@ -38,23 +38,19 @@ on ``torch.use_deterministic_algorithms``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shutil
 import socket
 import time
-import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from opt_ray.artifacts import write_text_atomic
 from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_token,  # noqa: F401
