@@ -8,8 +8,9 @@ result under the work dir ``.<output>.dedup-work/`` (a sibling of the output) fo
 killed worker (its task is retried) or a killed driver (run the command again) costs only
 the unfinished splits; the output is identical either way.
 
-A split is an input file, or a run of row groups of a Parquet file larger than
-``split_bytes`` (``readers.split_row_groups``; rows keep their file-wide numbers).
+A split is an input file, or, for a Parquet or plain jsonl file larger than
+``split_bytes``, a run of its row groups or lines (``readers.plan_splits``; rows and lines
+keep their file-wide numbers, so ids do not depend on the splitting).
 Documents are named by a ``uid = split << 32 | k`` (``k``: the k-th good record of the
 split), which orders them as the inputs do. The phases and the data between them:
 
@@ -68,7 +69,7 @@ import numpy as np
 from opt_ray import metrics
 from opt_ray.data import minhash
 from opt_ray.data.readers import (ID_KEY, InputErrors, InputFile, iter_file, resolve_inputs,
-                                  split_row_groups)
+                                  plan_splits)
 from opt_ray.errors import UserError
 
 REPORT = "dedup_report.json"
@@ -118,7 +119,7 @@ class DedupConfig:
     shard_bytes: int = 128 << 20  # text characters per output Parquet shard, at most
     shard_rows: int = 200_000    # records per output Parquet shard, at most
     report_clusters: int = 10_000  # clusters listed in dedup_report.json (all: clusters.parquet)
-    split_bytes: int = 256 << 20   # Parquet files larger than this are split by row groups
+    split_bytes: int = 256 << 20   # larger Parquet / plain jsonl files: split by row groups / lines
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -802,7 +803,8 @@ def _fingerprint(files: list[InputFile], cfg: DedupConfig, text_field: str,
     for f in files:
         st = f.path.stat()
         inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns,
-                       list(f.row_groups) if f.row_groups else None])
+                       list(f.row_groups) if f.row_groups else None,
+                       list(f.byte_range) if f.byte_range else None])
     return {"version": WORK_VERSION, "inputs": inputs, "cfg": asdict(cfg),
             "text_field": text_field, "id_field": id_field, "strict": strict}
 
@@ -863,7 +865,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
 
     executor = executor or LocalExecutor()
     files = files if files is not None else resolve_inputs(inputs)
-    files = split_row_groups(files, cfg.split_bytes)
+    files = plan_splits(files, cfg.split_bytes)
     out = Path(output).absolute()
     if out.exists() and not overwrite:
         raise ArtifactError(f"output directory {out} already exists; choose another "

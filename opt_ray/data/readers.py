@@ -90,6 +90,49 @@ class InputFile:
     name: str          # id prefix: file name without extension, with directory prefix
     # Parquet only: the row groups [first, last) this split reads (None: the whole file).
     row_groups: tuple[int, int] | None = None
+    # Plain jsonl only: (start byte, end byte, number of the line at start) of this split.
+    byte_range: tuple[int, int, int] | None = None
+
+
+def plan_splits(files: list[InputFile], max_bytes: int) -> list[InputFile]:
+    """The units of work for parallel readers: each input file, with Parquet files cut by
+    row groups and plain jsonl files by lines into splits of about ``max_bytes``."""
+    return split_jsonl(split_row_groups(files, max_bytes), max_bytes)
+
+
+def split_jsonl(files: list[InputFile], max_bytes: int, chunk: int = 1 << 24) -> list[InputFile]:
+    """Cut plain (uncompressed) jsonl files larger than ``max_bytes`` into splits of whole
+    lines of about that size. Lines keep their file-wide numbers (ids ``name:line``), found
+    by counting newlines (a byte scan, no parsing); compressed files stay whole."""
+    out: list[InputFile] = []
+    for f in files:
+        size = f.path.stat().st_size
+        if (f.kind != "jsonl" or f.byte_range is not None or size <= max_bytes
+                or f.path.name.lower().endswith((".gz", ".zst"))):
+            out.append(f)
+            continue
+        start, line, lines_seen, pos = 0, 1, 0, 0
+        target = max_bytes
+        with open(f.path, "rb") as fh:
+            while True:
+                buf = fh.read(chunk)
+                if not buf:
+                    break
+                # Split points: just after the first newline at or past each target.
+                while pos + len(buf) > target:
+                    nl = buf.find(b"\n", max(target - pos, 0))
+                    if nl < 0:
+                        break
+                    cut = pos + nl + 1
+                    cut_line = lines_seen + buf.count(b"\n", 0, nl + 1) + 1
+                    if cut < size:
+                        out.append(InputFile(f.path, f.kind, f.name, byte_range=(start, cut, line)))
+                        start, line = cut, cut_line
+                    target = cut + max_bytes
+                lines_seen += buf.count(b"\n")
+                pos += len(buf)
+        out.append(InputFile(f.path, f.kind, f.name, byte_range=(start, size, line)))
+    return out
 
 
 def split_row_groups(files: list[InputFile], max_bytes: int) -> list[InputFile]:
@@ -346,6 +389,19 @@ def _iter_jsonl(f: InputFile, text_field: str, id_field: str | None,
                 errors: InputErrors) -> Iterator[dict]:
     n = 0
     stream_errors = _stream_errors()
+    if f.byte_range is not None:
+        start, end, first = f.byte_range
+        with open(f.path, "rb") as fh:
+            fh.seek(start)
+            pos = start
+            for n, raw in enumerate(fh, first):
+                if pos >= end:
+                    break
+                pos += len(raw)
+                out = _jsonl_record(raw, n, f, text_field, id_field, errors)
+                if out is not None:
+                    yield out
+        return
     try:
         with _open_binary(f.path) as fh:
             for n, raw in enumerate(fh, 1):

@@ -1,5 +1,5 @@
-"""The tokenize stage at corpus scale: one task per input file (or run of row groups of a
-large Parquet file), the driver out of the data path.
+"""The tokenize stage at corpus scale: one task per input split (a file, or a run of row
+groups / lines of a large Parquet / jsonl file), the driver out of the data path.
 
 Each task (``tokenize_split``; an ``Executor`` runs it in-process or as a retried Ray task)
 reads its own input file, assigns every document its split by the hash rule
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file, split_row_groups
+from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file, plan_splits
 from opt_ray.data.shards import (KIND, SPLITS, TOKENIZER_FILE, SplitWriter, encode_docs,
                                  is_valid_doc, token_dtype)
 from opt_ray.errors import UserError
@@ -176,7 +176,8 @@ def _fingerprint(job: TokenizeJob) -> dict[str, Any]:
     for f in job.files:
         st = f.path.stat()
         inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns,
-                       list(f.row_groups) if f.row_groups else None])
+                       list(f.row_groups) if f.row_groups else None,
+                       list(f.byte_range) if f.byte_range else None])
     return {"version": WORK_VERSION, "inputs": inputs,
             "tokenizer": hashlib.sha256(job.tokenizer_json.encode()).hexdigest(),
             "params": [job.seq_len, job.rows_per_shard, job.valid_fraction, job.seed,
@@ -198,7 +199,8 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
                    overwrite: bool = False) -> Path:
     """The tokenize stage over ``files`` (``resolve_inputs``) into a shards artifact at
     ``out`` (atomic); ``executor``: where the per-file tasks run (default in-process).
-    Parquet files larger than ``split_bytes`` are split by row groups (one task each).
+    Parquet and plain jsonl files larger than ``split_bytes`` are split by row groups /
+    lines (``readers.plan_splits``; one task each).
     Raises ``UserError`` for a corpus with no documents or too few tokens for one row."""
     from opt_ray.data.artifact_io import PrehashedArtifactWriter
     from opt_ray.data.dedup import LocalExecutor
@@ -209,7 +211,7 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     if not 0.0 <= valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
     executor = executor or LocalExecutor()
-    files = split_row_groups(list(files), split_bytes)
+    files = plan_splits(list(files), split_bytes)
     tinfo = describe(tok)
     dtype = token_dtype(tinfo["vocab_size"])
     work = work_dir(out)

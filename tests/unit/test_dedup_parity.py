@@ -145,18 +145,24 @@ def test_sample_corpus_same_kept_set_as_previous(tmp_path):
     assert kept == [r[ID_KEY] for r in recs if r[ID_KEY] not in removed]
 
 
-def test_parquet_row_group_splits_same_output_as_whole_file(tmp_path):
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_large_files_split_same_output_as_whole_file(tmp_path, fmt):
     import pyarrow as pa
     import pyarrow.parquet as pq
     recs = planted_corpus(seed=7)
-    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "in.parquet", row_group_size=40)
-    whole = run_dedup([str(tmp_path / "in.parquet")], str(tmp_path / "whole"), DedupConfig())
-    split = run_dedup([str(tmp_path / "in.parquet")], str(tmp_path / "split"),
-                      DedupConfig(split_bytes=1))          # one task per row group
+    src = tmp_path / f"in.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(recs), src, row_group_size=40)
+        small = 1                                      # one task per row group
+    else:
+        write_jsonl(src, recs)
+        small = src.stat().st_size // 6                # six runs of lines
+    whole = run_dedup([str(src)], str(tmp_path / "whole"), DedupConfig())
+    split = run_dedup([str(src)], str(tmp_path / "split"), DedupConfig(split_bytes=small))
     assert split["counts"] == whole["counts"]
     assert split["clusters"] == whole["clusters"] and len(whole["clusters"]) > 10
     removed = {m for c in whole["clusters"] for m in c["members"][1:]}
-    expect = [r[ID_KEY] for r in iter_records([str(tmp_path / "in.parquet")])
+    expect = [r[ID_KEY] for r in iter_records([str(src)])
               if r[ID_KEY] not in removed]
     assert [r[ID_KEY] for r in iter_records([str(tmp_path / "split")])] == expect
     assert [r[ID_KEY] for r in iter_records([str(tmp_path / "whole")])] == expect

@@ -99,3 +99,26 @@ def test_streaming_is_lazy(tmp_path):
     p.write_bytes(_jsonl({"text": f"doc {i}"} for i in range(10000)))
     it = iter_records([str(p)])
     assert next(it)[ID_KEY] == "big:1"
+
+
+def test_jsonl_split_by_lines_reads_the_same_records_and_errors(tmp_path):
+    import random
+
+    from opt_ray.data.readers import iter_file, plan_splits
+    rng = random.Random(0)
+    lines = []
+    for i in range(1500):
+        r = rng.random()
+        lines.append("\n" if r < 0.05 else "not json\n" if r < 0.07 else
+                     json.dumps({"text": "w " * rng.randint(1, 300) + str(i)}) + "\n")
+    p = tmp_path / "big.jsonl"
+    p.write_text("".join(lines)[:-1])                    # no final newline
+    [whole] = resolve_inputs([str(p)])
+    e0 = InputErrors()
+    expect = [(r[ID_KEY], r["text"]) for r in iter_file(whole, errors=e0)]
+    for max_bytes in (700, 9000, 10**9):
+        splits = plan_splits([whole], max_bytes)
+        assert (len(splits) > 1) == (max_bytes < p.stat().st_size)
+        e1 = InputErrors()
+        got = [(r[ID_KEY], r["text"]) for f in splits for r in iter_file(f, errors=e1)]
+        assert got == expect and e1.to_dict() == e0.to_dict()
