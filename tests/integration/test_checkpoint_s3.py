@@ -116,3 +116,37 @@ def test_async_save_commits_at_wait(s3, shards, tmp_path):
     got = load_model_state(ref)
     want = {k: v for k, v in model.state_dict().items()}
     assert all(torch.equal(want[k], got[k]) for k in got) and len(got) >= len(want) - 1
+
+
+@pytest.mark.slow
+def test_cli_train_checkpoints_to_s3_and_resumes_from_there(s3, shards, tmp_path):
+    """`opt-ray train --checkpoint-dir s3://...` as a user runs it (its own embedded Ray;
+    the workers get the AWS variables from the environment), then the same command with
+    more steps resumes from the bucket."""
+    import subprocess
+    import sys
+
+    from opt_ray.train.checkpoint import committed
+
+    url = s3.url("cli", "checkpoints")
+    run = tmp_path / "run"
+    env = {**os.environ, **s3.env(), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+
+    def train(steps: int) -> None:
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "opt-ray"), "train", "--data", str(shards),
+             "--output", str(run), "--checkpoint-dir", url, "--steps", str(steps),
+             "--batch-tokens", "256", "--micro-batch", "2", "--checkpoint-every", "1",
+             "--warmup-steps", "1", "--decay-steps", "4", "--no-progress", "--num-cpus", "2"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+    train(2)
+    assert [s for s, _ in committed(url)] == [1, 2]
+    train(4)
+    assert [s for s, _ in committed(url)] == [3, 4]
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
+    resumed = [e for e in events(run) if e["event"] == "resume"]
+    assert resumed and resumed[-1]["step"] == 2 and resumed[-1]["checkpoint"] == f"{url}/step_00000002"
+    assert not (run / "checkpoints").exists()
