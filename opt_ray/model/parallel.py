@@ -272,8 +272,9 @@ def build_sharded(cfg: ModelConfig, *, device: torch.device | str, seed: int, tp
     ``meta``, swap in tensor-parallel layers, shard with FSDP2 over ``dp_group``, then
     allocate only the local shards on ``device`` and initialise them with the paper's
     init (``init_weights``). Peak memory of the build is about 1/(tp x dp) of the model,
-    plus one init block and, with tensor parallelism, one layer's tensor shard that
-    fairscale's constructors allocate on the CPU before it moves to ``meta``.
+    plus one init block and, with tensor parallelism, the transient full-size master
+    weight of one layer that fairscale's constructors allocate on the CPU (the largest is
+    the vocabulary embedding) before the layer moves to ``meta``.
 
     The weights depend on ``seed`` only, not on the world size or layout: a 1-rank and
     an N-rank build hold the same full tensors."""
@@ -282,12 +283,15 @@ def build_sharded(cfg: ModelConfig, *, device: torch.device | str, seed: int, tp
     device = torch.device(device)
     with torch.device("meta"):
         model = OPT(cfg)
-        if tp_size > 1:
-            tp, _ = _tp_world_and_rank(tp_group)
-            if tp != tp_size:
-                raise ParallelConfigError(f"tp_size={tp_size} but init_model_parallel was called "
-                                          f"with {tp}; use the same size")
-            apply_tensor_parallel(model, tp_group)
+    if tp_size > 1:
+        tp, _ = _tp_world_and_rank(tp_group)
+        if tp != tp_size:
+            raise ParallelConfigError(f"tp_size={tp_size} but init_model_parallel was called "
+                                      f"with {tp}; use the same size")
+        # Outside the meta context: fairscale's constructors fill their weights on the CPU
+        # (a legacy ``torch.Tensor`` plus a transient master weight per layer) before the
+        # swap moves each new layer to meta; only one layer's worth exists at a time.
+        apply_tensor_parallel(model, tp_group)
     if tp_size > 1 and dp_group is None:
         from fairscale.nn.model_parallel import initialize as mpu
         dp_group = mpu.get_data_parallel_group()

@@ -218,3 +218,32 @@ def test_tp_partition_dims_names():
 def test_split_rejects_bad_rank():
     with pytest.raises(par.ParallelConfigError):
         par.split_tp_state({}, 2, 2)
+
+
+def _build_tp_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    try:
+        cfg = _cfg()
+        dp_group, tp_group = par.init_model_parallel(2)
+        model = par.build_sharded(cfg, device="cpu", seed=3, tp_size=2, dp_group=dp_group,
+                                  tp_group=tp_group, fsdp=False)
+        ids, _ = _batch(cfg)
+        loss = model(ids, targets=_targets(ids))
+        shards: list = [None, None]
+        torch.distributed.all_gather_object(shards, {k: v.detach().clone()
+                                                     for k, v in model.state_dict().items()})
+        # The tensor-parallel build holds exactly the slices of the one-rank build.
+        ref = par.build_sharded(cfg, device="cpu", seed=3, fsdp=False)
+        full = par.merge_tp_shards(shards)
+        for k, v in ref.state_dict().items():
+            assert torch.equal(full[k], v), k
+        torch.testing.assert_close(loss, ref(ids, targets=_targets(ids)), atol=1e-5, rtol=1e-5)
+    finally:
+        from fairscale.nn.model_parallel import initialize as mpu
+        mpu.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_build_sharded_with_tensor_parallel_equals_the_one_rank_build():
+    _spawn(_build_tp_worker, 2)
