@@ -73,6 +73,21 @@ def test_embedded_command_ignores_another_ray(other_ray, corpus):
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _texts(work / "cli") == reference and len(reference) == 60
+    assert "multiple active Ray instances" not in r.stdout + r.stderr
+
+
+def test_ray_internals_find_their_own_cluster_without_an_address(other_ray, ray_local):
+    """Ray's own actors look their cluster up without an address (Ray Train's
+    placement-group cleaner calls the state API); in a pinned cluster that lookup is the
+    cluster itself, not "multiple active Ray instances"."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    @ray_local.remote
+    def lookup() -> str:
+        return canonicalize_bootstrap_address_or_die(None)
+
+    own = ray_local.get_runtime_context().gcs_address
+    assert ray_local.get(lookup.remote()) == own != other_ray.address
 
 
 def test_control_server_jobs_run_on_its_own_cluster(other_ray, corpus):
@@ -113,6 +128,7 @@ def test_control_server_jobs_run_on_its_own_cluster(other_ray, corpus):
         other = JobSubmissionClient(other_ray.dashboard,
                                     headers={"Authorization": f"Bearer {other_ray.ray_token}"})
         assert other.list_jobs() == [], "nothing ran on the other cluster"
+        assert "multiple active Ray instances" not in own.get_job_logs(sid)
         client.close()
     finally:
         if proc.poll() is None:
