@@ -192,7 +192,8 @@ def test_eval_spec_becomes_an_opt_ray_eval_command(env):
                   f"--limit 100 --include-path {tasks_dir} --output {env.root / 'results.json'} "
                   f"--workers 2")
     args = _parse_eval(ep)  # the real `opt-ray eval` takes exactly this
-    assert (args.tasks, args.num_fewshot, args.limit, args.include_path, args.workers) == (
+    tasks = args.tasks if isinstance(args.tasks, str) else ",".join(args.tasks)
+    assert (tasks, args.num_fewshot, args.limit, args.include_path, args.workers) == (
         "copa,arc_easy,my-task*", 5, 100, str(tasks_dir), 2)
     # Zero-shot is said explicitly; a fraction stays a fraction; defaults add nothing.
     job = env.client.submit(pb.JobSpec(eval=pb.EvalSpec(
