@@ -494,6 +494,9 @@ class TrainConfig:
     checkpoint_dir: str | None = field(default=None, metadata=_help(
         "where checkpoints go: a local directory or an fsspec URL such as "
         "s3://bucket/run/checkpoints (default: OUTPUT/checkpoints)"))
+    async_checkpoint: bool = field(default=False, metadata=_help(
+        "write checkpoints in the background (DCP async save); each is committed before "
+        "the next one starts and before the run finishes"))
     keep: int = field(default=2, metadata=_help("checkpoints kept (>= 2), plus milestones"))
     milestone_every: int | None = field(default=None, metadata=_help(
         "also keep every checkpoint whose step is a multiple of this"))

@@ -320,7 +320,8 @@ class Trainer:
         where = cfg.checkpoint_location
         self.ckpt = Checkpointer(where if is_url(where) else Path(where), keep=cfg.keep,
                                  milestone_every=cfg.milestone_every, dp_group=self.dp_group,
-                                 tp_size=cfg.tp, tp_rank=self.tp_rank, on_event=self._event)
+                                 tp_size=cfg.tp, tp_rank=self.tp_rank, on_event=self._event,
+                                 async_save=cfg.async_checkpoint)
         self.chaos = Chaos.from_spec(cfg.chaos.spec, self.run_dir, self.rank)
         self.guard = None
         if cfg.guard.enabled:
@@ -498,6 +499,7 @@ class Trainer:
                                      batch=rec["batch_pos"])
         if verdict is None:
             return False
+        self.ckpt.wait()  # a save in flight commits before the guard picks a checkpoint
         target = self.guard.pick_checkpoint(self.ckpt.available_steps())
         self._event("divergence", **verdict.to_dict())
         if verdict.give_up or target is None:
@@ -704,6 +706,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                         g.set(rec[k])
             if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
                 trainer.save()
+        trainer.ckpt.close()  # the last (possibly asynchronous) save is committed first
         trainer._event("finish", step=trainer.step, tokens=trainer.tokens_seen,
                        loss=last.get("loss"))
         if rank == 0:
