@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -62,7 +63,8 @@ def start_local_ray(**init_kwargs: Any):
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update({"RAY_ADDRESS": address, "RAY_GCS_SERVER_PORT": str(port)})
     try:
-        ctx = ray.init(**kw, **init_kwargs)
+        with _agent_port_auto_assigned():
+            ctx = ray.init(**kw, **init_kwargs)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -71,6 +73,32 @@ def start_local_ray(**init_kwargs: Any):
                 os.environ[k] = v
     write_ray_address(cluster_address(ctx), kw["_temp_dir"])
     return ctx
+
+
+@contextlib.contextmanager
+def _agent_port_auto_assigned():
+    """Let the dashboard agent of a local Ray bind a port of its own choosing.
+
+    ``ray.init`` gives every local cluster the agent's fixed default port (52365) and has
+    no argument to change it (``ray start`` has ``--dashboard-agent-listen-port``). With a
+    second Ray on the machine (another ``opt-ray`` command, a test's embedded Ray) the
+    agent cannot bind, and the job server answers every submission with "No available
+    agent to submit job". Port 0 is Ray's own auto-assignment (the agent reports the
+    port it bound), so the cluster's parameters get 0 unless the caller chose a port.
+    """
+    from ray._private import parameter
+    original = parameter.RayParams
+
+    class _RayParams(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = _RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
 
 
 def _free_port() -> int:
