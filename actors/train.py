@@ -244,10 +244,11 @@ def resume_command(cfg: TrainConfig, argv: list[str] | None = None) -> str:
                 continue
             out.append(a)
         return shlex.join(["opt-ray", *argv[1:i], "train", *out])
-    workers = (f"{cfg.workers[0]}:{cfg.workers[1]}" if isinstance(cfg.workers, tuple)
-               else str(cfg.workers))
+    from opt_ray.config import to_argv
+    # Not started from the CLI (a library call): every setting that differs from train's
+    # defaults, so that the command trains the same run; faults are not injected again.
     return shlex.join(["opt-ray", "train", "--data", cfg.data, "--output", cfg.output,
-                       "--preset", cfg.preset, "--steps", str(cfg.steps), "--workers", workers])
+                       *to_argv(cfg, skip=("data", "output", "resume_from", "chaos"))])
 
 
 def _newest_checkpoint_step(cfg: TrainConfig) -> int | None:

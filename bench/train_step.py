@@ -1,6 +1,6 @@
 """Training-step benchmark: opt-ray's OPT vs transformers.OPTForCausalLM, side by side.
 
-One step = forward + backward + AdamW step on one batch, under autocast (bf16 by default),
+One step = forward + backward + AdamW step on one batch, under autocast (bf16 where the CPU has native bf16 or on CUDA, else fp32),
 for both models built with the same weights, in one process, steps interleaved (the
 order alternates every repeat) so that machine noise hits both alike. Both sides use the
 same optimizer settings (the paper's AdamW; torch's fused kernel where available).
@@ -64,8 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"],
-                   help="autocast dtype (fp16 on CUDA only)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (fp16 on CUDA only; fp32: no autocast); default: the "
+                        "trainer's own choice for the device (bf16 on a CPU with native bf16, "
+                        "else fp32; fp16 on CUDA)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("--sides", default="trainer,hf",
@@ -78,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override the preset's dropout (default: the preset's 0.1, both sides)")
     p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.dtype is None:
+        from opt_ray.train.loop import cpu_has_native_bf16
+        args.dtype = "bf16" if args.device == "cuda" or cpu_has_native_bf16() else "fp32"
     args.side_list = [x for x in args.sides.split(",") if x and not (args.no_hf and x == "hf")]
     bad = [x for x in args.side_list if x not in SIDES]
     if bad or not args.side_list:
@@ -137,7 +142,8 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
         if k != "trainer":
             m.train()
     return {"cfg": cfg, "models": models, "opts": opts, "ids": ids, "targets": targets,
-            "fused_adamw": fused, "autocast": torch.bfloat16 if args.dtype == "bf16" else torch.float16}
+            "fused_adamw": fused,
+            "autocast": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]}
 
 
 def _random_shards(out: Path, vocab: int, seq_len: int, rows: int) -> Path:
@@ -213,7 +219,8 @@ def step(side: str, s: dict) -> float:
     if side == "trainer":
         return s["models"]["trainer"].train_step()["loss"]  # the loop's own step, whole
     m, opt, ids = s["models"][side], s["opts"][side], s["ids"]
-    with torch.autocast(ids.device.type, dtype=s["autocast"]):
+    with torch.autocast(ids.device.type, dtype=s["autocast"],
+                        enabled=s["autocast"] != torch.float32):
         if side != "hf":
             loss = m(ids, targets=s["targets"])
         else:
@@ -301,8 +308,13 @@ def measure_memory(args: argparse.Namespace, side: str) -> dict:
         cmd += ["--compile"]
     if args.dropout is not None:
         cmd += ["--dropout", str(args.dropout)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    # The parent's one-process group set MASTER_PORT: a child that inherited it would try
+    # to bind the port the parent's store still holds.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"memory child for {side} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # -- main ----------------------------------------------------------------------------------

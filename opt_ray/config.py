@@ -251,6 +251,38 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, pref
         parser.add_argument(flag, help=helptext, **kw)
 
 
+def to_argv(obj: Any, *, skip: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """The flags ``add_dataclass_args`` derives for the fields of ``obj`` that differ from
+    their defaults, so that parsing them rebuilds ``obj`` (``skip``: field names left
+    out, e.g. a one-off ``resume_from``). Printed resume commands are built from it."""
+    hints = typing.get_type_hints(type(obj))
+    out: list[str] = []
+    for f in fields(obj):
+        meta = f.metadata
+        if meta.get("cli", True) is False or f.name in skip:
+            continue
+        v = getattr(obj, f.name)
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            if dataclasses.is_dataclass(v):
+                out += to_argv(v, skip=skip, prefix=prefix + meta.get("prefix", f.name + "-"))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING and \
+            f.default_factory is not dataclasses.MISSING else f.default
+        if v == default:
+            continue
+        flag = "--" + (meta["flag"] if "flag" in meta else prefix + f.name.replace("_", "-"))
+        if tp is bool:
+            out.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, tuple) and "type" in meta:  # one value with its own parser (MIN:MAX)
+            out += [flag, ":".join(map(str, v))]
+        elif isinstance(v, tuple):
+            out += [flag, *map(str, v)]
+        elif v is not None:
+            out += [flag, str(v)]
+    return out
+
+
 def from_args(cls: type, args: argparse.Namespace, *, dest: str = "") -> Any:
     """Build ``cls`` from the namespace ``add_dataclass_args(parser, cls)`` filled; fields
     without a flag keep their defaults. Validation is the dataclass's own."""
@@ -481,7 +513,8 @@ class TrainConfig:
         "auto: one GPU per worker when the cluster advertises GPUs, else CPU; cuda; cpu",
         choices=DEVICES))
     precision: str | None = field(default=None, metadata=_help(
-        "default: bf16 on CPU, fp16 with dynamic loss scaling on GPU (as the paper)",
+        "default: fp16 with dynamic loss scaling on GPU (as the paper); on CPU bf16 where "
+        "the CPU has native bf16 (AVX512-BF16/AMX), else fp32",
         choices=PRECISIONS))
     batch_tokens: int | None = field(default=None, metadata=_help(
         "tokens per optimizer step (default: the preset's, Table 1), kept exactly whatever "

@@ -156,6 +156,10 @@ def _train_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--workers", type=_workers, default=(1, 1), help="N or MIN:MAX (default: 1)")
     k.add_argument("--checkpoint-every", type=int, default=0,
                    help="steps between checkpoints (default: the stage's)")
+    k.add_argument("--batch-tokens", type=int, default=0,
+                   help="tokens per optimizer step (default: the preset's, Table 1)")
+    k.add_argument("--micro-batch", type=int, default=0,
+                   help="rows per forward/backward pass (default: train's)")
 
 
 # ---------------------------------------------------------------------- specs from flags
@@ -176,7 +180,8 @@ def build_spec(a: argparse.Namespace):
     elif a.kind == "train":
         spec.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=_abs(a.data), output=_abs(a.output),
                                          min_workers=a.workers[0], max_workers=a.workers[1],
-                                         steps=a.steps, checkpoint_every=a.checkpoint_every))
+                                         steps=a.steps, checkpoint_every=a.checkpoint_every,
+                                         batch_tokens=a.batch_tokens, micro_batch=a.micro_batch))
     elif a.kind == "eval":
         spec.eval.CopyFrom(pb.EvalSpec(
             checkpoint=_abs(a.checkpoint), data=_abs(a.data) if a.data else "", split=a.split,
@@ -221,7 +226,9 @@ def pipeline_spec(a: argparse.Namespace):
         elif name == "train":
             st.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=d["shards"], output=d["run"],
                                            min_workers=a.workers[0], max_workers=a.workers[1],
-                                           steps=a.steps, checkpoint_every=a.checkpoint_every))
+                                           steps=a.steps, checkpoint_every=a.checkpoint_every,
+                                           batch_tokens=a.batch_tokens,
+                                           micro_batch=a.micro_batch))
         else:
             st.export.CopyFrom(pb.ExportSpec(run_dir=d["run"], output=d["hf"]))
         stages.append(st)

@@ -48,6 +48,8 @@ class Bounds:
     max_replicas: int = 256
     max_tasks: int = 256
     max_fewshot: int = 128
+    max_batch_tokens: int = 1 << 32   # 175b's batch is 2M tokens
+    max_micro_batch: int = 65_536
 
 
 @dataclass
@@ -231,6 +233,12 @@ class SpecValidator:
             given["checkpoint_every"] = s.checkpoint_every
         if s.resume_from:
             given["resume_from"] = s.resume_from
+        if s.batch_tokens:
+            given["batch_tokens"] = self._int(f"{name}.batch_tokens", s.batch_tokens, 1,
+                                              self.bounds.max_batch_tokens)
+        if s.micro_batch:
+            given["micro_batch"] = self._int(f"{name}.micro_batch", s.micro_batch, 1,
+                                             self.bounds.max_micro_batch)
         try:
             cfg = TrainConfig(**given)
         except ConfigError as e:
@@ -246,6 +254,10 @@ class SpecValidator:
             argv += ["--checkpoint-every", str(cfg.checkpoint_every)]
         if cfg.resume_from:
             argv += ["--resume-from", str(cfg.resume_from)]
+        if s.batch_tokens:
+            argv += ["--batch-tokens", str(cfg.batch_tokens)]
+        if s.micro_batch:
+            argv += ["--micro-batch", str(cfg.micro_batch)]
         return Stage("train", argv, [out], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:

@@ -59,7 +59,7 @@ class TokenizeSpec(_message.Message):
     def __init__(self, input: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seq_len: _Optional[int] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every")
+    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class TrainSpec(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     preset: str
     data: str
     output: str
@@ -76,7 +78,9 @@ class TrainSpec(_message.Message):
     steps: int
     resume_from: int
     checkpoint_every: int
-    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
+    batch_tokens: int
+    micro_batch: int
+    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
     __slots__ = ("checkpoint", "data", "split", "max_rows", "tasks", "num_fewshot", "has_num_fewshot", "limit", "include_path", "output", "workers")

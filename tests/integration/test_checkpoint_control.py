@@ -58,15 +58,15 @@ def _wait_for(cond, what: str, c, job_id: str, timeout: float = 600) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.timeout(1200)  # three Ray jobs of 16k-token steps; minutes on a loaded 2-core VM
+@pytest.mark.timeout(1200)  # three Ray jobs of 4k-token steps; minutes on a loaded 2-core VM
 def test_scale_then_rollback_a_pruned_run(server):
     work = server.work
     run = work / "run"
-    steps = 10
+    steps = 16
     with server.client() as c:
         job = c.submit(pb.JobSpec(train=pb.TrainSpec(
             preset="tiny", data=str(work / "shards"), output=str(run), min_workers=1,
-            max_workers=1, steps=steps, checkpoint_every=2)))
+            max_workers=1, steps=steps, checkpoint_every=2, batch_tokens=4096)))
         # Scale once --keep 2 has pruned the first checkpoints.
         _wait_for(lambda: _committed(run) and _committed(run)[0] >= 4, "pruned checkpoints", c,
                   job.job_id)

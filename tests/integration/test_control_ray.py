@@ -258,7 +258,7 @@ def test_scale_a_training_run_and_it_resumes_from_its_checkpoint(server, work):
     with server.client() as c:
         job = c.submit(pb.JobSpec(train=pb.TrainSpec(
             preset="tiny", data=str(shards), output=str(run), min_workers=1, max_workers=1,
-            steps=8, checkpoint_every=2)))
+            steps=16, checkpoint_every=2, batch_tokens=4096)))
         deadline = time.time() + 240
         while not list((run / "checkpoints").glob("step_*")):
             assert time.time() < deadline, "no checkpoint within 240 s"
@@ -273,7 +273,9 @@ def test_scale_a_training_run_and_it_resumes_from_its_checkpoint(server, work):
         replay = list(c.watch(job.job_id, timeout=60))
     assert final.state == pb.SUCCEEDED, final
     metrics = [json.loads(e.metrics_line) for e in replay if e.metrics_line]
-    assert metrics and "loss" in metrics[-1] and metrics[-1]["step"] == 8, metrics[-1:]
+    assert metrics and "loss" in metrics[-1] and metrics[-1]["step"] == 16, metrics[-1:]
+    # The spec's batch reached the trainer: 4096 tokens per step whatever the workers.
+    assert "--batch-tokens 4096" in final.attempts[-1].entrypoint
     assert "Running entrypoint" in "".join(e.log for e in replay)
     kinds = [e["event"] for e in events]
     assert "job_scaled" in kinds

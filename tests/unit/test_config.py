@@ -164,6 +164,26 @@ def test_train_flags_are_derived_from_the_config_fields():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_printed_resume_command_trains_the_same_run():
+    """A run started without the CLI (a library call) prints its resume command from the
+    config: parsed by the real `opt-ray train` parser it must give the same settings
+    (never the preset's batch instead of the run's, say)."""
+    import shlex
+
+    from actors.train import resume_command
+    from opt_ray.commands.train import config_from_args
+    cfg = config_from_args(_train_args(
+        "--lr", "3e-4", "--betas", "0.8", "0.9", "--batch-tokens", "4096", "--micro-batch", "2",
+        "--workers", "2:4", "--tp", "2", "--no-guard", "--deterministic", "--threads", "2",
+        "--checkpoint-dir", "s3://bucket/run/ckpt", "--resume-from", "4", "--chaos", "nan:step=3"))
+    argv = shlex.split(resume_command(cfg, argv=["python"]))
+    assert argv[:2] == ["opt-ray", "train"]
+    again = config_from_args(_train_args(*argv[2:]))
+    want = _without_run_id(cfg.to_dict())
+    want.update(resume_from=None, chaos={"spec": ""})  # a resume neither rolls back nor injects
+    assert _without_run_id(again.to_dict()) == want
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(tp=3, workers=2), "--tp 3 must divide --workers 2"),
     (dict(tp=2, workers=(1, 4)), "multiples of --tp 2"),

@@ -119,6 +119,12 @@ def test_reflection_lists_the_service(plain):
     (lambda r: pb.JobSpec(tokenize=pb.TokenizeSpec(input=str(r), tokenizer=str(r),
                                                    seq_len=10 ** 7, output=str(r / "s"))),
      "spec.tokenize.seq_len"),
+    (lambda r: pb.JobSpec(train=pb.TrainSpec(preset="tiny", data=str(r), output=str(r / "run"),
+                                             min_workers=1, steps=10, batch_tokens=-5)),
+     "spec.train.batch_tokens"),
+    (lambda r: pb.JobSpec(train=pb.TrainSpec(preset="tiny", data=str(r), output=str(r / "run"),
+                                             min_workers=1, steps=10, micro_batch=10 ** 6)),
+     "spec.train.micro_batch"),
     (lambda r: pb.JobSpec(), "no job kind"),
 ])
 def test_out_of_bounds_specs_are_invalid_argument(plain, make_spec, field):
@@ -131,6 +137,17 @@ def test_out_of_bounds_specs_are_invalid_argument(plain, make_spec, field):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in ei.value.details()
     assert backend.submitted == []
+
+
+def test_train_spec_batch_reaches_the_command_line(tmp_path):
+    v = SpecValidator([tmp_path])
+    st = v.train(pb.TrainSpec(preset="tiny", data=str(tmp_path), output=str(tmp_path / "run"),
+                              min_workers=1, steps=10, batch_tokens=4096, micro_batch=4))
+    argv = " ".join(st.argv)
+    assert "--batch-tokens 4096" in argv and "--micro-batch 4" in argv
+    default = v.train(pb.TrainSpec(preset="tiny", data=str(tmp_path),
+                                   output=str(tmp_path / "run"), min_workers=1, steps=10))
+    assert "--batch-tokens" not in default.argv and "--micro-batch" not in default.argv
 
 
 def test_symlink_out_of_the_root_is_refused(tmp_path):
