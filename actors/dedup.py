@@ -25,8 +25,9 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class RayExecutor:
-    """``opt_ray.data.dedup.Executor`` on Ray: at most ``2 * num_workers`` tasks in
-    flight (enough to keep every worker busy, bounded driver state)."""
+    """``opt_ray.data.dedup.Executor`` on Ray: at most ``num_workers`` tasks in flight,
+    so ``--workers N`` uses N CPUs of the cluster (a task takes seconds; Ray schedules
+    the next one in milliseconds), and the driver's state stays bounded."""
 
     def __init__(self, num_workers: int) -> None:
         self.num_workers = num_workers
@@ -35,7 +36,7 @@ class RayExecutor:
         pending: list = []
         todo = list(args)
         todo.reverse()
-        limit = 2 * max(1, self.num_workers)
+        limit = max(1, self.num_workers)
         while todo or pending:
             while todo and len(pending) < limit:
                 pending.append(_run.remote(fn, *todo.pop()))
