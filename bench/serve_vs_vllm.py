@@ -247,40 +247,7 @@ def offline_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, l
 
 # ---- streaming: TTFT / TPOT ----------------------------------------------------------------
 
-WORKER_STREAM = r'''
-import asyncio, json, sys, time
-sys.path.insert(0, sys.argv[3])
-import torch
-from opt_ray.serve.engine import EngineConfig, EngineLoop, EngineRequest, engine_from_checkpoint
-from opt_ray.serve.sampling import SamplingParams
-engine = engine_from_checkpoint(sys.argv[1], EngineConfig(max_num_seqs=32, max_model_len=512,
-                                dtype=sys.argv[2], max_waiting=256))
-print(json.dumps({"ready": True}), flush=True)
-k = 0
-async def one(loop, rid, p, m, t0):
-    first = last = None
-    async for out in loop.generate(EngineRequest(rid, p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))):
-        if any(c.token_ids for c in out.outputs):
-            last = time.perf_counter() - t0
-            first = first if first is not None else last
-    return first, last
-async def main(reqs):
-    global k
-    loop = EngineLoop(engine)
-    try:
-        t0 = time.perf_counter()
-        res = []
-        for p, m in reqs:
-            k += 1
-            res.append(one(loop, str(k), p, m, t0))
-        return await asyncio.gather(*res), time.perf_counter() - t0
-    finally:
-        loop.stop()
-for line in sys.stdin:
-    job = json.loads(line)
-    times, wall = asyncio.run(main(job["reqs"]))
-    print(json.dumps({"wall": wall, "times": times, "tokens": []}), flush=True)
-'''
+
 
 
 def _free_port() -> int:
@@ -352,34 +319,62 @@ def _latency(times, reqs) -> dict:
             "tpot_p50_s": round(q(tpot, 50), 4), "tpot_p99_s": round(q(tpot, 99), 4)}
 
 
+class OptRayServer:
+    """``opt-ray serve --no-ray``: the project's own HTTP front end over one engine, as a
+    user starts it (the path whose TTFT clients see), with the engine settings of the
+    offline rows."""
+
+    def __init__(self, ckpt: Path, dtype: str, env: dict, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log, "w")
+        opt_ray = Path(sys.executable).with_name("opt-ray")
+        self.p = subprocess.Popen([str(opt_ray), "serve", "--no-ray", "--checkpoint", str(ckpt),
+                                   "--model-name", str(ckpt), "--http-port", str(self.port),
+                                   "--grpc-port", "0", "--dtype", dtype, "--max-num-seqs", "32",
+                                   "--max-model-len", "512", "--max-waiting", "256"],
+                                  stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        import urllib.request
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.p.poll() is not None:
+                raise SystemExit(f"opt-ray serve exited (rc={self.p.returncode}); see {log}")
+            try:
+                urllib.request.urlopen(self.url + "/v1/models", timeout=2)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        raise SystemExit(f"opt-ray serve not up after 5 min; see {log}")
+
+    close = VllmServer.close
+
+
 def stream_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, logs: Path) -> dict:
+    """The 32 mixed requests streamed over HTTP (OpenAI completions, SSE) by the same
+    client against `opt-ray serve --no-ray` and vLLM's OpenAI server, ABBA."""
     env = base_env(threads)
     reqs = workloads()["32 mixed"]
-    eng = Worker("engine-stream", sys.executable, WORKER_STREAM, [str(ckpt), dtype, str(ROOT)], env,
-                 logs / f"engine-stream-{dtype}.log")
-    srv = VllmServer(vpy, ckpt, dtype, env, logs / f"vllm-server-{dtype}.log")
+    servers = {"engine": OptRayServer(ckpt, dtype, env, logs / f"engine-server-{dtype}.log")}
     res: dict = {"engine": [], "vllm": []}
     try:
-        eng.run(reqs[:2], False)
-        asyncio.run(_http_mixed(srv.url, str(ckpt), reqs[:2]))
+        servers["vllm"] = VllmServer(vpy, ckpt, dtype, env, logs / f"vllm-server-{dtype}.log")
+        for srv in servers.values():
+            asyncio.run(_http_mixed(srv.url, str(ckpt), reqs[:2]))   # warm-up
         for r in range(rounds):
             for side in (["vllm", "engine", "engine", "vllm"] if r % 2 == 0 else ["engine", "vllm", "vllm", "engine"]):
-                if side == "engine":
-                    out = eng.run(reqs, False)
-                    res["engine"].append((out["times"], out["wall"]))
-                else:
-                    res["vllm"].append(asyncio.run(_http_mixed(srv.url, str(ckpt), reqs)))
+                res[side].append(asyncio.run(_http_mixed(servers[side].url, str(ckpt), reqs)))
     finally:
-        eng.close()
-        srv.close()
+        for srv in servers.values():
+            srv.close()
     row = {"dtype": dtype, "workload": "32 mixed, streaming", "load_avg": round(os.getloadavg()[0], 2)}
     for side in ("engine", "vllm"):
         times = [t for ts, _ in res[side] for t in ts]
         row[side] = _latency(times, reqs * len(res[side]))
         row[side]["wall_s"] = round(sum(w for _, w in res[side]) / len(res[side]), 2)
     row["ttft_p50_ratio_vllm_over_engine"] = round(row["vllm"]["ttft_p50_s"] / row["engine"]["ttft_p50_s"], 3)
-    row["engine_side"] = "in-process EngineLoop streaming (no HTTP)"
-    row["vllm_side"] = "OpenAI HTTP streaming (api_server)"
+    row["wall_ratio_vllm_over_engine"] = round(row["vllm"]["wall_s"] / row["engine"]["wall_s"], 3)
+    row["engine_side"] = "opt-ray serve --no-ray, OpenAI HTTP streaming"
+    row["vllm_side"] = "vllm.entrypoints.openai.api_server, OpenAI HTTP streaming"
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
