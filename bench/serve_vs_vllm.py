@@ -288,7 +288,7 @@ class VllmServer:
         self.log = open(log, "w")
         self.p = subprocess.Popen([str(vpy), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
                                    "--dtype", dtype, "--max-model-len", "512", "--port", str(self.port),
-                                   "--host", "127.0.0.1", "--disable-log-requests"],
+                                   "--host", "127.0.0.1"],
                                   stdout=self.log, stderr=subprocess.STDOUT, env=env)
         import urllib.request
         deadline = time.time() + 900
@@ -388,6 +388,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="125m-shape checkpoint dir (default: build one in a temp dir)")
     ap.add_argument("--no-stream", action="store_true", help="skip the TTFT/TPOT rows")
     ap.add_argument("--only", default=None, help="comma-separated workload names to run (default all)")
+    ap.add_argument("--stream-only", action="store_true", help="only the TTFT/TPOT rows (HTTP)")
     args = ap.parse_args()
     vpy = ensure_vllm(Path(args.vllm_venv))
     with tempfile.TemporaryDirectory() as tmp:
@@ -398,7 +399,8 @@ def main() -> None:
                      "cpus": os.cpu_count(), "load_avg_at_start": list(os.getloadavg()), "rows": []}
         only = args.only.split(",") if args.only else None
         for dtype in args.dtypes.split(","):
-            res["rows"] += offline_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs, only)
+            if not args.stream_only:
+                res["rows"] += offline_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs, only)
             if not args.no_stream:
                 res["rows"].append(stream_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs))
         res["load_avg_at_end"] = list(os.getloadavg())
