@@ -113,6 +113,7 @@ class ModelRunner:
         self.forwards = 0
         # Single-token rows batched in one masked SDPA per layer (see _DecodeGroup).
         self.batch_decode = True
+        self._lm_head_packed = _packed_lm_head(model)
 
     def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                 rows: list[Row], select: list[int]) -> torch.Tensor:
@@ -187,7 +188,32 @@ class ModelRunner:
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (rows, vocab) from selected hidden states."""
+        if self._lm_head_packed is not None:
+            return torch._C._nn.mkldnn_linear(h.contiguous().to_mkldnn(), self._lm_head_packed,
+                                              None).to_dense()
         return self.model.lm_head(h).float()
+
+
+def _packed_lm_head(model: OPT) -> torch.Tensor | None:
+    """The LM head's weight prepacked for oneDNN, on CPU in fp32 (None elsewhere).
+
+    Decode reads the whole (vocab x d) head for a few rows each step, and MKL's sgemm
+    with the transposed weight F.linear passes streams it at half the speed oneDNN does:
+    on the 2-core AVX2 dev VM, 50272 x 768 at 8 rows took 24.8 ms with F.linear and 13.0
+    ms with the packed weight (1 row: 9.4 vs 4.5 ms; 32 rows: 35 vs 29 ms). The packed copy
+    costs vocab x d x 4 bytes (154 MB at OPT's vocabulary and d 768) beside the embedding
+    the head is tied to. Logits differ from F.linear's by float rounding only."""
+    w = model.lm_head.weight
+    if (w.device.type != "cpu" or w.dtype != torch.float32 or model.lm_head.bias is not None
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    try:
+        packed = w.detach().to_mkldnn()
+        probe = torch.zeros(1, w.shape[1])
+        torch._C._nn.mkldnn_linear(probe.to_mkldnn(), packed, None).to_dense()
+    except (RuntimeError, AttributeError):
+        return None
+    return packed
 
 
 def _pack_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
