@@ -281,26 +281,32 @@ async def _http_mixed(url: str, model: str, reqs) -> tuple[list, float]:
         return times, time.perf_counter() - t0
 
 
-class VllmServer:
-    def __init__(self, vpy: Path, ckpt: Path, dtype: str, env: dict, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log, "w")
-        self.p = subprocess.Popen([str(vpy), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-                                   "--dtype", dtype, "--max-model-len", "512", "--port", str(self.port),
-                                   "--host", "127.0.0.1"],
-                                  stdout=self.log, stderr=subprocess.STDOUT, env=env)
+def _latency(times, reqs) -> dict:
+    ttft = [f for f, _ in times]
+    tpot = [(last - f) / (m - 1) for (f, last), (_, m) in zip(times, reqs) if m > 1]
+    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]  # noqa: E731
+    return {"ttft_p50_s": round(q(ttft, 50), 3), "ttft_p99_s": round(q(ttft, 99), 3),
+            "tpot_p50_s": round(q(tpot, 50), 4), "tpot_p99_s": round(q(tpot, 99), 4)}
+
+
+class _Server:
+    """An OpenAI-compatible HTTP server in a child process, up once ``probe`` answers."""
+    name, probe, wait_s = "server", "/v1/models", 300
+
+    def __init__(self, cmd: list[str], env: dict, log: Path):
         import urllib.request
-        deadline = time.time() + 900
+        self.log = open(log, "w")
+        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + self.wait_s
         while time.time() < deadline:
             if self.p.poll() is not None:
-                raise SystemExit(f"vLLM server exited (rc={self.p.returncode}); see {log}")
+                raise SystemExit(f"{self.name} exited (rc={self.p.returncode}); see {log}")
             try:
-                urllib.request.urlopen(self.url + "/health", timeout=2)
+                urllib.request.urlopen(self.url + self.probe, timeout=2)
                 return
             except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(2)
-        raise SystemExit(f"vLLM server not healthy after 15 min; see {log}")
+                time.sleep(1)
+        raise SystemExit(f"{self.name} not up after {self.wait_s} s; see {log}")
 
     def close(self) -> None:
         self.p.terminate()
@@ -311,42 +317,31 @@ class VllmServer:
         self.log.close()
 
 
-def _latency(times, reqs) -> dict:
-    ttft = [f for f, _ in times]
-    tpot = [(last - f) / (m - 1) for (f, last), (_, m) in zip(times, reqs) if m > 1]
-    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]  # noqa: E731
-    return {"ttft_p50_s": round(q(ttft, 50), 3), "ttft_p99_s": round(q(ttft, 99), 3),
-            "tpot_p50_s": round(q(tpot, 50), 4), "tpot_p99_s": round(q(tpot, 99), 4)}
+class VllmServer(_Server):
+    name, probe, wait_s = "vLLM server", "/health", 900
+
+    def __init__(self, vpy: Path, ckpt: Path, dtype: str, env: dict, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([str(vpy), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+                          "--dtype", dtype, "--max-model-len", "512", "--port", str(self.port),
+                          "--host", "127.0.0.1"], env, log)
 
 
-class OptRayServer:
+class OptRayServer(_Server):
     """``opt-ray serve --no-ray``: the project's own HTTP front end over one engine, as a
     user starts it (the path whose TTFT clients see), with the engine settings of the
     offline rows."""
+    name = "opt-ray serve"
 
     def __init__(self, ckpt: Path, dtype: str, env: dict, log: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log, "w")
         opt_ray = Path(sys.executable).with_name("opt-ray")
-        self.p = subprocess.Popen([str(opt_ray), "serve", "--no-ray", "--checkpoint", str(ckpt),
-                                   "--model-name", str(ckpt), "--http-port", str(self.port),
-                                   "--grpc-port", "0", "--dtype", dtype, "--max-num-seqs", "32",
-                                   "--max-model-len", "512", "--max-waiting", "256"],
-                                  stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        import urllib.request
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.p.poll() is not None:
-                raise SystemExit(f"opt-ray serve exited (rc={self.p.returncode}); see {log}")
-            try:
-                urllib.request.urlopen(self.url + "/v1/models", timeout=2)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(1)
-        raise SystemExit(f"opt-ray serve not up after 5 min; see {log}")
-
-    close = VllmServer.close
+        super().__init__([str(opt_ray), "serve", "--no-ray", "--checkpoint", str(ckpt),
+                          "--model-name", str(ckpt), "--http-port", str(self.port),
+                          "--grpc-port", "0", "--dtype", dtype, "--max-num-seqs", "32",
+                          "--max-model-len", "512", "--max-waiting", "256"], env, log)
 
 
 def stream_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, logs: Path) -> dict:
