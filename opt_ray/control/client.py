@@ -35,7 +35,9 @@ class ControlClient:
         else:
             self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.ControlServiceStub(self.channel)
-        self._md = (("authorization", f"Bearer {token}"),)
+        # A token read from a file keeps its newline, which gRPC refuses as a header value
+        # ("Illegal header value"); the server strips its own copy the same way.
+        self._md = (("authorization", f"Bearer {token.strip()}"),)
         self.timeout = timeout
 
     def __enter__(self) -> "ControlClient":

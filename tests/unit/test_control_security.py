@@ -78,6 +78,8 @@ def test_right_token_works_and_health_needs_none(plain):
     port, _, _ = plain
     with ControlClient(f"127.0.0.1:{port}", TOKEN) as c:
         assert c.list() == []
+    with ControlClient(f"127.0.0.1:{port}", TOKEN + "\n") as c:   # as read from a token file
+        assert c.list() == []
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     resp = health_pb2_grpc.HealthStub(ch).Check(
         health_pb2.HealthCheckRequest(service="opt_ray.v1.ControlService"), timeout=5)
