@@ -1,7 +1,7 @@
 """Training-step benchmark: opt-ray's OPT vs transformers.OPTForCausalLM, side by side.
 
-One step = forward + backward + AdamW step on one batch, under autocast (bf16 where the CPU has native bf16 or on CUDA, else fp32),
-for both models built with the same weights, in one process, steps interleaved (the
+One step = forward + backward + AdamW step on one batch, under autocast (bf16 on CUDA and
+on a CPU with native bf16, else fp32: no autocast), for both models built with the same weights, in one process, steps interleaved (the
 order alternates every repeat) so that machine noise hits both alike. Both sides use the
 same optimizer settings (the paper's AdamW; torch's fused kernel where available).
 
@@ -53,6 +53,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from opt_ray.config import flops_per_token, preset  # noqa: E402
+from opt_ray.train.loop import _compute_dtype, cpu_has_native_bf16  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), for MFU on GPUs.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -65,9 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (fp16 on CUDA only; fp32: no autocast); default: the "
-                        "trainer's own choice for the device (bf16 on a CPU with native bf16, "
-                        "else fp32; fp16 on CUDA)")
+                   help="autocast dtype (fp16 on CUDA only; fp32: no autocast); default: bf16 "
+                        "on CUDA and on a CPU with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("--sides", default="trainer,hf",
@@ -81,7 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dtype is None:
-        from opt_ray.train.loop import cpu_has_native_bf16
         args.dtype = "bf16" if args.device == "cuda" or cpu_has_native_bf16() else "fp32"
     args.side_list = [x for x in args.sides.split(",") if x and not (args.no_hf and x == "hf")]
     bad = [x for x in args.side_list if x not in SIDES]
@@ -143,7 +142,7 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
             m.train()
     return {"cfg": cfg, "models": models, "opts": opts, "ids": ids, "targets": targets,
             "fused_adamw": fused,
-            "autocast": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]}
+            "autocast": _compute_dtype(args.dtype) or torch.float32}
 
 
 def _random_shards(out: Path, vocab: int, seq_len: int, rows: int) -> Path:

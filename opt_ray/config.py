@@ -200,6 +200,25 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _flag(f: dataclasses.Field, prefix: str) -> str:
+    """A field's flag: ``--PREFIXfield-name``, or the metadata's ``flag`` (the whole
+    name, without the nested prefix)."""
+    return "--" + (f.metadata["flag"] if "flag" in f.metadata
+                   else prefix + f.name.replace("_", "-"))
+
+
+def _nested_prefix(f: dataclasses.Field, prefix: str) -> str:
+    """The flag prefix of a nested config field's own fields."""
+    return prefix + f.metadata.get("prefix", f.name + "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default (``dataclasses.MISSING`` when it has none)."""
+    if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
                        dest: str = "") -> None:
     """Add one flag per field of the config dataclass ``cls`` (nested config dataclasses
@@ -217,13 +236,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, pref
             sub = parser
             if meta.get("group"):
                 sub = parser.add_argument_group(meta["group"])
-            add_dataclass_args(sub, tp, prefix=prefix + meta.get("prefix", f.name + "-"),
-                               dest=name + "__")
+            add_dataclass_args(sub, tp, prefix=_nested_prefix(f, prefix), dest=name + "__")
             continue
-        # A ``flag`` in the metadata is the whole name, without the nested prefix.
-        flag = "--" + (meta["flag"] if "flag" in meta else prefix + f.name.replace("_", "-"))
-        default = f.default_factory() if f.default is dataclasses.MISSING and \
-            f.default_factory is not dataclasses.MISSING else f.default
+        flag, default = _flag(f, prefix), _default(f)
         helptext = meta.get("help", "").replace("%", "%%")
         kw: dict[str, Any] = {"dest": name}
         if default is dataclasses.MISSING:
@@ -265,13 +280,11 @@ def to_argv(obj: Any, *, skip: tuple[str, ...] = (), prefix: str = "") -> list[s
         tp = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
             if dataclasses.is_dataclass(v):
-                out += to_argv(v, skip=skip, prefix=prefix + meta.get("prefix", f.name + "-"))
+                out += to_argv(v, skip=skip, prefix=_nested_prefix(f, prefix))
             continue
-        default = f.default_factory() if f.default is dataclasses.MISSING and \
-            f.default_factory is not dataclasses.MISSING else f.default
-        if v == default:
+        if v == _default(f):
             continue
-        flag = "--" + (meta["flag"] if "flag" in meta else prefix + f.name.replace("_", "-"))
+        flag = _flag(f, prefix)
         if tp is bool:
             out.append(flag if v else "--no-" + flag[2:])
         elif isinstance(v, tuple) and "type" in meta:  # one value with its own parser (MIN:MAX)

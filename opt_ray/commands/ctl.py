@@ -178,10 +178,7 @@ def build_spec(a: argparse.Namespace):
                                                seq_len=a.seq_len, output=_abs(a.output),
                                                workers=a.workers))
     elif a.kind == "train":
-        spec.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=_abs(a.data), output=_abs(a.output),
-                                         min_workers=a.workers[0], max_workers=a.workers[1],
-                                         steps=a.steps, checkpoint_every=a.checkpoint_every,
-                                         batch_tokens=a.batch_tokens, micro_batch=a.micro_batch))
+        spec.train.CopyFrom(_train_spec(a, _abs(a.data), _abs(a.output)))
     elif a.kind == "eval":
         spec.eval.CopyFrom(pb.EvalSpec(
             checkpoint=_abs(a.checkpoint), data=_abs(a.data) if a.data else "", split=a.split,
@@ -195,6 +192,15 @@ def build_spec(a: argparse.Namespace):
     else:
         spec.pipeline.CopyFrom(pipeline_spec(a))
     return spec
+
+
+def _train_spec(a: argparse.Namespace, data: str, output: str):
+    """The TrainSpec of the ``_train_args`` flags (a train job or a pipeline's stage)."""
+    from opt_ray.v1 import control_pb2 as pb
+    return pb.TrainSpec(preset=a.preset, data=data, output=output, min_workers=a.workers[0],
+                        max_workers=a.workers[1], steps=a.steps,
+                        checkpoint_every=a.checkpoint_every, batch_tokens=a.batch_tokens,
+                        micro_batch=a.micro_batch)
 
 
 def pipeline_spec(a: argparse.Namespace):
@@ -224,11 +230,7 @@ def pipeline_spec(a: argparse.Namespace):
                                                  seq_len=a.seq_len, output=d["shards"],
                                                  workers=a.dedup_workers))
         elif name == "train":
-            st.train.CopyFrom(pb.TrainSpec(preset=a.preset, data=d["shards"], output=d["run"],
-                                           min_workers=a.workers[0], max_workers=a.workers[1],
-                                           steps=a.steps, checkpoint_every=a.checkpoint_every,
-                                           batch_tokens=a.batch_tokens,
-                                           micro_batch=a.micro_batch))
+            st.train.CopyFrom(_train_spec(a, d["shards"], d["run"]))
         else:
             st.export.CopyFrom(pb.ExportSpec(run_dir=d["run"], output=d["hf"]))
         stages.append(st)

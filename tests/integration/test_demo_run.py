@@ -38,4 +38,4 @@ def test_demo_trains_through_a_worker_loss_and_serves(tmp_path):
     assert "Ray dashboard: http://127.0.0.1:" in r.stdout and "opt-ray ctl" in r.stdout
     for name in ("dedup", "tokenizer", "shards", "run", "hf"):
         assert (out / name).is_dir(), name
-    assert (out / "hf" / "model.safetensors").exists() or list((out / "hf").glob("*.safetensors"))
+    assert list((out / "hf").glob("*.safetensors"))
