@@ -9,10 +9,8 @@ import threading
 
 from opt_ray.config import add_dataclass_args, from_args
 from opt_ray.ray_util import add_ray_args, init_ray
+from opt_ray.serve.engine_config import EngineConfig
 from opt_ray.serve.frontend_config import FrontendConfig, check_port_free
-
-# The engine's dtypes (EngineConfig validates them); listed here so --help needs no torch.
-DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000, help="0 = no gRPC")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together per replica")
-    p.add_argument("--max-model-len", type=int, default=None, help="tokens per KV slot (default: context)")
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV memory budget per replica")
-    p.add_argument("--max-waiting", type=int, default=64, help="bounded queue per replica (then 429)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weights and KV cache dtype (default float32; OPT's released weights are float16)")
-    # Request limits: flags, defaults and help from FrontendConfig's fields.
+    # Engine and request limits: flags, defaults and help from the config fields.
+    add_dataclass_args(p, EngineConfig, dest="engine__")
     add_dataclass_args(p, FrontendConfig, dest="frontend__")
     p.add_argument("--no-ray", action="store_true",
                    help="serve from this process without Ray: one engine, the same HTTP and gRPC "
@@ -48,16 +41,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from opt_ray.errors import UserError
-    from opt_ray.serve.engine import EngineConfig, resolve_checkpoint
+    from opt_ray.serve.engine import resolve_checkpoint
     from opt_ray.serve.loading import check_checkpoint
 
     if args.replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {args.replicas}")
     # Everything knowable is checked before Ray starts: one line each, exit 2.
     check_checkpoint(resolve_checkpoint(args.checkpoint))
-    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                 kv_cache_bytes=args.kv_cache_bytes, max_waiting=args.max_waiting,
-                                 dtype=args.dtype)
+    engine_config = from_args(EngineConfig, args, dest="engine__")
     frontend_config = from_args(FrontendConfig, args, dest="frontend__")
     if args.grpc_port and args.grpc_port == args.http_port:
         raise UserError(f"--grpc-port {args.grpc_port} is also --http-port; give gRPC another port "

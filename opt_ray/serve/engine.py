@@ -19,6 +19,12 @@ slot count comes from a byte budget. Slots (not paged blocks): on CPU, decode at
 bound by reading keys, and a slot is read as a strided view of just its real length with
 no gather (blocks would need one per step, or a custom kernel).
 
+Prefix caching on slots: a freed slot keeps its keys/values and the record of the token
+ids they belong to (``slot_ids``). A new prompt takes the free slot that shares its
+longest prefix and computes only the rest: a repeated prompt, a shared system prompt or
+few-shot context, or lm-eval's choices after one context. Nothing is copied; a slot's old
+content is simply overwritten when a prompt that does not match it takes the slot.
+
 Two error tiers: ``RequestError`` (a ``UserError``: this request is bad or cannot be
 admitted; the engine carries on) and ``EngineDeadError`` (a step failed: every request
 fails and the replica must be restarted).
@@ -46,6 +52,7 @@ import torch
 
 from opt_ray.errors import UserError
 from opt_ray.model.opt import OPT
+from opt_ray.serve.engine_config import EngineConfig  # noqa: F401 - re-exported
 from opt_ray.serve.runner import ModelRunner, Row, SlotKVCache, cache_dtype
 from opt_ray.serve.sampling import SamplingParams, make_generator, sample_batch
 
@@ -76,32 +83,6 @@ def default_threads() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@dataclass
-class EngineConfig:
-    """Capacity and scheduling knobs of one engine (one Serve replica)."""
-    max_num_seqs: int = 8             # upper bound on concurrently decoding sequences
-    max_model_len: int | None = None  # tokens per slot (prompt + output); None = model context
-    kv_cache_bytes: int | None = None  # KV memory budget; None = exactly max_num_seqs slots
-    max_waiting: int = 64             # bounded queue; beyond it add_request raises QueueFullError
-    # Prompt tokens prefilled per step, packed with the decode rows; longer prompts are
-    # chunked over several steps.
-    max_prefill_tokens: int = 512
-    dtype: str = "float32"            # float32 | bfloat16 | float16 (OPT's released weights)
-    device: str | None = None         # None: "cuda" when available, else "cpu"
-    threads: int | None = None        # torch threads on CPU; None = default_threads()
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"engine.threads must be >= 1 (or None for the reserved CPUs), got {self.threads!r}")
-        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"engine.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise UserError(f"engine.max_model_len must be >= 2, got {self.max_model_len!r}")
-        if self.dtype not in _DTYPES:
-            raise UserError(f"engine.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -159,6 +140,7 @@ class EngineStats:
     aborted_requests: int
     forwards: int = 0                 # model forwards run (one per step with work)
     prefill_tokens: int = 0           # prompt tokens computed so far
+    prefix_cached_tokens: int = 0     # prompt tokens whose KV was reused instead (prefix cache)
     last_step_rows: int = 0           # rows in the last forward (prefill chunks + decodes)
     last_step_prefill_tokens: int = 0
     last_step_decode_rows: int = 0
@@ -355,6 +337,10 @@ class Engine:
                               cfg.head_dim, self.max_model_len, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv)
         self.free_slots: list[int] = list(range(num_slots))   # kept sorted: lowest first
+        # The token ids whose keys/values each slot holds, column by column (kept when the
+        # slot is freed: a later prompt that begins with them reuses them).
+        self.slot_ids: list[list[int]] = [[] for _ in range(num_slots)]
+        self.prefix_cached_tokens = 0
         self.waiting: deque[EngineRequest] = deque()
         self.running: dict[str, _Running] = {}
         self._inbox_lock = threading.Lock()
@@ -425,6 +411,7 @@ class Engine:
             aborted_requests=self.aborted,
             forwards=self.runner.forwards,
             prefill_tokens=self.prefill_tokens,
+            prefix_cached_tokens=self.prefix_cached_tokens,
             last_step_rows=rows,
             last_step_prefill_tokens=pre,
             last_step_decode_rows=dec,
@@ -483,17 +470,35 @@ class Engine:
             if len(self.free_slots) < req.params.n:
                 break
             self.waiting.popleft()
-            slots = [self.free_slots.pop(0) for _ in range(req.params.n)]
+            run_prompt_lp = req.params.echo and req.params.logprobs is not None
+            first, reused = self._take_slot(req.prompt_token_ids, reuse=not run_prompt_lp)
+            slots = [first] + [self.free_slots.pop(0) for _ in range(req.params.n - 1)]
             seed = req.params.seed
             seqs = [_Seq(i, slot,
                          None if req.params.greedy else make_generator(None if seed is None else seed + i),
                          IncrementalDetokenizer(self.tokenizer, self._byte_table))
                     for i, slot in enumerate(slots)]
-            run = _Running(req, seqs, torch.tensor(req.prompt_token_ids))
-            if req.params.echo and req.params.logprobs is not None:
+            run = _Running(req, seqs, torch.tensor(req.prompt_token_ids), computed=reused)
+            if run_prompt_lp:
                 run.prompt_logprobs = [None]
             self.running[req.request_id] = run
-            budget -= len(req.prompt_token_ids)
+            self.prefix_cached_tokens += reused
+            budget -= len(req.prompt_token_ids) - reused
+
+    def _take_slot(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
+        """A free slot for a new prompt and how many of its first tokens that slot's KV
+        already holds: with prefix caching, the free slot sharing the longest prefix with
+        the prompt (capped one short of it: the last prompt token is computed, its logits
+        are the first sample); else, or without a match, the lowest free slot."""
+        best, hit = self.free_slots[0], 0
+        if reuse and self.config.prefix_caching:
+            cap = len(prompt) - 1
+            for slot in self.free_slots:
+                n = _common_prefix(self.slot_ids[slot], prompt, cap)
+                if n > hit:
+                    best, hit = slot, n
+        self.free_slots.remove(best)
+        return best, hit
 
     def _free(self, slot: int) -> None:
         self.free_slots.append(slot)
@@ -515,6 +520,9 @@ class Engine:
             positions.extend(range(past, past + len(ids)))
             slots.extend([slot] * len(ids))
             rows.append(Row(start, len(ids), slot, past))
+            held = self.slot_ids[slot]
+            del held[past:]
+            held.extend(ids)
             return start
 
         # Decode rows first, then prefill chunks: every running sequence advances each step.
@@ -568,7 +576,9 @@ class Engine:
         for run, seqs, _ in samplers:
             if len(seqs) > 1 and not seqs[0].token_ids:     # n > 1: share the prefilled prompt
                 for s in seqs[1:]:
-                    self.kv.copy_slot(seqs[0].slot, s.slot, len(run.req.prompt_token_ids))
+                    P = len(run.req.prompt_token_ids)
+                    self.kv.copy_slot(seqs[0].slot, s.slot, P)
+                    self.slot_ids[s.slot] = self.slot_ids[seqs[0].slot][:P]
         self._sample(logits, samplers)
 
     def _sample(self, logits: torch.Tensor, samplers: list[tuple[_Running, list[_Seq], int]]) -> None:
@@ -680,6 +690,15 @@ class Engine:
 
 
 _ids = itertools.count()
+
+
+def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, at most ``cap``."""
+    n = min(len(a), len(b), cap)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _token_logprobs(logprobs: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:

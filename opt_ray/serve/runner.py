@@ -13,6 +13,10 @@ at call time. The one derived layout: q/k/v weights are packed into one (3d, d) 
 so the three projections are one GEMM, and the model's q/k/v parameters are re-pointed
 at views of it (no second copy; the model keeps working unchanged).
 
+On CPU in fp32 the linear layers of small steps (decode and short chunks, up to
+``PACKED_MAX_TOKENS`` tokens) run on weights prepacked for oneDNN (``_PackedLinears``),
+with a ReLU fused into fc1; bigger steps (prefill) use the model's own weights.
+
 On CPU with a bf16 model the cache is fp32: CPU SDPA in bf16 was ~3x slower than fp32
 (16.5 vs 5.2 ms per layer above), while the GEMMs gain from bf16.
 """
@@ -71,15 +75,23 @@ class Row:
     past: int
 
 
+# The decode rows share one SDPA only when it reads mostly real keys: their keys must fill
+# at least this share of the (n slots x L columns) block it covers.
+GROUP_MIN_FILL = 0.75
+
+
 class _DecodeGroup:
     """The step's single-token rows, attended in one SDPA per layer over slot rows
     0..n-1 of the cache (n = highest such slot + 1) and columns 0..L-1, with a mask
     giving each row exactly its own keys; slots not in the group see column 0 only (their
-    output is discarded; it only keeps their softmax finite). Per-row SDPA reads fewer
-    keys (5.2 vs 6.9 ms per layer for 32 rows on a quiet machine) but launches one
-    parallel region per row and layer, and on the shared, oversubscribed machine each
-    region waits for descheduled threads: the packed step ran 0.84x the old engine with
-    per-row decode attention at load 50 on 2 cores. One op per layer wins there."""
+    output is discarded; it only keeps their softmax finite). The kernel still reads and
+    scores the whole block, masked or not. So the group is used only when the rows' own
+    keys fill ``GROUP_MIN_FILL`` of it; else each row gets its own SDPA over exactly its
+    keys. On the quiet dev VM (2-core AVX2), 32 mixed requests (prompts 8-200, outputs
+    8-128): decode steps took 9.0 s grouped vs 6.7 s per row; 8 requests of similar
+    lengths: 2.18-2.22 s grouped vs 2.27 per row (one op per layer instead of one per
+    row). On an oversubscribed machine one op per layer wins by more (each parallel
+    region waits for descheduled threads)."""
 
     def __init__(self, starts, slots, n, L, mask):
         self.starts, self.slots, self.n, self.L, self.mask = starts, slots, n, L, mask
@@ -91,6 +103,8 @@ class _DecodeGroup:
             return None
         n = max(r.slot for r in ones) + 1
         L = max(r.past for r in ones) + 1
+        if sum(r.past + 1 for r in ones) < GROUP_MIN_FILL * n * L:
+            return None
         last = torch.zeros(n, dtype=torch.long)                  # last visible column per slot
         for r in ones:
             last[r.slot] = r.past
@@ -113,7 +127,7 @@ class ModelRunner:
         self.forwards = 0
         # Single-token rows batched in one masked SDPA per layer (see _DecodeGroup).
         self.batch_decode = True
-        self._lm_head_packed = _packed_lm_head(model)
+        self.packed = _PackedLinears.build(model)
 
     def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                 rows: list[Row], select: list[int]) -> torch.Tensor:
@@ -136,21 +150,28 @@ class ModelRunner:
                 q_pos = torch.arange(r.past, r.past + r.length, device=dev).unsqueeze(1)
                 masks[(r.past, r.length)] = torch.arange(r.past + r.length, device=dev) <= q_pos
         group = _DecodeGroup.build(rows, dev) if self.batch_decode else None
+        packed = self.packed if self.packed is not None and N <= PACKED_MAX_TOKENS else None
         for i, layer in enumerate(decoder.layers):
             h = layer.self_attn_layer_norm(x) if layer.pre_ln else x
-            w, b = self.qkv[i]
-            qkv = F.linear(h, w, b).view(N, 3, self.num_heads, self.head_dim)
+            if packed is not None:
+                qkv = packed.linear(h, i, "qkv")
+            else:
+                w, b = self.qkv[i]
+                qkv = F.linear(h, w, b)
+            qkv = qkv.view(N, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.unbind(1)                                               # (N, nh, hs)
             kc, vc = kv.k[i], kv.v[i]
             kc[slot_idx, :, pos] = k.to(kc.dtype)
             vc[slot_idx, :, pos] = v.to(vc.dtype)
             y = self._attention(q.to(kc.dtype), kc, vc, rows, masks, group).to(x.dtype)  # (N, d)
-            h = layer.self_attn.out_proj(y)
-            x = x + h
+            x = x + (packed.linear(y, i, "out_proj") if packed is not None else layer.self_attn.out_proj(y))
             if not layer.pre_ln:
                 x = layer.self_attn_layer_norm(x)
             h = layer.final_layer_norm(x) if layer.pre_ln else x
-            x = x + layer.fc2(layer.act(layer.fc1(h)))
+            if packed is not None:
+                x = x + packed.linear(packed.fc1_act(h, i, layer.act), i, "fc2")
+            else:
+                x = x + layer.fc2(layer.act(layer.fc1(h)))
             if not layer.pre_ln:
                 x = layer.final_layer_norm(x)
         x = x[torch.tensor(select, dtype=torch.long, device=dev)]   # norms are per token: select first
@@ -188,32 +209,74 @@ class ModelRunner:
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (rows, vocab) from selected hidden states."""
-        if self._lm_head_packed is not None:
-            return torch._C._nn.mkldnn_linear(h.contiguous().to_mkldnn(), self._lm_head_packed,
-                                              None).to_dense()
+        if self.packed is not None and self.packed.head is not None:
+            return self.packed.head_logits(h)
         return self.model.lm_head(h).float()
 
 
-def _packed_lm_head(model: OPT) -> torch.Tensor | None:
-    """The LM head's weight prepacked for oneDNN, on CPU in fp32 (None elsewhere).
+# Steps of up to this many tokens use the prepacked weights; larger ones (prefill chunks)
+# the model's own. On the dev VM (2-core AVX2 EPYC; 125m shape, 12 layers' distinct weights,
+# so they stream from memory as in serving) the packed GEMMs took 15.4 / 23.0 / 46.1 / 147
+# ms for 1 / 8 / 32 / 128 rows against F.linear's 25.2 / 48.0 / 71.3 / 163, and 556 vs 532
+# ms at 512 rows. The LM head (50272 x 768): 7.3 / 10.9 / 20.2 ms vs 10.8 / 30.3 / 43.2.
+PACKED_MAX_TOKENS = 256
+# oneDNN picks the blocked layout for a batch size; 32 was the best across 1-32 rows above.
+_PACK_BATCH = 32
 
-    Decode reads the whole (vocab x d) head for a few rows each step, and MKL's sgemm
-    with the transposed weight F.linear passes streams it at half the speed oneDNN does:
-    on the 2-core AVX2 dev VM, 50272 x 768 at 8 rows took 24.8 ms with F.linear and 13.0
-    ms with the packed weight (1 row: 9.4 vs 4.5 ms; 32 rows: 35 vs 29 ms). The packed copy
-    costs vocab x d x 4 bytes (154 MB at OPT's vocabulary and d 768) beside the embedding
-    the head is tied to. Logits differ from F.linear's by float rounding only."""
-    w = model.lm_head.weight
-    if (w.device.type != "cpu" or w.dtype != torch.float32 or model.lm_head.bias is not None
-            or not torch.backends.mkldnn.is_available()):
-        return None
-    try:
-        packed = w.detach().to_mkldnn()
-        probe = torch.zeros(1, w.shape[1])
-        torch._C._nn.mkldnn_linear(probe.to_mkldnn(), packed, None).to_dense()
-    except (RuntimeError, AttributeError):
-        return None
-    return packed
+
+class _PackedLinears:
+    """Every linear layer's weight (q/k/v as one) and the LM head's, reordered once into
+    oneDNN's blocked layout, on CPU in fp32, run with ``torch.ops.mkldnn._linear_pointwise``
+    (the op Inductor's freezing pass emits) on dense activations.
+
+    Why: a small step reads every weight once, so decode is bound by streaming weights from
+    memory, and MKL's sgemm on nn.Linear's (out, in) layout streams them at about half the
+    speed of the blocked layout (vLLM's CPU backend prepacks for oneDNN as well). fc1's
+    ReLU runs as a fused post-op. Cost: a second copy of the weights (the model keeps its
+    own for large steps and for ``engine.model``). Results differ from F.linear's by float
+    rounding only (another accumulation order)."""
+
+    def __init__(self, layers: list[dict[str, tuple]], head: torch.Tensor | None):
+        self.layers, self.head = layers, head
+
+    @staticmethod
+    def build(model: OPT) -> "_PackedLinears | None":
+        w = model.lm_head.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return None
+        try:
+            probe = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(4, 4), _PACK_BATCH)
+            torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 4), probe, None, "relu", [], "")
+        except (RuntimeError, AttributeError):     # a torch without the op: plain F.linear
+            return None
+
+        def pack(weight: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
+
+        layers = []
+        for layer in model.decoder.layers:
+            a = layer.self_attn
+            qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+                     if a.q_proj.bias is not None else None)
+            layers.append({
+                "qkv": (pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), qkv_b),
+                "out_proj": (pack(a.out_proj.weight), a.out_proj.bias),
+                "fc1": (pack(layer.fc1.weight), layer.fc1.bias),
+                "fc2": (pack(layer.fc2.weight), layer.fc2.bias)})
+        return _PackedLinears(layers, pack(w) if model.lm_head.bias is None else None)
+
+    def linear(self, x: torch.Tensor, layer: int, name: str, post: str = "none") -> torch.Tensor:
+        w, b = self.layers[layer][name]
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, post, [], "")
+
+    def fc1_act(self, h: torch.Tensor, layer: int, act) -> torch.Tensor:
+        """act(fc1(h)), the ReLU fused into the GEMM."""
+        if act is F.relu:
+            return self.linear(h, layer, "fc1", "relu")
+        return act(self.linear(h, layer, "fc1"))
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.head, None, "none", [], "")
 
 
 def _pack_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -238,3 +238,97 @@ def test_float16_and_threads_config(ckpt):
     out = engine.generate(_prompts(1, [20])[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 5
     torch.set_num_threads(2)
+
+
+def test_prefix_cache_reuses_a_freed_slot_and_equals_transformers(ckpt, hf):
+    """A prompt repeated, and one extending an earlier prompt, compute only what the freed
+    slot does not hold (the last prompt token always: its logits are the first sample);
+    greedy ids still equal transformers'."""
+    engine = _engine(ckpt, max_num_seqs=2)
+    base = _prompts(1, [40], seed=11)[0]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first = engine.generate(base, p)[0].token_ids
+    assert first == _hf_greedy(hf, base, 6)
+    st = engine.stats()
+    assert (st.prefill_tokens, st.prefix_cached_tokens) == (40, 0)
+    assert engine.generate(base, p)[0].token_ids == first             # the same prompt again
+    st = engine.stats()
+    assert (st.prefill_tokens, st.prefix_cached_tokens) == (41, 39)
+    # The slot now holds base + 5 generated tokens: a prompt continuing the generated text
+    # reuses 45 columns.
+    longer = base + first[:5] + _prompts(1, [7], seed=12)[0]
+    assert engine.generate(longer, p)[0].token_ids == _hf_greedy(hf, longer, 6)
+    st = engine.stats()
+    assert (st.prefill_tokens, st.prefix_cached_tokens) == (41 + 7, 39 + 45)
+
+
+def test_prefix_cache_never_reuses_overwritten_or_when_off(ckpt, hf):
+    engine = _engine(ckpt, max_num_seqs=1)
+    a, b = _prompts(2, [30, 30], seed=13)
+    b = a[:10] + b[10:]                                              # shares 10 tokens with a
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.generate(a, p)
+    engine.generate(b, p)                                            # overwrites a's slot from column 10
+    st = engine.stats()
+    assert st.prefix_cached_tokens == 10
+    assert engine.generate(a, p)[0].token_ids == _hf_greedy(hf, a, 4)
+    assert engine.stats().prefix_cached_tokens == 20                 # only the 10 still held
+    off = _engine(ckpt, max_num_seqs=1, prefix_caching=False)
+    off.generate(a, p)
+    assert off.generate(a, p)[0].token_ids == _hf_greedy(hf, a, 4)
+    assert (off.stats().prefill_tokens, off.stats().prefix_cached_tokens) == (60, 0)
+
+
+def test_prefix_cache_skipped_for_prompt_logprobs(ckpt, hf):
+    """echo + logprobs needs every prompt position's logits: such a request recomputes."""
+    engine = _engine(ckpt, max_num_seqs=1)
+    ids = _prompts(1, [25], seed=14)[0]
+    engine.generate(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    rid = "echo"
+    engine.add_request(EngineRequest(rid, ids, SamplingParams(max_tokens=1, temperature=0, echo=True,
+                                                              logprobs=0, ignore_eos=True)))
+    _, _, prompt_lps = _drain(engine, {rid})
+    ref = _hf_logsoftmax(hf, ids)
+    assert engine.stats().prefix_cached_tokens == 0
+    assert len(prompt_lps[rid]) == 25 and prompt_lps[rid][0] is None
+    for i in range(1, 25):
+        assert abs(prompt_lps[rid][i].logprob - ref[i - 1, ids[i]].item()) < 1e-4
+
+
+@pytest.mark.parametrize("min_fill", [0.0, 2.0], ids=["grouped", "per-row"])
+def test_decode_attention_grouped_or_per_row_equals_transformers(ckpt, hf, monkeypatch, min_fill):
+    """Both ways decode rows attend (one masked SDPA over the slots, or one SDPA per row
+    over exactly its keys) give transformers' greedy ids, lengths 1..200 together."""
+    from opt_ray.serve import runner
+    monkeypatch.setattr(runner, "GROUP_MIN_FILL", min_fill)
+    engine = _engine(ckpt, max_prefill_tokens=64)
+    prompts = _prompts(6, LENGTHS, seed=15)
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(EngineRequest(f"r{i}", ids, p))
+    got, _, _ = _drain(engine, {f"r{i}" for i in range(6)})
+    for i, ids in enumerate(prompts):
+        assert got[f"r{i}"] == _hf_greedy(hf, ids, 8), (i, len(ids))
+
+
+def test_prepacked_linears_on_cpu_fp32_equal_the_model_weights(ckpt):
+    """On CPU in fp32 small steps run on oneDNN-prepacked weights: the hidden states and
+    logits equal those from the model's own weights to float rounding."""
+    from opt_ray.serve.runner import Row
+    engine = _engine(ckpt)
+    runner = engine.runner
+    assert runner.packed is not None and runner.packed.head is not None
+    ids = _prompts(1, [33], seed=16)[0]
+    rows = [Row(0, len(ids), 0, 0)]
+    args = (ids, list(range(len(ids))), [0] * len(ids), rows, list(range(len(ids))))
+    with torch.inference_mode():
+        h_packed = runner.forward(*args)
+        logits_packed = runner.lm_head(h_packed)
+        packed, runner.packed = runner.packed, None
+        try:
+            h_dense = runner.forward(*args)
+            logits_dense = runner.lm_head(h_dense)
+        finally:
+            runner.packed = packed
+    torch.testing.assert_close(h_packed, h_dense, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_packed, logits_dense, rtol=1e-4, atol=1e-4)

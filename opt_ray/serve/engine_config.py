@@ -1,0 +1,55 @@
+"""The serving engine's settings: one field, default and help text each.
+
+Torch-free on purpose, like ``frontend_config``: ``opt-ray serve`` derives its engine
+flags from ``EngineConfig`` when it builds its parser, and ``--help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opt_ray.errors import UserError
+
+# float16 is what OPT's released weights are stored in.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    """Capacity and scheduling knobs of one engine (one Serve replica)."""
+    max_num_seqs: int = field(default=8, metadata={
+        "help": "sequences decoded together per replica (its KV slots)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "tokens per KV slot, prompt plus output (default: the model's context)"})
+    kv_cache_bytes: int | None = field(default=None, metadata={
+        "help": "KV cache budget per replica in bytes; caps the slot count (default: exactly "
+                "--max-num-seqs slots)"})
+    max_waiting: int = field(default=64, metadata={
+        "help": "bounded queue per replica; beyond it a request gets HTTP 429 / RESOURCE_EXHAUSTED"})
+    max_prefill_tokens: int = field(default=512, metadata={
+        "help": "prompt tokens computed per step, in the same forward as the decoding rows; "
+                "a longer prompt is prefilled in chunks over several steps"})
+    prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV of an earlier sequence whose tokens begin the new prompt (a free "
+                "KV slot still holding the longest common prefix is taken, and only the rest "
+                "of the prompt is computed; default: on)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "weights and KV cache dtype (OPT's released weights are float16)",
+        "choices": list(DTYPES)})
+    device: str | None = field(default=None, metadata={"cli": False})  # None: cuda when available
+    threads: int | None = field(default=None, metadata={
+        "help": "torch threads per replica on CPU (default: OMP_NUM_THREADS, which Ray sets to "
+                "the CPUs a replica reserves, else the CPUs this process may run on)"})
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1 (or unset for the reserved CPUs), got {self.threads!r}")
+        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise UserError(f"--max-model-len must be >= 2, got {self.max_model_len!r}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise UserError(f"--kv-cache-bytes must be >= 1, got {self.kv_cache_bytes!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
