@@ -22,7 +22,12 @@ vLLM is installed by this script into a venv of its own (never a project depende
 pulls break ``import vllm`` and are uninstalled. ``VLLM_CPU_OMP_THREADS_BIND=0-<t-1>`` and
 ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB) fit it to this 2-core, shared machine.
 
-``python -m bench.serve_vs_vllm [--dtypes float32,bfloat16] [--rounds 2] [--vllm-venv DIR]``
+Prompts: by default every run replays the same prompts, so prefix caches (vLLM's is on by
+default; the engine's too) serve the repeats, as when a trace is replayed or prompts share
+a long preamble. ``--fresh-prompts`` gives each ABBA half its own new token ids (same
+lengths): every prompt is computed in full on both sides.
+
+``python -m bench.serve_vs_vllm [--dtypes float32,bfloat16] [--rounds 2] [--fresh-prompts]``
 prints one JSON object (last line).
 """
 
@@ -111,6 +116,13 @@ def workloads(seed: int = 0) -> dict[str, list[tuple[list[int], int]]]:
     return {"1 request": reqs(3, 16, 64, 64, 64),
             "8 concurrent": reqs(8, 16, 64, 64, 64),
             "32 mixed": reqs(32, 8, 200, 8, 128)}
+
+
+def fresh_ids(reqs: list[tuple[list[int], int]], k: int) -> list[tuple[list[int], int]]:
+    """The same prompt lengths and output lengths with new token ids (set ``k``): prompts
+    neither side has seen, so no prefix cache serves them."""
+    rng = random.Random(1000 + k)
+    return [([rng.randrange(4, 50000) for _ in p], m) for p, m in reqs]
 
 
 # ---- workers: one process per side, a line of JSON in, a line of JSON out --------------------
@@ -207,7 +219,7 @@ def base_env(threads: int) -> dict:
 
 
 def offline_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, logs: Path,
-                 only: list[str] | None = None) -> list[dict]:
+                 only: list[str] | None = None, fresh: bool = False) -> list[dict]:
     env = base_env(threads)
     wl = {k: v for k, v in workloads().items() if not only or k in only}
     eng = Worker("engine", sys.executable, WORKER_ENGINE, [str(ckpt), dtype, str(ROOT)], env,
@@ -224,19 +236,21 @@ def offline_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, l
             same = None
             for r in range(rounds):
                 order = [vll, eng, eng, vll] if r % 2 == 0 else [eng, vll, vll, eng]
-                res = {}
-                for w in order:
-                    out = w.run(reqs, one)
+                pairs: list[dict] = [{}, {}]      # each half of the ABBA round: one prompt set
+                for j, w in enumerate(order):
+                    out = w.run(fresh_ids(reqs, 2 * r + j // 2) if fresh else reqs, one)
                     walls[w.name].append(out["wall"])
-                    res[w.name] = out["tokens"]
-                s = sum(a == b for a, b in zip(res["engine"], res["vllm"]))
-                same = s if same is None else min(same, s)
+                    pairs[j // 2][w.name] = out["tokens"]
+                for res in pairs:
+                    s = sum(a == b for a, b in zip(res["engine"], res["vllm"]))
+                    same = s if same is None else min(same, s)
             ntok = sum(m for _, m in reqs)
             e, v = sum(walls["engine"]), sum(walls["vllm"])
             n = len(walls["engine"])
             rows.append({"dtype": dtype, "workload": name, "requests": len(reqs), "output_tokens": ntok,
                          "engine_tok_s": round(ntok * n / e, 1), "vllm_tok_s": round(ntok * n / v, 1),
                          "ratio": round(v / e, 3), "identical_greedy": f"{same}/{len(reqs)}",
+                         "prompts": "fresh" if fresh else "repeated",
                          "load_avg": round(os.getloadavg()[0], 2)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
@@ -344,7 +358,8 @@ class OptRayServer(_Server):
                           "--max-model-len", "512", "--max-waiting", "256"], env, log)
 
 
-def stream_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, logs: Path) -> dict:
+def stream_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, logs: Path,
+                fresh: bool = False) -> dict:
     """The 32 mixed requests streamed over HTTP (OpenAI completions, SSE) by the same
     client against `opt-ray serve --no-ray` and vLLM's OpenAI server, ABBA."""
     env = base_env(threads)
@@ -356,12 +371,15 @@ def stream_rows(dtype: str, ckpt: Path, vpy: Path, threads: int, rounds: int, lo
         for srv in servers.values():
             asyncio.run(_http_mixed(srv.url, str(ckpt), reqs[:2]))   # warm-up
         for r in range(rounds):
-            for side in (["vllm", "engine", "engine", "vllm"] if r % 2 == 0 else ["engine", "vllm", "vllm", "engine"]):
-                res[side].append(asyncio.run(_http_mixed(servers[side].url, str(ckpt), reqs)))
+            for j, side in enumerate(["vllm", "engine", "engine", "vllm"] if r % 2 == 0
+                                     else ["engine", "vllm", "vllm", "engine"]):
+                run_reqs = fresh_ids(reqs, 2 * r + j // 2) if fresh else reqs
+                res[side].append(asyncio.run(_http_mixed(servers[side].url, str(ckpt), run_reqs)))
     finally:
         for srv in servers.values():
             srv.close()
-    row = {"dtype": dtype, "workload": "32 mixed, streaming", "load_avg": round(os.getloadavg()[0], 2)}
+    row = {"dtype": dtype, "workload": "32 mixed, streaming", "prompts": "fresh" if fresh else "repeated",
+           "load_avg": round(os.getloadavg()[0], 2)}
     for side in ("engine", "vllm"):
         times = [t for ts, _ in res[side] for t in ts]
         row[side] = _latency(times, reqs * len(res[side]))
@@ -384,6 +402,10 @@ def main() -> None:
     ap.add_argument("--no-stream", action="store_true", help="skip the TTFT/TPOT rows")
     ap.add_argument("--only", default=None, help="comma-separated workload names to run (default all)")
     ap.add_argument("--stream-only", action="store_true", help="only the TTFT/TPOT rows (HTTP)")
+    ap.add_argument("--fresh-prompts", action="store_true",
+                    help="give every run prompts no side has seen (same lengths, new token ids), so "
+                         "no prefix cache serves them; by default each run replays the same prompts "
+                         "and both sides' prefix caches (vLLM's is on by default) serve the repeats")
     args = ap.parse_args()
     vpy = ensure_vllm(Path(args.vllm_venv))
     with tempfile.TemporaryDirectory() as tmp:
@@ -395,9 +417,11 @@ def main() -> None:
         only = args.only.split(",") if args.only else None
         for dtype in args.dtypes.split(","):
             if not args.stream_only:
-                res["rows"] += offline_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs, only)
+                res["rows"] += offline_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs, only,
+                                            args.fresh_prompts)
             if not args.no_stream:
-                res["rows"].append(stream_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs))
+                res["rows"].append(stream_rows(dtype, ckpt, vpy, args.threads, args.rounds, logs,
+                                               args.fresh_prompts))
         res["load_avg_at_end"] = list(os.getloadavg())
     print(json.dumps(res))
 
