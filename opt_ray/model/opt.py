@@ -221,10 +221,10 @@ class OPT(nn.Module):
         if targets is None:
             return self.lm_head(h)
         if type(self.lm_head) is not nn.Linear:
-            # A tensor-parallel head gathers the vocabulary itself: plain cross-entropy.
-            logits = self.lm_head(h)
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            # A tensor-parallel head: the same fused loss over this rank's vocabulary shard,
+            # the softmax's max, sum and target logit all-reduced across the TP group.
+            return vocab_parallel_lm_head_loss(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                               targets.reshape(-1))
         return lm_head_loss(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
 
     def hidden_states(
@@ -282,10 +282,30 @@ def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -
     return _LMHeadLoss.apply(h, weight, targets, grad)
 
 
+def vocab_parallel_lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                tp_group=None) -> torch.Tensor:
+    """``lm_head_loss`` with the LM head split by vocabulary over the tensor-parallel group
+    (fairscale's model-parallel group by default): ``weight`` is this rank's (V/tp, e)
+    shard, rows [rank * V/tp, (rank+1) * V/tp) of the vocabulary, and ``h`` is the same on
+    every TP rank. Each chunk's logits stay local (n, V/tp); three all-reduces of n values
+    (the row max, the sum of exponentials, the target's logit) give the exact loss
+    (Megatron's vocab-parallel cross-entropy), so no rank ever holds (N, vocab) logits.
+    The gradient w.r.t. ``h`` is this shard's part; fairscale's copy-to-model-parallel
+    region all-reduces it in backward, as the column-parallel head did."""
+    from fairscale.nn.model_parallel import initialize as mpu
+    from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
+    group = tp_group if tp_group is not None else mpu.get_model_parallel_group()
+    rank = torch.distributed.get_rank(group)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if grad and h.requires_grad:
+        h = copy_to_model_parallel_region(h)
+    return _LMHeadLoss.apply(h, weight, targets, grad, group, rank * weight.shape[0])
+
+
 class _LMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                grad: bool) -> torch.Tensor:
+                grad: bool, tp_group=None, vocab_start: int = 0) -> torch.Tensor:
         dev = h.device.type
         # Autocast exists for cpu/cuda only; on ``meta`` (shape-only runs) there is none.
         has_autocast = dev in ("cpu", "cuda")
@@ -302,22 +322,33 @@ class _LMHeadLoss(torch.autograd.Function):
             # d(mean loss)/d(logits) in the compute dtype, the size of the logits themselves.
             g = torch.empty(N, V, dtype=dtype, device=h.device) if grad else None
             rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
+            if tp_group is not None:
+                # This rank's vocabulary rows: targets elsewhere count 0 here.
+                local = (tgt >= vocab_start) & (tgt < vocab_start + V)
+                tgt = torch.where(local, tgt - vocab_start, 0)
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 logits = hc[s:e] @ wc.t()                            # (n, V)
-                p = torch.softmax(logits, dim=1, dtype=torch.float32)
-                picked = p.gather(1, tgt[s:e]).squeeze(1)
-                nll = -picked.log()
-                # A probability that underflowed (a logit gap over ~70 nats) is inexact or
-                # gives inf: recompute those rare rows exactly.
-                tiny = picked < 1e-30
-                # (A meta tensor has no values to test; a shape-only run skips the repair.)
-                if not tiny.is_meta and tiny.any():
-                    lf = logits[tiny].float()
-                    nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
+                if tp_group is not None:
+                    nll, p = _vocab_parallel_softmax(logits, tgt[s:e], local[s:e], tp_group)
+                else:
+                    p = torch.softmax(logits, dim=1, dtype=torch.float32)
+                    picked = p.gather(1, tgt[s:e]).squeeze(1)
+                    nll = -picked.log()
+                    # A probability that underflowed (a logit gap over ~70 nats) is inexact
+                    # or gives inf: recompute those rare rows exactly.
+                    tiny = picked < 1e-30
+                    # (A meta tensor has no values to test; a shape-only run skips the repair.)
+                    if not tiny.is_meta and tiny.any():
+                        lf = logits[tiny].float()
+                        nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
                 loss += (nll * valid[s:e]).sum()
                 if grad:
-                    p.scatter_add_(1, tgt[s:e], torch.full_like(p[:, :1], -1.0))  # softmax - onehot
+                    # softmax - onehot (the one-hot only on the rank that holds the target)
+                    one = torch.full_like(p[:, :1], -1.0)
+                    if tp_group is not None:
+                        one = one * local[s:e]
+                    p.scatter_add_(1, tgt[s:e], one)
                     torch.mul(p, scale[s:e], out=g[s:e])
                 del logits, p
             grad_h = grad_w = None
@@ -335,7 +366,25 @@ class _LMHeadLoss(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None, None
+
+
+def _vocab_parallel_softmax(logits: torch.Tensor, tgt: torch.Tensor, local: torch.Tensor,
+                            group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll per row, this shard's softmax in fp32) for logits split by vocabulary over
+    ``group``: the global row max, sum of exponentials and target logit are all-reduced."""
+    import torch.distributed as dist
+    lf = logits.float()
+    m = lf.max(dim=1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    p = torch.exp(lf - m.unsqueeze(1))
+    total = p.sum(dim=1)
+    picked = lf.gather(1, tgt).squeeze(1) * local.squeeze(1)
+    both = torch.stack([total, picked])
+    dist.all_reduce(both, group=group)
+    total, picked = both[0], both[1]
+    p.div_(total.unsqueeze(1))
+    return torch.log(total) + m - picked, p
 
 
 def _positions(attention_mask: torch.Tensor | None, B: int, T: int, past: int,

@@ -11,7 +11,8 @@ Layout (OPT as Megatron did it):
 - q/k/v_proj, fc1: ColumnParallelLinear (output features split; heads split across ranks)
 - out_proj, fc2:   RowParallelLinear (input features split; all-reduce; bias replicated)
 - embed_tokens:    VocabParallelEmbedding (vocabulary rows split)
-- lm_head:         ColumnParallelLinear(gather_output=True) sharing the embedding's shard
+- lm_head:         ColumnParallelLinear(gather_output=True) sharing the embedding's shard;
+                   the loss runs on the shard (vocab-parallel fused loss), logits gather
 - everything else (positions, LayerNorms, project_in/out) replicated.
 
 Why this is not fairscale's FSDP: it needs CUDA streams and fails on CPU (DESIGN.md).
@@ -191,8 +192,9 @@ def apply_tensor_parallel(model: OPT, tp_group=None) -> OPT:
                        else None)
     dec.embed_tokens = emb
 
-    # The LM head shares the embedding's vocabulary shard; gathering the output gives
-    # full-vocabulary logits, so the loss code does not change.
+    # The LM head shares the embedding's vocabulary shard. Called for logits it gathers
+    # the full vocabulary; the training loss never calls it: ``OPT.forward(targets=...)``
+    # runs the fused loss on the shard itself (``opt.vocab_parallel_lm_head_loss``).
     head = ColumnParallelLinear(model.lm_head.in_features, model.lm_head.out_features, bias=False,
                                 gather_output=True, init_method=_no_init)
     head.weight = emb.weight

@@ -253,16 +253,21 @@ class _PackedLinears:
         def pack(weight: torch.Tensor) -> torch.Tensor:
             return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
 
+        def bias(lin: nn.Linear) -> torch.Tensor | None:
+            # Detached: a bias that requires grad sends the op down a path ~100x slower
+            # for one row whenever it runs outside inference mode.
+            return lin.bias.detach() if lin.bias is not None else None
+
         layers = []
         for layer in model.decoder.layers:
             a = layer.self_attn
-            qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
                      if a.q_proj.bias is not None else None)
             layers.append({
                 "qkv": (pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), qkv_b),
-                "out_proj": (pack(a.out_proj.weight), a.out_proj.bias),
-                "fc1": (pack(layer.fc1.weight), layer.fc1.bias),
-                "fc2": (pack(layer.fc2.weight), layer.fc2.bias)})
+                "out_proj": (pack(a.out_proj.weight), bias(a.out_proj)),
+                "fc1": (pack(layer.fc1.weight), bias(layer.fc1)),
+                "fc2": (pack(layer.fc2.weight), bias(layer.fc2))})
         return _PackedLinears(layers, pack(w) if model.lm_head.bias is None else None)
 
     def linear(self, x: torch.Tensor, layer: int, name: str, post: str = "none") -> torch.Tensor:

@@ -87,12 +87,17 @@ def _tp_worker(rank: int, world: int, port: int) -> None:
         # Tying survives: one parameter shared by the vocab-parallel embedding and head.
         assert model.lm_head.weight is model.decoder.embed_tokens.weight
         assert model.decoder.layers[0].self_attn.q_proj.weight.shape[0] == cfg.hidden_size // world
-        logits = model(ids, attention_mask=mask)
-        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-        _loss(logits, ids).backward()
-        with torch.no_grad():  # the model's own loss path with a vocab-parallel head
-            torch.testing.assert_close(model(ids, attention_mask=mask, targets=_targets(ids)),
-                                       _loss(ref_logits, ids).detach(), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # asked for logits, the head gathers the whole vocabulary
+            torch.testing.assert_close(model(ids, attention_mask=mask), ref_logits, atol=1e-5, rtol=1e-5)
+        # The training loss: the fused loss on each rank's vocabulary shard; the gathering
+        # head is never called, so no rank holds (tokens, vocab) logits.
+        def gathered(*a, **k):
+            raise AssertionError("the TP loss gathered the full logits")
+        model.lm_head.forward = gathered
+        loss = model(ids, attention_mask=mask, targets=_targets(ids))
+        del model.lm_head.forward
+        torch.testing.assert_close(loss, _loss(ref_logits, ids).detach(), atol=1e-5, rtol=1e-5)
+        loss.backward()
 
         dims = par.tp_partition_dims(cfg)
         ref_params = dict(ref.named_parameters())
