@@ -116,7 +116,7 @@ class _DecodeGroup:
 class ModelRunner:
     """Runs packed steps over an ``OPT`` model and a ``SlotKVCache``."""
 
-    def __init__(self, model: OPT, kv: SlotKVCache):
+    def __init__(self, model: OPT, kv: SlotKVCache, *, prepack: bool = True):
         self.model, self.kv = model, kv
         cfg = model.config
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -127,7 +127,7 @@ class ModelRunner:
         self.forwards = 0
         # Single-token rows batched in one masked SDPA per layer (see _DecodeGroup).
         self.batch_decode = True
-        self.packed = _PackedLinears.build(model)
+        self.packed = _PackedLinears.build(model) if prepack else None
 
     def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                 rows: list[Row], select: list[int]) -> torch.Tensor:

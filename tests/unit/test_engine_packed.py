@@ -332,3 +332,11 @@ def test_prepacked_linears_on_cpu_fp32_equal_the_model_weights(ckpt):
             runner.packed = packed
     torch.testing.assert_close(h_packed, h_dense, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits_packed, logits_dense, rtol=1e-4, atol=1e-4)
+
+
+def test_prepack_off_keeps_one_copy_and_same_greedy(ckpt, hf):
+    engine = _engine(ckpt, prepack_weights=False)
+    assert engine.runner.packed is None
+    ids = _prompts(1, [21], seed=17)[0]
+    out = engine.generate(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert out[0].token_ids == _hf_greedy(hf, ids, 6)
