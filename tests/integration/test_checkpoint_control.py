@@ -49,6 +49,13 @@ def _committed(run: Path) -> list[int]:
     return sorted(int(p.parent.name[5:]) for p in (run / "checkpoints").glob("step_*/manifest.json"))
 
 
+def _resumes(run: Path) -> list[int]:
+    """The step each attempt resumed from, as the run's logbook records it."""
+    book = run / "logbook.jsonl"
+    events = [json.loads(line) for line in book.read_text().splitlines() if line.strip()] if book.exists() else []
+    return [e["step"] for e in events if e.get("event") == "resume"]
+
+
 def _wait_for(cond, what: str, c, job_id: str, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not cond():
@@ -71,10 +78,16 @@ def test_scale_then_rollback_a_pruned_run(server):
         _wait_for(lambda: _committed(run) and _committed(run)[0] >= 4, "pruned checkpoints", c,
                   job.job_id)
         before_scale = _committed(run)[-1]
+        resumes_before = len(_resumes(run))
         scaled = c.scale(job.job_id, 1, 2)
         assert "--workers 1:2" in scaled.attempts[-1].entrypoint
-        # Roll back once the scaled attempt has committed past where it resumed.
-        _wait_for(lambda: _committed(run)[-1] >= before_scale + 2, "training after the scale", c,
+        # Roll back once the scaled attempt has committed past where it resumed. (Not past
+        # the newest checkpoint at the scale: the stopped gang may still commit one more
+        # while its driver exits, and the new attempt is then only starting.)
+        _wait_for(lambda: len(_resumes(run)) > resumes_before, "the scaled attempt's resume", c,
+                  job.job_id)
+        resumed_at = _resumes(run)[-1]
+        _wait_for(lambda: _committed(run)[-1] >= resumed_at + 2, "training after the scale", c,
                   job.job_id)
         target = _committed(run)[-1]
         rolled = c.rollback(job.job_id, target)

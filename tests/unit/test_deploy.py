@@ -277,6 +277,7 @@ def test_serve_config_equals_the_documented_opt_ray_serve_command(fake_hf):
     must build the same application (the command's mapping of flags, as in
     opt_ray/commands/serve.py, onto actors.serve.build_app)."""
     from actors.serve import app_builder, build_app
+    from opt_ray.config import from_args
     from opt_ray.serve.engine import EngineConfig
 
     (cmd,) = [c for w, c in all_commands() if w == "serve-config.yaml" and c.split()[1] == "serve"]
@@ -286,8 +287,5 @@ def test_serve_config_equals_the_documented_opt_ray_serve_command(fake_hf):
     from_config = app_builder({**app["args"], "checkpoint": str(fake_hf)})
     from_cli = build_app(str(fake_hf), model_name=f.model_name, replicas=f.replicas,
                          max_replicas=f.max_replicas, host=f.host, grpc_port=f.grpc_port or None,
-                         engine_config=EngineConfig(max_num_seqs=f.max_num_seqs,
-                                                    max_model_len=f.max_model_len,
-                                                    kv_cache_bytes=f.kv_cache_bytes,
-                                                    max_waiting=f.max_waiting, dtype=f.dtype))
+                         engine_config=from_args(EngineConfig, f, dest="engine__"))
     assert _app_signature(from_config) == _app_signature(from_cli)
