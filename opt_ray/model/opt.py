@@ -266,8 +266,11 @@ class OPT(nn.Module):
 # Target id that contributes no loss (padding), as in torch's cross_entropy and HF labels.
 IGNORE_INDEX = -100
 # Logit rows are turned into probabilities this many elements at a time (fp32 scratch:
-# 128 MiB); only the compute-dtype gradient of the logits is ever whole.
-_LOSS_CHUNK_ELEMENTS = 1 << 25
+# 64 MiB per tensor; 333 rows at OPT's 50272-entry vocabulary); no (tokens, vocab) tensor
+# is ever whole. The loss's scratch comes on top of every saved activation, at the end of
+# the forward: on the 125m 4 x 512 fp32 step (bench/train_step.py) 2^25 left the step's
+# peak at 3091 MiB, 2^24 at 3029 MiB.
+_LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
 def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -319,8 +322,14 @@ class _LMHeadLoss(torch.autograd.Function):
             scale = (valid / denom).unsqueeze(1)                     # (N, 1) d(mean)/d(row)
             tgt = targets.clamp(min=0).unsqueeze(1)                  # (N, 1)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            # d(mean loss)/d(logits) in the compute dtype, the size of the logits themselves.
-            g = torch.empty(N, V, dtype=dtype, device=h.device) if grad else None
+            # The gradients are made chunk by chunk from each chunk's d(loss)/d(logits): no
+            # (N, V) tensor is held, only the outputs (grad_w accumulates in fp32 when the
+            # compute dtype is a half type, so the chunk sums do not round).
+            need_h = grad and ctx.needs_input_grad[0]
+            need_w = grad and ctx.needs_input_grad[1]
+            grad_h = torch.empty(N, h.shape[1], dtype=dtype, device=h.device) if need_h else None
+            grad_w = (torch.zeros(V, h.shape[1], dtype=torch.float32 if dtype != torch.float32 else dtype,
+                                  device=h.device) if need_w else None)
             rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
             if tp_group is not None:
                 # This rank's vocabulary rows: targets elsewhere count 0 here.
@@ -349,23 +358,31 @@ class _LMHeadLoss(torch.autograd.Function):
                     if tp_group is not None:
                         one = one * local[s:e]
                     p.scatter_add_(1, tgt[s:e], one)
-                    torch.mul(p, scale[s:e], out=g[s:e])
+                    gc = p.mul_(scale[s:e]).to(dtype)                # (n, V) d(mean)/d(logits)
+                    if need_h:
+                        torch.mm(gc, wc, out=grad_h[s:e])            # (n, e)
+                    if need_w:
+                        if grad_w.dtype == dtype:
+                            grad_w.addmm_(gc.t(), hc[s:e])           # (V, e)
+                        else:
+                            grad_w += (gc.t() @ hc[s:e]).float()
+                    del gc
                 del logits, p
-            grad_h = grad_w = None
-            if grad:
-                need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-                grad_h = g @ wc if need_h else None                  # (N, e)
-                grad_w = g.t() @ hc if need_w else None              # (V, e)
-        ctx.save_for_backward(grad_h, grad_w)
+        # Held on ctx (not save_for_backward) so that backward can scale them in place and
+        # let them go: a (V, e) copy less at the step's memory peak (the start of backward).
+        ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss / denom
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss supports one backward pass (its gradients "
+                               "are made in forward and consumed by the first backward)")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
         h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gh = grad_h.mul_(grad_out).to(h_dtype) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 

@@ -216,9 +216,16 @@ def test_fused_loss_matches_cross_entropy_on_logits(kw, monkeypatch):
 
     with torch.no_grad():  # eval: no gradient pass, same value
         torch.testing.assert_close(ours(ids, targets=targets), ref.detach(), atol=1e-6, rtol=1e-6)
+    ours.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = ours(ids, targets=targets)
     assert abs(low.item() - ref.item()) < 0.02 * ref.item()
+    low.backward()   # bf16 chunks, the head's gradient summed over chunks in fp32
+    head = ours.lm_head.weight                   # tied: listed under the embedding's name
+    ref_head = next(ref_grads[n] for n, p in ours.named_parameters() if p is head)
+    assert head.grad.dtype == torch.float32
+    err = (head.grad - ref_head).norm() / ref_head.norm()
+    assert err < 0.04, err.item()   # bf16 activations alone: ~0.022 (before and after chunking)
 
 
 def test_fused_loss_exact_for_very_wrong_predictions():
@@ -239,3 +246,20 @@ def test_fused_loss_exact_for_very_wrong_predictions():
     h.grad = None
     ref.backward()
     torch.testing.assert_close(g, h.grad)
+
+
+def test_fused_loss_refuses_a_second_backward():
+    """Its gradients are made in forward and scaled in place by the first backward: a second
+    backward (retain_graph) is refused, not silently wrong."""
+    from opt_ray.model.opt import lm_head_loss
+    torch.manual_seed(0)
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = lm_head_loss(h, w, torch.tensor([1, 2, 3, -100, 7]))
+    loss.backward(retain_graph=True)
+    ref = F.cross_entropy(h @ w.t(), torch.tensor([1, 2, 3, -100, 7]), ignore_index=-100)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(w.grad, gw)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
