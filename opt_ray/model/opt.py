@@ -323,14 +323,21 @@ class _LMHeadLoss(torch.autograd.Function):
             tgt = targets.clamp(min=0).unsqueeze(1)                  # (N, 1)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             # The gradients are made chunk by chunk from each chunk's d(loss)/d(logits): no
-            # (N, V) tensor is held, only the outputs (grad_w accumulates in fp32 when the
-            # compute dtype is a half type, so the chunk sums do not round).
+            # (N, V) tensor is held, only the outputs. In a half compute dtype with several
+            # chunks the head's gradient sums in fp32 (chunk sums must not round), which
+            # costs V x e x (8 + c) bytes with the per-chunk product and its copy; when the
+            # whole (N, V) gradient of the logits is smaller (N x c < 8 x e), it is held
+            # instead and multiplied once (``_whole_logit_grad``).
+            rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
             need_h = grad and ctx.needs_input_grad[0]
             need_w = grad and ctx.needs_input_grad[1]
-            grad_h = torch.empty(N, h.shape[1], dtype=dtype, device=h.device) if need_h else None
-            grad_w = (torch.zeros(V, h.shape[1], dtype=torch.float32 if dtype != torch.float32 else dtype,
-                                  device=h.device) if need_w else None)
-            rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
+            csize = torch.empty((), dtype=dtype).element_size()
+            whole = grad and _whole_logit_grad(N, rows, h.shape[1], csize)
+            acc = torch.float32 if dtype != torch.float32 and N > rows else dtype
+            g = torch.empty(N, V, dtype=dtype, device=h.device) if whole else None
+            grad_h = torch.empty(N, h.shape[1], dtype=dtype, device=h.device) if need_h and not whole else None
+            grad_w = (torch.zeros(V, h.shape[1], dtype=acc, device=h.device)
+                      if need_w and not whole else None)
             if tp_group is not None:
                 # This rank's vocabulary rows: targets elsewhere count 0 here.
                 local = (tgt >= vocab_start) & (tgt < vocab_start + V)
@@ -352,12 +359,17 @@ class _LMHeadLoss(torch.autograd.Function):
                         lf = logits[tiny].float()
                         nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
                 loss += (nll * valid[s:e]).sum()
+                del logits                                           # p is all the rest needs
                 if grad:
                     # softmax - onehot (the one-hot only on the rank that holds the target)
                     one = torch.full_like(p[:, :1], -1.0)
                     if tp_group is not None:
                         one = one * local[s:e]
                     p.scatter_add_(1, tgt[s:e], one)
+                    if whole:
+                        torch.mul(p, scale[s:e], out=g[s:e])
+                        del p
+                        continue
                     gc = p.mul_(scale[s:e]).to(dtype)                # (n, V) d(mean)/d(logits)
                     if need_h:
                         torch.mm(gc, wc, out=grad_h[s:e])            # (n, e)
@@ -367,7 +379,11 @@ class _LMHeadLoss(torch.autograd.Function):
                         else:
                             grad_w += (gc.t() @ hc[s:e]).float()
                     del gc
-                del logits, p
+                del p
+            if whole:
+                grad_h = g @ wc if need_h else None                  # (N, e)
+                grad_w = g.t() @ hc if need_w else None              # (V, e)
+                del g
         # Held on ctx (not save_for_backward) so that backward can scale them in place and
         # let them go: a (V, e) copy less at the step's memory peak (the start of backward).
         ctx.grads = (grad_h, grad_w)
@@ -384,6 +400,13 @@ class _LMHeadLoss(torch.autograd.Function):
         gh = grad_h.mul_(grad_out).to(h_dtype) if grad_h is not None else None
         gw = grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
+
+
+def _whole_logit_grad(n: int, rows: int, e: int, c: int) -> bool:
+    """Whether the fused loss holds the whole (n, V) gradient of the logits (c bytes per
+    element) rather than summing the head's gradient over chunks in fp32: only in a half
+    dtype over several chunks, and only when it is the smaller (n x V x c < V x e x 8)."""
+    return c != 4 and n > rows and n * c < 8 * e
 
 
 def _vocab_parallel_softmax(logits: torch.Tensor, tgt: torch.Tensor, local: torch.Tensor,

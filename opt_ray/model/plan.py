@@ -23,12 +23,11 @@ The setup being counted (``opt_ray.model.parallel``, ``opt_ray.model.opt``):
 - Attention through ``F.scaled_dot_product_attention`` with ``is_causal``: the flash /
   memory-efficient kernels keep q, k, v, the output and a fp32 log-sum-exp per row, never
   the T x T score matrix.
-- The loss is the chunked fused LM-head loss (``opt.lm_head_loss``): logits are made
-  ``_LOSS_CHUNK_ELEMENTS`` at a time; the compute-dtype gradient of the logits is whole.
-  With tp > 1 it is counted on the rank's vocabulary shard (V / tp). Caveat: as of this
-  writing ``OPT.forward`` with a tensor-parallel head still gathers the full logits and
-  runs ``cross_entropy`` on them in fp32 (about tokens x V x (c + 8) bytes instead);
-  issue 11 item 3 gives that path the fused loss.
+- The loss is the chunked fused LM-head loss (``opt.lm_head_loss``): logits and their
+  softmax exist ``_LOSS_CHUNK_ELEMENTS`` at a time; so does their gradient, except in a
+  half dtype where holding it whole is smaller than summing the head's gradient in fp32
+  (``opt._whole_logit_grad``). With tp > 1 the same loss runs on the
+  rank's vocabulary shard (V / tp; ``opt.vocab_parallel_lm_head_loss``).
 
 Memory per rank is the sum of each component at its own peak. Not every peak coincides
 (the loss's forward scratch is gone before the layers' backward starts), so the sum
@@ -51,7 +50,7 @@ from dataclasses import dataclass, field
 
 from opt_ray.config import ModelConfig, Preset, flops_per_token, num_params, preset
 from opt_ray.errors import UserError
-from opt_ray.model.opt import _LOSS_CHUNK_ELEMENTS
+from opt_ray.model.opt import _LOSS_CHUNK_ELEMENTS, _whole_logit_grad
 
 GIB = 1 << 30
 # The paper's 147 TFLOP/s per A100 is 47% of its 312 TFLOP/s dense bf16/fp16 peak.
@@ -191,10 +190,8 @@ class Activations:
     loss_forward: int     # the fused LM-head loss at its forward peak, plus its input
     loss_saved: int       # what the loss keeps for backward (grad of h and of the head)
 
-    @property
-    def loss_backward(self) -> int:
-        """The loss's backward: its saved gradients and their scaled copies, both alive."""
-        return 2 * self.loss_saved
+    loss_backward: int    # the loss's backward: its saved gradients, scaled in place, and
+                          # the head's cast to the compute dtype
 
     @property
     def loss_peak(self) -> int:
@@ -246,11 +243,14 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
       and out (2 x tokens x d x c) plus the largest intermediate gradients (the ReLU
       input's, tokens x ffn x c, and q/k/v's, 3 x tokens x d x c, each / tp).
     - loss_peak: the fused loss (``opt.lm_head_loss``) on the rank's vocabulary shard
-      ``V/tp``: the compute-dtype gradient of the logits, whole (tokens x V/tp x c), one
-      chunk of ``_LOSS_CHUNK_ELEMENTS`` logits in the compute dtype, their fp32 softmax and
-      its fp32 scaled copy, the gradients of the head's input (tokens x e x c) and weight
-      (V/tp x e x c), and its input h (tokens x e x c); or, when larger, the loss's
-      backward: those two gradients and their scaled copies (2 x (tokens + V/tp) x e x c).
+      ``V/tp``: one chunk of ``_LOSS_CHUNK_ELEMENTS`` logits' fp32 softmax and the chunk's
+      gradient in the compute dtype (or the logits themselves, while the softmax is made:
+      the same size), with, in a half compute dtype over several chunks, the chunk's
+      head-gradient product and its fp32 copy (V/tp x e x (c + 4)); the gradients kept for
+      backward: the head's input's (tokens x e x c) and the head's (V/tp x e x c, or x 4
+      summed in fp32 over several chunks in a half dtype); and its
+      input h (tokens x e x c). Or, when larger, the loss's backward: those gradients,
+      scaled in place, and the head's cast to the compute dtype (V/tp x e x c).
     """
     c, tp = setup.compute_bytes, setup.tp
     d, e, V = cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size
@@ -263,13 +263,29 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
     working = grads + (layer if setup.activation_checkpointing else 0)
     v_local = V // tp
     rows = max(1, _LOSS_CHUNK_ELEMENTS // v_local)
-    # Per chunk: the logits (c), their fp32 softmax (4), and the fp32 product with the
-    # per-row scale before ``mul(out=g)`` casts it into g (4); measured in the test.
-    chunk = min(rows, n) * v_local * (c + 8)
-    loss_saved = n * e * c + v_local * e * c
-    loss_forward = n * v_local * c + max(chunk, loss_saved) + n * e * c
+    # Per chunk, the larger of two moments: the softmax (the logits, c; in a half dtype
+    # their fp32 copy, 4; the fp32 probabilities, 4) and the gradient (the probabilities,
+    # 4, and in a half dtype their cast, c, with the head-gradient product and its fp32
+    # copy, V/tp x e x (c + 4)); measured in the test.
+    # The head's gradient sums over the chunks in fp32 only in a half dtype with more than
+    # one chunk (``acc`` in the loss); else it is written in the compute dtype in place.
+    half = c != 4
+    r = min(rows, n) * v_local
+    if _whole_logit_grad(n, rows, e, c):
+        # The whole (tokens, V/tp) gradient of the logits is held, then multiplied once.
+        loss_saved = n * e * c + v_local * e * c
+        chunk = r * (c + 8)
+        loss_forward = n * v_local * c + max(chunk, loss_saved) + n * e * c
+        loss_backward = loss_saved
+    else:
+        acc32 = half and n > rows
+        chunk = max(r * (c + 8 if half else 8),
+                    r * (4 + (c if half else 0)) + (v_local * e * (c + 4) if acc32 else 0))
+        loss_saved = n * e * c + v_local * e * (4 if acc32 else c)
+        loss_forward = chunk + loss_saved + n * e * c
+        loss_backward = loss_saved + (v_local * e * c if acc32 else 0)
     return Activations(saved=saved, layer_working=working, loss_forward=loss_forward,
-                       loss_saved=loss_saved)
+                       loss_saved=loss_saved, loss_backward=loss_backward)
 
 
 @dataclass
