@@ -385,7 +385,7 @@ class _LMHeadLoss(torch.autograd.Function):
                 grad_w = g.t() @ hc if need_w else None              # (V, e)
                 del g
         # Held on ctx (not save_for_backward) so that backward can scale them in place and
-        # let them go: a (V, e) copy less at the step's memory peak (the start of backward).
+        # let them go: no (V, e) copy in the loss's backward.
         ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss / denom
