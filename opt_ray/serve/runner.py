@@ -127,7 +127,7 @@ class ModelRunner:
         self.forwards = 0
         # Single-token rows batched in one masked SDPA per layer (see _DecodeGroup).
         self.batch_decode = True
-        self.packed = _PackedLinears.build(model) if prepack else None
+        self.packed = _PackedLinears.build(model, self.qkv) if prepack else None
 
     def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                 rows: list[Row], select: list[int]) -> torch.Tensor:
@@ -240,7 +240,8 @@ class _PackedLinears:
         self.layers, self.head = layers, head
 
     @staticmethod
-    def build(model: OPT) -> "_PackedLinears | None":
+    def build(model: OPT, qkv: list[tuple[torch.Tensor, torch.Tensor | None]]) -> "_PackedLinears | None":
+        """``qkv``: each layer's packed (3d, d) q/k/v weight and bias (``_pack_qkv``)."""
         w = model.lm_head.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return None
@@ -259,12 +260,10 @@ class _PackedLinears:
             return lin.bias.detach() if lin.bias is not None else None
 
         layers = []
-        for layer in model.decoder.layers:
+        for layer, (qkv_w, qkv_b) in zip(model.decoder.layers, qkv):
             a = layer.self_attn
-            qkv_b = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
-                     if a.q_proj.bias is not None else None)
             layers.append({
-                "qkv": (pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), qkv_b),
+                "qkv": (pack(qkv_w), qkv_b.detach() if qkv_b is not None else None),
                 "out_proj": (pack(a.out_proj.weight), bias(a.out_proj)),
                 "fc1": (pack(layer.fc1.weight), bias(layer.fc1)),
                 "fc2": (pack(layer.fc2.weight), bias(layer.fc2))})

@@ -71,18 +71,24 @@ def _drain(engine, rids: set[str]):
 LENGTHS = [1, 3, 17, 90, 200, 40]
 
 
+def _assert_greedy_together_equals_hf(engine, hf, prompts: list[list[int]], max_new: int) -> None:
+    """All prompts submitted at once and run to the end: each one's greedy ids equal
+    transformers' for that prompt alone."""
+    p = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(EngineRequest(f"r{i}", ids, p))
+    got, _, _ = _drain(engine, {f"r{i}" for i in range(len(prompts))})
+    for i, ids in enumerate(prompts):
+        assert got[f"r{i}"] == _hf_greedy(hf, ids, max_new), (i, len(ids))
+
+
 @pytest.mark.parametrize("budget", [512, 7])
 def test_greedy_equals_transformers_very_different_lengths(ckpt, hf, budget):
     """Prompts of 1..200 tokens together (chunked under a 7-token budget or not): greedy
     ids equal transformers' for every request."""
     engine = _engine(ckpt, max_prefill_tokens=budget)
     prompts = _prompts(6, LENGTHS)
-    p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(EngineRequest(f"r{i}", ids, p))
-    got, _, _ = _drain(engine, {f"r{i}" for i in range(6)})
-    for i, ids in enumerate(prompts):
-        assert got[f"r{i}"] == _hf_greedy(hf, ids, 10), (i, len(ids))
+    _assert_greedy_together_equals_hf(engine, hf, prompts, 10)
     # Every prompt token went through the model exactly once.
     assert engine.stats().prefill_tokens == sum(map(len, prompts))
 
@@ -302,13 +308,7 @@ def test_decode_attention_grouped_or_per_row_equals_transformers(ckpt, hf, monke
     from opt_ray.serve import runner
     monkeypatch.setattr(runner, "GROUP_MIN_FILL", min_fill)
     engine = _engine(ckpt, max_prefill_tokens=64)
-    prompts = _prompts(6, LENGTHS, seed=15)
-    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(EngineRequest(f"r{i}", ids, p))
-    got, _, _ = _drain(engine, {f"r{i}" for i in range(6)})
-    for i, ids in enumerate(prompts):
-        assert got[f"r{i}"] == _hf_greedy(hf, ids, 8), (i, len(ids))
+    _assert_greedy_together_equals_hf(engine, hf, _prompts(6, LENGTHS, seed=15), 8)
 
 
 def test_prepacked_linears_on_cpu_fp32_equal_the_model_weights(ckpt):
