@@ -41,9 +41,9 @@ from typing import Any
 
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook
+from opt_ray.run_dir import DRIVER as DRIVER_FILE
 from opt_ray.train.loop import METRICS, TrainConfig
 
-DRIVER_FILE = "driver.json"
 USER_ERRORS = ".user_errors"
 
 
@@ -101,24 +101,27 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     def attempt() -> int:
-        return _attempt_counter(Path(cfg.output), cfg.run_id) if rank == 0 else 0
+        return _attempt_counter(cfg.run_dir, cfg.run_id) if rank == 0 else 0
 
     try:
         train(cfg, Hooks(report=report, attempt=attempt))
     except UserError as e:
         # Restarting cannot fix bad input: record it for the controller and the driver.
-        _record_user_error(Path(cfg.output), cfg.run_id, rank, e)
+        _record_user_error(cfg.run_dir, cfg.run_id, rank, e)
         raise
 
 
-def _callbacks(run_dir: Path, run_id: str) -> list[Any]:
+def _callbacks(output: str, run_id: str) -> list[Any]:
     from ray.train import UserCallback
+
+    from opt_ray.run_dir import RunMirror, local_run_dir
 
     class GangEvents(UserCallback):
         """Runs on the Ray Train controller: record which workers failed and why; stop
         the gang without a retry when one failed on a user error."""
 
         def after_exception(self, run_context, worker_exceptions) -> None:
+            run_dir = local_run_dir(output)  # on the controller's node
             user = _user_error(run_dir, run_id)
             if user is None:
                 for e in worker_exceptions.values():
@@ -130,6 +133,7 @@ def _callbacks(run_dir: Path, run_id: str) -> list[Any]:
                 raise _UserErrorStop(user["message"])
             Logbook(run_dir).event("worker_lost", ranks=sorted(worker_exceptions),
                                    errors={str(r): repr(e)[:500] for r, e in worker_exceptions.items()})
+            _push_logbook(RunMirror.of(output))
 
     return [GangEvents()]
 
@@ -254,7 +258,7 @@ def resume_command(cfg: TrainConfig, argv: list[str] | None = None) -> str:
 def _newest_checkpoint_step(cfg: TrainConfig) -> int | None:
     from opt_ray.train.checkpoint import committed
 
-    root = getattr(cfg, "checkpoint_dir", None) or str(Path(cfg.output) / "checkpoints")
+    root = cfg.checkpoint_location
     try:
         steps = committed(root)
     except Exception:  # an unreachable object store: the event still gets written
@@ -290,15 +294,22 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
 
     from opt_ray.ray_util import init_ray
 
-    run_dir = Path(cfg.output).absolute()
-    cfg.output = str(run_dir)
+    from opt_ray.run_dir import RunMirror
+
+    run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    # --output s3://...: the staging directory starts from the bucket's copy of the run
+    # (driver.json included: a driver lost with its machine is noticed from another one).
+    mirror = RunMirror.of(cfg.output)
+    if mirror is not None:
+        mirror.pull()
     _record_stale_driver(run_dir, cfg)
     resume = resume_command(cfg)
     driver_file = run_dir / DRIVER_FILE
     driver_file.write_text(json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(), "run_id": cfg.run_id, "resume": resume,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    _push_logbook(mirror, DRIVER_FILE)
     interrupted: list[str] = []
 
     def on_signal(name: str) -> None:
@@ -331,7 +342,7 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
                 storage_path=str(ray_dir), name=cfg.run_id,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
-                callbacks=_callbacks(run_dir, cfg.run_id)),
+                callbacks=_callbacks(cfg.output, cfg.run_id)),
             tp=cfg.tp, on_signal=on_signal,
         )
         try:
@@ -340,6 +351,8 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         except ray.train.TrainingFailedError as e:
             if interrupted:
                 raise KeyboardInterrupt from e
+            if mirror is not None:
+                mirror.pull()  # guard.json as rank 0 left it, wherever it ran
             _raise_failure(run_dir, cfg, e, t0)
         if interrupted:  # the gang was aborted by a signal: not a finished run
             raise KeyboardInterrupt
@@ -351,10 +364,34 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         for s, h in saved.items():
             signal.signal(s, h)
         driver_file.unlink(missing_ok=True)
+        if mirror is not None:
+            _unmirror(mirror, DRIVER_FILE)
+            _push_logbook(mirror)
         shutil.rmtree(ray_dir / cfg.run_id, ignore_errors=True)
         if ray_dir.is_dir() and not any(ray_dir.iterdir()):
             ray_dir.rmdir()
         shutil.rmtree(run_dir / USER_ERRORS, ignore_errors=True)
+
+
+def _push_logbook(mirror: Any, *more: str) -> None:
+    """The events this process wrote, to the run's bucket (``--output URL``); an object
+    store that fails here costs the mirror, never the run (retried at the next push)."""
+    if mirror is None:
+        return
+    from opt_ray.run_dir import LOGBOOK
+    try:
+        mirror.push([LOGBOOK, *more])
+    except Exception as e:  # noqa: BLE001 - object-store errors come in many types
+        print(f"opt-ray train: could not mirror the logbook to {mirror.url} ({type(e).__name__}: "
+              f"{e})", file=sys.stderr)
+
+
+def _unmirror(mirror: Any, name: str) -> None:
+    try:
+        mirror.remove(name)
+    except Exception as e:  # noqa: BLE001
+        print(f"opt-ray train: could not remove {mirror.url}/{name} ({type(e).__name__}: {e}); "
+              f"the next driver will log a stale interruption", file=sys.stderr)
 
 
 def _raise_failure(run_dir: Path, cfg: TrainConfig, e: BaseException, t0: float) -> None:

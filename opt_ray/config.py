@@ -15,9 +15,11 @@ import os
 import typing
 import uuid
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from opt_ray.errors import UserError
+from opt_ray.run_dir import is_url, local_run_dir
 
 
 class ConfigError(UserError, ValueError):
@@ -488,11 +490,6 @@ def parse_workers(text: str) -> int | tuple[int, int]:
             f"--workers takes N or MIN:MAX (e.g. 2 or 1:4), got {text!r}") from None
 
 
-def is_url(path: str | None) -> bool:
-    """An fsspec URL (``s3://bucket/key``, ``gs://...``), as opposed to a local path."""
-    return bool(path) and "://" in str(path)
-
-
 # Flat names the training config had before it was nested; still accepted by the
 # constructor and ``from_dict`` and readable as attributes (callers and saved configs).
 _FLAT_OPTIM = {"lr": "peak_lr", "warmup_steps": "warmup_steps", "decay_steps": "decay_steps",
@@ -513,8 +510,10 @@ class TrainConfig:
     """
     data: str = field(metadata=_help("token shards directory (from `opt-ray tokenize`)"))
     output: str = field(metadata=_help(
-        "run directory: metrics, logbook, kept tokenizer; re-running with the same --output "
-        "resumes from its newest valid checkpoint"))
+        "run directory: checkpoints, metrics, logbook, kept tokenizer; a local directory or an "
+        "fsspec URL such as s3://bucket/runs/run1 (standard AWS variables and AWS_ENDPOINT_URL; "
+        "staged on each node under $OPT_RAY_STAGING_DIR or ~/.cache/opt-ray/runs); re-running "
+        "with the same --output resumes from its newest valid checkpoint"))
     preset: str = field(default="tiny", metadata=_help(
         "model size from the paper's Table 1, or tiny", choices=tuple(PRESETS)))
     steps: int = field(default=100, metadata=_help("optimizer steps in total"))
@@ -573,12 +572,15 @@ class TrainConfig:
         self.guard = self._guard_from(self.guard)
         self.chaos = self.chaos if isinstance(self.chaos, ChaosConfig) else (
             ChaosConfig(self.chaos or "") if isinstance(self.chaos, str) else _coerce(ChaosConfig, self.chaos))
-        _require(isinstance(self.output, str) and not is_url(self.output),
-                 f"--output {self.output!r} must be a local directory (metrics and the logbook "
-                 f"are appended to); put checkpoints in object storage with --checkpoint-dir URL")
+        _require(isinstance(self.output, str) and bool(self.output), "--output must name a run directory")
         # Workers run in another directory than the driver: paths must not be relative.
         self.data = os.path.abspath(self.data)
-        self.output = os.path.abspath(self.output)
+        if is_url(self.output):
+            self.output = self.output.rstrip("/")
+            _require(self.output.count("/") >= 3, f"--output {self.output!r} must name a prefix "
+                     f"inside a bucket, e.g. s3://bucket/runs/run1")
+        else:
+            self.output = os.path.abspath(self.output)
         if self.checkpoint_dir is not None and not is_url(self.checkpoint_dir):
             self.checkpoint_dir = os.path.abspath(self.checkpoint_dir)
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -673,7 +675,13 @@ class TrainConfig:
     @property
     def checkpoint_location(self) -> str:
         """Where checkpoints go: ``checkpoint_dir``, else OUTPUT/checkpoints."""
-        return self.checkpoint_dir or os.path.join(self.output, "checkpoints")
+        return self.checkpoint_dir or f"{self.output}/checkpoints"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory as this process reads and writes it: ``--output`` itself, or
+        for a URL its staging directory on this node (``opt_ray.run_dir``)."""
+        return local_run_dir(self.output)
 
     def world_sizes(self) -> list[int]:
         """Every gang size the elastic range may form: multiples of --tp in [MIN, MAX]."""

@@ -55,7 +55,20 @@ def _find_tokenizer(explicit: str | None, ckpt):
 
     if explicit:
         return load_tokenizer(explicit)
-    if not isinstance(ckpt, Path):  # object storage: the run's tokenizer is in its local RUN_DIR
-        return None
+    if not isinstance(ckpt, Path):
+        # Object storage: the run's tokenizer is mirrored beside its checkpoints
+        # (`--output s3://bucket/run`: RUN/checkpoints/step_N, RUN/tokenizer.json).
+        import tempfile
+
+        import fsspec
+        url = str(ckpt).rstrip("/").rsplit("/", 2)[0] + "/tokenizer.json"
+        fs, path = fsspec.core.url_to_fs(url)
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "tokenizer.json").write_bytes(data)
+            return load_tokenizer(Path(d) / "tokenizer.json")
     run_tok = ckpt.parent.parent / "tokenizer.json"  # RUN_DIR/checkpoints/step_N
     return load_tokenizer(run_tok) if run_tok.is_file() else None

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="print a run's logbook (RUN_DIR/logbook.jsonl) as a readable Markdown "
                     "chronicle: restarts, rollbacks, LR and clipping changes, skipped data, "
                     "with the loss at the time. See logbook/README.md for the event schema.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `opt-ray train --output`")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `opt-ray train "
+                   "--output`: a local directory or its URL (s3://bucket/run)")
     p.add_argument("--plot", metavar="PNG", help="also write the loss curve (from metrics.jsonl) to this PNG")
     p.add_argument("--json", action="store_true", help="print the raw events as JSON lines instead")
     p.add_argument("--follow", action="store_true",
@@ -28,6 +29,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from opt_ray import logbook as lb
 
+    from opt_ray.run_dir import RunMirror, is_url
+
+    if is_url(args.run_dir):
+        if args.follow:
+            raise UserError(f"--follow reads a local RUN_DIR as it grows; {args.run_dir} is "
+                            f"mirrored at checkpoints only: follow the run's staging directory "
+                            f"on its rank-0 node, or re-run without --follow")
+        mirror = RunMirror(args.run_dir)
+        if mirror.read(lb.LOGBOOK) is None:
+            raise UserError(f"{args.run_dir} has no {lb.LOGBOOK}; pass the --output URL of an "
+                            f"`opt-ray train` run (and the AWS variables of its store)")
+        mirror.pull()
+        args.run_dir = str(mirror.local)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; pass the RUN_DIR that `opt-ray train --output` wrote")

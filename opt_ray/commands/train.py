@@ -35,7 +35,6 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    from pathlib import Path
 
     from opt_ray.train.loop import preflight
 
@@ -55,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
     except FailureBudgetExceeded as e:
         print(f"opt-ray train: failed: {e}", file=sys.stderr)
         return 1
-    run_dir = Path(cfg.output)
-    print(f"trained to step {metrics.get('step', cfg.steps)}; run directory {run_dir} "
-          f"(checkpoints in {run_dir / 'checkpoints'}, metrics in {run_dir / 'metrics.jsonl'})")
+    print(f"trained to step {metrics.get('step', cfg.steps)}; run directory {cfg.output} "
+          f"(checkpoints in {cfg.checkpoint_location}, metrics in {cfg.output}/metrics.jsonl)")
     return 0
 
 

@@ -59,6 +59,7 @@ import torch.distributed as dist
 
 from opt_ray.artifacts import write_text_atomic
 from opt_ray.errors import UserError
+from opt_ray.run_dir import is_url
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -74,12 +75,6 @@ class CheckpointError(UserError):
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """True for an fsspec URL (``s3://...``, ``gs://...``); local paths and ``file://`` are local."""
-    s = str(path)
-    return "://" in s and not s.startswith("file://")
 
 
 # --------------------------------------------------------------------------------------

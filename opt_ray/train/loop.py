@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_tok
                             is_url, num_params, preset)
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook, log_resume, versions
+from opt_ray.run_dir import RunMirror
 from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -268,7 +270,12 @@ class Trainer:
         self.hooks = hooks or Hooks()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.run_dir = Path(cfg.output)
+        self.run_dir = cfg.run_dir
+        # --output s3://...: this node's staging directory, brought up to the bucket's
+        # newest push before anything in it is read (a fresh node resumes from there).
+        self.mirror = RunMirror.of(cfg.output)
+        if self.mirror is not None:
+            self.mirror.pull()
         self.logbook = Logbook(self.run_dir)
         # Drills and operators find a rank's process here (e.g. to SIGKILL it).
         (self.run_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -349,6 +356,18 @@ class Trainer:
         if self.rank == 0:
             self.logbook.event(kind, **fields)
 
+    def sync(self) -> None:
+        """Rank 0 mirrors the run directory to its URL (``--output s3://...``). A failed
+        upload is logged and retried at the next sync: the checkpoint is already committed
+        and nothing local is lost."""
+        if self.rank != 0 or self.mirror is None:
+            return
+        try:
+            self.mirror.push()
+        except Exception as e:  # noqa: BLE001 - object-store errors come in many types
+            print(f"opt-ray train: could not mirror the run directory to {self.mirror.url} "
+                  f"({type(e).__name__}: {e}); retrying at the next checkpoint", file=sys.stderr)
+
     def _train_state(self) -> dict[str, Any]:
         return {
             "sampler": self.sampler.state_dict(), "schedule": self.schedule.state_dict(),
@@ -368,6 +387,7 @@ class Trainer:
             self.guard.record_checkpoint(self.step, self.scaler.scale if self.scaler.enabled else None)
         if self.rank == 0:
             self.chaos.after_save(self.step, path)
+        self.sync()
         self.hooks.report({"step": self.step, "tokens_seen": self.tokens_seen}, path)
         return path
 
@@ -521,6 +541,7 @@ class Trainer:
                 # Persisted first: Ray Train restarts a failed gang, and the restart must
                 # stop on this give-up rather than resume from the last checkpoint.
                 self.guard.save(self.run_dir / "guard.json")
+                self.sync()
             raise DivergenceError(verdict)
         path = self.ckpt.latest_valid(max_step=target)
         if path is None:
@@ -537,6 +558,7 @@ class Trainer:
             # metrics.jsonl holds the trajectory that counts; the divergence event keeps
             # what the abandoned one looked like.
             _trim_metrics(self.run_dir / METRICS, self.step)
+            self.sync()
         return True
 
     def close(self) -> None:
@@ -724,12 +746,29 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                        loss=last.get("loss"))
         if rank == 0:
             _write_run_manifest(trainer, last)
+            trainer.sync()
         return last
     finally:
         if trainer is not None:
             trainer.close()
         if own_pg:
             dist.destroy_process_group()
+
+
+def _check_bucket(url: str) -> None:
+    """``--output URL``: the store answers and takes writes; this node's staging directory
+    is brought up to the bucket's copy of the run (what the local checks below read)."""
+    try:
+        mirror = RunMirror(url)
+        mirror.check_writable()
+        mirror.pull()
+    except (ImportError, ValueError) as e:
+        raise UserError(f"--output {url}: no filesystem for this URL ({e}); use s3://bucket/prefix "
+                        f"(s3fs) or a local directory") from e
+    except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
+        raise UserError(f"--output {url}: the object store refused a test write "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the bucket "
+                        f"exists and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL") from e
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -757,7 +796,9 @@ def preflight(cfg: TrainConfig) -> None:
     except ParallelConfigError as e:
         raise UserError(f"--tp {cfg.tp} with --preset {cfg.preset}: {e}") from e
 
-    out = Path(cfg.output)
+    if is_url(cfg.output):
+        _check_bucket(cfg.output)
+    out = cfg.run_dir
     mf = out / MANIFEST
     if mf.is_file():
         try:
@@ -765,7 +806,7 @@ def preflight(cfg: TrainConfig) -> None:
         except (OSError, json.JSONDecodeError, AttributeError):
             kind = None
         if kind != "train_run":
-            raise UserError(f"--output {out} holds a {kind!r} artifact of another stage, not a "
+            raise UserError(f"--output {cfg.output} holds a {kind!r} artifact of another stage, not a "
                             f"training run; choose a new --output directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -773,7 +814,7 @@ def preflight(cfg: TrainConfig) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"--output {out} is not writable ({e.strerror or e}); choose a directory "
+        raise UserError(f"--output {cfg.output} is not writable ({e.strerror or e}); choose a directory "
                         f"you can write to") from e
 
     kept = out / TOKENIZER_FILE
@@ -782,7 +823,7 @@ def preflight(cfg: TrainConfig) -> None:
         from opt_ray.data.tokenizer import load_tokenizer, tokenizer_hash
         if tokenizer_hash(load_tokenizer(kept)) != manifest["tokenizer"]["hash"]:
             raise UserError(f"--data {cfg.data} was tokenized with another tokenizer than the run "
-                            f"in --output {out} was trained with ({kept}); resume with the shards "
+                            f"in --output {cfg.output} was trained with ({kept}); resume with the shards "
                             f"of that tokenizer, or start a new --output")
     if not is_url(cfg.checkpoint_location):
         from opt_ray.train.checkpoint import committed, read_train_state

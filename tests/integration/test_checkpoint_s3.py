@@ -96,6 +96,99 @@ def test_save_resume_rollback_and_fallback_on_object_storage(s3, shards, tmp_pat
     same_as_reference(run, url)
 
 
+def _bucket_lines(url: str, name: str) -> list[str]:
+    from opt_ray.run_dir import RunMirror
+    return (RunMirror(url).read(name) or b"").decode().splitlines()
+
+
+def test_run_directory_in_the_bucket_moves_between_machines(s3, shards, tmp_path, monkeypatch):
+    """``--output s3://bucket/run``: the whole run directory lives in the bucket. Each
+    "machine" (its own staging directory) starts from what the bucket holds: a run begun
+    on A resumes on a fresh B, rolls back on a fresh C, and a stale A catches up; each
+    leg ends bit-identical to an uninterrupted local run, and the bucket's metrics and
+    logbook tell the whole story once."""
+    import json
+
+    from opt_ray.run_dir import STAGING_ENV, local_run_dir
+    from opt_ray.train.checkpoint import Loc, committed, load_model_state, resolve
+    from opt_ray.train.loop import train
+
+    ref = tmp_path / "ref"
+    train(tiny_cfg(shards, ref, steps=6, checkpoint_every=1, decay_steps=6))
+    want = final_params(ref)
+    want_losses = [m["loss"] for m in metrics(ref)]
+
+    url = s3.url("runs", "moving")
+
+    def on(machine: str, **kw) -> Path:
+        monkeypatch.setenv(STAGING_ENV, str(tmp_path / machine))
+        train(tiny_cfg(shards, url, checkpoint_every=1, decay_steps=6, **kw))
+        return local_run_dir(url)
+
+    def bucket_losses() -> list[float]:
+        return [json.loads(l)["loss"] for l in _bucket_lines(url, "metrics.jsonl")]
+
+    a = on("A", steps=4)
+    assert a.is_relative_to(tmp_path / "A") and not (a / "checkpoints").exists()
+    assert [s for s, _ in committed(f"{url}/checkpoints")] == [3, 4]
+    assert bucket_losses() == want_losses[:4]
+    assert json.loads(Loc(f"{url}/manifest.json").read_bytes())["step"] == 4
+    assert Loc(f"{url}/tokenizer.json").read_bytes() == (shards / "tokenizer.json").read_bytes()
+
+    b = on("B", steps=6)  # a fresh machine: the staging directory is empty
+    assert [m["loss"] for m in metrics(b)] == want_losses == bucket_losses()
+    got = load_model_state(resolve(url))
+    assert got.keys() == want.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    kinds = [json.loads(l)["event"] for l in _bucket_lines(url, "logbook.jsonl")]
+    assert kinds.count("start") == 1 and kinds.count("resume") == 1 and kinds.count("finish") == 2
+    assert kinds.index("start") < kinds.index("finish") < kinds.index("resume")
+    resumed = [e for e in events(b) if e["event"] == "resume"][-1]
+    assert resumed["step"] == 4 and resumed["checkpoint"] == f"{url}/checkpoints/step_00000004"
+
+    c = on("C", steps=6, resume_from=5)  # roll back from a third machine
+    assert [m["loss"] for m in metrics(c)] == want_losses == bucket_losses()
+    assert [n[:14] for n in Loc(f"{url}/abandoned").names()] == ["step_00000006-"]
+    got = load_model_state(resolve(url))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    # A's staging directory is three pushes behind: the next start there catches up, and
+    # its logbook holds every event of the bucket's exactly once.
+    a = on("A", steps=6)
+    bucket = _bucket_lines(url, "logbook.jsonl")
+    here = [l.strip() for l in (a / "logbook.jsonl").read_text().splitlines()]
+    assert set(bucket) == set(here) and len(here) == len(set(here))
+    assert [m["loss"] for m in metrics(a)] == want_losses
+
+
+def test_mirror_merges_the_logbooks_of_writers_on_two_nodes(s3, tmp_path):
+    """The driver and rank 0 on different nodes each append to their own staging copy of
+    the logbook; the bucket's copy is the union in time order, and a pull appends only
+    the events a node lacks (never rewriting a file another process appends to)."""
+    import json
+
+    from opt_ray.logbook import Logbook
+    from opt_ray.run_dir import RunMirror
+
+    url = s3.url("runs", "two-nodes")
+    driver, rank0 = RunMirror(url, tmp_path / "driver"), RunMirror(url, tmp_path / "rank0")
+    Logbook(driver.local).event("interrupted", step=0, reason="stale driver", resume="opt-ray train")
+    driver.push(["logbook.jsonl"])
+    assert rank0.pull() and not rank0.pull()  # the second pull: already the newest push
+    Logbook(rank0.local).event("checkpoint_saved", step=1, path="x", seconds=0.1)
+    Logbook(driver.local).event("worker_lost", ranks=[1], errors={"1": "boom"})
+    Logbook(rank0.local).event("checkpoint_saved", step=2, path="y", seconds=0.1)
+    rank0.push()
+    driver.push(["logbook.jsonl"])
+    kinds = [json.loads(l)["event"] for l in _bucket_lines(url, "logbook.jsonl")]
+    assert kinds == ["interrupted", "checkpoint_saved", "worker_lost", "checkpoint_saved"]
+    assert rank0.pull()
+    assert [e["event"] for e in Logbook(rank0.local).events()] == [
+        "interrupted", "checkpoint_saved", "checkpoint_saved", "worker_lost"]  # appended
+    # A push leaves the pusher holding the union too (its mark says it is current).
+    assert sorted(Logbook(driver.local).path.read_text().splitlines()) == sorted(
+        _bucket_lines(url, "logbook.jsonl")) and not driver.pull()
+
+
 def test_async_save_commits_at_wait(s3, shards, tmp_path):
     """DCP async_save: the checkpoint is not committed (no manifest) until ``wait()``;
     after it, it verifies and loads back the exact weights. To the bucket."""
@@ -118,35 +211,64 @@ def test_async_save_commits_at_wait(s3, shards, tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in got) and len(got) >= len(want) - 1
 
 
-@pytest.mark.slow
-def test_cli_train_checkpoints_to_s3_and_resumes_from_there(s3, shards, tmp_path):
-    """`opt-ray train --checkpoint-dir s3://...` as a user runs it (its own embedded Ray;
-    the workers get the AWS variables from the environment), then the same command with
-    more steps resumes from the bucket."""
+def _cli(*argv: str, env: dict[str, str], timeout: float = 600):
     import subprocess
     import sys
 
-    from opt_ray.train.checkpoint import committed
+    return subprocess.run([str(Path(sys.executable).parent / "opt-ray"), *argv], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
-    url = s3.url("cli", "checkpoints")
-    run = tmp_path / "run"
-    env = {**os.environ, **s3.env(), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
 
-    def train(steps: int) -> None:
-        r = subprocess.run(
-            [str(Path(sys.executable).parent / "opt-ray"), "train", "--data", str(shards),
-             "--output", str(run), "--checkpoint-dir", url, "--steps", str(steps),
-             "--batch-tokens", "256", "--micro-batch", "2", "--checkpoint-every", "1",
-             "--warmup-steps", "1", "--decay-steps", "4", "--no-progress", "--num-cpus", "2"],
-            env=env, capture_output=True, text=True, timeout=600)
+def test_cli_refuses_an_output_bucket_it_cannot_write(s3, shards, tmp_path):
+    """Wrong credentials: one readable line and exit 2 before Ray starts."""
+    env = {**os.environ, **s3.env(), "AWS_SECRET_ACCESS_KEY": "wrong",
+           "OPT_RAY_STAGING_DIR": str(tmp_path / "staging")}
+    r = _cli("train", "--data", str(shards), "--output", s3.url("runs", "nope"), "--steps", "1",
+             "--no-progress", env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--output s3://" in last and "AWS_SECRET_ACCESS_KEY" in last and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_run_directory_on_s3_survives_a_kill_and_the_machine(s3, shards, tmp_path):
+    """`opt-ray train --output s3://...` as a user runs it (its own embedded Ray; the
+    workers get the AWS variables from the environment): rank 0 is SIGKILLed at step 2
+    and the gang resumes from the bucket; then the job continues on "another machine"
+    (an empty staging directory) from the bucket alone; `opt-ray logbook` and `opt-ray
+    export` read the run from its URL."""
+    import json
+
+    from opt_ray.train.checkpoint import Loc, committed
+
+    url = s3.url("runs", "cli")
+
+    def train(steps: int, machine: str, *extra: str) -> None:
+        env = {**os.environ, **s3.env(), "PYTHONUNBUFFERED": "1",
+               "OPT_RAY_STAGING_DIR": str(tmp_path / machine)}
+        env.pop("RAY_ADDRESS", None)
+        r = _cli("train", "--data", str(shards), "--output", url, "--steps", str(steps),
+                 "--batch-tokens", "256", "--micro-batch", "2", "--checkpoint-every", "1",
+                 "--warmup-steps", "1", "--decay-steps", "4", "--no-progress", "--num-cpus", "2",
+                 *extra, env=env)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        assert f"run directory {url}" in r.stdout
 
-    train(2)
-    assert [s for s, _ in committed(url)] == [1, 2]
-    train(4)
-    assert [s for s, _ in committed(url)] == [3, 4]
-    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
-    resumed = [e for e in events(run) if e["event"] == "resume"]
-    assert resumed and resumed[-1]["step"] == 2 and resumed[-1]["checkpoint"] == f"{url}/step_00000002"
-    assert not (run / "checkpoints").exists()
+    train(3, "A", "--chaos", "kill:rank=0:step=2")
+    train(4, "B")
+    assert [s for s, _ in committed(f"{url}/checkpoints")] == [3, 4]
+    rows = [json.loads(l) for l in Loc(f"{url}/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    kinds = [json.loads(l)["event"] for l in Loc(f"{url}/logbook.jsonl").read_text().splitlines()]
+    for a, b in [("start", "chaos"), ("chaos", "worker_lost"), ("worker_lost", "restart"),
+                 ("restart", "finish"), ("finish", "resume")]:
+        assert kinds.index(a) < kinds.index(b), kinds
+    assert not Loc(f"{url}/driver.json").exists()  # each driver removed its record
+
+    env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "laptop")}
+    r = _cli("logbook", url, env=env, timeout=120)
+    assert r.returncode == 0 and "restart" in r.stdout.lower(), r.stderr[-2000:]
+    r = _cli("export", url, "--output", str(tmp_path / "hf"), env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (shards / "tokenizer.json").read_bytes()
+    assert "step 4" in r.stdout

@@ -1,0 +1,207 @@
+"""A training run directory in object storage: ``opt-ray train --output s3://bucket/run``.
+
+A run directory holds small files that are appended to or rewritten while the run goes:
+``logbook.jsonl``, ``metrics.jsonl``, ``guard.json``, ``manifest.json`` and the kept
+``tokenizer.json``. Object stores cannot append, and the processes that write these files
+(the driver, rank 0, the Ray Train controller) may sit on different nodes. So with a URL
+``--output``, every process works in a **local staging directory** named after the URL
+(``~/.cache/opt-ray/runs/<name>-<hash>``, or under ``$OPT_RAY_STAGING_DIR``), exactly as
+with a local ``--output``, and the files are **mirrored** to the URL:
+
+- ``push``: rank 0 after every checkpoint and at the end of the run (every file), the
+  driver and the controller after the events they write (the logbook only). The logbook
+  is merged with the bucket's copy (the union of the events of every writer, in time
+  order), the other files are rank 0's alone and replace the bucket's. Each object is one
+  PUT, so a reader never sees half a file; ``.mirror.json`` is written last and names the
+  push.
+- ``pull``: when a process starts (the driver, every rank) its staging directory is
+  brought up to the bucket's unless it already holds the newest push: a fresh machine
+  (the whole job or node lost) resumes where the bucket says the run is.
+
+Checkpoints do not go through the staging directory: they go to ``URL/checkpoints``
+(or ``--checkpoint-dir``) directly, each rank writing its own objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from opt_ray.artifacts import write_text_atomic
+
+STAGING_ENV = "OPT_RAY_STAGING_DIR"
+MARK = ".mirror.json"
+LOGBOOK = "logbook.jsonl"
+#: Files of a run directory that live in the bucket, besides the checkpoints. The other
+#: entries of a staging directory (pids, chaos state, Ray Train's, attempt counters) are
+#: per invocation and stay on the node.
+MIRRORED = (LOGBOOK, "metrics.jsonl", "guard.json", "manifest.json", "tokenizer.json")
+#: The running driver's record (``actors.train.DRIVER_FILE``): pushed and removed by the
+#: driver alone, pulled with the rest, so a driver lost with its machine is noticed by the
+#: next one wherever it runs.
+DRIVER = "driver.json"
+
+
+def is_url(path: str | os.PathLike | None) -> bool:
+    """An fsspec URL (``s3://bucket/key``, ``gs://...``); local paths and ``file://`` are local."""
+    s = str(path or "")
+    return "://" in s and not s.startswith("file://")
+
+
+def staging_root() -> Path:
+    return Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "opt-ray" / "runs")
+
+
+def local_run_dir(output: str | os.PathLike) -> Path:
+    """Where this process reads and writes the run directory ``output``: itself when it is
+    local, else its staging directory on this node (the same for every process here)."""
+    if not is_url(output):
+        return Path(str(output).removeprefix("file://"))
+    url = str(output).rstrip("/")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:40] or "run"
+    return staging_root() / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
+def _merge_lines(*texts: str) -> list[str]:
+    """The union of the JSON lines of several copies of a logbook, in time order (a line
+    present in several copies is one event; a torn line is dropped)."""
+    seen: dict[str, float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line in seen:
+                continue
+            try:
+                seen[line] = float(json.loads(line).get("time", 0.0))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue
+    return sorted(seen, key=lambda l: seen[l])  # stable: equal times keep their order
+
+
+class RunMirror:
+    """The staging directory ``local`` of the run directory at ``url`` (see the module)."""
+
+    def __init__(self, url: str, local: Path | None = None):
+        import fsspec
+
+        self.url = str(url).rstrip("/")
+        self.local = Path(local) if local is not None else local_run_dir(self.url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+
+    @classmethod
+    def of(cls, output: str | os.PathLike) -> "RunMirror | None":
+        """The mirror of ``output``, or None for a local run directory."""
+        return cls(str(output)) if is_url(output) else None
+
+    # -- helpers -------------------------------------------------------------------------
+    def _remote(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _cat(self, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._remote(name))
+        except FileNotFoundError:
+            return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process of this node at a time pulls or pushes this staging directory."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        with open(self.local / ".mirror.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _mark(self, where: str) -> str | None:
+        raw = self._cat(MARK) if where == "remote" else (
+            (self.local / MARK).read_bytes() if (self.local / MARK).is_file() else None)
+        try:
+            return json.loads(raw)["id"] if raw else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    # -- the two directions --------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Raise ``OSError``-like errors when the bucket cannot be written (a probe object)."""
+        probe = self._remote(f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.fs.pipe_file(probe, b"")
+        self.fs.rm_file(probe)
+
+    def pull(self) -> bool:
+        """Bring the staging directory up to the bucket's newest push; True if it changed.
+        The logbook gains the bucket's events it lacks (appended: never rewritten under a
+        writer); the other files are replaced by the bucket's."""
+        with self._locked():
+            self.fs.invalidate_cache()
+            remote = self._mark("remote")
+            if remote is None or remote == self._mark("local"):
+                return False
+            for name in (*MIRRORED, DRIVER):
+                data = self._cat(name)
+                if data is None:
+                    continue
+                if name == LOGBOOK:
+                    self._append_missing(data.decode("utf-8", "replace"))
+                else:
+                    tmp = self.local / f".{name}.pull"
+                    tmp.write_bytes(data)
+                    os.replace(tmp, self.local / name)
+            write_text_atomic(self.local / MARK, json.dumps({"id": remote}))
+            return True
+
+    def push(self, names: Iterable[str] = MIRRORED) -> None:
+        """Upload ``names`` from the staging directory (the logbook merged with the
+        bucket's), then a new ``.mirror.json``."""
+        with self._locked():
+            self.fs.invalidate_cache()
+            for name in names:
+                path = self.local / name
+                if name == LOGBOOK:
+                    here = path.read_text() if path.is_file() else ""
+                    there = (self._cat(LOGBOOK) or b"").decode("utf-8", "replace")
+                    data = "".join(l + "\n" for l in _merge_lines(there, here)).encode()
+                    self._append_missing(there)  # the mark below says this node is current
+                elif path.is_file():
+                    data = path.read_bytes()
+                else:
+                    continue
+                self.fs.pipe_file(self._remote(name), data)
+            mark = json.dumps({"id": uuid.uuid4().hex, "time": time.time()})
+            self.fs.pipe_file(self._remote(MARK), mark.encode())
+            write_text_atomic(self.local / MARK, mark)
+
+    def remove(self, name: str) -> None:
+        """Delete one file of the run directory from the bucket (absent: nothing)."""
+        with self._locked():
+            try:
+                self.fs.rm_file(self._remote(name))
+            except FileNotFoundError:
+                pass
+
+    def _append_missing(self, remote_text: str) -> None:
+        path = self.local / LOGBOOK
+        here = set(l.strip() for l in path.read_text().splitlines()) if path.is_file() else set()
+        missing = [l for l in _merge_lines(remote_text) if l not in here]
+        if missing:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, "".join(l + "\n" for l in missing).encode())
+            finally:
+                os.close(fd)
+
+    def read(self, name: str) -> bytes | None:
+        """One file of the run directory as the bucket holds it (None if absent)."""
+        self.fs.invalidate_cache()
+        return self._cat(name)
+
