@@ -192,7 +192,7 @@ def test_printed_resume_command_trains_the_same_run():
     (dict(warmup_steps=5, decay_steps=2), "--warmup-steps (5) must not exceed --decay-steps"),
     (dict(device="tpu"), "--device"),
     (dict(precision="fp16", device="cpu"), "fp16 needs a GPU"),
-    (dict(output="s3://b/run"), "--checkpoint-dir"),
+    (dict(output="s3://bucket"), "prefix inside a bucket"),
     (dict(guard_policy={"lr_factor": 2.0}), "lr_factor"),
 ])
 def test_train_config_errors_name_the_flag(kw, needle):
