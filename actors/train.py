@@ -213,11 +213,14 @@ def _trainer_cls():
             import ray
 
             def handler(signum, frame):
-                self._on_signal(signal.Signals(signum).name)
-                try:  # stop the gang now rather than when the driver's process is reaped
+                # Stop the gang first (rather than when the driver's process is reaped),
+                # then log: a gang still running could commit one more checkpoint after
+                # the `interrupted` event had named the one before it.
+                try:
                     ray.get(controller.abort.remote(), timeout=10)
                 except Exception:  # the controller is gone already: nothing to stop
                     pass
+                self._on_signal(signal.Signals(signum).name)
                 raise KeyboardInterrupt
 
             signal.signal(signal.SIGINT, handler)
