@@ -319,6 +319,7 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         if interrupted:
             return
         interrupted.append(name)
+        _wait_for_ranks_to_exit(run_dir)  # after the abort: the step logged is the last one
         Logbook(run_dir).event("interrupted", step=_newest_checkpoint_step(cfg),
                                reason=f"{name} to the driver", resume=resume)
         # Recorded: a SIGKILL that follows (`ray job stop` escalates after a few seconds)
@@ -374,6 +375,30 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         if ray_dir.is_dir() and not any(ray_dir.iterdir()):
             ray_dir.rmdir()
         shutil.rmtree(run_dir / USER_ERRORS, ignore_errors=True)
+
+
+def _wait_for_ranks_to_exit(run_dir: Path, timeout: float = 10.0) -> None:
+    """Until the gang's processes on this node are gone (their ``RUN_DIR/pids`` files):
+    Ray Train's abort asks its workers to stop and then kills them without waiting, so a
+    rank may still commit a checkpoint for a moment after it returns."""
+    pids = []
+    for f in (run_dir / "pids").glob("rank*.pid"):
+        try:
+            pids.append(int(f.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    deadline = time.time() + timeout
+    while pids and time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        pids = alive
+        if pids:
+            time.sleep(0.1)
 
 
 def _push_logbook(mirror: Any, *more: str) -> None:

@@ -105,6 +105,10 @@ def test_scale_then_rollback_a_pruned_run(server):
                for e in intr)
     resumed = [e for e in events if e["event"] == "resume"]
     assert resumed[0]["step"] >= before_scale
+    # The scaled gang resumes from the very checkpoint the interruption named: the stopped
+    # gang was gone before the driver logged it (no commit slipped in after).
+    after = events[events.index(intr[0]) + 1:]
+    assert [e for e in after if e["event"] == "resume"][0]["step"] == intr[0]["step"], intr[0]
     rb = [e for e in events if e["event"] == "rollback" and e.get("requested")]
     assert rb and rb[-1]["to_step"] == target
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
