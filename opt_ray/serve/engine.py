@@ -335,7 +335,8 @@ class Engine:
                     f"budget or lower max_model_len")
         self.kv = SlotKVCache(cfg.num_hidden_layers, num_slots, cfg.num_attention_heads,
                               cfg.head_dim, self.max_model_len, kv_dtype, self.device)
-        self.runner = ModelRunner(self.model, self.kv, prepack=self.config.prepack_weights)
+        self.runner = ModelRunner(self.model, self.kv, prepack=self.config.prepack_weights,
+                                  half=self.dtype if self.dtype != self.compute_dtype else None)
         self.free_slots: list[int] = list(range(num_slots))   # kept sorted: lowest first
         # The token ids whose keys/values each slot holds, column by column (kept when the
         # slot is freed: a later prompt that begins with them reuses them).

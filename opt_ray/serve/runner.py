@@ -19,6 +19,14 @@ with a ReLU fused into fc1; bigger steps (prefill) use the model's own weights.
 
 On CPU with a bf16 model the cache is fp32: CPU SDPA in bf16 was ~3x slower than fp32
 (16.5 vs 5.2 ms per layer above), while the GEMMs gain from bf16.
+
+A bf16 model on a CPU without native bf16 computes in fp32 over the bf16-rounded weights
+(``engine.compute_dtype``: emulated bf16 GEMMs of 4+ rows are slower than fp32 there),
+except a step of ``HALF_MAX_ROWS`` token: it runs its linears in bf16 over bf16 copies of
+the weights (half the bytes to stream; activations rounded to bf16, fp32 accumulation), as
+a native-bf16 machine would run every step. A lone sequence's numerics are then those of
+bf16, a batched one's those of fp32 over bf16 weights: in bf16 on such a CPU the greedy
+text of a request may depend on what runs beside it (fp32 is batch-invariant).
 """
 
 from __future__ import annotations
@@ -116,7 +124,10 @@ class _DecodeGroup:
 class ModelRunner:
     """Runs packed steps over an ``OPT`` model and a ``SlotKVCache``."""
 
-    def __init__(self, model: OPT, kv: SlotKVCache, *, prepack: bool = True):
+    def __init__(self, model: OPT, kv: SlotKVCache, *, prepack: bool = True,
+                 half: torch.dtype | None = None):
+        """``half``: the dtype the fp32 model's weights were rounded to (bf16 on a CPU that
+        computes it in fp32); lone-row steps then run their linears in it (see above)."""
         self.model, self.kv = model, kv
         cfg = model.config
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -127,7 +138,7 @@ class ModelRunner:
         self.forwards = 0
         # Single-token rows batched in one masked SDPA per layer (see _DecodeGroup).
         self.batch_decode = True
-        self.packed = _PackedLinears.build(model, self.qkv) if prepack else None
+        self.packed = _PackedLinears.build(model, self.qkv, half=half) if prepack else None
 
     def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                 rows: list[Row], select: list[int]) -> torch.Tensor:
@@ -222,6 +233,12 @@ class ModelRunner:
 PACKED_MAX_TOKENS = 256
 # oneDNN picks the blocked layout for a batch size; 32 was the best across 1-32 rows above.
 _PACK_BATCH = 32
+# Steps of at most this many tokens run bf16 linears over bf16 weights when the model was
+# rounded to bf16 on a CPU without native bf16 (see the module docstring). On the dev VM
+# (2-core AVX2 EPYC, 125m), a lone request decoded at 44 tok/s with them against 27 with the
+# fp32 packed weights; from 4 rows on the emulated bf16 GEMMs are slower (36 vs ~20 ms at 4
+# rows for 12 layers).
+HALF_MAX_ROWS = 1
 
 
 class _PackedLinears:
@@ -236,12 +253,16 @@ class _PackedLinears:
     own for large steps and for ``engine.model``). Results differ from F.linear's by float
     rounding only (another accumulation order)."""
 
-    def __init__(self, layers: list[dict[str, tuple]], head: torch.Tensor | None):
+    def __init__(self, layers: list[dict[str, tuple]], head: torch.Tensor | None,
+                 half: list[dict[str, tuple]] | None = None, half_head: torch.Tensor | None = None):
         self.layers, self.head = layers, head
+        self.half, self.half_head = half, half_head   # bf16 copies for lone rows, or None
 
     @staticmethod
-    def build(model: OPT, qkv: list[tuple[torch.Tensor, torch.Tensor | None]]) -> "_PackedLinears | None":
-        """``qkv``: each layer's packed (3d, d) q/k/v weight and bias (``_pack_qkv``)."""
+    def build(model: OPT, qkv: list[tuple[torch.Tensor, torch.Tensor | None]],
+              half: torch.dtype | None = None) -> "_PackedLinears | None":
+        """``qkv``: each layer's packed (3d, d) q/k/v weight and bias (``_pack_qkv``);
+        ``half``: also keep copies in this dtype (bf16 only) for lone-row steps."""
         w = model.lm_head.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return None
@@ -259,17 +280,25 @@ class _PackedLinears:
             # for one row whenever it runs outside inference mode.
             return lin.bias.detach() if lin.bias is not None else None
 
-        layers = []
+        layers, halves = [], []
         for layer, (qkv_w, qkv_b) in zip(model.decoder.layers, qkv):
             a = layer.self_attn
-            layers.append({
-                "qkv": (pack(qkv_w), qkv_b.detach() if qkv_b is not None else None),
-                "out_proj": (pack(a.out_proj.weight), bias(a.out_proj)),
-                "fc1": (pack(layer.fc1.weight), bias(layer.fc1)),
-                "fc2": (pack(layer.fc2.weight), bias(layer.fc2))})
-        return _PackedLinears(layers, pack(w) if model.lm_head.bias is None else None)
+            dense = {"qkv": (qkv_w, qkv_b), "out_proj": (a.out_proj.weight, a.out_proj.bias),
+                     "fc1": (layer.fc1.weight, layer.fc1.bias), "fc2": (layer.fc2.weight, layer.fc2.bias)}
+            layers.append({k: (pack(wt), b.detach() if b is not None else None)
+                           for k, (wt, b) in dense.items()})
+            if half is torch.bfloat16:
+                halves.append({k: (wt.detach().to(half), b.detach().to(half) if b is not None else None)
+                               for k, (wt, b) in dense.items()})
+        has_head = model.lm_head.bias is None
+        return _PackedLinears(layers, pack(w) if has_head else None, halves or None,
+                              w.detach().to(torch.bfloat16) if halves and has_head else None)
 
     def linear(self, x: torch.Tensor, layer: int, name: str, post: str = "none") -> torch.Tensor:
+        if self.half is not None and x.shape[0] <= HALF_MAX_ROWS:
+            w, b = self.half[layer][name]
+            y = F.linear(x.to(w.dtype), w, b)
+            return (F.relu(y) if post == "relu" else y).float()
         w, b = self.layers[layer][name]
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, post, [], "")
 
@@ -280,6 +309,8 @@ class _PackedLinears:
         return act(self.linear(h, layer, "fc1"))
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.half_head is not None and h.shape[0] <= HALF_MAX_ROWS:
+            return F.linear(h.to(self.half_head.dtype), self.half_head).float()
         return torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.head, None, "none", [], "")
 
 

@@ -334,6 +334,52 @@ def test_prepacked_linears_on_cpu_fp32_equal_the_model_weights(ckpt):
     torch.testing.assert_close(logits_packed, logits_dense, rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_lone_row_runs_bf16_linears_close_to_fp32_over_rounded_weights(ckpt):
+    """--dtype bfloat16 on a CPU without native bf16: a step of one row runs its linears
+    and head in bf16 over bf16 copies of the weights; its logits stay within bf16 rounding
+    of fp32 over the same rounded weights (a wrong weight or a dropped bias/ReLU is far off),
+    and two rows take the fp32 path exactly as with the copies off."""
+    from opt_ray.serve.engine import compute_dtype
+    from opt_ray.serve.runner import HALF_MAX_ROWS, Row
+
+    from opt_ray.serve.runner import ModelRunner
+
+    engine = _engine(ckpt, dtype="bfloat16")
+    if compute_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16:
+        pytest.skip("this CPU computes bf16 natively: no lone-row bf16 path")
+    with torch.no_grad():  # the checkpoint's biases are zeros: give them values to carry
+        g = torch.Generator().manual_seed(0)
+        for name, p in engine.model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_((torch.randn(p.shape, generator=g) * 0.5).bfloat16().float())
+    runner = engine.runner = ModelRunner(engine.model, engine.kv, half=torch.bfloat16)
+    assert runner.packed is not None and runner.packed.half is not None and HALF_MAX_ROWS == 1
+    ids = _prompts(1, [12], seed=18)[0]
+    rows = [Row(0, len(ids), 0, 0)]
+    with torch.inference_mode():
+        runner.forward(ids, list(range(len(ids))), [0] * len(ids), rows, [len(ids) - 1])
+
+        def step(n_rows: int) -> torch.Tensor:   # the next token of n identical sequences
+            for s in range(1, n_rows):
+                engine.kv.copy_slot(0, s, len(ids))
+            rws = [Row(j, 1, j, len(ids)) for j in range(n_rows)]
+            h = runner.forward([ids[-1]] * n_rows, [len(ids)] * n_rows, list(range(n_rows)), rws,
+                               list(range(n_rows)))
+            return runner.lm_head(h)
+
+        lone, pair = step(1)[0], step(2)
+        half, runner.packed.half, runner.packed.half_head = (
+            (runner.packed.half, runner.packed.half_head), None, None)
+        try:
+            ref, ref_pair = step(1)[0], step(2)
+        finally:
+            runner.packed.half, runner.packed.half_head = half
+    assert not torch.equal(lone, ref)                     # the bf16 path did run
+    err = (lone - ref).abs().max() / ref.abs().max()
+    assert err < 0.03, err
+    assert torch.equal(pair, ref_pair)                    # two rows: fp32, untouched
+
+
 def test_prepack_off_keeps_one_copy_and_same_greedy(ckpt, hf):
     engine = _engine(ckpt, prepack_weights=False)
     assert engine.runner.packed is None
