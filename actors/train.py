@@ -114,7 +114,7 @@ def train_worker(config: dict[str, Any]) -> None:
 def _callbacks(output: str, run_id: str) -> list[Any]:
     from ray.train import UserCallback
 
-    from opt_ray.run_dir import RunMirror, local_run_dir
+    from opt_ray.run_dir import LOGBOOK, RunMirror, local_run_dir
 
     class GangEvents(UserCallback):
         """Runs on the Ray Train controller: record which workers failed and why; stop
@@ -133,7 +133,9 @@ def _callbacks(output: str, run_id: str) -> list[Any]:
                 raise _UserErrorStop(user["message"])
             Logbook(run_dir).event("worker_lost", ranks=sorted(worker_exceptions),
                                    errors={str(r): repr(e)[:500] for r, e in worker_exceptions.items()})
-            _push_logbook(RunMirror.of(output))
+            mirror = RunMirror.of(output)
+            if mirror is not None:
+                mirror.try_push([LOGBOOK])
 
     return [GangEvents()]
 
@@ -297,7 +299,7 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
 
     from opt_ray.ray_util import init_ray
 
-    from opt_ray.run_dir import RunMirror
+    from opt_ray.run_dir import LOGBOOK, RunMirror
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +314,8 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
     driver_file.write_text(json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(), "run_id": cfg.run_id, "resume": resume,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-    _push_logbook(mirror, DRIVER_FILE)
+    if mirror is not None:
+        mirror.try_push([LOGBOOK, DRIVER_FILE])
     interrupted: list[str] = []
 
     def on_signal(name: str) -> None:
@@ -370,7 +373,7 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         driver_file.unlink(missing_ok=True)
         if mirror is not None:
             _unmirror(mirror, DRIVER_FILE)
-            _push_logbook(mirror)
+            mirror.try_push([LOGBOOK])
         shutil.rmtree(ray_dir / cfg.run_id, ignore_errors=True)
         if ray_dir.is_dir() and not any(ray_dir.iterdir()):
             ray_dir.rmdir()
@@ -399,19 +402,6 @@ def _wait_for_ranks_to_exit(run_dir: Path, timeout: float = 10.0) -> None:
         pids = alive
         if pids:
             time.sleep(0.1)
-
-
-def _push_logbook(mirror: Any, *more: str) -> None:
-    """The events this process wrote, to the run's bucket (``--output URL``); an object
-    store that fails here costs the mirror, never the run (retried at the next push)."""
-    if mirror is None:
-        return
-    from opt_ray.run_dir import LOGBOOK
-    try:
-        mirror.push([LOGBOOK, *more])
-    except Exception as e:  # noqa: BLE001 - object-store errors come in many types
-        print(f"opt-ray train: could not mirror the logbook to {mirror.url} ({type(e).__name__}: "
-              f"{e})", file=sys.stderr)
 
 
 def _unmirror(mirror: Any, name: str) -> None:

@@ -30,20 +30,22 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from opt_ray.artifacts import write_text_atomic
+from opt_ray.logbook import LOGBOOK, METRICS
 
 STAGING_ENV = "OPT_RAY_STAGING_DIR"
 MARK = ".mirror.json"
-LOGBOOK = "logbook.jsonl"
 #: Files of a run directory that live in the bucket, besides the checkpoints. The other
 #: entries of a staging directory (pids, chaos state, Ray Train's, attempt counters) are
-#: per invocation and stay on the node.
-MIRRORED = (LOGBOOK, "metrics.jsonl", "guard.json", "manifest.json", "tokenizer.json")
+#: per invocation and stay on the node. ("tokenizer.json" is ``data.shards.TOKENIZER_FILE``,
+#: not imported here: this module stays as light as the config that imports it.)
+MIRRORED = (LOGBOOK, METRICS, "guard.json", "manifest.json", "tokenizer.json")
 #: The running driver's record (``actors.train.DRIVER_FILE``): pushed and removed by the
 #: driver alone, pulled with the rest, so a driver lost with its machine is noticed by the
 #: next one wherever it runs.
@@ -180,6 +182,18 @@ class RunMirror:
             mark = json.dumps({"id": uuid.uuid4().hex, "time": time.time()})
             self.fs.pipe_file(self._remote(MARK), mark.encode())
             write_text_atomic(self.local / MARK, mark)
+
+    def try_push(self, names: Iterable[str] = MIRRORED) -> bool:
+        """``push``, where a failing object store costs the mirror, never the run: the
+        error is printed and the files stay staged for the next push. True if it pushed."""
+        names = tuple(names)
+        try:
+            self.push(names)
+            return True
+        except Exception as e:  # noqa: BLE001 - object-store errors come in many types
+            print(f"opt-ray: could not mirror {', '.join(names)} to {self.url} "
+                  f"({type(e).__name__}: {e}); retried at the next push", file=sys.stderr)
+            return False
 
     def remove(self, name: str) -> None:
         """Delete one file of the run directory from the bucket (absent: nothing)."""

@@ -55,20 +55,16 @@ def _find_tokenizer(explicit: str | None, ckpt):
 
     if explicit:
         return load_tokenizer(explicit)
-    if not isinstance(ckpt, Path):
-        # Object storage: the run's tokenizer is mirrored beside its checkpoints
-        # (`--output s3://bucket/run`: RUN/checkpoints/step_N, RUN/tokenizer.json).
-        import tempfile
+    from opt_ray.train.checkpoint import Loc
 
-        import fsspec
-        url = str(ckpt).rstrip("/").rsplit("/", 2)[0] + "/tokenizer.json"
-        fs, path = fsspec.core.url_to_fs(url)
-        try:
-            data = fs.cat_file(path)
-        except FileNotFoundError:
-            return None
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "tokenizer.json").write_bytes(data)
-            return load_tokenizer(Path(d) / "tokenizer.json")
-    run_tok = ckpt.parent.parent / "tokenizer.json"  # RUN_DIR/checkpoints/step_N
-    return load_tokenizer(run_tok) if run_tok.is_file() else None
+    run_tok = Loc(ckpt).parent().parent().child("tokenizer.json")  # RUN_DIR/checkpoints/step_N
+    if not run_tok.isfile():
+        return None
+    if run_tok.local:
+        return load_tokenizer(run_tok.path)
+    # Object storage (`--output s3://bucket/run`): the tokenizer is mirrored beside the
+    # checkpoints; the loader reads files, so through a temporary one.
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "tokenizer.json").write_bytes(run_tok.read_bytes())
+        return load_tokenizer(Path(d) / "tokenizer.json")

@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
                             f"mirrored at checkpoints only: follow the run's staging directory "
                             f"on its rank-0 node, or re-run without --follow")
         mirror = RunMirror(args.run_dir)
-        if mirror.read(lb.LOGBOOK) is None:
+        mirror.pull()
+        if not (mirror.local / lb.LOGBOOK).is_file():
             raise UserError(f"{args.run_dir} has no {lb.LOGBOOK}; pass the --output URL of an "
                             f"`opt-ray train` run (and the AWS variables of its store)")
-        mirror.pull()
         args.run_dir = str(mirror.local)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -275,21 +275,19 @@ class _PackedLinears:
         def pack(weight: torch.Tensor) -> torch.Tensor:
             return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
 
-        def bias(lin: nn.Linear) -> torch.Tensor | None:
+        def detached(b: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
             # Detached: a bias that requires grad sends the op down a path ~100x slower
             # for one row whenever it runs outside inference mode.
-            return lin.bias.detach() if lin.bias is not None else None
+            return b.detach().to(dtype) if b is not None else None
 
         layers, halves = [], []
         for layer, (qkv_w, qkv_b) in zip(model.decoder.layers, qkv):
             a = layer.self_attn
             dense = {"qkv": (qkv_w, qkv_b), "out_proj": (a.out_proj.weight, a.out_proj.bias),
                      "fc1": (layer.fc1.weight, layer.fc1.bias), "fc2": (layer.fc2.weight, layer.fc2.bias)}
-            layers.append({k: (pack(wt), b.detach() if b is not None else None)
-                           for k, (wt, b) in dense.items()})
+            layers.append({k: (pack(wt), detached(b)) for k, (wt, b) in dense.items()})
             if half is torch.bfloat16:
-                halves.append({k: (wt.detach().to(half), b.detach().to(half) if b is not None else None)
-                               for k, (wt, b) in dense.items()})
+                halves.append({k: (detached(wt, half), detached(b, half)) for k, (wt, b) in dense.items()})
         has_head = model.lm_head.bias is None
         return _PackedLinears(layers, pack(w) if has_head else None, halves or None,
                               w.detach().to(torch.bfloat16) if halves and has_head else None)

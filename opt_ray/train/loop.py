@@ -43,7 +43,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -57,13 +56,12 @@ from opt_ray.artifacts import write_text_atomic
 from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_token,  # noqa: F401
                             is_url, num_params, preset)
 from opt_ray.errors import UserError
-from opt_ray.logbook import Logbook, log_resume, versions
+from opt_ray.logbook import METRICS, Logbook, log_resume, versions
 from opt_ray.run_dir import RunMirror
 from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
 
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -360,13 +358,8 @@ class Trainer:
         """Rank 0 mirrors the run directory to its URL (``--output s3://...``). A failed
         upload is logged and retried at the next sync: the checkpoint is already committed
         and nothing local is lost."""
-        if self.rank != 0 or self.mirror is None:
-            return
-        try:
-            self.mirror.push()
-        except Exception as e:  # noqa: BLE001 - object-store errors come in many types
-            print(f"opt-ray train: could not mirror the run directory to {self.mirror.url} "
-                  f"({type(e).__name__}: {e}); retrying at the next checkpoint", file=sys.stderr)
+        if self.rank == 0 and self.mirror is not None:
+            self.mirror.try_push()
 
     def _train_state(self) -> dict[str, Any]:
         return {
