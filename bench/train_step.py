@@ -53,7 +53,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from opt_ray.config import flops_per_token, preset  # noqa: E402
-from opt_ray.train.loop import _compute_dtype, cpu_has_native_bf16  # noqa: E402
+from opt_ray.train.loop import _compute_dtype, cpu_has_native_bf16, fused_adamw_ok  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), for MFU on GPUs.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -129,7 +129,7 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
             if k in models:
                 models[k] = torch.compile(models[k])
     del ours  # only the requested sides stay resident (the memory children build one)
-    fused = _fused_adamw_ok(dev)
+    fused = fused_adamw_ok(dev)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
                                  weight_decay=0.1, fused=fused) for k, m in models.items()
             if k != "trainer"}
@@ -201,16 +201,6 @@ def _fsdp_bf16(model, dev: torch.device):
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return apply_fsdp(model, param_dtype=torch.bfloat16, reshard_after_forward=False)
-
-
-def _fused_adamw_ok(dev: torch.device) -> bool:
-    try:
-        p = torch.nn.Parameter(torch.zeros(2, device=dev))
-        p.grad = torch.zeros(2, device=dev)
-        torch.optim.AdamW([p], fused=True).step()
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 def step(side: str, s: dict) -> float:

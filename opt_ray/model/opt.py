@@ -334,6 +334,19 @@ class _LMHeadLoss(torch.autograd.Function):
             need_w = grad and ctx.needs_input_grad[1]
             whole = grad and _whole_logit_grad(N, rows, h.shape[1], dtype.itemsize)
             acc = torch.float32 if dtype != torch.float32 and N > rows else dtype
+            # Chunks of equal size: no small last chunk, whose matmuls run far below the
+            # big ones' rate.
+            chunks = max(1, -(-N // rows))
+            rows = max(1, -(-N // chunks))
+            # In fp32 (a CPU without native bf16) the logits and their softmax are written
+            # into two buffers that every chunk reuses: a fresh (n, V) pair per chunk costs
+            # the CPU a page fault per 4 KiB, each chunk of each step. Both exist at the
+            # softmax anyway, so the peak is the same. (A half dtype's softmax upcasts, which
+            # has no out= form on the CPU; CUDA's caching allocator reuses blocks itself.)
+            bufs = None
+            if dtype == torch.float32 and tp_group is None:
+                logits_buf = torch.empty(min(rows, N), V, dtype=dtype, device=h.device)
+                bufs = (logits_buf, torch.empty_like(logits_buf))
             g = torch.empty(N, V, dtype=dtype, device=h.device) if whole else None
             grad_h = torch.empty(N, h.shape[1], dtype=dtype, device=h.device) if need_h and not whole else None
             grad_w = (torch.zeros(V, h.shape[1], dtype=acc, device=h.device)
@@ -344,11 +357,15 @@ class _LMHeadLoss(torch.autograd.Function):
                 tgt = torch.where(local, tgt - vocab_start, 0)
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                logits = hc[s:e] @ wc.t()                            # (n, V)
+                if bufs is None:
+                    logits = hc[s:e] @ wc.t()                        # (n, V)
+                else:
+                    logits = torch.mm(hc[s:e], wc.t(), out=bufs[0][:e - s])
                 if tp_group is not None:
                     nll, p = _vocab_parallel_softmax(logits, tgt[s:e], local[s:e], tp_group)
                 else:
-                    p = torch.softmax(logits, dim=1, dtype=torch.float32)
+                    p = (torch.softmax(logits, dim=1, dtype=torch.float32) if bufs is None
+                         else torch._softmax(logits, 1, False, out=bufs[1][:e - s]))
                     picked = p.gather(1, tgt[s:e]).squeeze(1)
                     nll = -picked.log()
                     # A probability that underflowed (a logit gap over ~70 nats) is inexact
