@@ -911,16 +911,18 @@ def format_entry(e: dict[str, Any], text: str, loss: Any = None, *, show_step: b
     return f"- **{when}**{at} — {text}{loss_s}"
 
 
-def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None) -> str:
+def render_markdown(run_dir: str | os.PathLike, *, plot: str | None = None,
+                    name: str | None = None) -> str:
     """The run's chronicle as Markdown, in the spirit of OPT's published logbooks.
 
     A summary (config, versions, hardware, counts), then dated entries in the order the
     events were written: what happened, what was done, and the loss last logged before
-    it. ``plot`` is a relative path of a loss-curve PNG to embed."""
+    it. ``plot`` is a relative path of a loss-curve PNG to embed; ``name`` titles it
+    (default: the directory's name; a bucket run's URL for its staging copy)."""
     run_dir = Path(run_dir)
     events = list(Logbook(run_dir).events())
     rows = read_metrics(run_dir)
-    lines = [f"# Logbook: `{run_dir.name}`", ""]
+    lines = [f"# Logbook: `{name or run_dir.name}`", ""]
     if not events:
         lines.append(f"No events recorded yet ({run_dir / LOGBOOK} is missing or empty).")
         return "\n".join(lines) + "\n"

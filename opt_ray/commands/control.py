@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from opt_ray.errors import UserError
+from opt_ray.run_dir import is_url
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", default=None,
                    help="CA (PEM) for client certificates: turns on mutual TLS")
-    p.add_argument("--allowed-root", action="append", default=None, metavar="DIR",
-                   help="directory that spec paths must lie inside (repeatable; default: "
-                        "the current directory)")
+    p.add_argument("--allowed-root", action="append", default=None, metavar="DIR|URL",
+                   help="directory that spec paths must lie inside, or a bucket prefix "
+                        "(s3://bucket/prefix) that training runs' outputs may lie under "
+                        "(repeatable; default: the current directory)")
     p.add_argument("--opt-ray-bin", default=None,
                    help="the opt-ray executable job entrypoints start with (default: "
                         "'opt-ray' on PATH, else the one next to this Python)")
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     creds = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     roots = args.allowed_root or [os.getcwd()]
     for r in roots:
-        if not Path(r).is_dir():
+        if not is_url(r) and not Path(r).is_dir():
             raise UserError(f"--allowed-root {r} is not a directory")
     registry = Registry(args.state_dir)
     headers = None
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
           f"({'mutual TLS' if args.tls_client_ca else 'TLS' if creds else 'plaintext'}); "
           f"Ray dashboard {backend.dashboard_url}; state {registry.state_dir} "
           f"({len(registry.jobs())} jobs, {len(active)} active, reattaching); "
-          f"allowed roots {', '.join(str(r) for r in service.validator.roots)}", flush=True)
+          f"allowed roots {', '.join(map(str, service.validator.roots + service.validator.url_roots))}",
+          flush=True)
 
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,6 +14,7 @@ import sys
 import time
 
 from opt_ray.errors import UserError
+from opt_ray.run_dir import is_url
 
 STAGE_ORDER = ("dedup", "tokenizer", "tokenize", "train", "export")
 
@@ -74,7 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k = kinds.add_parser("train", help="opt-ray train --preset P --data SHARDS --output RUN_DIR ...")
     _train_args(k)
     k.add_argument("--data", required=True)
-    k.add_argument("--output", required=True)
+    k.add_argument("--output", required=True,
+                   help="the run directory: a path, or a bucket URL (s3://bucket/run) under one "
+                        "of the server's URL --allowed-root prefixes")
     _eval_args(kinds.add_parser("eval", help="opt-ray eval CHECKPOINT --tasks T1,T2 ... "
                                               "(or --data SHARDS)"))
     k = kinds.add_parser("export", help="opt-ray export RUN_DIR --output HF_DIR")
@@ -114,7 +117,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("job")
     k.add_argument("--checkpoint", type=int, required=True, help="checkpoint step")
     k = cmds.add_parser("logbook", help="a job's or run directory's logbook")
-    k.add_argument("what", metavar="JOB|RUN_DIR", help="a job id or a run directory")
+    k.add_argument("what", metavar="JOB|RUN_DIR", help="a job id, a run directory or a run's bucket URL")
     k.add_argument("--markdown", action="store_true", help="the rendered chronicle")
     cmds.add_parser("health", help="cluster and control-plane health")
 
@@ -178,7 +181,7 @@ def build_spec(a: argparse.Namespace):
                                                seq_len=a.seq_len, output=_abs(a.output),
                                                workers=a.workers))
     elif a.kind == "train":
-        spec.train.CopyFrom(_train_spec(a, _abs(a.data), _abs(a.output)))
+        spec.train.CopyFrom(_train_spec(a, _abs(a.data), a.output if is_url(a.output) else _abs(a.output)))
     elif a.kind == "eval":
         spec.eval.CopyFrom(pb.EvalSpec(
             checkpoint=_abs(a.checkpoint), data=_abs(a.data) if a.data else "", split=a.split,
@@ -357,8 +360,8 @@ def run(a: argparse.Namespace) -> int:
         elif c == "rollback":
             _out(client.rollback(a.job, a.checkpoint), a.json, _print_job)
         elif c == "logbook":
-            is_dir = os.path.sep in a.what or os.path.isdir(a.what)
-            r = (client.logbook(run_dir=_abs(a.what), markdown=a.markdown) if is_dir
+            is_dir = is_url(a.what) or os.path.sep in a.what or os.path.isdir(a.what)
+            r = (client.logbook(run_dir=a.what if is_url(a.what) else _abs(a.what), markdown=a.markdown) if is_dir
                  else client.logbook(job_id=a.what, markdown=a.markdown))
             _out(r, a.json, lambda r: print(r.markdown if a.markdown and r.markdown
                                             else "\n".join(r.events)))

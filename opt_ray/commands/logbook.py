@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
         if not (mirror.local / lb.LOGBOOK).is_file():
             raise UserError(f"{args.run_dir} has no {lb.LOGBOOK}; pass the --output URL of an "
                             f"`opt-ray train` run (and the AWS variables of its store)")
-        args.run_dir = str(mirror.local)
+        name, args.run_dir = args.run_dir, str(mirror.local)
+    else:
+        name = None
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; pass the RUN_DIR that `opt-ray train --output` wrote")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         text = "".join(json.dumps(e) + "\n" for e in lb.Logbook(run_dir).events())
     else:
-        text = lb.render_markdown(run_dir, plot=plot_ref)
+        text = lb.render_markdown(run_dir, plot=plot_ref, name=name)
     if args.output:
         Path(args.output).write_text(text)
     else:

@@ -32,6 +32,7 @@ from opt_ray.control.registry import TERMINAL, Registry, parse_json, read_jsonl_
 from opt_ray.control.specs import SpecError, SpecValidator, Stage
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK
+from opt_ray.run_dir import MARK, RunMirror, is_url
 from opt_ray.v1 import control_pb2 as pb
 from opt_ray.v1 import control_pb2_grpc as pb_grpc
 
@@ -117,6 +118,22 @@ class ControlService(pb_grpc.ControlServiceServicer):
         self._unsettled: set[str] = set()  # final jobs whose last Ray job may still run
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pulled: dict[str, float] = {}  # bucket run URL -> when it was last pulled
+
+    def _run_files(self, run_dir: str, *, every: float = 2.0) -> Path:
+        """The directory a run's logbook and metrics are read from: the run directory,
+        or for a bucket URL the server's staging copy, pulled from the bucket when the last
+        pull is older than ``every`` seconds (a pull whose mark is current is one GET)."""
+        if not is_url(run_dir):
+            return Path(run_dir)
+        mirror = RunMirror(run_dir)
+        if time.monotonic() - self._pulled.get(run_dir, -every) >= every:
+            self._pulled[run_dir] = time.monotonic()
+            try:
+                mirror.pull()
+            except Exception as e:  # the bucket unreachable now: serve the last copy
+                print(f"control: could not read {run_dir}: {type(e).__name__}: {e}", flush=True)
+        return mirror.local
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -499,12 +516,13 @@ class ControlService(pb_grpc.ControlServiceServicer):
                         logs_done.add(sid)
             files: list[tuple[Path, str]] = [
                 (self.registry.logbook(job_id).path, "logbook_line")]
-            if job.run_dir:
-                files.append((Path(job.run_dir) / LOGBOOK, "logbook_line"))
+            run = self._run_files(job.run_dir) if job.run_dir else None
+            if run is not None:
+                files.append((run / LOGBOOK, "logbook_line"))
                 if request.include_metrics:
-                    files.append((Path(job.run_dir) / "metrics.jsonl", "metrics_line"))
+                    files.append((run / "metrics.jsonl", "metrics_line"))
             for path, field in files:
-                if job.run_dir and path.parent == Path(job.run_dir):
+                if run is not None and path.parent == run:
                     try:
                         # A run file swapped for a symlink out of the roots is not streamed.
                         self.validator.readable_file(field, path)
@@ -597,12 +615,25 @@ class ControlService(pb_grpc.ControlServiceServicer):
             job = self._job(job_id)
             run_dir = job.run_dir
             lines += read_jsonl_from(self.registry.logbook(job_id).path, 0)[0]
+        elif is_url(run_dir):
+            run_dir = self.validator.run_location("run_dir", run_dir)[0]
+            mirror = RunMirror(run_dir)
+            try:
+                mirror.pull()
+            except Exception as e:
+                raise SpecError(f"run_dir={run_dir!r} cannot be read from the object store "
+                                f"({type(e).__name__}: {e}); the control server needs its "
+                                f"AWS_* environment for it") from e
+            self._pulled[run_dir] = time.monotonic()
+            if not (mirror.local / MARK).is_file():
+                raise SpecError(f"run_dir={run_dir!r}: no run there (nothing mirrored by an "
+                                f"'opt-ray train --output {run_dir}')")
         elif run_dir:
             run_dir = str(self.validator.path("run_dir", run_dir, must_exist=True))
         else:
             raise SpecError("give job_id or run_dir")
         if run_dir:
-            path = self.validator.readable_file("run_dir logbook", Path(run_dir) / LOGBOOK)
+            path = self.validator.readable_file("run_dir logbook", self._run_files(run_dir) / LOGBOOK)
             if path is not None:
                 lines += read_jsonl_from(path, 0)[0]
         keyed = [((parse_json(ln) or {}).get("time", 0.0), i, ln) for i, ln in enumerate(lines)]
@@ -615,9 +646,10 @@ class ControlService(pb_grpc.ControlServiceServicer):
             if request.markdown and run_dir:
                 from opt_ray import logbook as lb
                 # Both files the chronicle reads, symlinks resolved, inside the roots.
-                self.validator.readable_file("run_dir metrics", Path(run_dir) / lb.METRICS)
+                local = self._run_files(run_dir)
+                self.validator.readable_file("run_dir metrics", local / lb.METRICS)
                 try:
-                    md = lb.render_markdown(run_dir)
+                    md = lb.render_markdown(local, name=run_dir if is_url(run_dir) else None)
                 except Exception as e:  # a chronicle that fails to render is no error
                     md = f"(could not render the chronicle: {type(e).__name__}: {e})"
             return pb.ReadLogbookResponse(events=events, markdown=md or "", run_dir=run_dir)

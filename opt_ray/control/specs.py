@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opt_ray.errors import UserError
+from opt_ray.run_dir import is_url, local_run_dir, staging_root
 from opt_ray.v1 import control_pb2 as pb
 
 
@@ -58,7 +59,7 @@ class Stage:
     kind: str
     argv: list[str]
     outputs: list[Path] = field(default_factory=list)
-    run_dir: Path | None = None
+    run_dir: Path | str | None = None   # a training run's --output: a path or a bucket URL
 
 
 # lm-eval task, group and tag names (globs allowed, as `lm-eval --tasks` takes them).
@@ -88,18 +89,20 @@ class SpecValidator:
     def __init__(self, allowed_roots: list[str | os.PathLike], bounds: Bounds = Bounds()):
         if not allowed_roots:
             raise UserError("the control server needs at least one --allowed-root directory")
-        self.roots = [Path(os.path.realpath(r)) for r in allowed_roots]
+        # Bucket prefixes (s3://bucket/prefix) may hold training runs (TrainSpec.output);
+        # every other path a spec names lies inside a directory root.
+        self.url_roots = [str(r).rstrip("/") for r in allowed_roots if is_url(r)]
+        self.roots = [Path(os.path.realpath(r)) for r in allowed_roots if not is_url(r)]
+        if not self.roots:
+            raise UserError("the control server needs at least one --allowed-root directory "
+                            "(a bucket prefix holds training runs only; data and artifacts "
+                            "are read from directories)")
         self.bounds = bounds
 
     # ------------------------------------------------------------------ fields
 
-    def path(self, name: str, value: str, *, must_exist: bool = False,
-             produced: list[Path] = (), must_not_exist: bool = False) -> Path:
-        """An absolute path inside an allowed root. ``produced`` lists outputs of
-        earlier pipeline stages, which count as existing."""
-        if not value:
-            raise SpecError(f"{name} is required: give an absolute path inside "
-                            f"{self._roots_text()}")
+    def _plain(self, name: str, value: str) -> None:
+        """No NUL, no control character, not longer than a path may be."""
         if "\x00" in value:
             raise SpecError(f"{name} contains a NUL byte; give a plain absolute path")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -108,6 +111,37 @@ class SpecValidator:
         if len(value.encode()) > self.bounds.max_path_bytes:
             raise SpecError(f"{name} is {len(value.encode())} bytes long (max "
                             f"{self.bounds.max_path_bytes}); use a shorter path")
+
+    def run_location(self, name: str, value: str) -> tuple[str, Path]:
+        """A training run's ``--output`` as the command line takes it, and the directory
+        the server reads the run's files from: a path inside an allowed root (both the
+        same), or a bucket URL under an allowed URL root (``--allowed-root
+        s3://bucket/prefix``), read from the server's staging copy (``run_dir.RunMirror``)."""
+        if not is_url(value):
+            p = self.path(name, value)
+            return str(p), p
+        self._plain(name, value)
+        url = value.rstrip("/")
+        if any(seg in (".", "..") for seg in url.split("://", 1)[1].split("/")):
+            raise SpecError(f"{name}={value!r} has a '.' or '..' segment; give the run's URL "
+                            f"plainly")
+        if not any(url.startswith(r + "/") for r in self.url_roots):
+            allowed = ", ".join(self.url_roots) or "none: start the server with --allowed-root s3://bucket/prefix"
+            raise SpecError(f"{name}={value!r} is not under an allowed bucket prefix "
+                            f"({allowed}); use a URL under one of them")
+        return url, local_run_dir(url)
+
+    def path(self, name: str, value: str, *, must_exist: bool = False,
+             produced: list[Path] = (), must_not_exist: bool = False) -> Path:
+        """An absolute path inside an allowed root. ``produced`` lists outputs of
+        earlier pipeline stages, which count as existing."""
+        if not value:
+            raise SpecError(f"{name} is required: give an absolute path inside "
+                            f"{self._roots_text()}")
+        if is_url(value):
+            raise SpecError(f"{name}={value!r}: only a training run's output may be a bucket "
+                            f"URL; give an absolute path inside {self._roots_text()}")
+        self._plain(name, value)
         seg = next((x for x in value.split("/") if len(x.encode()) > self.bounds.max_segment_bytes),
                    None)
         if seg is not None:
@@ -144,13 +178,16 @@ class SpecValidator:
 
     def readable_file(self, name: str, path: Path) -> Path | None:
         """``path`` with symlinks resolved, if it exists; ``SpecError`` when it leads
-        outside the allowed roots (a symlinked logbook.jsonl must not expose /etc)."""
+        outside the allowed roots (a symlinked logbook.jsonl must not expose /etc) and
+        outside the server's staging copies of bucket runs."""
         try:
             real = Path(os.path.realpath(path))
         except (OSError, ValueError) as e:
             raise SpecError(f"{name}={str(path)!r} cannot be resolved: {e}") from e
         if not real.exists():
             return None
+        if self.url_roots and _is_within(real, Path(os.path.realpath(staging_root()))):
+            return real
         self.check_inside(name, str(path), real)
         return real
 
@@ -222,7 +259,8 @@ class SpecValidator:
         from opt_ray.config import ConfigError, TrainConfig  # config only: no torch, no Ray
         data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
         # An existing run directory is allowed: training resumes from its checkpoints.
-        out = self.path(f"{name}.output", s.output)
+        # A bucket URL under an allowed URL root is one too (``--output s3://...``).
+        out, local = self.run_location(f"{name}.output", s.output)
         lo, hi = self.workers(f"{name}.", s.min_workers, s.max_workers)
         self._int(f"{name}.steps", s.steps, 1, self.bounds.max_steps)
         self._int(f"{name}.checkpoint_every", s.checkpoint_every, 1, self.bounds.max_steps,
@@ -258,7 +296,7 @@ class SpecValidator:
             argv += ["--batch-tokens", str(cfg.batch_tokens)]
         if s.micro_batch:
             argv += ["--micro-batch", str(cfg.micro_batch)]
-        return Stage("train", argv, [out], run_dir=out)
+        return Stage("train", argv, [] if is_url(out) else [local], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:
         """lm-eval tasks (``tasks``) or perplexity on token shards (``data``): one of them."""

@@ -9,7 +9,10 @@ the run ends bit-identical to an uninterrupted run that checkpointed to a local 
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +110,6 @@ def test_run_directory_in_the_bucket_moves_between_machines(s3, shards, tmp_path
     on A resumes on a fresh B, rolls back on a fresh C, and a stale A catches up; each
     leg ends bit-identical to an uninterrupted local run, and the bucket's metrics and
     logbook tell the whole story once."""
-    import json
 
     from opt_ray.run_dir import STAGING_ENV, local_run_dir
     from opt_ray.train.checkpoint import Loc, committed, load_model_state, resolve
@@ -164,7 +166,6 @@ def test_mirror_merges_the_logbooks_of_writers_on_two_nodes(s3, tmp_path):
     """The driver and rank 0 on different nodes each append to their own staging copy of
     the logbook; the bucket's copy is the union in time order, and a pull appends only
     the events a node lacks (never rewriting a file another process appends to)."""
-    import json
 
     from opt_ray.logbook import Logbook
     from opt_ray.run_dir import RunMirror
@@ -187,6 +188,87 @@ def test_mirror_merges_the_logbooks_of_writers_on_two_nodes(s3, tmp_path):
     # A push leaves the pusher holding the union too (its mark says it is current).
     assert sorted(Logbook(driver.local).path.read_text().splitlines()) == sorted(
         _bucket_lines(url, "logbook.jsonl")) and not driver.pull()
+
+
+def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkeypatch):
+    """``TrainSpec.output`` may be a bucket URL under a URL ``--allowed-root``: the job's
+    command line carries it, and the job's watch stream, logbook and Markdown chronicle
+    are read from the bucket (the server's own staging copy), where the run's processes
+    on other nodes mirror them. Other URLs and URL inputs are refused."""
+    import grpc
+
+    from opt_ray.control.client import ControlClient
+    from opt_ray.control.registry import Registry
+    from opt_ray.control.server import build_server, stop_server
+    from opt_ray.control.service import ControlService
+    from opt_ray.control.specs import SpecValidator
+    from opt_ray.logbook import Logbook
+    from opt_ray.run_dir import RunMirror
+    from opt_ray.v1 import control_pb2 as pb
+    from tests.unit.test_control_service import TOKEN, FakeBackend
+
+    monkeypatch.setenv("OPT_RAY_STAGING_DIR", str(tmp_path / "server-staging"))
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    backend = FakeBackend()
+    service = ControlService(Registry(tmp_path / "state"),
+                             SpecValidator([root, s3.url("teams", "a") + "/"]), backend,
+                             poll_interval=0.05, stop_timeout=5)
+    server, port = build_server(service, token=TOKEN, port=0)
+    client = ControlClient(f"127.0.0.1:{port}", TOKEN, timeout=20)
+    url = s3.url("teams", "a", "run1")
+
+    def spec(output: str, data: str = str(root / "shards")) -> pb.JobSpec:
+        return pb.JobSpec(train=pb.TrainSpec(preset="tiny", data=data, output=output,
+                                             min_workers=1, steps=3))
+    try:
+        for bad, why in [(s3.url("teams", "b", "run"), "not under an allowed bucket prefix"),
+                         (s3.url("teams", "a", "..", "b", "run"), "'..' segment"),
+                         (s3.url("teams", "ab"), "not under an allowed bucket prefix")]:
+            with pytest.raises(grpc.RpcError) as ei:
+                client.submit(spec(bad))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            client.submit(spec(str(root / "run"), data=s3.url("teams", "a", "shards")))
+        assert "only a training run's output may be a bucket URL" in ei.value.details()
+
+        job = client.submit(spec(url + "/"))
+        sid = backend.last()
+        argv = backend.jobs[sid]["entrypoint"]
+        assert f"--output {url} " in argv and job.run_dir == url
+        # The run's processes write elsewhere (the driver's node) and mirror to the bucket.
+        node = RunMirror(url, tmp_path / "driver-node")
+        Logbook(node.local).event("checkpoint_saved", step=1, path=f"{url}/checkpoints/step_00000001",
+                                  seconds=0.1)
+        (node.local / "metrics.jsonl").write_text('{"step": 1, "loss": 9.5, "time": 1.0}\n')
+        node.push()
+        got: list = []
+        watcher = threading.Thread(target=lambda: got.extend(client.watch(job.job_id, timeout=30)))
+        watcher.start()
+        backend.set(sid, pb.RUNNING)
+        time.sleep(0.5)
+        with open(node.local / "metrics.jsonl", "a") as f:
+            f.write('{"step": 2, "loss": 9.1, "time": 2.0}\n')
+        node.push()
+        deadline = time.time() + 20
+        while time.time() < deadline and not any('"step": 2' in e.metrics_line for e in got):
+            time.sleep(0.1)
+        backend.set(sid, pb.SUCCEEDED)
+        watcher.join(30)
+        assert [json.loads(e.metrics_line)["step"] for e in got if e.metrics_line] == [1, 2]
+        assert any("checkpoint_saved" in e.logbook_line for e in got)
+        r = client.logbook(run_dir=url, markdown=True)
+        assert r.run_dir == url and [json.loads(e)["event"] for e in r.events] == ["checkpoint_saved"]
+        assert r.markdown.startswith(f"# Logbook: `{url}`") and "9.5 at step 1 -> 9.1 at step 2" in r.markdown
+        merged = client.logbook(job_id=job.job_id)
+        kinds = [json.loads(e)["event"] for e in merged.events]
+        assert "job_submitted" in kinds and "checkpoint_saved" in kinds
+        with pytest.raises(grpc.RpcError) as ei:
+            client.logbook(run_dir=s3.url("teams", "a", "never-ran"))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no run there" in ei.value.details()
+    finally:
+        client.close()
+        stop_server(server, service, grace=0)
 
 
 def test_async_save_commits_at_wait(s3, shards, tmp_path):
@@ -237,7 +319,6 @@ def test_cli_run_directory_on_s3_survives_a_kill_and_the_machine(s3, shards, tmp
     and the gang resumes from the bucket; then the job continues on "another machine"
     (an empty staging directory) from the bucket alone; `opt-ray logbook` and `opt-ray
     export` read the run from its URL."""
-    import json
 
     from opt_ray.train.checkpoint import Loc, committed
 
