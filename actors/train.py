@@ -353,7 +353,7 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
             tp=cfg.tp, on_signal=on_signal,
         )
         try:
-            with (_Progress(run_dir, cfg.steps) if progress else _nullctx()):
+            with (_Progress(run_dir, cfg.steps, mirror) if progress else _nullctx()):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             if interrupted:
@@ -432,11 +432,18 @@ def _raise_failure(run_dir: Path, cfg: TrainConfig, e: BaseException, t0: float)
 
 
 class _Progress:
-    """A tqdm bar on the driver, fed by tailing ``metrics.jsonl``."""
+    """A tqdm bar on the driver, fed by tailing ``metrics.jsonl``.
 
-    def __init__(self, run_dir: Path, total: int):
+    With ``--output s3://...`` rank 0 may run on another node, whose staging directory
+    is not this one: ``mirror`` is then pulled every ``pull_every`` seconds, so the bar
+    moves at each of rank 0's pushes (every checkpoint). A pull changes nothing while
+    this node's copy is the newest push (rank 0 on this node: the bar reads its file)."""
+
+    def __init__(self, run_dir: Path, total: int, mirror: Any = None, pull_every: float = 10.0):
         self.path = run_dir / METRICS
         self.total = total
+        self.mirror, self.pull_every = mirror, pull_every
+        self.step = 0  # the newest step shown
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -452,8 +459,15 @@ class _Progress:
         from tqdm import tqdm
 
         bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
+        pulled = time.monotonic()
         try:
             while not self._stop.wait(1.0):
+                if self.mirror is not None and time.monotonic() - pulled >= self.pull_every:
+                    pulled = time.monotonic()
+                    try:
+                        self.mirror.pull()
+                    except Exception:  # the bucket unreachable for now: the next pull
+                        pass
                 self._refresh(bar)
             self._refresh(bar)
         finally:
@@ -471,7 +485,7 @@ class _Progress:
                 continue
             if rec["step"] == bar.n:
                 return  # nothing new: no redraw (each one is a line in a captured log)
-            bar.n = rec["step"]
+            bar.n = self.step = rec["step"]
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             bar.refresh()

@@ -271,6 +271,36 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         stop_server(server, service, grace=0)
 
 
+def test_driver_progress_bar_follows_rank0_on_another_node(s3, tmp_path):
+    """With a bucket --output, the driver's bar reads its own node's staging copy, which
+    rank 0 on another node never writes: the bar pulls, and moves at rank 0's pushes."""
+    from actors.train import _Progress
+    from opt_ray.run_dir import RunMirror
+
+    url = s3.url("runs", "bar")
+    driver, rank0 = RunMirror(url, tmp_path / "driver"), RunMirror(url, tmp_path / "rank0")
+    driver.local.mkdir(parents=True)
+    rank0.local.mkdir(parents=True)
+
+    def wait_step(bar, step: int) -> None:
+        deadline = time.time() + 15
+        while bar.step != step and time.time() < deadline:
+            time.sleep(0.1)
+        assert bar.step == step
+
+    rec = {"loss": 9.0, "lr": 1e-4, "tokens_per_s": 100.0}
+    with _Progress(driver.local, 10, driver, pull_every=0.3) as bar:
+        (rank0.local / "metrics.jsonl").write_text(json.dumps({"step": 3, **rec}) + "\n")
+        time.sleep(1.5)
+        assert bar.step == 0  # written on rank 0's node, not pushed yet
+        rank0.push()
+        wait_step(bar, 3)
+        with open(rank0.local / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 4, **rec}) + "\n")
+        rank0.push()
+        wait_step(bar, 4)
+
+
 def test_async_save_commits_at_wait(s3, shards, tmp_path):
     """DCP async_save: the checkpoint is not committed (no manifest) until ``wait()``;
     after it, it verifies and loads back the exact weights. To the bucket."""
