@@ -51,12 +51,25 @@ class FailureBudgetExceeded(UserError):
     """The gang failed more often than ``--max-failures`` allows."""
 
 
-def _attempt_counter(run_dir: Path, run_id: str) -> int:
-    """How many times this invocation's gang started before (rank 0 calls it once per start)."""
-    d = run_dir / ".attempts"
+def _attempt_counter(cfg: TrainConfig) -> int:
+    """How many times this invocation's gang started before (rank 0 calls it once per
+    start). Counted where every node sees it: in the run directory, or with a bucket
+    ``--output`` in the bucket, since after a node loss rank 0 may start on another node
+    whose staging directory has never seen this run."""
+    from opt_ray.run_dir import is_url
+
+    if is_url(cfg.output):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(f"{cfg.output}/.attempts")
+        fs.invalidate_cache()
+        n = len(fs.glob(f"{root}/{cfg.run_id}-*"))
+        fs.pipe_file(f"{root}/{cfg.run_id}-{n}", b"")
+        return n
+    d = cfg.run_dir / ".attempts"
     d.mkdir(parents=True, exist_ok=True)
-    n = len(list(d.glob(f"{run_id}-*")))
-    (d / f"{run_id}-{n}").touch()
+    n = len(list(d.glob(f"{cfg.run_id}-*")))
+    (d / f"{cfg.run_id}-{n}").touch()
     return n
 
 
@@ -101,7 +114,7 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     def attempt() -> int:
-        return _attempt_counter(cfg.run_dir, cfg.run_id) if rank == 0 else 0
+        return _attempt_counter(cfg) if rank == 0 else 0
 
     try:
         train(cfg, Hooks(report=report, attempt=attempt))
@@ -124,9 +137,12 @@ def _callbacks(output: str, run_id: str) -> list[Any]:
             run_dir = local_run_dir(output)  # on the controller's node
             user = _user_error(run_dir, run_id)
             if user is None:
-                for e in worker_exceptions.values():
+                # The worker recorded it on its own node (another one, with a bucket
+                # --output): recorded here too, on the driver's node, for the driver.
+                for rank, e in sorted(worker_exceptions.items()):
                     base = getattr(e, "_base_exc", e)
                     if isinstance(base, UserError):
+                        _record_user_error(run_dir, run_id, rank, base)
                         user = {"message": str(base)}
                         break
             if user is not None:

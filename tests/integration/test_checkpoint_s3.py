@@ -301,6 +301,34 @@ def test_driver_progress_bar_follows_rank0_on_another_node(s3, tmp_path):
         wait_step(bar, 4)
 
 
+def test_gang_starts_and_user_errors_are_seen_from_every_node(s3, shards, tmp_path, monkeypatch):
+    """With a bucket --output, rank 0 may start on another node after a node loss: the
+    gang's start count lives in the bucket, not in a node's staging directory. A user
+    error a worker recorded on its own node is recorded again on the driver's node by
+    the controller (which runs there), so the driver exits on it with one line."""
+    from actors.train import _attempt_counter, _callbacks, _user_error, _UserErrorStop
+    from opt_ray.errors import UserError
+    from opt_ray.run_dir import STAGING_ENV, local_run_dir
+
+    url = s3.url("runs", "attempts")
+    cfg = tiny_cfg(shards, url)
+    counts = []
+    for node in ("A", "B", "A", "C"):  # rank 0's node at each gang start
+        monkeypatch.setenv(STAGING_ENV, str(tmp_path / node))
+        counts.append(_attempt_counter(cfg))
+    assert counts == [0, 1, 2, 3]
+    other = tiny_cfg(shards, url)  # another invocation (run id) of the same run counts anew
+    assert other.run_id != cfg.run_id and _attempt_counter(other) == 0
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "driver-node"))
+    (events,) = _callbacks(url, cfg.run_id)
+    with pytest.raises(_UserErrorStop, match="bad shard"):
+        events.after_exception(None, {2: RuntimeError("rank 2 lost its node"),
+                                      1: UserError("bad shard: re-run opt-ray tokenize")})
+    assert _user_error(local_run_dir(url), cfg.run_id) == {
+        "rank": 1, "type": "UserError", "message": "bad shard: re-run opt-ray tokenize"}
+
+
 def test_async_save_commits_at_wait(s3, shards, tmp_path):
     """DCP async_save: the checkpoint is not committed (no manifest) until ``wait()``;
     after it, it verifies and loads back the exact weights. To the bucket."""
