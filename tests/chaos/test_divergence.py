@@ -3,7 +3,7 @@
 The guard drills run the real training loop (``opt_ray.train.loop.train``) in this
 process on a one-process gloo group: a tiny OPT on tiny shards, the real checkpointer,
 sampler, guard and logbook, with faults injected by ``--chaos`` specs. The CLI drills
-(exit status, a killed worker) go through ``opt-ray train`` and a local Ray gang; they are
+(exit status) go through ``opt-ray train`` and a local Ray gang; they are
 marked slow.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from opt_ray.logbook import Logbook, plot_loss, render_markdown
+from opt_ray.logbook import Logbook, render_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang over green hills "
@@ -217,40 +217,8 @@ def test_retries_exhausted_exit_non_zero_through_the_cli(shards, tmp_path):
     assert "**Outcome**: failed." in md and "## Report" in md and "tried 3 rollback(s)" in md
 
 
-# --------------------------------------------------------------------------------------
-# A killed worker: the logbook shows the loss, the restart and the resumed step
-# --------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_killed_worker_logbook_shows_loss_restart_and_resumed_step(shards, tmp_path):
-    run = tmp_path / "kill"
-    proc = subprocess.run(
-        [sys.executable, "-m", "opt_ray.cli", "train", "--preset", "tiny", "--data", str(shards),
-         "--output", str(run), "--steps", "10", "--workers", "2", "--batch-tokens", str(ROWS * SEQ),
-         "--micro-batch", str(ROWS // 2), "--checkpoint-every", "3", "--lr", "2e-3",
-         "--warmup-steps", "2", "--max-failures", "2", "--collective-timeout", "60",
-         "--num-cpus", "3", "--no-progress", "--chaos", "kill:rank=1:step=5"],
-        capture_output=True, text=True, timeout=400, cwd=ROOT,
-        env={**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    ev = events(run)
-    i_kill = first(ev, "chaos", kind="kill", step=5)
-    i_lost = first(ev, "worker_lost")
-    i_restart = first(ev, "restart")
-    assert i_kill < i_lost < i_restart < first(ev, "finish"), kinds(ev)
-    assert ev[i_restart]["step"] == 3  # resumed from the checkpoint of step 3
-
-    md = render_markdown(run)
-    chron = md.split("## Chronicle", 1)[1]
-    lost_line = next(l for l in chron.splitlines() if "Worker failure: rank 1 failed" in l)
-    assert "*(loss " in lost_line  # the loss at the time
-    restart_line = next(l for l in chron.splitlines() if "Gang restarted" in l)
-    assert "from the checkpoint of step 3" in restart_line and "continues at step 4" in restart_line
-    assert "Run completed at step 10" in chron
-    png = plot_loss(run, tmp_path / "kill.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
+# (A killed worker's chronicle: the loss, the restart and the resumed step are checked on
+# the demo's run, tests/integration/test_demo_run.py, which kills one the same way.)
 
 # --------------------------------------------------------------------------------------
 # Resuming under other library versions than the checkpoint recorded is logged

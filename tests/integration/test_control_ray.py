@@ -8,9 +8,10 @@ temp dir, TERM then KILL.
 
 What it shows: a pipeline submitted through the gRPC client runs as Ray jobs, is watched
 to completion and has a logbook; the control server is killed (-9) while the pipeline
-runs and a restarted server still lists it, watches it and submits its next stage; the
-same stage runs with ``ray job submit -- opt-ray ...``; auth and spec errors on the real
-server; ``opt_ray_`` metrics on the node's metrics export endpoint.
+runs and a restarted server still lists it, watches it and submits its next stage; a
+training run scaled and then rolled back after ``--keep`` pruned its first checkpoints;
+the same stage runs with ``ray job submit -- opt-ray ...``; auth and spec errors on the
+real server; ``opt_ray_`` metrics on the node's metrics export endpoint.
 """
 
 from __future__ import annotations
@@ -247,40 +248,95 @@ def test_pipeline_survives_a_control_server_restart_and_is_watched_to_the_end(se
     assert kinds.count("stage_submitted") == final.stage_count
 
 
-def test_scale_a_training_run_and_it_resumes_from_its_checkpoint(server, work):
-    """ScaleJob on a real run: the Ray job is stopped, resubmitted with the new worker
-    range, and training resumes from its newest checkpoint (its own `resume` event).
-    RollbackJob differs only in the flag it adds (`--resume-from STEP`, unit-tested)."""
-    shards = work / "p-shards"
-    if not (shards / "manifest.json").exists():
-        pytest.fail("needs the shards the pipeline test writes (it runs first in this module)")
-    run = work / "run"
+def _committed(run: Path) -> list[int]:
+    return sorted(int(p.parent.name[5:]) for p in (run / "checkpoints").glob("step_*/manifest.json"))
+
+
+def _resumes(run: Path) -> list[int]:
+    """The step each attempt resumed from, as the run's logbook records it."""
+    book = run / "logbook.jsonl"
+    events = [json.loads(line) for line in book.read_text().splitlines() if line.strip()] if book.exists() else []
+    return [e["step"] for e in events if e.get("event") == "resume"]
+
+
+def _wait_for(cond, what: str, c, job_id: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        state = c.get(job_id).state
+        assert state in (pb.PENDING, pb.RUNNING), (what, c.get(job_id))
+        time.sleep(0.3)
+
+
+@pytest.mark.timeout(1200)  # three Ray jobs of 4k-token steps; minutes on a loaded 2-core VM
+def test_scale_then_rollback_a_pruned_run(server, work):
+    """`ctl scale` and `ctl rollback` on a real run whose early checkpoints were pruned.
+
+    Both restart the training job as a new Ray job (`opt-ray train ... --workers` /
+    `--resume-from`): the old driver gets SIGTERM from `ray job stop` and logs its
+    interruption; the new one resumes from the newest valid checkpoint (scale) or rolls
+    back to the asked one (rollback), although `--keep 2` pruned everything older.
+    (Before a fix, both ended FAILED on Ray Train's CheckpointManagerInitializationError.)
+    Watching the finished job replays both attempts' logs and the run's metrics."""
+    from tests.integration.test_train_gang import make_shards
+
+    # Rows of 256 tokens: 4k-token steps of a few seconds on a loaded 2-core machine,
+    # room for the scale and the rollback to land before the run ends.
+    shards = make_shards(work / "ckpt-shards", seq_len=256)
+    run = work / "ckpt-run"
+    steps = 16
     with server.client() as c:
         job = c.submit(pb.JobSpec(train=pb.TrainSpec(
-            preset="tiny", data=str(shards), output=str(run), min_workers=1, max_workers=1,
-            steps=16, checkpoint_every=2, batch_tokens=4096)))
-        deadline = time.time() + 240
-        while not list((run / "checkpoints").glob("step_*")):
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            assert c.get(job.job_id).state in (pb.PENDING, pb.RUNNING), c.get(job.job_id)
-            time.sleep(0.5)
+            preset="tiny", data=str(shards), output=str(run), min_workers=1,
+            max_workers=1, steps=steps, checkpoint_every=2, batch_tokens=4096)))
+        # Scale once --keep 2 has pruned the first checkpoints.
+        _wait_for(lambda: _committed(run) and _committed(run)[0] >= 4, "pruned checkpoints", c,
+                  job.job_id)
+        before_scale = _committed(run)[-1]
+        resumes_before = len(_resumes(run))
         scaled = c.scale(job.job_id, 1, 2)
         assert scaled.attempts[0].state == pb.STOPPED
         assert "--workers 1:2" in scaled.attempts[-1].entrypoint
-        final = c.wait(job.job_id, timeout=300)
+        # Roll back once the scaled attempt has committed past where it resumed. (Not past
+        # the newest checkpoint at the scale: the stopped gang may still commit one more
+        # while its driver exits, and the new attempt is then only starting.)
+        _wait_for(lambda: len(_resumes(run)) > resumes_before, "the scaled attempt's resume", c,
+                  job.job_id)
+        resumed_at = _resumes(run)[-1]
+        _wait_for(lambda: _committed(run)[-1] >= resumed_at + 2, "training after the scale", c,
+                  job.job_id)
+        target = _committed(run)[-1]
+        rolled = c.rollback(job.job_id, target)
+        assert f"--resume-from {target}" in rolled.attempts[-1].entrypoint
+        final = c.wait(job.job_id, timeout=600)
         events = [json.loads(e) for e in c.logbook(job_id=job.job_id).events]
-        # Watching a finished job replays it: both attempts' logs, the run's metrics.
+        # Watching a finished job replays it: every attempt's logs, the run's metrics.
         replay = list(c.watch(job.job_id, timeout=60))
-    assert final.state == pb.SUCCEEDED, final
-    metrics = [json.loads(e.metrics_line) for e in replay if e.metrics_line]
-    assert metrics and "loss" in metrics[-1] and metrics[-1]["step"] == 16, metrics[-1:]
+    assert final.state == pb.SUCCEEDED, (final, server.logs()[-3000:])
+    assert [a.state for a in final.attempts][:2] == [pb.STOPPED, pb.STOPPED]
     # The spec's batch reached the trainer: 4096 tokens per step whatever the workers.
     assert "--batch-tokens 4096" in final.attempts[-1].entrypoint
-    assert "Running entrypoint" in "".join(e.log for e in replay)
     kinds = [e["event"] for e in events]
-    assert "job_scaled" in kinds
-    resumed = [e for e in events[kinds.index("job_scaled"):] if e["event"] == "resume"]
-    assert resumed and resumed[0]["step"] >= 2, kinds
+    assert "job_scaled" in kinds and "job_rolled_back" in kinds, kinds
+    # Each stopped driver logged its interruption and the command that resumes.
+    intr = [e for e in events if e["event"] == "interrupted"]
+    assert len(intr) == 2 and all("SIGTERM" in e["reason"] for e in intr), intr
+    assert all(e["resume"].startswith("opt-ray train") and "--resume-from" not in e["resume"]
+               for e in intr)
+    resumed = [e for e in events if e["event"] == "resume"]
+    assert resumed[0]["step"] >= before_scale
+    # The scaled gang resumes from the very checkpoint the interruption named: the stopped
+    # gang was gone before the driver logged it (no commit slipped in after).
+    after = events[events.index(intr[0]) + 1:]
+    assert [e for e in after if e["event"] == "resume"][0]["step"] == intr[0]["step"], intr[0]
+    rb = [e for e in events if e["event"] == "rollback" and e.get("requested")]
+    assert rb and rb[-1]["to_step"] == target
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert _committed(run)[-1] == steps
+    streamed = [json.loads(e.metrics_line) for e in replay if e.metrics_line]
+    assert [m["step"] for m in streamed] == list(range(1, steps + 1)) and "loss" in streamed[-1]
+    assert "".join(e.log for e in replay).count("Running entrypoint") >= 3
 
 
 def test_the_same_stage_runs_with_ray_job_submit(cluster, work):
