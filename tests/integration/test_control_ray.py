@@ -66,14 +66,16 @@ def _session_pids(sid: int, marker: str) -> list[int]:
 
 
 def _kill_tree(sid: int, marker: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # A throwaway test cluster: 3 s for TERM (the raylet and GCS exit at once; idle
+    # workers linger for 10 s and more), then KILL and up to 10 s to see every one gone.
+    for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         pids = _session_pids(sid, marker)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 10
+        deadline = time.time() + grace
         while pids and time.time() < deadline and _session_pids(sid, marker):
             time.sleep(0.2)
 
