@@ -56,20 +56,11 @@ def _attempt_counter(cfg: TrainConfig) -> int:
     start). Counted where every node sees it: in the run directory, or with a bucket
     ``--output`` in the bucket, since after a node loss rank 0 may start on another node
     whose staging directory has never seen this run."""
-    from opt_ray.run_dir import is_url
+    from opt_ray.train.checkpoint import Loc
 
-    if is_url(cfg.output):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(f"{cfg.output}/.attempts")
-        fs.invalidate_cache()
-        n = len(fs.glob(f"{root}/{cfg.run_id}-*"))
-        fs.pipe_file(f"{root}/{cfg.run_id}-{n}", b"")
-        return n
-    d = cfg.run_dir / ".attempts"
-    d.mkdir(parents=True, exist_ok=True)
-    n = len(list(d.glob(f"{cfg.run_id}-*")))
-    (d / f"{cfg.run_id}-{n}").touch()
+    d = Loc(cfg.output).child(".attempts")
+    n = len(d.glob(f"{cfg.run_id}-*"))
+    d.child(f"{cfg.run_id}-{n}").write_text("")
     return n
 
 

@@ -29,7 +29,8 @@ def _workers(text: str) -> tuple[int, int]:
 
 
 def _abs(p: str) -> str:
-    return os.path.abspath(p) if p else ""
+    """A path made absolute; a URL as it is (the server says which fields may be one)."""
+    return os.path.abspath(p) if p and not is_url(p) else p
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -181,7 +182,7 @@ def build_spec(a: argparse.Namespace):
                                                seq_len=a.seq_len, output=_abs(a.output),
                                                workers=a.workers))
     elif a.kind == "train":
-        spec.train.CopyFrom(_train_spec(a, _abs(a.data), a.output if is_url(a.output) else _abs(a.output)))
+        spec.train.CopyFrom(_train_spec(a, _abs(a.data), _abs(a.output)))
     elif a.kind == "eval":
         spec.eval.CopyFrom(pb.EvalSpec(
             checkpoint=_abs(a.checkpoint), data=_abs(a.data) if a.data else "", split=a.split,
@@ -361,7 +362,7 @@ def run(a: argparse.Namespace) -> int:
             _out(client.rollback(a.job, a.checkpoint), a.json, _print_job)
         elif c == "logbook":
             is_dir = is_url(a.what) or os.path.sep in a.what or os.path.isdir(a.what)
-            r = (client.logbook(run_dir=a.what if is_url(a.what) else _abs(a.what), markdown=a.markdown) if is_dir
+            r = (client.logbook(run_dir=_abs(a.what), markdown=a.markdown) if is_dir
                  else client.logbook(job_id=a.what, markdown=a.markdown))
             _out(r, a.json, lambda r: print(r.markdown if a.markdown and r.markdown
                                             else "\n".join(r.events)))

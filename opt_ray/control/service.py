@@ -32,7 +32,7 @@ from opt_ray.control.registry import TERMINAL, Registry, parse_json, read_jsonl_
 from opt_ray.control.specs import SpecError, SpecValidator, Stage
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK
-from opt_ray.run_dir import MARK, RunMirror, is_url
+from opt_ray.run_dir import MARK, RunMirror, is_url, local_run_dir
 from opt_ray.v1 import control_pb2 as pb
 from opt_ray.v1 import control_pb2_grpc as pb_grpc
 
@@ -124,16 +124,13 @@ class ControlService(pb_grpc.ControlServiceServicer):
         """The directory a run's logbook and metrics are read from: the run directory,
         or for a bucket URL the server's staging copy, pulled from the bucket when the last
         pull is older than ``every`` seconds (a pull whose mark is current is one GET)."""
-        if not is_url(run_dir):
-            return Path(run_dir)
-        mirror = RunMirror(run_dir)
-        if time.monotonic() - self._pulled.get(run_dir, -every) >= every:
+        if is_url(run_dir) and time.monotonic() - self._pulled.get(run_dir, -every) >= every:
             self._pulled[run_dir] = time.monotonic()
             try:
-                mirror.pull()
+                RunMirror(run_dir).pull()
             except Exception as e:  # the bucket unreachable now: serve the last copy
                 print(f"control: could not read {run_dir}: {type(e).__name__}: {e}", flush=True)
-        return mirror.local
+        return local_run_dir(run_dir)
 
     # ------------------------------------------------------------------ lifecycle
 
