@@ -270,8 +270,17 @@ IGNORE_INDEX = -100
 # is ever whole except, in a half dtype, the logits' gradient where that is the smaller
 # choice (``_whole_logit_grad``). The loss's scratch comes on top of every saved activation, at the end of
 # the forward: on the 125m 4 x 512 fp32 step (bench/train_step.py) 2^25 left the step's
-# peak at 3091 MiB, 2^24 at 3029 MiB.
+# peak at 3091 MiB, 2^24 at 3029 MiB. In fp32 without TP the softmax is made in place in
+# the logits' buffer, so a chunk there has twice the rows in the same bytes
+# (``_loss_chunk_rows``): the head's matmuls run at 293 rows ~20% below their rate at 512+.
 _LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _loss_chunk_rows(vocab: int, in_place: bool) -> int:
+    """Logit rows per chunk of the fused loss over a ``vocab``-wide (TP-local) head: one
+    chunk's scratch is ``_LOSS_CHUNK_ELEMENTS`` x 8 bytes in fp32 either way (logits and
+    softmax, or twice the rows with the softmax written over the logits: ``in_place``)."""
+    return max(1, (_LOSS_CHUNK_ELEMENTS * (2 if in_place else 1)) // vocab)
 
 
 def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -329,7 +338,14 @@ class _LMHeadLoss(torch.autograd.Function):
             # costs V x e x (8 + c) bytes with the per-chunk product and its copy; when the
             # whole (N, V) gradient of the logits is smaller (N x c < 8 x e), it is held
             # instead and multiplied once (``_whole_logit_grad``).
-            rows = max(1, _LOSS_CHUNK_ELEMENTS // V)
+            # In fp32 (a CPU without native bf16) the logits are written into one buffer that
+            # every chunk reuses, and their softmax over them in place: a fresh (n, V) pair per
+            # chunk costs the CPU a page fault per 4 KiB, each chunk of each step, and the
+            # buffer holds twice the rows of a pair in the same bytes. (A half dtype's softmax
+            # upcasts, which has no out= form on the CPU; CUDA's caching allocator reuses
+            # blocks itself; TP's softmax all-reduces its pieces first.)
+            in_place = dtype == torch.float32 and tp_group is None
+            rows = _loss_chunk_rows(V, in_place)
             need_h = grad and ctx.needs_input_grad[0]
             need_w = grad and ctx.needs_input_grad[1]
             whole = grad and _whole_logit_grad(N, rows, h.shape[1], dtype.itemsize)
@@ -338,15 +354,7 @@ class _LMHeadLoss(torch.autograd.Function):
             # big ones' rate.
             chunks = max(1, -(-N // rows))
             rows = max(1, -(-N // chunks))
-            # In fp32 (a CPU without native bf16) the logits and their softmax are written
-            # into two buffers that every chunk reuses: a fresh (n, V) pair per chunk costs
-            # the CPU a page fault per 4 KiB, each chunk of each step. Both exist at the
-            # softmax anyway, so the peak is the same. (A half dtype's softmax upcasts, which
-            # has no out= form on the CPU; CUDA's caching allocator reuses blocks itself.)
-            bufs = None
-            if dtype == torch.float32 and tp_group is None:
-                logits_buf = torch.empty(min(rows, N), V, dtype=dtype, device=h.device)
-                bufs = (logits_buf, torch.empty_like(logits_buf))
+            buf = torch.empty(min(rows, N), V, dtype=dtype, device=h.device) if in_place else None
             g = torch.empty(N, V, dtype=dtype, device=h.device) if whole else None
             grad_h = torch.empty(N, h.shape[1], dtype=dtype, device=h.device) if need_h and not whole else None
             grad_w = (torch.zeros(V, h.shape[1], dtype=acc, device=h.device)
@@ -357,23 +365,24 @@ class _LMHeadLoss(torch.autograd.Function):
                 tgt = torch.where(local, tgt - vocab_start, 0)
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                if bufs is None:
+                if buf is None:
                     logits = hc[s:e] @ wc.t()                        # (n, V)
                 else:
-                    logits = torch.mm(hc[s:e], wc.t(), out=bufs[0][:e - s])
+                    logits = torch.mm(hc[s:e], wc.t(), out=buf[:e - s])
                 if tp_group is not None:
                     nll, p = _vocab_parallel_softmax(logits, tgt[s:e], local[s:e], tp_group)
                 else:
-                    p = (torch.softmax(logits, dim=1, dtype=torch.float32) if bufs is None
-                         else torch._softmax(logits, 1, False, out=bufs[1][:e - s]))
+                    p = (torch.softmax(logits, dim=1, dtype=torch.float32) if buf is None
+                         else torch._softmax(logits, 1, False, out=logits))
                     picked = p.gather(1, tgt[s:e]).squeeze(1)
                     nll = -picked.log()
                     # A probability that underflowed (a logit gap over ~70 nats) is inexact
-                    # or gives inf: recompute those rare rows exactly.
+                    # or gives inf: recompute those rare rows exactly, from their logits made
+                    # again (in place, the softmax is over the first ones).
                     tiny = picked < 1e-30
                     # (A meta tensor has no values to test; a shape-only run skips the repair.)
                     if not tiny.is_meta and tiny.any():
-                        lf = logits[tiny].float()
+                        lf = (hc[s:e][tiny] @ wc.t()).float()
                         nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
                 loss += (nll * valid[s:e]).sum()
                 del logits                                           # p is all the rest needs

@@ -25,7 +25,9 @@ activations draws the same masks on every rank of a tensor group.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from typing import Iterable, Mapping
 
 import torch
@@ -69,7 +71,10 @@ def init_model_parallel(tp_size: int):
                                       f"asked for tp={tp_size}; call "
                                       f"fairscale.nn.model_parallel.destroy_model_parallel() first")
     else:
-        mpu.initialize_model_parallel(tp_size)
+        # fairscale prints its layout ("> initializing model parallel ...") to stdout, which
+        # belongs to the command's own output (a benchmark's JSON, a CLI's report).
+        with contextlib.redirect_stdout(sys.stderr):
+            mpu.initialize_model_parallel(tp_size)
     return mpu.get_data_parallel_group(), mpu.get_model_parallel_group()
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 from opt_ray.config import ModelConfig, Preset, flops_per_token, num_params, preset
 from opt_ray.errors import UserError
-from opt_ray.model.opt import _LOSS_CHUNK_ELEMENTS, _whole_logit_grad
+from opt_ray.model.opt import _loss_chunk_rows, _whole_logit_grad
 
 GIB = 1 << 30
 # The paper's 147 TFLOP/s per A100 is 47% of its 312 TFLOP/s dense bf16/fp16 peak.
@@ -245,7 +245,9 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
     - loss_peak: the fused loss (``opt.lm_head_loss``) on the rank's vocabulary shard
       ``V/tp``: one chunk of ``_LOSS_CHUNK_ELEMENTS`` logits' fp32 softmax and the chunk's
       gradient in the compute dtype (or the logits themselves, while the softmax is made:
-      the same size), with, in a half compute dtype over several chunks, the chunk's
+      the same size; in fp32 without TP the softmax is written over the logits, in
+      chunks of twice the rows: ``opt._loss_chunk_rows``), with, in a half compute dtype
+      over several chunks, the chunk's
       head-gradient product and its fp32 copy (V/tp x e x (c + 4)); the gradients kept for
       backward: the head's input's (tokens x e x c) and the head's (V/tp x e x c, or x 4
       summed in fp32 over several chunks in a half dtype); and its
@@ -262,14 +264,16 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
     grads = 2 * n * d * c + max(n * cfg.ffn_dim * c, 3 * n * d * c) // tp
     working = grads + (layer if setup.activation_checkpointing else 0)
     v_local = V // tp
-    rows = max(1, _LOSS_CHUNK_ELEMENTS // v_local)
+    half = c != 4
+    # fp32 without TP: the softmax is written over the logits (one tensor, twice the rows).
+    in_place = not half and tp == 1
+    rows = _loss_chunk_rows(v_local, in_place)
     # Per chunk, the larger of two moments: the softmax (the logits, c; in a half dtype
     # their fp32 copy, 4; the fp32 probabilities, 4) and the gradient (the probabilities,
     # 4, and in a half dtype their cast, c, with the head-gradient product and its fp32
     # copy, V/tp x e x (c + 4)); measured in the test.
     # The head's gradient sums over the chunks in fp32 only in a half dtype with more than
     # one chunk (``acc`` in the loss); else it is written in the compute dtype in place.
-    half = c != 4
     r = min(rows, n) * v_local
     if _whole_logit_grad(n, rows, e, c):
         # The whole (tokens, V/tp) gradient of the logits is held, then multiplied once.
@@ -279,7 +283,7 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
         loss_backward = loss_saved
     else:
         acc32 = half and n > rows
-        chunk = max(r * (c + 8 if half else 8),
+        chunk = max(r * (c + 8 if half else 4 if in_place else 8),
                     r * (4 + (c if half else 0)) + (v_local * e * (c + 4) if acc32 else 0))
         loss_saved = n * e * c + v_local * e * (4 if acc32 else c)
         loss_forward = chunk + loss_saved + n * e * c

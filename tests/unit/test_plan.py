@@ -170,7 +170,6 @@ def test_activation_terms_match_a_measured_forward_backward(shape, ckpt, monkeyp
     B, T = 2, 128
     # A chunk of 128 rows, so that the loss runs in two chunks as it does at scale.
     monkeypatch.setattr("opt_ray.model.opt._LOSS_CHUNK_ELEMENTS", 128 * cfg.vocab_size)
-    monkeypatch.setattr(P, "_LOSS_CHUNK_ELEMENTS", 128 * cfg.vocab_size)
     got = _measure(cfg, B, T, ckpt)
     # The CPU dropout kernel keeps its noise in the compute dtype (CUDA: a bool mask).
     setup = P.Setup(seq_len=T, micro_batch=B, activation_checkpointing=ckpt, dropout_mask_bytes=2)
