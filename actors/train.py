@@ -64,6 +64,22 @@ def _attempt_counter(cfg: TrainConfig) -> int:
     return n
 
 
+def _clear_attempt_counter(cfg: TrainConfig) -> None:
+    """The driver's last act: this invocation's gang-start objects go (the next one counts
+    from 0 under its own id), and with them an emptied ``.attempts`` directory."""
+    from opt_ray.train.checkpoint import Loc
+
+    d = Loc(cfg.output).child(".attempts")
+    try:
+        for rel in d.glob(f"{cfg.run_id}-*"):
+            d.child(rel).rm()
+        if d.local and d.isdir() and not d.names():
+            os.rmdir(d.path)
+    except Exception as e:  # noqa: BLE001 - a store error costs a few empty objects, not the run
+        print(f"opt-ray train: could not remove {d}/{cfg.run_id}-* ({type(e).__name__}: {e})",
+              file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------
 # User errors inside a worker: recorded, never retried
 # --------------------------------------------------------------------------------------
@@ -385,6 +401,7 @@ def run_gang(cfg: TrainConfig, *, address: str | None = None, progress: bool = T
         if ray_dir.is_dir() and not any(ray_dir.iterdir()):
             ray_dir.rmdir()
         shutil.rmtree(run_dir / USER_ERRORS, ignore_errors=True)
+        _clear_attempt_counter(cfg)
 
 
 def _wait_for_ranks_to_exit(run_dir: Path, timeout: float = 10.0) -> None:
@@ -443,7 +460,8 @@ class _Progress:
 
     With ``--output s3://...`` rank 0 may run on another node, whose staging directory
     is not this one: ``mirror`` is then pulled every ``pull_every`` seconds, so the bar
-    moves at each of rank 0's pushes (every checkpoint). A pull changes nothing while
+    moves at each of rank 0's pushes (every checkpoint, and every ``--mirror-every``
+    seconds between). A pull changes nothing while
     this node's copy is the newest push (rank 0 on this node: the bar reads its file)."""
 
     def __init__(self, run_dir: Path, total: int, mirror: Any = None, pull_every: float = 10.0):

@@ -542,6 +542,10 @@ class TrainConfig:
     async_checkpoint: bool = field(default=False, metadata=_help(
         "write checkpoints in the background (DCP async save); each is committed before "
         "the next one starts and before the run finishes"))
+    mirror_every: float = field(default=30.0, metadata=_help(
+        "with a bucket --output: seconds between rank 0's uploads of metrics.jsonl and the "
+        "logbook between checkpoints, so that the progress bar, `ctl watch` and `opt-ray "
+        "logbook --follow URL` move on every node (0: at checkpoints only)", metavar="SECONDS"))
     keep: int = field(default=2, metadata=_help("checkpoints kept (>= 2), plus milestones"))
     milestone_every: int | None = field(default=None, metadata=_help(
         "also keep every checkpoint whose step is a multiple of this"))
@@ -613,6 +617,8 @@ class TrainConfig:
                  f"--warmup-steps {self.optim.warmup_steps} exceeds --steps {self.steps}: the run "
                  f"would end before the LR reaches its peak; use a warmup <= --steps")
         _require(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        _require(self.mirror_every >= 0, f"--mirror-every must be >= 0 seconds (0: at "
+                                         f"checkpoints only), got {self.mirror_every}")
         _require(self.keep >= 2, f"--keep must be >= 2 (the previous checkpoint is the fallback "
                                  f"when the newest is corrupt), got {self.keep}")
         _require(self.milestone_every is None or self.milestone_every >= 1,

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 LOGBOOK = "logbook.jsonl"
 METRICS = "metrics.jsonl"
@@ -1117,15 +1117,27 @@ def plot_loss(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
 
 
 def follow(run_dir: str | os.PathLike, *, skip: int = 0, poll_s: float = 0.5, out=None,
-           stop_on_finish: bool = True) -> None:
+           stop_on_finish: bool = True, refresh: Callable[[], Any] | None = None,
+           refresh_every: float = 5.0) -> None:
     """Print chronicle entries as events are appended (``opt-ray logbook --follow``),
-    after the first ``skip`` events (already shown), until a ``finish`` event."""
+    after the first ``skip`` events (already shown), until a ``finish`` event.
+    ``refresh`` (a bucket run's ``RunMirror.pull``: it appends the bucket's new events to
+    this staging copy) is called every ``refresh_every`` seconds; its errors are printed
+    to stderr and the next call retries."""
     out = out or sys.stdout
     path = Path(run_dir) / LOGBOOK
     pos = 0
     pending = ""
     seen = 0
+    refreshed = time.monotonic()
     while True:
+        if refresh is not None and time.monotonic() - refreshed >= refresh_every:
+            refreshed = time.monotonic()
+            try:
+                refresh()
+            except Exception as e:  # noqa: BLE001 - object-store errors come in many types
+                print(f"opt-ray logbook: could not refresh ({type(e).__name__}: {e}); "
+                      f"retrying", file=sys.stderr, flush=True)
         if path.exists():
             with open(path) as f:
                 f.seek(pos)

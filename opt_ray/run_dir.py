@@ -8,7 +8,8 @@ A run directory holds small files that are appended to or rewritten while the ru
 (``~/.cache/opt-ray/runs/<name>-<hash>``, or under ``$OPT_RAY_STAGING_DIR``), exactly as
 with a local ``--output``, and the files are **mirrored** to the URL:
 
-- ``push``: rank 0 after every checkpoint and at the end of the run (every file), the
+- ``push``: rank 0 after every checkpoint and at the end of the run (every file), and
+  every ``--mirror-every`` seconds between checkpoints (the metrics and the logbook), the
   driver and the controller after the events they write (the logbook only). The logbook
   is merged with the bucket's copy (the union of the events of every writer, in time
   order), the other files are rank 0's alone and replace the bucket's. Each object is one

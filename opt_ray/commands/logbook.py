@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the raw events as JSON lines instead")
     p.add_argument("--follow", action="store_true",
                    help="after the chronicle so far, print new events as they arrive, until `finish`")
+    p.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
+                   help="with --follow of a URL: seconds between reads of the bucket (default 5)")
     p.add_argument("--output", "-o", metavar="MD", help="write the chronicle to this file instead of stdout")
     p.set_defaults(func=run)
 
@@ -31,11 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     from opt_ray.run_dir import RunMirror, is_url
 
+    if args.poll <= 0:
+        raise UserError(f"--poll must be > 0 seconds, got {args.poll}")
+    mirror = None
     if is_url(args.run_dir):
-        if args.follow:
-            raise UserError(f"--follow reads a local RUN_DIR as it grows; {args.run_dir} is "
-                            f"mirrored at checkpoints only: follow the run's staging directory "
-                            f"on its rank-0 node, or re-run without --follow")
         mirror = RunMirror(args.run_dir)
         mirror.pull()
         if not (mirror.local / lb.LOGBOOK).is_file():
@@ -69,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if args.follow:
         if not any(e.get("event") == "finish" for e in already):
             try:
-                lb.follow(run_dir, skip=len(already))
+                # A bucket run: its staging copy here is pulled as rank 0 pushes (every
+                # checkpoint and every --mirror-every seconds of the run).
+                lb.follow(run_dir, skip=len(already), refresh=mirror.pull if mirror else None,
+                          refresh_every=args.poll)
             except KeyboardInterrupt:
                 pass  # the user stopped following; what was printed stands
     return 0

@@ -47,7 +47,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -56,8 +56,8 @@ from opt_ray.artifacts import write_text_atomic
 from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_token,  # noqa: F401
                             is_url, num_params, preset)
 from opt_ray.errors import UserError
-from opt_ray.logbook import METRICS, Logbook, log_resume, versions
-from opt_ray.run_dir import RunMirror
+from opt_ray.logbook import LOGBOOK, METRICS, Logbook, log_resume, versions
+from opt_ray.run_dir import MIRRORED, RunMirror
 from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -368,12 +368,12 @@ class Trainer:
         if self.rank == 0:
             self.logbook.event(kind, **fields)
 
-    def sync(self) -> None:
-        """Rank 0 mirrors the run directory to its URL (``--output s3://...``). A failed
-        upload is logged and retried at the next sync: the checkpoint is already committed
-        and nothing local is lost."""
+    def sync(self, names: Iterable[str] = MIRRORED) -> None:
+        """Rank 0 mirrors the run directory (or ``names`` of it) to its URL (``--output
+        s3://...``). A failed upload is logged and retried at the next sync: the checkpoint
+        is already committed and nothing local is lost."""
         if self.rank == 0 and self.mirror is not None:
-            self.mirror.try_push()
+            self.mirror.try_push(names)
 
     def _train_state(self) -> dict[str, Any]:
         return {
@@ -735,6 +735,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                   for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
         last: dict[str, Any] = {}
         metrics_path = run_dir / METRICS
+        pushed = time.monotonic()
         while trainer.step < cfg.steps:
             rec = trainer.train_step()
             if trainer.consult_guard(rec):
@@ -748,6 +749,10 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                         g.set(rec[k])
             if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
                 trainer.save()
+                pushed = time.monotonic()  # save() pushed every file
+            elif cfg.mirror_every and time.monotonic() - pushed >= cfg.mirror_every:
+                trainer.sync((METRICS, LOGBOOK))  # readers elsewhere follow the run
+                pushed = time.monotonic()
         trainer.ckpt.close()  # the last (possibly asynchronous) save is committed first
         trainer._event("finish", step=trainer.step, tokens=trainer.tokens_seen,
                        loss=last.get("loss"))

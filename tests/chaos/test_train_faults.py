@@ -103,6 +103,7 @@ def test_survives_every_fault_bit_identical(reference, shards, tmp_path):
     ev = events(out)
     kinds = [e["event"] for e in ev]
     assert kinds.count("restart") == 3 and kinds.count("worker_lost") >= 3
+    assert not (out / ".attempts").exists()  # the gang-start counter went with its driver
     assert [e["kind"] for e in ev if e["event"] == "chaos"] == ["hang", "corrupt", "killsave"]
     restarts = [e["step"] for e in ev if e["event"] == "restart"]
     # hang at step 2 -> from 1; killed saving 4 with 3 corrupt -> from 2; outside kill

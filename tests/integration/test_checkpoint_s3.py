@@ -301,6 +301,65 @@ def test_driver_progress_bar_follows_rank0_on_another_node(s3, tmp_path):
         wait_step(bar, 4)
 
 
+def test_rank0_pushes_metrics_between_checkpoints(s3, shards, tmp_path, monkeypatch):
+    """Between checkpoints rank 0 pushes the metrics and the logbook every --mirror-every
+    seconds, so readers on other nodes follow every step; with 0, at checkpoints only."""
+    from opt_ray.run_dir import RunMirror
+    from opt_ray.train.loop import train
+
+    seen: list[tuple[tuple[str, ...], list[int]]] = []
+    real = RunMirror.try_push
+
+    def watched(self, names=None):  # the real push, then what the bucket holds
+        ok = real(self, *(() if names is None else (names,)))
+        steps = [json.loads(l)["step"] for l in _bucket_lines(self.url, "metrics.jsonl")]
+        seen.append((tuple(names) if names is not None else ("all",), steps))
+        return ok
+
+    monkeypatch.setattr(RunMirror, "try_push", watched)
+    url = s3.url("runs", "live")
+    train(tiny_cfg(shards, url, steps=4, checkpoint_every=4, mirror_every=1e-6))
+    pushes = [(names, steps) for names, steps in seen if steps]
+    assert pushes[:3] == [(("metrics.jsonl", "logbook.jsonl"), [1]),
+                          (("metrics.jsonl", "logbook.jsonl"), [1, 2]),
+                          (("metrics.jsonl", "logbook.jsonl"), [1, 2, 3])]
+    assert pushes[3][1] == [1, 2, 3, 4] and len(pushes) == 5  # the checkpoint's, the finish's
+
+    seen.clear()
+    train(tiny_cfg(shards, s3.url("runs", "quiet"), steps=3, checkpoint_every=3, mirror_every=0))
+    assert [steps for _, steps in seen if steps] == [[1, 2, 3], [1, 2, 3]]
+
+
+def test_logbook_follow_url_prints_rank0s_pushes_until_finish(s3, tmp_path, monkeypatch, capsys):
+    """`opt-ray logbook --follow s3://...` on a laptop: new events arrive as rank 0 (on
+    another node) pushes them, and following ends at `finish`."""
+    from opt_ray.cli import main
+    from opt_ray.logbook import Logbook
+    from opt_ray.run_dir import STAGING_ENV, RunMirror
+
+    url = s3.url("runs", "follow")
+    rank0 = RunMirror(url, tmp_path / "rank0")
+    book = Logbook(rank0.local)
+    book.event("start", step=0, attempt=0)
+    rank0.push()
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "laptop"))
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(main(["logbook", url, "--follow", "--poll", "0.2"])),
+                         daemon=True)
+    t.start()
+    time.sleep(1.0)
+    book.event("checkpoint_saved", step=3, path=f"{url}/checkpoints/step_00000003")
+    book.event("finish", step=4, tokens=1024, loss=3.5)
+    rank0.push()
+    t.join(timeout=20)
+    assert not t.is_alive() and rc == [0], "--follow never saw the pushed finish"
+    out = capsys.readouterr().out
+    # The chronicle as it was (no finish yet), then the two events as they were pushed.
+    assert "no `finish` event yet" in out
+    assert out.index("Run started") < out.index("Checkpoint saved at step 3") < out.index(
+        "Run completed at step 4")
+
+
 def test_gang_starts_and_user_errors_are_seen_from_every_node(s3, shards, tmp_path, monkeypatch):
     """With a bucket --output, rank 0 may start on another node after a node loss: the
     gang's start count lives in the bucket, not in a node's staging directory. A user
@@ -403,6 +462,7 @@ def test_cli_run_directory_on_s3_survives_a_kill_and_the_machine(s3, shards, tmp
                  ("restart", "finish"), ("finish", "resume")]:
         assert kinds.index(a) < kinds.index(b), kinds
     assert not Loc(f"{url}/driver.json").exists()  # each driver removed its record
+    assert Loc(f"{url}/.attempts").files() == []  # and its gang-start counter (2 starts on A)
 
     env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "laptop")}
     r = _cli("logbook", url, env=env, timeout=120)
