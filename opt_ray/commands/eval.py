@@ -26,12 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint: lm-eval tasks (zero-/few-shot) or perplexity on shards",
         description="Evaluate a model: an HF-format directory (from `opt-ray export`), a training run "
-                    "directory (its newest valid checkpoint) or one of its checkpoints/step_N. With "
+                    "directory (its newest valid checkpoint) or one of its checkpoints/step_N, local or the "
+                    "URL of a run in object storage (s3://bucket/run). With "
                     "--tasks: lm-evaluation-harness tasks (its registry, plus your YAML tasks with "
                     "--include-path), scored by the checkpoint's own model and tokenizer; prints lm-eval's "
                     "table, writes its JSON with --output, and records the scores in the run's logbook. "
                     "With --data: mean next-token loss and perplexity on token shards (one JSON line).")
-    p.add_argument("checkpoint", metavar="RUN_DIR|CKPT|HF_DIR", help="model to evaluate")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CKPT|HF_DIR", help="model to evaluate (a run or "
+                   "checkpoint may be a URL: s3://bucket/run[/checkpoints/step_N])")
     from opt_ray.config import add_dataclass_args
     from opt_ray.eval.config import EvalConfig
 
@@ -127,11 +129,16 @@ def run_tasks(args: argparse.Namespace) -> int:
                                                  ensure_ascii=False) + "\n")
         print(f"results written to {os.path.abspath(cfg.output)}", file=sys.stderr)
     if cfg.logbook and ckpt.run_dir is not None:
-        from opt_ray.logbook import Logbook
+        from opt_ray.logbook import LOGBOOK, Logbook
         Logbook(ckpt.run_dir).event(
             "eval", checkpoint=str(ckpt.weights), step=ckpt.step, tasks=list(cfg.tasks),
             num_fewshot=cfg.num_fewshot, limit=cfg.limit, results=scores(results))
-        print(f"scores recorded in {ckpt.run_dir / 'logbook.jsonl'}", file=sys.stderr)
+        where = ckpt.run_dir / LOGBOOK
+        if ckpt.run_url is not None:  # a bucket run: its logbook there gains the event
+            from opt_ray.run_dir import RunMirror
+            RunMirror(ckpt.run_url, ckpt.run_dir).try_push([LOGBOOK])
+            where = f"{ckpt.run_url}/{LOGBOOK}"
+        print(f"scores recorded in {where}", file=sys.stderr)
     return 0
 
 

@@ -58,7 +58,7 @@ class Stage:
     """One Ray job to run: ``opt-ray <argv...>``."""
     kind: str
     argv: list[str]
-    outputs: list[Path] = field(default_factory=list)
+    outputs: list[Path | str] = field(default_factory=list)   # paths; a bucket run's URL
     run_dir: Path | str | None = None   # a training run's --output: a path or a bucket URL
 
 
@@ -89,7 +89,8 @@ class SpecValidator:
     def __init__(self, allowed_roots: list[str | os.PathLike], bounds: Bounds = Bounds()):
         if not allowed_roots:
             raise UserError("the control server needs at least one --allowed-root directory")
-        # Bucket prefixes (s3://bucket/prefix) may hold training runs (TrainSpec.output);
+        # Bucket prefixes (s3://bucket/prefix) may hold training runs (TrainSpec.output,
+        # read back by EvalSpec.checkpoint and ExportSpec.run_dir);
         # every other path a spec names lies inside a directory root.
         self.url_roots = [str(r).rstrip("/") for r in allowed_roots if is_url(r)]
         self.roots = [Path(os.path.realpath(r)) for r in allowed_roots if not is_url(r)]
@@ -131,6 +132,31 @@ class SpecValidator:
                             f"({allowed}); use a URL under one of them")
         return url, local_run_dir(url)
 
+    def run_or_path(self, name: str, value: str, produced=()) -> Path | str:
+        """What eval and export read (a training run, one of its checkpoints, or an HF
+        directory): an existing path inside an allowed root, or a URL under an allowed
+        bucket prefix that exists there or that an earlier stage of the pipeline trains."""
+        if not is_url(value):
+            return self.path(name, value, must_exist=True, produced=produced)
+        url, _ = self.run_location(name, value)
+        if any(url == o or url.startswith(o + "/") for o in produced if isinstance(o, str)):
+            return url
+        if not self._url_exists(name, value, url):
+            raise SpecError(f"{name}={value!r} does not exist; run the stage that writes it "
+                            f"first, or submit both as one pipeline")
+        return url
+
+    @staticmethod
+    def _url_exists(name: str, value: str, url: str) -> bool:
+        from opt_ray.train.checkpoint import Loc
+        try:
+            return Loc(url).exists()
+        except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
+            raise SpecError(f"{name}={value!r}: the control server cannot read the bucket "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); start it "
+                            f"with the store's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
+                            f"AWS_ENDPOINT_URL") from e
+
     def path(self, name: str, value: str, *, must_exist: bool = False,
              produced: list[Path] = (), must_not_exist: bool = False) -> Path:
         """An absolute path inside an allowed root. ``produced`` lists outputs of
@@ -139,8 +165,8 @@ class SpecValidator:
             raise SpecError(f"{name} is required: give an absolute path inside "
                             f"{self._roots_text()}")
         if is_url(value):
-            raise SpecError(f"{name}={value!r}: only a training run's output may be a bucket "
-                            f"URL; give an absolute path inside {self._roots_text()}")
+            raise SpecError(f"{name}={value!r}: only a training run (its output, or what "
+                            f"eval and export read) may be a bucket URL; give an absolute path inside {self._roots_text()}")
         self._plain(name, value)
         seg = next((x for x in value.split("/") if len(x.encode()) > self.bounds.max_segment_bytes),
                    None)
@@ -160,7 +186,8 @@ class SpecValidator:
             raise SpecError(f"{name}={value!r} cannot be resolved "
                             f"({getattr(e, 'strerror', None) or e}); give a valid path") from e
         self.check_inside(name, value, real)
-        if must_exist and not exists and not any(_is_within(real, o) for o in produced):
+        if must_exist and not exists and not any(_is_within(real, o) for o in produced
+                                                 if isinstance(o, Path)):
             raise SpecError(f"{name}={value!r} does not exist; run the stage that writes it "
                             f"first, or submit both as one pipeline")
         if must_not_exist and exists:
@@ -296,11 +323,11 @@ class SpecValidator:
             argv += ["--batch-tokens", str(cfg.batch_tokens)]
         if s.micro_batch:
             argv += ["--micro-batch", str(cfg.micro_batch)]
-        return Stage("train", argv, [] if is_url(out) else [local], run_dir=out)
+        return Stage("train", argv, [out if is_url(out) else local], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:
         """lm-eval tasks (``tasks``) or perplexity on token shards (``data``): one of them."""
-        ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True, produced=produced)
+        ckpt = self.run_or_path(f"{name}.checkpoint", s.checkpoint, produced)
         if bool(s.tasks) == bool(s.data):
             raise SpecError(f"{name}: set either tasks (lm-eval task names) or data (token "
                             f"shards for perplexity), not both or neither")
@@ -355,13 +382,21 @@ class SpecValidator:
                      if "--output" in argv else [])
 
     def export(self, s: pb.ExportSpec, name: str = "spec.export", produced=()) -> Stage:
-        run = self.path(f"{name}.run_dir", s.run_dir, must_exist=True, produced=produced)
+        run = self.run_or_path(f"{name}.run_dir", s.run_dir, produced)
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
         if s.step < 0:
             raise SpecError(f"{name}.step={s.step} must be >= 0 (0: the newest checkpoint)")
+        if not s.step:
+            return Stage("export", ["export", str(run), "--output", str(out)], [out])
         # A step is a checkpoint directory of the run (layout of opt_ray.train.checkpoint).
-        src = run / "checkpoints" / f"step_{s.step:08d}" if s.step else run
-        if s.step and not any(_is_within(run, o) for o in produced) and not src.is_dir():
+        ckpt = f"checkpoints/step_{s.step:08d}"
+        if isinstance(run, str):
+            src: Path | str = f"{run}/{ckpt}"
+            there = run in produced or self._url_exists(f"{name}.step", str(s.step), src)
+        else:
+            src = run / ckpt
+            there = any(_is_within(run, o) for o in produced if isinstance(o, Path)) or src.is_dir()
+        if not there:
             raise SpecError(f"{name}.step={s.step}: {src} does not exist; 'opt-ray ctl "
                             f"logbook' lists the run's checkpoints")
         return Stage("export", ["export", str(src), "--output", str(out)], [out])

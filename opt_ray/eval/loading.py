@@ -8,6 +8,11 @@ Three layouts are accepted, as ``opt-ray export`` / ``opt-ray train`` write them
   ``RUN_DIR/tokenizer.json`` (training copies the shards' tokenizer there);
 - one checkpoint of a run, ``RUN_DIR/checkpoints/step_N``.
 
+A training run in object storage (``opt-ray train --output s3://bucket/run``) is given
+by its URL, or a checkpoint's (``s3://bucket/run/checkpoints/step_N``): the weights are
+read from the bucket, the tokenizer and the logbook from this node's staging copy of the
+run directory (``run_dir.RunMirror``), pulled first.
+
 Log-likelihoods are only meaningful with the tokenizer the model was trained with, so a
 checkpoint without one is refused before the weights are read.
 """
@@ -25,20 +30,27 @@ from opt_ray.errors import UserError
 @dataclass
 class EvalCheckpoint:
     """Where a checkpoint's pieces are; nothing is loaded yet."""
-    path: Path                 # as given
+    path: Path | str           # as given (a URL stays a str)
     kind: str                  # "hf" or "run"
-    weights: Path              # the HF dir, or the resolved checkpoints/step_N
+    weights: Path | str        # the HF dir, or the resolved checkpoints/step_N (or its URL)
     tokenizer: Path            # file or directory for ``load_tokenizer``
-    run_dir: Path | None       # the training run the checkpoint belongs to, if any
+    run_dir: Path | None       # the training run the checkpoint belongs to, if any (for a
+                               # bucket run: this node's staging copy of it)
     step: int | None           # its training step, if known
+    run_url: str | None = None  # the bucket run's URL, whose logbook the staging copy mirrors
 
     def describe(self) -> dict[str, Any]:
+        run = self.run_url or (str(self.run_dir) if self.run_dir else None)
         return {"checkpoint": str(self.weights), "kind": self.kind, "step": self.step,
-                "run_dir": str(self.run_dir) if self.run_dir else None}
+                "run_dir": run}
 
 
 def locate(path: str | os.PathLike) -> EvalCheckpoint:
     """Find the weights, tokenizer and run directory of ``path``; raises ``UserError``."""
+    from opt_ray.run_dir import is_url
+
+    if is_url(path):
+        return _locate_url(str(path).rstrip("/"))
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint {p} does not exist; pass an HF-format directory (from "
@@ -63,6 +75,40 @@ def locate(path: str | os.PathLike) -> EvalCheckpoint:
                         f"with: `opt-ray export RUN_DIR --output DIR --tokenizer TOK` ships one, or "
                         f"copy it into {where}")
     return EvalCheckpoint(path=p, kind=kind, weights=weights, tokenizer=tok, run_dir=run_dir, step=step)
+
+
+def _locate_url(url: str) -> EvalCheckpoint:
+    """A bucket run (its newest valid checkpoint) or one of its checkpoints."""
+    from opt_ray.run_dir import RunMirror
+    from opt_ray.train.checkpoint import CheckpointError, Loc, read_train_state, resolve
+
+    try:
+        weights = str(resolve(url))
+        loc = Loc(weights)
+        run_url = str(loc.parent().parent()) if loc.parent().name == "checkpoints" else None
+        step = int(read_train_state(weights).get("step", 0))
+        run_dir = None
+        if run_url is not None:
+            mirror = RunMirror(run_url)
+            mirror.pull()
+            run_dir = mirror.local
+    except CheckpointError:
+        raise
+    except (ImportError, ValueError) as e:
+        raise UserError(f"checkpoint {url}: no filesystem for this URL ({e}); use "
+                        f"s3://bucket/run (s3fs)") from e
+    except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
+        raise UserError(f"checkpoint {url}: the object store refused a read "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the URL "
+                        f"and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL") from e
+    tok = run_dir / "tokenizer.json" if run_dir and (run_dir / "tokenizer.json").is_file() else None
+    if tok is None:
+        raise UserError(f"checkpoint {url} has no tokenizer (expected {run_url or url}/tokenizer.json, "
+                        f"which `opt-ray train --output URL` keeps); scores need the tokenizer the "
+                        f"model was trained with: `opt-ray export {url} --output DIR --tokenizer "
+                        f"TOK` ships one")
+    return EvalCheckpoint(path=url, kind="run", weights=weights, tokenizer=tok, run_dir=run_dir,
+                          step=step, run_url=run_url)
 
 
 def _tokenizer_in(d: Path) -> Path | None:

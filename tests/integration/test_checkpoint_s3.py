@@ -230,7 +230,8 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
         with pytest.raises(grpc.RpcError) as ei:
             client.submit(spec(str(root / "run"), data=s3.url("teams", "a", "shards")))
-        assert "only a training run's output may be a bucket URL" in ei.value.details()
+        assert "only a training run (its output, or what eval and export read) may be a " \
+               "bucket URL" in ei.value.details()
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
@@ -266,6 +267,29 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         with pytest.raises(grpc.RpcError) as ei:
             client.logbook(run_dir=s3.url("teams", "a", "never-ran"))
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no run there" in ei.value.details()
+
+        # eval and export read a bucket run: one that is there (run1, mirrored above) or
+        # one an earlier stage of the same pipeline trains; never one that is neither.
+        data = str(root / "shards")
+        client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=url, data=data)))
+        assert backend.jobs[backend.last()]["entrypoint"].split()[1:3] == ["eval", url]
+        run2 = s3.url("teams", "a", "run2")
+        pipe = client.submit(pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
+            pb.StageSpec(train=spec(run2).train),
+            pb.StageSpec(eval=pb.EvalSpec(checkpoint=run2, data=data)),
+            pb.StageSpec(export=pb.ExportSpec(run_dir=run2, step=3, output=str(root / "hf")))])))
+        assert [list(p.argv[:2]) for p in pipe.plan] == [
+            ["train", "--preset"], ["eval", run2], ["export", f"{run2}/checkpoints/step_00000003"]]
+        for bad, why in [(s3.url("teams", "a", "never-ran"), "does not exist"),
+                         (s3.url("teams", "b", "run1"), "not under an allowed bucket prefix")]:
+            for job_spec in (pb.JobSpec(eval=pb.EvalSpec(checkpoint=bad, data=data)),
+                             pb.JobSpec(export=pb.ExportSpec(run_dir=bad, output=str(root / "x")))):
+                with pytest.raises(grpc.RpcError) as ei:
+                    client.submit(job_spec)
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:  # run1 has no step-9 checkpoint
+            client.submit(pb.JobSpec(export=pb.ExportSpec(run_dir=url, step=9, output=str(root / "y"))))
+        assert "step_00000009 does not exist" in ei.value.details()
     finally:
         client.close()
         stop_server(server, service, grace=0)
@@ -358,6 +382,39 @@ def test_logbook_follow_url_prints_rank0s_pushes_until_finish(s3, tmp_path, monk
     assert "no `finish` event yet" in out
     assert out.index("Run started") < out.index("Checkpoint saved at step 3") < out.index(
         "Run completed at step 4")
+
+
+def test_eval_reads_a_bucket_run_and_records_its_scores_there(s3, shards, tmp_path, monkeypatch, capsys):
+    """`opt-ray eval s3://bucket/run`: perplexity equal to the same weights exported to a
+    local HF directory; lm-eval task scores land in the bucket's logbook as `eval`."""
+    pytest.importorskip("lm_eval")
+    from opt_ray.cli import main
+    from opt_ray.run_dir import STAGING_ENV
+    from opt_ray.train.loop import train
+    from tests.eval_helpers import mc_rows, write_mc_task
+
+    url = s3.url("runs", "evaluated")
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "trainer-node"))
+    train(tiny_cfg(shards, url, steps=2, checkpoint_every=2))
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "eval-node"))  # another machine
+    capsys.readouterr()
+
+    def ppl(model: str) -> dict:
+        assert main(["eval", model, "--data", str(shards), "--max-rows", "8"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert main(["export", url, "--output", str(tmp_path / "hf")]) == 0
+    local = ppl(str(tmp_path / "hf"))
+    assert ppl(url)["loss"] == local["loss"]
+    assert ppl(f"{url}/checkpoints/step_00000002")["loss"] == local["loss"]
+
+    write_mc_task(tmp_path / "tasks", "pick", mc_rows(4))
+    assert main(["eval", url, "--tasks", "pick", "--include-path", str(tmp_path / "tasks")]) == 0
+    assert f"scores recorded in {url}/logbook.jsonl" in capsys.readouterr().err
+    ev = [json.loads(l) for l in _bucket_lines(url, "logbook.jsonl")]
+    (e,) = [x for x in ev if x["event"] == "eval"]
+    assert e["step"] == 2 and e["tasks"] == ["pick"] and "acc,none" in e["results"]["pick"]
+    assert e["checkpoint"] == f"{url}/checkpoints/step_00000002"
 
 
 def test_gang_starts_and_user_errors_are_seen_from_every_node(s3, shards, tmp_path, monkeypatch):
