@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from opt_ray.artifacts import write_text_atomic
+from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK, METRICS
 
 STAGING_ENV = "OPT_RAY_STAGING_DIR"
@@ -71,6 +72,27 @@ def local_run_dir(output: str | os.PathLike) -> Path:
     url = str(output).rstrip("/")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:40] or "run"
     return staging_root() / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
+AWS_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL"
+
+
+@contextlib.contextmanager
+def store_errors(what: str, doing: str, check: str = "the URL",
+                 error: type[UserError] = UserError) -> Iterator[None]:
+    """Object-store failures inside as one ``error`` line (a ``UserError``: exit 2 at the
+    CLI, INVALID_ARGUMENT at the API) that names ``what`` and the AWS variables; a
+    ``UserError`` raised inside passes as it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ImportError, ValueError) as e:  # no fsspec implementation for the scheme
+        raise error(f"{what}: no filesystem for this URL ({e}); use s3://bucket/prefix "
+                    f"(s3fs)") from e
+    except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
+        raise error(f"{what}: the object store refused {doing} ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}); check {check} and {AWS_HINT}") from e
 
 
 def _merge_lines(*texts: str) -> list[str]:

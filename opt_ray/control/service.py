@@ -32,7 +32,7 @@ from opt_ray.control.registry import TERMINAL, Registry, parse_json, read_jsonl_
 from opt_ray.control.specs import SpecError, SpecValidator, Stage
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK
-from opt_ray.run_dir import MARK, RunMirror, is_url, local_run_dir
+from opt_ray.run_dir import MARK, RunMirror, is_url, local_run_dir, store_errors
 from opt_ray.v1 import control_pb2 as pb
 from opt_ray.v1 import control_pb2_grpc as pb_grpc
 
@@ -614,13 +614,10 @@ class ControlService(pb_grpc.ControlServiceServicer):
             lines += read_jsonl_from(self.registry.logbook(job_id).path, 0)[0]
         elif is_url(run_dir):
             run_dir = self.validator.run_location("run_dir", run_dir)[0]
-            mirror = RunMirror(run_dir)
-            try:
+            with store_errors(f"run_dir={run_dir!r}", "the control server's read",
+                              "the control server's environment", error=SpecError):
+                mirror = RunMirror(run_dir)
                 mirror.pull()
-            except Exception as e:
-                raise SpecError(f"run_dir={run_dir!r} cannot be read from the object store "
-                                f"({type(e).__name__}: {e}); the control server needs its "
-                                f"AWS_* environment for it") from e
             self._pulled[run_dir] = time.monotonic()
             if not (mirror.local / MARK).is_file():
                 raise SpecError(f"run_dir={run_dir!r}: no run there (nothing mirrored by an "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opt_ray.errors import UserError
-from opt_ray.run_dir import is_url, local_run_dir, staging_root
+from opt_ray.run_dir import is_url, local_run_dir, staging_root, store_errors
 from opt_ray.v1 import control_pb2 as pb
 
 
@@ -149,13 +149,9 @@ class SpecValidator:
     @staticmethod
     def _url_exists(name: str, value: str, url: str) -> bool:
         from opt_ray.train.checkpoint import Loc
-        try:
+        with store_errors(f"{name}={value!r}", "the control server's read",
+                          "the control server's environment", error=SpecError):
             return Loc(url).exists()
-        except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
-            raise SpecError(f"{name}={value!r}: the control server cannot read the bucket "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); start it "
-                            f"with the store's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
-                            f"AWS_ENDPOINT_URL") from e
 
     def path(self, name: str, value: str, *, must_exist: bool = False,
              produced: list[Path] = (), must_not_exist: bool = False) -> Path:

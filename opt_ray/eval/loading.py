@@ -79,10 +79,10 @@ def locate(path: str | os.PathLike) -> EvalCheckpoint:
 
 def _locate_url(url: str) -> EvalCheckpoint:
     """A bucket run (its newest valid checkpoint) or one of its checkpoints."""
-    from opt_ray.run_dir import RunMirror
-    from opt_ray.train.checkpoint import CheckpointError, Loc, read_train_state, resolve
+    from opt_ray.run_dir import RunMirror, store_errors
+    from opt_ray.train.checkpoint import Loc, read_train_state, resolve
 
-    try:
+    with store_errors(f"checkpoint {url}", "a read"):
         weights = str(resolve(url))
         loc = Loc(weights)
         run_url = str(loc.parent().parent()) if loc.parent().name == "checkpoints" else None
@@ -92,15 +92,6 @@ def _locate_url(url: str) -> EvalCheckpoint:
             mirror = RunMirror(run_url)
             mirror.pull()
             run_dir = mirror.local
-    except CheckpointError:
-        raise
-    except (ImportError, ValueError) as e:
-        raise UserError(f"checkpoint {url}: no filesystem for this URL ({e}); use "
-                        f"s3://bucket/run (s3fs)") from e
-    except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
-        raise UserError(f"checkpoint {url}: the object store refused a read "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the URL "
-                        f"and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL") from e
     tok = run_dir / "tokenizer.json" if run_dir and (run_dir / "tokenizer.json").is_file() else None
     if tok is None:
         raise UserError(f"checkpoint {url} has no tokenizer (expected {run_url or url}/tokenizer.json, "

@@ -57,7 +57,7 @@ from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_tok
                             is_url, num_params, preset)
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK, METRICS, Logbook, log_resume, versions
-from opt_ray.run_dir import MIRRORED, RunMirror
+from opt_ray.run_dir import MIRRORED, RunMirror, store_errors
 from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -770,17 +770,10 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
 def _check_bucket(url: str) -> None:
     """``--output URL``: the store answers and takes writes; this node's staging directory
     is brought up to the bucket's copy of the run (what the local checks below read)."""
-    try:
+    with store_errors(f"--output {url}", "a test write", "the bucket exists"):
         mirror = RunMirror(url)
         mirror.check_writable()
         mirror.pull()
-    except (ImportError, ValueError) as e:
-        raise UserError(f"--output {url}: no filesystem for this URL ({e}); use s3://bucket/prefix "
-                        f"(s3fs) or a local directory") from e
-    except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
-        raise UserError(f"--output {url}: the object store refused a test write "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the bucket "
-                        f"exists and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL") from e
 
 
 def preflight(cfg: TrainConfig) -> None:
