@@ -140,12 +140,26 @@ class OPTDecoderLayer(nn.Module):
         return x
 
 
+def _on_meta() -> bool:
+    """Inside ``with torch.device("meta")``: a shape-only build, initialised when it is
+    materialised (``parallel.init_weights``). Random init there is skipped: ``normal_`` on
+    meta runs through ``torch._refs``, whose first call imports dynamo (3 s of CPU per rank
+    at every gang start on a small machine) to draw numbers that are never kept."""
+    return torch.get_default_device().type == "meta"
+
+
+def _embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    if _on_meta():  # a given weight: no N(0, 1) draw in the constructor
+        return nn.Embedding(num, dim, padding_idx=padding_idx, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim, padding_idx=padding_idx)
+
+
 class OPTDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, e, padding_idx=cfg.pad_token_id)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
+        self.embed_tokens = _embedding(cfg.vocab_size, e, padding_idx=cfg.pad_token_id)
+        self.embed_positions = _embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
         # The 350m embeds in 512 dims and projects in and out of the 1024-wide stack.
         self.project_in = nn.Linear(e, d, bias=False) if e != d else None
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
@@ -182,7 +196,8 @@ class OPT(nn.Module):
         self.lm_head.weight = self.model.decoder.embed_tokens.weight  # tied
         # Set by training (a recompute-for-memory trade); off for inference.
         self.activation_checkpointing = False
-        self.reset_parameters()
+        if not _on_meta():
+            self.reset_parameters()
 
     @property
     def decoder(self) -> OPTDecoder:
