@@ -49,6 +49,12 @@ def _rank(rank: int, world: int, port: int, preset: str, layers: int, out: str) 
     from opt_ray.config import preset as get_preset
     from opt_ray.model.parallel import build_sharded
 
+    # Libraries the build imports on its first call (FSDP2, and through it dynamo and
+    # sympy: ~30 MiB of code and import-time objects) are loaded before the baseline:
+    # they are the process's, not the model's.
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
     cfg = get_preset(preset).model.replace(num_hidden_layers=layers)
     dist.barrier()
     base = _kib("VmRSS")
