@@ -83,6 +83,14 @@ def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _produced(loc: Path | str, produced) -> bool:
+    """Whether an earlier pipeline stage writes ``loc`` or a directory (or bucket
+    prefix) above it: ``produced`` holds paths and a training run's URL."""
+    if isinstance(loc, str):
+        return any(isinstance(o, str) and (loc == o or loc.startswith(o + "/")) for o in produced)
+    return any(isinstance(o, Path) and _is_within(loc, o) for o in produced)
+
+
 class SpecValidator:
     """Validates specs against allowed roots and bounds, and builds their command lines."""
 
@@ -139,7 +147,7 @@ class SpecValidator:
         if not is_url(value):
             return self.path(name, value, must_exist=True, produced=produced)
         url, _ = self.run_location(name, value)
-        if any(url == o or url.startswith(o + "/") for o in produced if isinstance(o, str)):
+        if _produced(url, produced):
             return url
         if not self._url_exists(name, value, url):
             raise SpecError(f"{name}={value!r} does not exist; run the stage that writes it "
@@ -182,8 +190,7 @@ class SpecValidator:
             raise SpecError(f"{name}={value!r} cannot be resolved "
                             f"({getattr(e, 'strerror', None) or e}); give a valid path") from e
         self.check_inside(name, value, real)
-        if must_exist and not exists and not any(_is_within(real, o) for o in produced
-                                                 if isinstance(o, Path)):
+        if must_exist and not exists and not _produced(real, produced):
             raise SpecError(f"{name}={value!r} does not exist; run the stage that writes it "
                             f"first, or submit both as one pipeline")
         if must_not_exist and exists:
@@ -386,12 +393,10 @@ class SpecValidator:
             return Stage("export", ["export", str(run), "--output", str(out)], [out])
         # A step is a checkpoint directory of the run (layout of opt_ray.train.checkpoint).
         ckpt = f"checkpoints/step_{s.step:08d}"
-        if isinstance(run, str):
-            src: Path | str = f"{run}/{ckpt}"
-            there = run in produced or self._url_exists(f"{name}.step", str(s.step), src)
-        else:
-            src = run / ckpt
-            there = any(_is_within(run, o) for o in produced if isinstance(o, Path)) or src.is_dir()
+        src = f"{run}/{ckpt}" if isinstance(run, str) else run / ckpt
+        there = _produced(run, produced) or (
+            self._url_exists(f"{name}.step", str(s.step), src) if isinstance(src, str)
+            else src.is_dir())
         if not there:
             raise SpecError(f"{name}.step={s.step}: {src} does not exist; 'opt-ray ctl "
                             f"logbook' lists the run's checkpoints")
