@@ -42,7 +42,8 @@ from typing import Any
 from opt_ray.errors import UserError
 from opt_ray.logbook import Logbook
 from opt_ray.run_dir import DRIVER as DRIVER_FILE
-from opt_ray.train.loop import METRICS, TrainConfig
+from opt_ray.config import TrainConfig
+from opt_ray.logbook import METRICS
 
 USER_ERRORS = ".user_errors"
 
@@ -231,6 +232,17 @@ def _trainer_cls():
             if self._tp > 1 and self.scaling_config.elasticity_enabled:
                 kwargs["scaling_policy"] = tp_elastic_policy(self.scaling_config, self._tp)
             return super()._initialize_and_run_controller(**kwargs)
+
+        def _create_default_callbacks(self):
+            # The gang reads its shards itself and passes no Ray Datasets, but Ray Train's
+            # DatasetsCallback starts a DatasetManager actor on every gang start and
+            # restart anyway: one more process that imports ray.data (~3 s of a core).
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+            callbacks = super()._create_default_callbacks()
+            if not self.datasets:
+                callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            return callbacks
 
         def _register_sigint_handler(self, controller) -> None:
             if self._on_signal is None:

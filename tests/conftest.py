@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # suite starts (in process, `ray start`, the CLI's embedded one) inherits this: a tiny
 # 2-worker run with one restart took 54 s instead of 63 s. Users keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train also starts a PreemptionWatcher actor (one more Ray worker process, ~2 s of a
+# core) on every gang start and restart; no test preempts a node. Users keep it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def free_port() -> int:

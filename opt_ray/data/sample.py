@@ -23,6 +23,7 @@ The output is a pure function of (Python installation, ``n_docs``, ``seed``).
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import os
 import random
@@ -71,6 +72,21 @@ def _pydoc_topics() -> Iterator[tuple[str, str]]:
         yield f"pydoc:{name}", topics[name]
 
 
+_BLOCKS = (ast.stmt, ast.ExceptHandler, ast.match_case)
+
+
+def _statements(tree: ast.Module) -> Iterator[ast.AST]:
+    """``ast.walk`` (breadth first) restricted to the module and its statements, the only
+    nodes that hold docstrings (defs nest only in statements, ``except`` and ``case``
+    blocks): the same nodes in the same order, without visiting every expression (that
+    was half the sample's build time)."""
+    todo = collections.deque([tree])
+    while todo:
+        node = todo.popleft()
+        todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _BLOCKS))
+        yield node
+
+
 def _docstrings() -> Iterator[tuple[str, str]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     for dirpath, dirnames, filenames in os.walk(root):
@@ -84,7 +100,7 @@ def _docstrings() -> Iterator[tuple[str, str]]:
             except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
                 continue
             rel = path.relative_to(root).as_posix()
-            for node in ast.walk(tree):
+            for node in _statements(tree):
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     doc = ast.get_docstring(node)
                     if doc:
