@@ -543,9 +543,10 @@ class TrainConfig:
         "write checkpoints in the background (DCP async save); each is committed before "
         "the next one starts and before the run finishes"))
     mirror_every: float = field(default=30.0, metadata=_help(
-        "with a bucket --output: seconds between rank 0's uploads of metrics.jsonl and the "
-        "logbook between checkpoints, so that the progress bar, `ctl watch` and `opt-ray "
-        "logbook --follow URL` move on every node (0: at checkpoints only)", metavar="SECONDS"))
+        "with a bucket --output: seconds between rank 0's uploads of the new metrics lines "
+        "and the logbook between checkpoints, so that the progress bar, `ctl watch` and "
+        "`opt-ray logbook --follow URL` move on every node (0: at checkpoints only)",
+        metavar="SECONDS"))
     keep: int = field(default=2, metadata=_help("checkpoints kept (>= 2), plus milestones"))
     milestone_every: int | None = field(default=None, metadata=_help(
         "also keep every checkpoint whose step is a multiple of this"))

@@ -19,6 +19,16 @@ with a local ``--output``, and the files are **mirrored** to the URL:
   brought up to the bucket's unless it already holds the newest push: a fresh machine
   (the whole job or node lost) resumes where the bucket says the run is.
 
+``metrics.jsonl`` grows by a line a step (tens of MB over a long run), so it is not
+uploaded whole every ``--mirror-every`` seconds. A checkpoint (and the end of the run, and
+a rollback, which rewrites the file) uploads it whole as a new *generation*, named with
+its size in ``metrics.parts/gen.json``; between checkpoints only the lines appended since
+the last push go up, each batch one object ``metrics.parts/<gen>/<byte offset>.jsonl``.
+Readers take the whole file and then the parts that continue it, and a reader that
+already holds a generation fetches only the parts it lacks. So the bucket's
+``metrics.jsonl`` is whole at every checkpoint and at the end; between them its newest
+lines are in the parts.
+
 Checkpoints do not go through the staging directory: they go to ``URL/checkpoints``
 (or ``--checkpoint-dir``) directly, each rank writing its own objects.
 """
@@ -52,6 +62,11 @@ MIRRORED = (LOGBOOK, METRICS, "guard.json", "manifest.json", "tokenizer.json")
 #: driver alone, pulled with the rest, so a driver lost with its machine is noticed by the
 #: next one wherever it runs.
 DRIVER = "driver.json"
+#: Where the metrics pushed between checkpoints go (see the module docstring).
+PARTS = "metrics.parts"
+#: What this staging directory's ``metrics.jsonl`` holds of the bucket's: its first ``size``
+#: bytes are generation ``gen`` (ending with ``tail``), as pushed by ``writer`` or pulled.
+_METRICS_STATE = ".metrics.json"
 
 
 def is_url(path: str | os.PathLike | None) -> bool:
@@ -121,6 +136,9 @@ class RunMirror:
         self.local = Path(local) if local is not None else local_run_dir(self.url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
+        # Metrics parts continue only the pushes of this object (one per process): a
+        # restarted rank 0 starts a generation of its own.
+        self._writer = uuid.uuid4().hex
 
     @classmethod
     def of(cls, output: str | os.PathLike) -> "RunMirror | None":
@@ -173,25 +191,31 @@ class RunMirror:
             if remote is None or remote == self._mark("local"):
                 return False
             for name in (*MIRRORED, DRIVER):
+                if name == METRICS:
+                    self._pull_metrics()
+                    continue
                 data = self._cat(name)
                 if data is None:
                     continue
                 if name == LOGBOOK:
                     self._append_missing(data.decode("utf-8", "replace"))
                 else:
-                    tmp = self.local / f".{name}.pull"
-                    tmp.write_bytes(data)
-                    os.replace(tmp, self.local / name)
+                    self._replace(name, data)
             write_text_atomic(self.local / MARK, json.dumps({"id": remote}))
             return True
 
-    def push(self, names: Iterable[str] = MIRRORED) -> None:
+    def push(self, names: Iterable[str] = MIRRORED, *, whole: bool = True) -> None:
         """Upload ``names`` from the staging directory (the logbook merged with the
-        bucket's), then a new ``.mirror.json``."""
+        bucket's), then a new ``.mirror.json``. ``whole=False``: the metrics go up as the
+        lines appended since this mirror's last push (see the module docstring)."""
         with self._locked():
             self.fs.invalidate_cache()
             for name in names:
                 path = self.local / name
+                if name == METRICS:
+                    if path.is_file():
+                        self._push_metrics(path, whole)
+                    continue
                 if name == LOGBOOK:
                     here = path.read_text() if path.is_file() else ""
                     there = (self._cat(LOGBOOK) or b"").decode("utf-8", "replace")
@@ -206,12 +230,12 @@ class RunMirror:
             self.fs.pipe_file(self._remote(MARK), mark.encode())
             write_text_atomic(self.local / MARK, mark)
 
-    def try_push(self, names: Iterable[str] = MIRRORED) -> bool:
+    def try_push(self, names: Iterable[str] = MIRRORED, *, whole: bool = True) -> bool:
         """``push``, where a failing object store costs the mirror, never the run: the
         error is printed and the files stay staged for the next push. True if it pushed."""
         names = tuple(names)
         try:
-            self.push(names)
+            self.push(names, whole=whole)
             return True
         except Exception as e:  # noqa: BLE001 - object-store errors come in many types
             print(f"opt-ray: could not mirror {', '.join(names)} to {self.url} "
@@ -240,5 +264,130 @@ class RunMirror:
     def read(self, name: str) -> bytes | None:
         """One file of the run directory as the bucket holds it (None if absent)."""
         self.fs.invalidate_cache()
+        if name == METRICS:
+            gen = self._metrics_generation()
+            base = self._cat(METRICS)
+            if gen is None or base is None or len(base) != gen["base"]:
+                return base
+            return base + b"".join(self._metrics_parts(gen["gen"], len(base)))
         return self._cat(name)
+
+    # -- metrics: whole at checkpoints, appended parts between them ----------------------
+    def _metrics_generation(self) -> dict | None:
+        raw = self._cat(f"{PARTS}/gen.json")
+        try:
+            gen = json.loads(raw) if raw else None
+            return gen if isinstance(gen, dict) and {"gen", "base"} <= gen.keys() else None
+        except json.JSONDecodeError:
+            return None
+
+    def _metrics_parts(self, gen: str, start: int) -> Iterator[bytes]:
+        """The parts of generation ``gen`` that continue the file from byte ``start``, in
+        order, up to the first gap."""
+        try:
+            names = self.fs.ls(self._remote(f"{PARTS}/{gen}"), detail=False)
+        except FileNotFoundError:
+            return
+        offsets = {}
+        for p in names:
+            stem = p.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+            if stem.isdigit():
+                offsets[int(stem)] = p
+        at = start
+        for off in sorted(offsets):
+            if off < at:
+                continue
+            if off > at:
+                return
+            data = self.fs.cat_file(offsets[off])
+            yield data
+            at += len(data)
+
+    def _push_metrics(self, path: Path, whole: bool) -> None:
+        state = self._metrics_state()
+        size = path.stat().st_size
+        if not whole and state is not None and state.get("writer") == self._writer \
+                and size >= state["size"] and self._continues(path, state):
+            with open(path, "rb") as f:
+                f.seek(state["size"])
+                data = f.read(size - state["size"])
+            data = data[:data.rfind(b"\n") + 1]  # whole lines: a torn one waits
+            if data:
+                self.fs.pipe_file(self._remote(f"{PARTS}/{state['gen']}/{state['size']:016d}.jsonl"),
+                                  data)
+                self._save_metrics_state(state["gen"], state["size"] + len(data), data[-64:])
+            return
+        data = path.read_bytes()
+        gen = uuid.uuid4().hex[:16]
+        self.fs.pipe_file(self._remote(METRICS), data)
+        self.fs.pipe_file(self._remote(f"{PARTS}/gen.json"),
+                          json.dumps({"gen": gen, "base": len(data)}).encode())
+        self._save_metrics_state(gen, len(data), data[-64:])
+        try:  # the parts of earlier generations are in the whole file now
+            for p in self.fs.ls(self._remote(PARTS), detail=False):
+                if p.rstrip("/").rsplit("/", 1)[-1] not in (gen, "gen.json"):
+                    self.fs.rm(p, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def _pull_metrics(self) -> None:
+        path = self.local / METRICS
+        gen = self._metrics_generation()
+        if gen is None:  # no metrics yet, or a bucket written before the parts existed
+            data = self._cat(METRICS)
+            if data is not None:
+                self._replace(METRICS, data)
+            (self.local / _METRICS_STATE).unlink(missing_ok=True)
+            return
+        state = self._metrics_state()
+        here = path.stat().st_size if path.is_file() else -1
+        if state is not None and state["gen"] == gen["gen"] and here >= state["size"] \
+                and self._continues(path, state):
+            if here > state["size"]:
+                return  # this node's rank 0 wrote lines not pushed yet: it is ahead
+            size = here
+        else:
+            base = self._cat(METRICS)
+            if base is None or len(base) != gen["base"]:
+                return  # a new generation is being written: the next pull takes it
+            self._replace(METRICS, base)
+            size = len(base)
+            self._save_metrics_state(gen["gen"], size, base[-64:], writer=None)
+        tail = b""
+        with open(path, "ab") as f:
+            for data in self._metrics_parts(gen["gen"], size):
+                f.write(data)
+                size += len(data)
+                tail = (tail + data)[-64:]
+        if tail:
+            self._save_metrics_state(gen["gen"], size, tail, writer=None)
+
+    def _metrics_state(self) -> dict | None:
+        try:
+            state = json.loads((self.local / _METRICS_STATE).read_text())
+            return state if {"gen", "size", "tail"} <= state.keys() else None
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+
+    def _save_metrics_state(self, gen: str, size: int, tail: bytes, writer: str | None = "") -> None:
+        write_text_atomic(self.local / _METRICS_STATE, json.dumps({
+            "gen": gen, "size": size, "tail": tail.hex(),
+            "writer": self._writer if writer == "" else writer}))
+
+    @staticmethod
+    def _continues(path: Path, state: dict) -> bool:
+        """The local file still starts with what the state describes (its bytes before
+        ``size`` end with the recorded tail): not rewritten by a trim since."""
+        tail = bytes.fromhex(state["tail"])
+        try:
+            with open(path, "rb") as f:
+                f.seek(state["size"] - len(tail))
+                return f.read(len(tail)) == tail
+        except (OSError, ValueError):
+            return False
+
+    def _replace(self, name: str, data: bytes) -> None:
+        tmp = self.local / f".{name}.pull"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.local / name)
 

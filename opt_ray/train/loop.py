@@ -368,12 +368,13 @@ class Trainer:
         if self.rank == 0:
             self.logbook.event(kind, **fields)
 
-    def sync(self, names: Iterable[str] = MIRRORED) -> None:
+    def sync(self, names: Iterable[str] = MIRRORED, *, whole: bool = True) -> None:
         """Rank 0 mirrors the run directory (or ``names`` of it) to its URL (``--output
-        s3://...``). A failed upload is logged and retried at the next sync: the checkpoint
-        is already committed and nothing local is lost."""
+        s3://...``); ``whole=False`` uploads only the metrics lines added since the last
+        sync (``run_dir``). A failed upload is logged and retried at the next sync: the
+        checkpoint is already committed and nothing local is lost."""
         if self.rank == 0 and self.mirror is not None:
-            self.mirror.try_push(names)
+            self.mirror.try_push(names, whole=whole)
 
     def _train_state(self) -> dict[str, Any]:
         return {
@@ -751,7 +752,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                 trainer.save()
                 pushed = time.monotonic()  # save() pushed every file
             elif cfg.mirror_every and time.monotonic() - pushed >= cfg.mirror_every:
-                trainer.sync((METRICS, LOGBOOK))  # readers elsewhere follow the run
+                trainer.sync((METRICS, LOGBOOK), whole=False)  # readers elsewhere follow
                 pushed = time.monotonic()
         trainer.ckpt.close()  # the last (possibly asynchronous) save is committed first
         trainer._event("finish", step=trainer.step, tokens=trainer.tokens_seen,

@@ -331,27 +331,123 @@ def test_rank0_pushes_metrics_between_checkpoints(s3, shards, tmp_path, monkeypa
     from opt_ray.run_dir import RunMirror
     from opt_ray.train.loop import train
 
-    seen: list[tuple[tuple[str, ...], list[int]]] = []
+    from opt_ray.train.checkpoint import Loc
+
+    seen: list[tuple[tuple[str, ...], list[int], list[int]]] = []
     real = RunMirror.try_push
 
-    def watched(self, names=None):  # the real push, then what the bucket holds
-        ok = real(self, *(() if names is None else (names,)))
+    def watched(self, names=None, **kw):  # the real push, then what the bucket holds
+        ok = real(self, *(() if names is None else (names,)), **kw)
+        # What a reader on another node assembles, and the whole-file object alone.
         steps = [json.loads(l)["step"] for l in _bucket_lines(self.url, "metrics.jsonl")]
-        seen.append((tuple(names) if names is not None else ("all",), steps))
+        obj = Loc(f"{self.url}/metrics.jsonl")
+        whole = [json.loads(l)["step"] for l in obj.read_text().splitlines()] if obj.exists() else []
+        seen.append((tuple(names) if names is not None else ("all",), steps, whole))
         return ok
 
     monkeypatch.setattr(RunMirror, "try_push", watched)
     url = s3.url("runs", "live")
     train(tiny_cfg(shards, url, steps=4, checkpoint_every=4, mirror_every=1e-6))
-    pushes = [(names, steps) for names, steps in seen if steps]
-    assert pushes[:3] == [(("metrics.jsonl", "logbook.jsonl"), [1]),
-                          (("metrics.jsonl", "logbook.jsonl"), [1, 2]),
-                          (("metrics.jsonl", "logbook.jsonl"), [1, 2, 3])]
-    assert pushes[3][1] == [1, 2, 3, 4] and len(pushes) == 5  # the checkpoint's, the finish's
+    pushes = [p for p in seen if p[1]]
+    both = ("metrics.jsonl", "logbook.jsonl")
+    # The first push of a process is the whole file; then only the new lines go up, as
+    # parts after it: the whole-file object stays at step 1 until the checkpoint.
+    assert pushes[:3] == [(both, [1], [1]), (both, [1, 2], [1]), (both, [1, 2, 3], [1])]
+    assert pushes[3][1:] == ([1, 2, 3, 4], [1, 2, 3, 4]) and len(pushes) == 5  # checkpoint, finish
+    # The checkpoint's whole upload replaced the parts of the generation before it.
+    parts = [p for p in Loc(f"{url}/metrics.parts").files() if not p.endswith("gen.json")]
+    assert parts == [], parts
 
     seen.clear()
     train(tiny_cfg(shards, s3.url("runs", "quiet"), steps=3, checkpoint_every=3, mirror_every=0))
-    assert [steps for _, steps in seen if steps] == [[1, 2, 3], [1, 2, 3]]
+    assert [p[1] for p in seen if p[1]] == [[1, 2, 3], [1, 2, 3]]
+
+
+def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tmp_path, monkeypatch):
+    """Between checkpoints only the metrics lines appended since the last push are
+    uploaded (one object per push); a reader assembles the whole file and, once it holds
+    a generation, downloads only the parts it lacks; a rewritten file (a rollback's trim)
+    or a new writer process starts a new whole generation; a pull on rank 0's own node
+    never drops the lines rank 0 has not pushed yet."""
+    from opt_ray.artifacts import write_text_atomic
+    from opt_ray.run_dir import RunMirror
+    from opt_ray.train.checkpoint import Loc
+
+    url = s3.url("runs", "parts")
+    rank0, reader = RunMirror(url, tmp_path / "rank0"), RunMirror(url, tmp_path / "laptop")
+    rank0.local.mkdir(parents=True)
+    path = rank0.local / "metrics.jsonl"
+
+    def add(*steps: int, torn: str = "") -> None:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps({"step": s, "loss": 9.0 - s / 10}) + "\n" for s in steps) + torn)
+
+    def steps_in(p: Path) -> list[int]:
+        return [json.loads(l)["step"] for l in p.read_text().splitlines()]
+
+    def objects() -> dict[str, int]:
+        fs = rank0.fs
+        return {p.rsplit("metrics.parts/", 1)[1]: fs.size(p)
+                for p in fs.find(f"{rank0.root}/metrics.parts")}
+
+    add(1, 2, 3)
+    rank0.push(["metrics.jsonl"], whole=False)  # this process's first push: the whole file
+    base = path.stat().st_size
+    gen = json.loads(Loc(f"{url}/metrics.parts/gen.json").read_text())
+    assert gen["base"] == base and list(objects()) == ["gen.json"]
+    add(4, 5)
+    rank0.push(["metrics.jsonl"], whole=False)
+    part = f"{gen['gen']}/{base:016d}.jsonl"
+    assert objects()[part] == path.stat().st_size - base  # exactly the two new lines
+    assert steps_in_bytes(Loc(f"{url}/metrics.jsonl").read_bytes()) == [1, 2, 3]  # untouched
+    assert reader.pull() and steps_in(reader.local / "metrics.jsonl") == [1, 2, 3, 4, 5]
+
+    # The reader holds this generation: the next pull downloads the new part only.
+    add(6, torn='{"step": 7, "lo')  # a line being written stays for the next push
+    rank0.push(["metrics.jsonl"], whole=False)
+    fetched: list[str] = []
+    real_cat = reader.fs.cat_file  # fsspec binds its sync methods per instance
+
+    def cat_file(p, *a, **kw):
+        fetched.append(str(p))
+        return real_cat(p, *a, **kw)
+
+    monkeypatch.setattr(reader.fs, "cat_file", cat_file)
+    assert reader.pull() and steps_in(reader.local / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert not [p for p in fetched if p.endswith("/metrics.jsonl") or p.endswith(part)], fetched
+    assert any("metrics.parts/" + gen["gen"] in p for p in fetched), fetched
+    monkeypatch.undo()
+
+    # On rank 0's node another process (the driver's bar) pulls after the controller
+    # pushed the logbook: rank 0's unpushed lines stay.
+    with open(path, "a") as f:
+        f.write('ss": 8.3}\n')
+    add(8)
+    RunMirror(url, tmp_path / "controller").push(["logbook.jsonl"])
+    assert RunMirror(url, rank0.local).pull()
+    assert steps_in(path) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+    # A rollback rewrites the file shorter: the next push is a new whole generation and
+    # the earlier parts go; a reader replaces its copy rather than appending to it.
+    write_text_atomic(path, "".join(l + "\n" for l in path.read_text().splitlines()[:4]))
+    rank0.push(["metrics.jsonl"], whole=False)
+    gen2 = json.loads(Loc(f"{url}/metrics.parts/gen.json").read_text())
+    assert gen2["gen"] != gen["gen"] and list(objects()) == ["gen.json"]
+    assert steps_in_bytes(Loc(f"{url}/metrics.jsonl").read_bytes()) == [1, 2, 3, 4]
+    assert reader.pull() and steps_in(reader.local / "metrics.jsonl") == [1, 2, 3, 4]
+
+    # A restarted rank 0 (a new process, the same staging directory) starts a generation
+    # of its own rather than continuing another process's parts.
+    add(5)
+    again = RunMirror(url, rank0.local)
+    again.push(["metrics.jsonl"], whole=False)
+    gen3 = json.loads(Loc(f"{url}/metrics.parts/gen.json").read_text())
+    assert gen3["gen"] != gen2["gen"] and gen3["base"] == path.stat().st_size
+    assert steps_in_bytes(RunMirror(url, tmp_path / "fresh").read("metrics.jsonl")) == [1, 2, 3, 4, 5]
+
+
+def steps_in_bytes(data: bytes) -> list[int]:
+    return [json.loads(l)["step"] for l in data.decode().splitlines()]
 
 
 def test_logbook_follow_url_prints_rank0s_pushes_until_finish(s3, tmp_path, monkeypatch, capsys):
