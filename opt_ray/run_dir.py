@@ -341,11 +341,13 @@ class RunMirror:
             return
         state = self._metrics_state()
         here = path.stat().st_size if path.is_file() else -1
-        if state is not None and state["gen"] == gen["gen"] and here >= state["size"] \
+        if state is not None and state["gen"] == gen["gen"] and state.get("writer"):
+            # Rank 0 on this node pushed this generation: its copy is the newest (lines
+            # not pushed yet, or a rollback's trim not pushed yet), never the bucket's.
+            return
+        if state is not None and state["gen"] == gen["gen"] and here == state["size"] \
                 and self._continues(path, state):
-            if here > state["size"]:
-                return  # this node's rank 0 wrote lines not pushed yet: it is ahead
-            size = here
+            size = here  # holds this generation up to here: the parts after it only
         else:
             base = self._cat(METRICS)
             if base is None or len(base) != gen["base"]:

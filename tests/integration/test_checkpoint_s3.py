@@ -419,13 +419,19 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
     monkeypatch.undo()
 
     # On rank 0's node another process (the driver's bar) pulls after the controller
-    # pushed the logbook: rank 0's unpushed lines stay.
+    # pushed the logbook: rank 0's unpushed lines stay, and so does a trim rank 0 made
+    # (a restarted rank trims before its first push) rather than the bucket's longer copy.
     with open(path, "a") as f:
         f.write('ss": 8.3}\n')
     add(8)
     RunMirror(url, tmp_path / "controller").push(["logbook.jsonl"])
     assert RunMirror(url, rank0.local).pull()
     assert steps_in(path) == [1, 2, 3, 4, 5, 6, 7, 8]
+    trimmed = "".join(l + "\n" for l in path.read_text().splitlines()[:5])
+    write_text_atomic(path, trimmed)
+    RunMirror(url, tmp_path / "controller").push(["logbook.jsonl"])
+    assert RunMirror(url, rank0.local).pull() and path.read_text() == trimmed
+    add(6, 7, 8)
 
     # A rollback rewrites the file shorter: the next push is a new whole generation and
     # the earlier parts go; a reader replaces its copy rather than appending to it.
