@@ -234,15 +234,26 @@ def _trainer_cls():
             return super()._initialize_and_run_controller(**kwargs)
 
         def _create_default_callbacks(self):
-            # The gang reads its shards itself and passes no Ray Datasets, but Ray Train's
-            # DatasetsCallback starts a DatasetManager actor on every gang start and
-            # restart anyway: one more process that imports ray.data (~3 s of a core).
+            from ray._private.worker import get_dashboard_url
             from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback)
 
-            callbacks = super()._create_default_callbacks()
+            unwanted: list[type] = []
             if not self.datasets:
-                callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-            return callbacks
+                # The gang reads its shards itself and passes no Ray Datasets, but the
+                # DatasetsCallback starts a DatasetManager actor on every gang start and
+                # restart anyway: one more process that imports ray.data (~3 s of a core).
+                unwanted.append(DatasetsCallback)
+            if not get_dashboard_url():
+                # The cleaner watches the controller through the state API, which lives
+                # in the dashboard: on a Ray without one (`opt-ray train`'s embedded Ray)
+                # it could never see the controller die, and it logged "Failed to query
+                # Ray Train Controller actor state" every second of the run. There, the
+                # gang's placement group goes with the driver's cluster anyway.
+                unwanted.append(PlacementGroupCleanerCallback)
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, tuple(unwanted))]
 
         def _register_sigint_handler(self, controller) -> None:
             if self._on_signal is None:
