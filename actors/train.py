@@ -22,7 +22,11 @@ Thin by design. The Ray touch points:
   resumes; a driver that was SIGKILLed leaves the file behind and the next invocation
   writes the event for it;
 - a controller callback writes ``worker_lost`` events to the logbook, and a driver
-  thread shows a progress bar from ``metrics.jsonl``.
+  thread shows a progress bar from ``metrics.jsonl``;
+- two of Ray Train's own callbacks are left out where they only cost: the DatasetManager
+  actor (the gang passes no Ray Datasets) and, on a Ray without a dashboard, the
+  placement-group cleaner (see ``GangTrainer._create_default_callbacks``). This module
+  imports no torch: the driver and the controller load it too.
 """
 
 from __future__ import annotations
@@ -39,11 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opt_ray.errors import UserError
-from opt_ray.logbook import Logbook
-from opt_ray.run_dir import DRIVER as DRIVER_FILE
 from opt_ray.config import TrainConfig
-from opt_ray.logbook import METRICS
+from opt_ray.errors import UserError
+from opt_ray.logbook import METRICS, Logbook
+from opt_ray.run_dir import DRIVER as DRIVER_FILE
 
 USER_ERRORS = ".user_errors"
 
