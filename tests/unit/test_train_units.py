@@ -144,3 +144,15 @@ def test_recipe_keeps_the_global_batch_and_the_papers_warmup():
     assert plan_recipe(big, 2048, 8).warmup_steps == 2000 and plan_recipe(big, 2048, 8).peak_lr == 1.2e-4
     with pytest.raises(UserError, match="do not split over 3"):
         plan_recipe(cfg, 2048, 3)
+
+
+def test_the_gang_module_imports_no_torch():
+    """The driver and the Ray Train controller (which unpickles the gang's callbacks)
+    load actors.train on every gang start: ~2 s of a core each if it pulled torch in."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys, actors.train; "
+                        "print(sorted(m for m in ('torch', 'ray.train') if m in sys.modules))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
