@@ -315,14 +315,14 @@ class RunMirror:
             if data:
                 self.fs.pipe_file(self._remote(f"{PARTS}/{state['gen']}/{state['size']:016d}.jsonl"),
                                   data)
-                self._save_metrics_state(state["gen"], state["size"] + len(data), data[-64:])
+                self._save_metrics_state(state["gen"], state["size"] + len(data), self._writer)
             return
         data = path.read_bytes()
         gen = uuid.uuid4().hex[:16]
         self.fs.pipe_file(self._remote(METRICS), data)
         self.fs.pipe_file(self._remote(f"{PARTS}/gen.json"),
                           json.dumps({"gen": gen, "base": len(data)}).encode())
-        self._save_metrics_state(gen, len(data), data[-64:])
+        self._save_metrics_state(gen, len(data), self._writer)
         try:  # the parts of earlier generations are in the whole file now
             for p in self.fs.ls(self._remote(PARTS), detail=False):
                 if p.rstrip("/").rsplit("/", 1)[-1] not in (gen, "gen.json"):
@@ -354,15 +354,11 @@ class RunMirror:
                 return  # a new generation is being written: the next pull takes it
             self._replace(METRICS, base)
             size = len(base)
-            self._save_metrics_state(gen["gen"], size, base[-64:], writer=None)
-        tail = b""
         with open(path, "ab") as f:
             for data in self._metrics_parts(gen["gen"], size):
                 f.write(data)
                 size += len(data)
-                tail = (tail + data)[-64:]
-        if tail:
-            self._save_metrics_state(gen["gen"], size, tail, writer=None)
+        self._save_metrics_state(gen["gen"], size, None)
 
     def _metrics_state(self) -> dict | None:
         try:
@@ -371,10 +367,15 @@ class RunMirror:
         except (OSError, json.JSONDecodeError, AttributeError):
             return None
 
-    def _save_metrics_state(self, gen: str, size: int, tail: bytes, writer: str | None = "") -> None:
+    def _save_metrics_state(self, gen: str, size: int, writer: str | None) -> None:
+        """Record that the local ``metrics.jsonl`` holds generation ``gen`` up to ``size``,
+        pushed by ``writer`` (this mirror) or pulled (None), with the bytes it then ends
+        with (``_continues``)."""
+        with open(self.local / METRICS, "rb") as f:
+            f.seek(max(0, size - 64))
+            tail = f.read(size - f.tell())
         write_text_atomic(self.local / _METRICS_STATE, json.dumps({
-            "gen": gen, "size": size, "tail": tail.hex(),
-            "writer": self._writer if writer == "" else writer}))
+            "gen": gen, "size": size, "tail": tail.hex(), "writer": writer}))
 
     @staticmethod
     def _continues(path: Path, state: dict) -> bool:
