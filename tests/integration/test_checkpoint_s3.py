@@ -382,8 +382,8 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
         with open(path, "a") as f:
             f.write("".join(json.dumps({"step": s, "loss": 9.0 - s / 10}) + "\n" for s in steps) + torn)
 
-    def steps_in(p: Path) -> list[int]:
-        return [json.loads(l)["step"] for l in p.read_text().splitlines()]
+    def steps(run_dir: Path) -> list[int]:
+        return [m["step"] for m in metrics(run_dir)]
 
     def objects() -> dict[str, int]:
         fs = rank0.fs
@@ -400,7 +400,7 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
     part = f"{gen['gen']}/{base:016d}.jsonl"
     assert objects()[part] == path.stat().st_size - base  # exactly the two new lines
     assert steps_in_bytes(Loc(f"{url}/metrics.jsonl").read_bytes()) == [1, 2, 3]  # untouched
-    assert reader.pull() and steps_in(reader.local / "metrics.jsonl") == [1, 2, 3, 4, 5]
+    assert reader.pull() and steps(reader.local) == [1, 2, 3, 4, 5]
 
     # The reader holds this generation: the next pull downloads the new part only.
     add(6, torn='{"step": 7, "lo')  # a line being written stays for the next push
@@ -413,7 +413,7 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
         return real_cat(p, *a, **kw)
 
     monkeypatch.setattr(reader.fs, "cat_file", cat_file)
-    assert reader.pull() and steps_in(reader.local / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert reader.pull() and steps(reader.local) == [1, 2, 3, 4, 5, 6]
     assert not [p for p in fetched if p.endswith("/metrics.jsonl") or p.endswith(part)], fetched
     assert any("metrics.parts/" + gen["gen"] in p for p in fetched), fetched
     monkeypatch.undo()
@@ -426,7 +426,7 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
     add(8)
     RunMirror(url, tmp_path / "controller").push(["logbook.jsonl"])
     assert RunMirror(url, rank0.local).pull()
-    assert steps_in(path) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert steps(rank0.local) == [1, 2, 3, 4, 5, 6, 7, 8]
     trimmed = "".join(l + "\n" for l in path.read_text().splitlines()[:5])
     write_text_atomic(path, trimmed)
     RunMirror(url, tmp_path / "controller").push(["logbook.jsonl"])
@@ -440,7 +440,7 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
     gen2 = json.loads(Loc(f"{url}/metrics.parts/gen.json").read_text())
     assert gen2["gen"] != gen["gen"] and list(objects()) == ["gen.json"]
     assert steps_in_bytes(Loc(f"{url}/metrics.jsonl").read_bytes()) == [1, 2, 3, 4]
-    assert reader.pull() and steps_in(reader.local / "metrics.jsonl") == [1, 2, 3, 4]
+    assert reader.pull() and steps(reader.local) == [1, 2, 3, 4]
 
     # A restarted rank 0 (a new process, the same staging directory) starts a generation
     # of its own rather than continuing another process's parts.
