@@ -98,8 +98,8 @@ def hf_static(hf, reqs, batch: int) -> tuple[int, int]:
     for i in range(0, len(reqs), batch):
         chunk = reqs[i:i + batch]
         L = max(len(p) for p, _ in chunk)
-        ids = torch.tensor([[1] * (L - len(p)) + p for p, _ in chunk])
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p, _ in chunk])
+        ids = torch.tensor([[1] * (L - len(p)) + p for p, _ in chunk], device=hf.device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p, _ in chunk], device=hf.device)
         new = max(m for _, m in chunk)
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="weights/KV dtype for both sides (default float32)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where both sides run (default cpu; cuda: one GPU, both sides on it)")
     ap.add_argument("--rates", default="0.25,1", help="Poisson arrival rates (req/s)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,15 +190,16 @@ def main() -> None:
         ckpt = Path(tmp) / "opt-125m-random"
         build_125m(ckpt, args.dtype)
         dt = getattr(torch, args.dtype)
-        hf = OPTForCausalLM.from_pretrained(str(ckpt), dtype=dt).eval()
+        hf = OPTForCausalLM.from_pretrained(str(ckpt), dtype=dt).to(args.device).eval()
         engine = engine_from_checkpoint(ckpt, EngineConfig(max_num_seqs=8, max_model_len=256, dtype=args.dtype,
-                                                          threads=args.threads))
+                                                          threads=args.threads, device=args.device))
         # Warm-up both (first calls allocate and pick kernels).
         hf_static(hf, single[:1], 1)
         engine_closed_loop(engine, single[:1], "warm")
 
         res: dict = {"bench": "serve", "model": "125m shape, random weights", "dtype": args.dtype,
-                     "threads": args.threads, "cpus": os.cpu_count(), "torch": torch.__version__,
+                     "threads": args.threads, "cpus": os.cpu_count(), "device": args.device,
+                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "torch": torch.__version__,
                      "machine": platform.machine(), "load_avg_at_start": os.getloadavg()[0]}
         # Single request, one at a time, alternating sides request by request.
         te = {"tok": 0, "wall": 0.0, "cpu": 0.0}

@@ -109,7 +109,8 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     models = {}
-    ours = OPT(cfg).to(dev)
+    with dev:  # built where it runs (a 1.3b init on the CPU first costs more than the steps)
+        ours = OPT(cfg)
     if "ours" in sides:
         models["ours"] = ours
     if "trainer" in sides:
@@ -121,7 +122,8 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
         import transformers
         hcfg = transformers.OPTConfig(**config_to_hf(cfg))
         hcfg._attn_implementation = "sdpa"  # transformers' fastest built-in path
-        hf = transformers.OPTForCausalLM(hcfg).to(dev)
+        with dev:
+            hf = transformers.OPTForCausalLM(hcfg)
         hf.load_state_dict(ours.state_dict())
         models["hf"] = hf
     if args.compile:
@@ -176,7 +178,7 @@ def _trainer(args: argparse.Namespace, cfg, weights, dev: torch.device):
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
     shards = _random_shards(work / "shards", cfg.vocab_size - 7, args.seq_len, args.batch * 64)
-    _ensure_process_group()
+    _ensure_process_group(args.device)  # NCCL beside gloo on CUDA, as a GPU gang has
     tcfg = TrainConfig(data=str(shards), output=str(work / "run"), preset=args.preset, steps=10_000,
                        batch_tokens=args.batch * args.seq_len, micro_batch=args.batch, lr=6e-4,
                        precision=args.dtype, device=args.device, guard=False, dropout=cfg.dropout,

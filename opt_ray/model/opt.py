@@ -291,6 +291,10 @@ IGNORE_INDEX = -100
 _LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
+# -log(1e-30): a target probability below 1e-30 is inexact (or 0) after the softmax in fp32.
+_UNDERFLOW_NLL = 69.0776
+
+
 def _loss_chunk_rows(vocab: int, in_place: bool) -> int:
     """Logit rows per chunk of the fused loss over a ``vocab``-wide (TP-local) head: one
     chunk's scratch is ``_LOSS_CHUNK_ELEMENTS`` x 8 bytes in fp32 either way (logits and
@@ -346,7 +350,7 @@ class _LMHeadLoss(torch.autograd.Function):
             denom = valid.sum().clamp(min=1).to(torch.float32)
             scale = (valid / denom).unsqueeze(1)                     # (N, 1) d(mean)/d(row)
             tgt = targets.clamp(min=0).unsqueeze(1)                  # (N, 1)
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            nll_rows = torch.empty(N, dtype=torch.float32, device=h.device)  # each row's loss
             # The gradients are made chunk by chunk from each chunk's d(loss)/d(logits): no
             # (N, V) tensor is held, only the outputs. In a half compute dtype with several
             # chunks the head's gradient sums in fp32 (chunk sums must not round), which
@@ -391,15 +395,11 @@ class _LMHeadLoss(torch.autograd.Function):
                          else torch._softmax(logits, 1, False, out=logits))
                     picked = p.gather(1, tgt[s:e]).squeeze(1)
                     nll = -picked.log()
-                    # A probability that underflowed (a logit gap over ~70 nats) is inexact
-                    # or gives inf: recompute those rare rows exactly, from their logits made
-                    # again (in place, the softmax is over the first ones).
-                    tiny = picked < 1e-30
-                    # (A meta tensor has no values to test; a shape-only run skips the repair.)
-                    if not tiny.is_meta and tiny.any():
-                        lf = (hc[s:e][tiny] @ wc.t()).float()
-                        nll[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, tgt[s:e][tiny]).squeeze(1)
-                loss += (nll * valid[s:e]).sum()
+                    # A probability that underflowed (a logit gap over ~69 nats) is inexact
+                    # or gives inf: those rare rows are recomputed exactly after the loop,
+                    # which asks the device once whether there are any (a question per
+                    # chunk would stall a GPU's queue once per chunk).
+                nll_rows[s:e] = nll
                 del logits                                           # p is all the rest needs
                 if grad:
                     # softmax - onehot (the one-hot only on the rank that holds the target)
@@ -421,6 +421,17 @@ class _LMHeadLoss(torch.autograd.Function):
                             grad_w += (gc.t() @ hc[s:e]).float()
                     del gc
                 del p
+            if tp_group is None:
+                # Rows whose target's probability underflowed (below 1e-30, -log gives an
+                # inexact value or inf): their exact loss from their
+                # logits made again. Their gradient (softmax - one-hot) was exact already.
+                # (A meta tensor has no values to test; a shape-only run skips the repair.)
+                tiny = nll_rows > _UNDERFLOW_NLL
+                if not tiny.is_meta and tiny.any():
+                    lf = (hc[tiny] @ wc.t()).float()
+                    pt = tgt[tiny]
+                    nll_rows[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, pt).squeeze(1)
+            loss = (nll_rows * valid).sum()
             if whole:
                 grad_h = g @ wc if need_h else None                  # (N, e)
                 grad_w = g.t() @ hc if need_w else None              # (V, e)

@@ -39,12 +39,17 @@ def _cfg(shards, out, precision, world=1):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_trainer_step_on_one_gpu(shards, tmp_path, precision):
+def test_trainer_step_on_one_gpu(shards, tmp_path, precision, monkeypatch):
     from opt_ray.train.loop import Trainer, _ensure_process_group
 
-    _ensure_process_group()  # gloo world of one: no collective runs with dp = tp = 1
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # a fresh store for each world
+
+    # A world of one with NCCL for CUDA tensors, as a GPU gang has: the step's reductions
+    # (loss, grad-norm pieces, the fp16 overflow vote) and FSDP2's collectives go through it.
+    made = _ensure_process_group("cuda")
     t = Trainer(_cfg(shards, tmp_path / precision, precision))
     try:
+        assert made and "nccl" in str(torch.distributed.get_backend()).lower()
         assert t.device.type == "cuda"
         assert all(p.device.type == "cuda" for p in t.model.parameters())
         recs = [t.train_step() for _ in range(4)]
@@ -53,6 +58,8 @@ def test_trainer_step_on_one_gpu(shards, tmp_path, precision):
         assert (recs[0]["loss_scale"] is not None) == (precision == "fp16")
     finally:
         t.close()
+        if made:
+            torch.distributed.destroy_process_group()
 
 
 def _gang_worker(rank: int, world: int, port: int, shards: str, out: str, precision: str) -> None:
