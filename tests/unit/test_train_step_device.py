@@ -75,3 +75,37 @@ def test_growth_step_unscales_by_the_scale_the_backward_used(shards, tmp_path):
         finally:
             t.close()
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+
+
+def test_clipped_update_equals_adamw_on_clipped_gradients(shards, tmp_path):
+    """The clip factor rides in the fused AdamW kernel (its ``grad_scale``): the update
+    must equal a plain (for-loop) AdamW applied to gradients scaled to the clip norm."""
+    import math
+
+    t = _trainer(shards, tmp_path / "run")
+    try:
+        assert t.optimizer.defaults.get("fused"), "this CPU build has torch's fused AdamW"
+        t.clip = 1e-3  # far below the first step's gradient norm: clipping is on
+        t.schedule.apply(t.optimizer, 1)
+        stats = t.forward_backward(t.sampler.next_batch(t.global_rows, t.dp_rank, t.dp_size), 1)
+        _, tp_sq, rep_sq, _ = stats.tolist()
+        norm = math.sqrt(tp_sq + rep_sq)
+        assert norm > 100 * t.clip
+        names = [n for n, p in t.model.named_parameters() if p.grad is not None]
+        params = dict(t.model.named_parameters())
+        ref = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+        factor = t.clip / (norm + 1e-6)
+        for n in names:
+            ref[n].grad = params[n].grad.detach() * factor
+        g = t.optimizer.param_groups[0]
+        torch.optim.AdamW(list(ref.values()), lr=g["lr"], betas=g["betas"], eps=g["eps"],
+                          weight_decay=g["weight_decay"], foreach=False).step()
+        t.apply_update(norm, 1.0)
+        for n in names:
+            assert torch.allclose(params[n].detach(), ref[n].detach(), rtol=1e-5, atol=1e-7), n
+        # An unclipped step leaves no factor behind for the next one.
+        t.clip = 1e9
+        t.apply_update(norm, 1.0)
+        assert t.optimizer.grad_scale is None
+    finally:
+        t.close()
