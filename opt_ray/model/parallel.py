@@ -26,8 +26,9 @@ activations draws the same masks on every rank of a tensor group.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import re
-import sys
 from typing import Iterable, Mapping
 
 import torch
@@ -36,6 +37,8 @@ from torch import nn
 from opt_ray.config import ModelConfig
 from opt_ray.errors import UserError
 from opt_ray.model.opt import OPT
+
+log = logging.getLogger(__name__)
 
 
 class ParallelConfigError(UserError, ValueError):
@@ -71,10 +74,15 @@ def init_model_parallel(tp_size: int):
                                       f"asked for tp={tp_size}; call "
                                       f"fairscale.nn.model_parallel.destroy_model_parallel() first")
     else:
-        # fairscale prints its layout ("> initializing model parallel ...") to stdout, which
-        # belongs to the command's own output (a benchmark's JSON, a CLI's report).
-        with contextlib.redirect_stdout(sys.stderr):
+        # fairscale prints its layout ("> initializing model parallel with size 1", then
+        # ddp and pipeline) to stdout, which belongs to the command's own output (a
+        # benchmark's JSON, a CLI's report), and under Ray Train reached the driver twice
+        # (Ray's print patch and the worker's log both forward it): kept at debug level.
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
             mpu.initialize_model_parallel(tp_size)
+        for line in out.getvalue().splitlines():
+            log.debug("fairscale: %s", line)
     return mpu.get_data_parallel_group(), mpu.get_model_parallel_group()
 
 
