@@ -3,6 +3,7 @@
 # transformers on the 1.3b shape at seq 2048 in bf16 and fp16 (MFU), a larger batch for
 # the trainer's MFU, and the serving engine vs transformers' generate on the GPU.
 #   bash bench/gpu_checks.sh OUTDIR [PART...]   # JSON and logs land in OUTDIR
+#   PYTHON=.venv/bin/python bash bench/gpu_checks.sh OUTDIR   # another interpreter (default python3)
 # PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_b8 step_125m serve
 # Each part has its own time limit and the script goes on past a failed part; the exit
 # status is non-zero if any part failed. Each part's stdout is NAME.out; stderr goes to all.log.
