@@ -88,6 +88,10 @@ class ArtifactWriter:
             return
         self.commit()
 
+    def _file_info(self, name: str, path: Path) -> dict[str, Any]:
+        """A file's manifest entry: its sha256 and size (subclasses may know the hash)."""
+        return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
     def commit(self) -> None:
         files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.name != MANIFEST)
         manifest = {
@@ -97,7 +101,7 @@ class ArtifactWriter:
             "host": socket.gethostname(),
             "code_version": code_version(),
             **self.manifest,
-            "files": {str(p.relative_to(self.path)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            "files": {str(p.relative_to(self.path)): self._file_info(str(p.relative_to(self.path)), p)
                       for p in files},
         }
         write_json_atomic(self.path / MANIFEST, manifest)

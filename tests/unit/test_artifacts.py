@@ -68,3 +68,22 @@ def test_logbook_appends_and_skips_torn_line(tmp_path):
     events = list(lb.events())
     assert [e["event"] for e in events] == ["start", "finish"]
     assert json.loads(lb.path.read_text().splitlines()[1])["step"] == 3
+
+
+def test_prehashed_writer_takes_the_workers_hashes_and_hashes_the_rest(tmp_path):
+    """The data stages' writer trusts a worker's sha256 for a file of the size it reported
+    (the driver does not read the corpus again); a file of another size, or one nobody
+    hashed, is hashed at commit like any artifact's."""
+    import hashlib
+
+    from opt_ray.data.artifact_io import PrehashedArtifactWriter
+
+    out = tmp_path / "a"
+    with PrehashedArtifactWriter(out, kind="dedup") as w:
+        for name, data in (("kept", b"abc"), ("resized", b"abcd"), ("unlisted", b"xyz")):
+            (w.path / name).write_bytes(data)
+        w.known = {"kept": {"sha256": "f" * 64, "bytes": 3}, "resized": {"sha256": "e" * 64, "bytes": 3}}
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert files["kept"] == {"sha256": "f" * 64, "bytes": 3}
+    assert files["resized"] == {"sha256": hashlib.sha256(b"abcd").hexdigest(), "bytes": 4}
+    assert files["unlisted"] == {"sha256": hashlib.sha256(b"xyz").hexdigest(), "bytes": 3}
