@@ -55,14 +55,19 @@ class FailureBudgetExceeded(UserError):
     """The gang failed more often than ``--max-failures`` allows."""
 
 
-def _attempt_counter(cfg: TrainConfig) -> int:
-    """How many times this invocation's gang started before (rank 0 calls it once per
-    start). Counted where every node sees it: in the run directory, or with a bucket
-    ``--output`` in the bucket, since after a node loss rank 0 may start on another node
-    whose staging directory has never seen this run."""
+def _attempts_dir(cfg: TrainConfig):
+    """Where gang starts are counted: in the run directory, or with a bucket ``--output``
+    in the bucket, since after a node loss rank 0 may start on another node whose staging
+    directory has never seen this run."""
     from opt_ray.train.checkpoint import Loc
 
-    d = Loc(cfg.output).child(".attempts")
+    return Loc(cfg.output).child(".attempts")
+
+
+def _attempt_counter(cfg: TrainConfig) -> int:
+    """How many times this invocation's gang started before (rank 0 calls it once per
+    start), counted where every node sees it (``_attempts_dir``)."""
+    d = _attempts_dir(cfg)
     n = len(d.glob(f"{cfg.run_id}-*"))
     d.child(f"{cfg.run_id}-{n}").write_text("")
     return n
@@ -71,9 +76,7 @@ def _attempt_counter(cfg: TrainConfig) -> int:
 def _clear_attempt_counter(cfg: TrainConfig) -> None:
     """The driver's last act: this invocation's gang-start objects go (the next one counts
     from 0 under its own id), and with them an emptied ``.attempts`` directory."""
-    from opt_ray.train.checkpoint import Loc
-
-    d = Loc(cfg.output).child(".attempts")
+    d = _attempts_dir(cfg)
     try:
         for rel in d.glob(f"{cfg.run_id}-*"):
             d.child(rel).rm()
