@@ -20,6 +20,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def committed_steps(run) -> list[int]:
+    """The steps of a run directory's complete checkpoints (those with a manifest), read
+    straight off the filesystem."""
+    from pathlib import Path
+    return sorted(int(p.parent.name[5:]) for p in (Path(run) / "checkpoints").glob("step_*/manifest.json"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

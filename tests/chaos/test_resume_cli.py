@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import committed_steps
 from tests.integration.test_train_gang import events, final_params, make_shards, metrics
 
 pytestmark = pytest.mark.slow
@@ -64,10 +65,6 @@ def _kill_session(sid: int) -> None:
         time.sleep(0.3)
 
 
-def _committed_steps(run: Path) -> list[int]:
-    return sorted(int(p.parent.name[5:]) for p in (run / "checkpoints").glob("step_*/manifest.json"))
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("resume") / "shards")
@@ -97,7 +94,7 @@ def test_killed_driver_then_same_command_resumes_bit_identical(reference, shards
         while True:
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.time() < deadline, "the run never reached step 3"
-            if _committed_steps(out) and max(_committed_steps(out)) >= 3:
+            if committed_steps(out) and max(committed_steps(out)) >= 3:
                 break
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)  # the driver, by PID
@@ -105,7 +102,7 @@ def test_killed_driver_then_same_command_resumes_bit_identical(reference, shards
     finally:
         _kill_session(proc.pid)
         log.close()
-    kept = _committed_steps(out)
+    kept = committed_steps(out)
     assert 1 not in kept and (out / "driver.json").exists()  # pruned by --keep 2
     newest = max(kept)
 

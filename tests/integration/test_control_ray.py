@@ -33,7 +33,7 @@ import pytest
 
 from opt_ray.control.client import ControlClient
 from opt_ray.v1 import control_pb2 as pb
-from tests.conftest import free_port
+from tests.conftest import committed_steps, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -250,10 +250,6 @@ def test_pipeline_survives_a_control_server_restart_and_is_watched_to_the_end(se
     assert kinds.count("stage_submitted") == final.stage_count
 
 
-def _committed(run: Path) -> list[int]:
-    return sorted(int(p.parent.name[5:]) for p in (run / "checkpoints").glob("step_*/manifest.json"))
-
-
 def _resumes(run: Path) -> list[int]:
     """The step each attempt resumed from, as the run's logbook records it."""
     book = run / "logbook.jsonl"
@@ -292,9 +288,9 @@ def test_scale_then_rollback_a_pruned_run(server, work):
             preset="tiny", data=str(shards), output=str(run), min_workers=1,
             max_workers=1, steps=steps, checkpoint_every=2, batch_tokens=4096)))
         # Scale once --keep 2 has pruned the first checkpoints.
-        _wait_for(lambda: _committed(run) and _committed(run)[0] >= 4, "pruned checkpoints", c,
+        _wait_for(lambda: committed_steps(run) and committed_steps(run)[0] >= 4, "pruned checkpoints", c,
                   job.job_id)
-        before_scale = _committed(run)[-1]
+        before_scale = committed_steps(run)[-1]
         resumes_before = len(_resumes(run))
         scaled = c.scale(job.job_id, 1, 2)
         assert scaled.attempts[0].state == pb.STOPPED
@@ -305,9 +301,9 @@ def test_scale_then_rollback_a_pruned_run(server, work):
         _wait_for(lambda: len(_resumes(run)) > resumes_before, "the scaled attempt's resume", c,
                   job.job_id)
         resumed_at = _resumes(run)[-1]
-        _wait_for(lambda: _committed(run)[-1] >= resumed_at + 2, "training after the scale", c,
+        _wait_for(lambda: committed_steps(run)[-1] >= resumed_at + 2, "training after the scale", c,
                   job.job_id)
-        target = _committed(run)[-1]
+        target = committed_steps(run)[-1]
         rolled = c.rollback(job.job_id, target)
         assert f"--resume-from {target}" in rolled.attempts[-1].entrypoint
         final = c.wait(job.job_id, timeout=600)
@@ -335,7 +331,7 @@ def test_scale_then_rollback_a_pruned_run(server, work):
     assert rb and rb[-1]["to_step"] == target
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
-    assert _committed(run)[-1] == steps
+    assert committed_steps(run)[-1] == steps
     streamed = [json.loads(e.metrics_line) for e in replay if e.metrics_line]
     assert [m["step"] for m in streamed] == list(range(1, steps + 1)) and "loss" in streamed[-1]
     assert "".join(e.log for e in replay).count("Running entrypoint") >= 3
