@@ -102,12 +102,21 @@ def store_errors(what: str, doing: str, check: str = "the URL",
         yield
     except UserError:
         raise
-    except (ImportError, ValueError) as e:  # no fsspec implementation for the scheme
+    except (ImportError, ValueError) as e:
+        if not _no_filesystem(e):
+            raise error(f"{what}: {doing} failed ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]})") from e
         raise error(f"{what}: no filesystem for this URL ({e}); use s3://bucket/prefix "
                     f"(s3fs)") from e
     except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
         raise error(f"{what}: the object store refused {doing} ({type(e).__name__}: "
                     f"{' '.join(str(e).split())[:300]}); check {check} and {AWS_HINT}") from e
+
+
+def _no_filesystem(e: Exception) -> bool:
+    """fsspec's answer for a scheme it has no implementation for (unknown, or its package
+    not installed), as opposed to a ValueError from reading what the store returned."""
+    return isinstance(e, ImportError) or str(e).startswith("Protocol not known")
 
 
 def _merge_lines(*texts: str) -> list[str]:
