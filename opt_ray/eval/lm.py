@@ -16,7 +16,7 @@ Everything that decides which tokens are scored follows lm-eval's ``hf`` backend
   left-truncated to leave room for the generated tokens, output cut at the first stop.
 
 The model-side work is a ``Scorer`` (``opt_ray.eval.scoring``) or a pool of them on Ray
-workers (``opt_ray.eval.workers``): anything with ``loglikelihood(pairs)`` and
+workers (``actors.eval``): anything with ``loglikelihood(pairs)`` and
 ``generate(prompts, ...)``.
 """
 
@@ -69,7 +69,7 @@ class OptLM(TemplateLM):
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
         if workers > 1:
-            from opt_ray.eval.workers import WorkerPool
+            from actors.eval import WorkerPool
 
             tok = load_tokenizer(ckpt)
             engine = WorkerPool(ckpt, workers=workers, batch_size=batch_size, dtype=dtype, device=device)
