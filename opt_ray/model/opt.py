@@ -291,8 +291,9 @@ IGNORE_INDEX = -100
 _LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
-# -log(1e-30): a target probability below 1e-30 is inexact (or 0) after the softmax in fp32.
-_UNDERFLOW_NLL = 69.0776
+# A target probability below 1e-30 is inexact (or 0) after the softmax in fp32: a row
+# whose loss -log(p) is above this is recomputed from its logits.
+_UNDERFLOW_NLL = -math.log(1e-30)
 
 
 def _loss_chunk_rows(vocab: int, in_place: bool) -> int:
@@ -394,11 +395,7 @@ class _LMHeadLoss(torch.autograd.Function):
                     p = (torch.softmax(logits, dim=1, dtype=torch.float32) if buf is None
                          else torch._softmax(logits, 1, False, out=logits))
                     picked = p.gather(1, tgt[s:e]).squeeze(1)
-                    nll = -picked.log()
-                    # A probability that underflowed (a logit gap over ~69 nats) is inexact
-                    # or gives inf: those rare rows are recomputed exactly after the loop,
-                    # which asks the device once whether there are any (a question per
-                    # chunk would stall a GPU's queue once per chunk).
+                    nll = -picked.log()                              # repaired after the loop
                 nll_rows[s:e] = nll
                 del logits                                           # p is all the rest needs
                 if grad:
@@ -422,9 +419,10 @@ class _LMHeadLoss(torch.autograd.Function):
                     del gc
                 del p
             if tp_group is None:
-                # Rows whose target's probability underflowed (below 1e-30, -log gives an
-                # inexact value or inf): their exact loss from their
-                # logits made again. Their gradient (softmax - one-hot) was exact already.
+                # Rows whose target's probability underflowed (a logit gap over ~69 nats:
+                # -log gives an inexact value or inf) get their exact loss from their logits
+                # made again; their gradient (softmax - one-hot) was exact already. Asked
+                # once here, not per chunk: each question stalls a GPU's queue.
                 # (A meta tensor has no values to test; a shape-only run skips the repair.)
                 tiny = nll_rows > _UNDERFLOW_NLL
                 if not tiny.is_meta and tiny.any():
