@@ -532,11 +532,12 @@ class Trainer:
         over the gradients. Otherwise the gradients are scaled first."""
         factor = min(self.clip / (grad_norm + 1e-6), 1.0) / (used_scale if self.scaler.enabled else 1.0)
         if self.optimizer.defaults.get("fused"):
-            # A device scalar filled in place: no host-to-device copy to wait for.
-            if self._inv_factor is None:
-                self._inv_factor = torch.ones((), dtype=torch.float32, device=self.device)
-            self._inv_factor.fill_(1.0 / factor)
-            self.optimizer.grad_scale = self._inv_factor if factor != 1.0 else None
+            self.optimizer.grad_scale = None
+            if factor != 1.0:
+                # A device scalar filled in place: no host-to-device copy to wait for.
+                if self._inv_factor is None:
+                    self._inv_factor = torch.ones((), dtype=torch.float32, device=self.device)
+                self.optimizer.grad_scale = self._inv_factor.fill_(1.0 / factor)
         elif factor != 1.0:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, factor)
