@@ -93,7 +93,8 @@ class ArtifactWriter:
         return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
     def commit(self) -> None:
-        files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.name != MANIFEST)
+        files = {str(p.relative_to(self.path)): p
+                 for p in sorted(self.path.rglob("*")) if p.is_file() and p.name != MANIFEST}
         manifest = {
             "kind": self.kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -101,8 +102,7 @@ class ArtifactWriter:
             "host": socket.gethostname(),
             "code_version": code_version(),
             **self.manifest,
-            "files": {str(p.relative_to(self.path)): self._file_info(str(p.relative_to(self.path)), p)
-                      for p in files},
+            "files": {name: self._file_info(name, p) for name, p in files.items()},
         }
         write_json_atomic(self.path / MANIFEST, manifest)
         if self.out.exists():
