@@ -103,11 +103,11 @@ def store_errors(what: str, doing: str, check: str = "the URL",
     except UserError:
         raise
     except (ImportError, ValueError) as e:
-        if not _no_filesystem(e):
-            raise error(f"{what}: {doing} failed ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]})") from e
-        raise error(f"{what}: no filesystem for this URL ({e}); use s3://bucket/prefix "
-                    f"(s3fs)") from e
+        if _no_filesystem(e):
+            raise error(f"{what}: no filesystem for this URL ({e}); use s3://bucket/prefix "
+                        f"(s3fs)") from e
+        raise error(f"{what}: {doing} failed ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]})") from e
     except Exception as e:  # noqa: BLE001 - botocore/s3fs raise many types
         raise error(f"{what}: the object store refused {doing} ({type(e).__name__}: "
                     f"{' '.join(str(e).split())[:300]}); check {check} and {AWS_HINT}") from e
