@@ -29,13 +29,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 part tests_gpu 120 $py -m pytest tests/gpu -q -p no:cacheprovider -k "not bench" -o addopts="" -rA
 part step_bf16 150 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 2 \
-    --repeats 5 --dtype bf16 --sides trainer,hf
+    --repeats 9 --dtype bf16 --sides trainer,hf
 part step_fp16 100 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 2 \
     --repeats 5 --dtype fp16 --sides trainer,hf --no-memory
 part step_bf16_b8 80 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 8 \
     --repeats 4 --dtype bf16 --sides trainer --no-memory
 part step_125m 70 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
-    --repeats 5 --dtype bf16 --sides trainer,hf
+    --repeats 9 --dtype bf16 --sides trainer,hf
 part serve 60 $py bench/serve.py --device cuda --dtype bfloat16 --quick --rates 4,16
 [ -f "$out/tests_gpu.out" ] && tail -n 3 "$out/tests_gpu.out"
 exit $rc

@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
             _sync(args.device)
             t, c = time.perf_counter(), time.process_time()
             losses[side].append(step(side, s))
+            # Whatever a side left queued (an update launched after its last host read)
+            # belongs to its step.
+            _sync(args.device)
             times[side].append(time.perf_counter() - t)
             cpu[side].append(time.process_time() - c)
             print(f"repeat {r} {side}: {times[side][-1]:.2f} s wall, {cpu[side][-1]:.2f} s CPU",

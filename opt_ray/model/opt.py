@@ -17,6 +17,7 @@ OPT quirks, all explicit below:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Protocol
 
@@ -280,27 +281,46 @@ class OPT(nn.Module):
 
 # Target id that contributes no loss (padding), as in torch's cross_entropy and HF labels.
 IGNORE_INDEX = -100
-# Logit rows are turned into probabilities this many elements at a time (fp32 scratch:
-# 64 MiB per tensor; 333 rows at OPT's 50272-entry vocabulary); no (tokens, vocab) tensor
-# is ever whole except, in a half dtype, the logits' gradient where that is the smaller
-# choice (``_whole_logit_grad``). The loss's scratch comes on top of every saved activation, at the end of
-# the forward: on the 125m 4 x 512 fp32 step (bench/train_step.py) 2^25 left the step's
-# peak at 3091 MiB, 2^24 at 3029 MiB. In fp32 without TP the softmax is made in place in
-# the logits' buffer, so a chunk there has twice the rows in the same bytes
-# (``_loss_chunk_rows``): the head's matmuls run at 293 rows ~20% below their rate at 512+.
-_LOSS_CHUNK_ELEMENTS = 1 << 24
+# Logit rows are turned into probabilities this many elements at a time, by device: no
+# (tokens, vocab) tensor is ever whole except, in a half dtype, the logits' gradient where
+# that is the smaller choice (``_whole_logit_grad``). The loss's scratch comes on top of
+# every saved activation, at the end of the forward.
+# - CPU: 2^24 (fp32 scratch of 64 MiB per tensor; 333 rows at OPT's 50272-entry
+#   vocabulary). On the 125m 4 x 512 fp32 step (bench/train_step.py) 2^25 left the step's
+#   peak at 3091 MiB, 2^24 at 3029 MiB. In fp32 without TP the softmax is made in place in
+#   the logits' buffer, so a chunk there has twice the rows in the same bytes
+#   (``_loss_chunk_rows``): the head's matmuls run at 293 rows ~20% below their rate at 512+.
+# - CUDA: 2^26 (512 MiB of fp32 scratch). Each chunk adds its part of the head's gradient
+#   (V x e) into the fp32 sum, so the chunk count multiplies that traffic: at 2^24 the
+#   125m 8 x 2048 bf16 step had 50 chunks and ran 0.86x transformers on an H200.
+_LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
-# A target probability below 1e-30 is inexact (or 0) after the softmax in fp32: a row
-# whose loss -log(p) is above this is recomputed from its logits.
-_UNDERFLOW_NLL = -math.log(1e-30)
+
+def _loss_chunk_rows(vocab: int, in_place: bool, device_type: str = "cpu") -> int:
+    """Logit rows per chunk of the fused loss over a ``vocab``-wide (TP-local) head on
+    ``device_type`` (others, e.g. ``meta``, as the CPU): one chunk's scratch is
+    ``_LOSS_CHUNK_ELEMENTS`` x 8 bytes in fp32 either way (logits and softmax, or twice the
+    rows with the softmax written over the logits: ``in_place``)."""
+    elements = _LOSS_CHUNK_ELEMENTS.get(device_type, _LOSS_CHUNK_ELEMENTS["cpu"])
+    return max(1, (elements * (2 if in_place else 1)) // vocab)
 
 
-def _loss_chunk_rows(vocab: int, in_place: bool) -> int:
-    """Logit rows per chunk of the fused loss over a ``vocab``-wide (TP-local) head: one
-    chunk's scratch is ``_LOSS_CHUNK_ELEMENTS`` x 8 bytes in fp32 either way (logits and
-    softmax, or twice the rows with the softmax written over the logits: ``in_place``)."""
-    return max(1, (_LOSS_CHUNK_ELEMENTS * (2 if in_place else 1)) // vocab)
+@functools.cache
+def _fp32_accumulating_gemm(device_type: str) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a half
+    dtype product into an fp32 ``acc`` in one GEMM on this device (CUDA in recent torch:
+    cuBLAS accumulates in fp32 and writes fp32). Elsewhere the product is made in the half
+    dtype, cast and added: three passes over (V, e) per chunk and a rounding per chunk."""
+    if device_type != "cuda":
+        return False
+    try:
+        acc = torch.ones(2, 2, device=device_type)
+        a = torch.full((2, 3), 0.5, dtype=torch.bfloat16, device=device_type)
+        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+        return acc.dtype == torch.float32 and bool((acc == 1.75).all())
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -354,8 +374,9 @@ class _LMHeadLoss(torch.autograd.Function):
             nll_rows = torch.empty(N, dtype=torch.float32, device=h.device)  # each row's loss
             # The gradients are made chunk by chunk from each chunk's d(loss)/d(logits): no
             # (N, V) tensor is held, only the outputs. In a half compute dtype with several
-            # chunks the head's gradient sums in fp32 (chunk sums must not round), which
-            # costs V x e x (8 + c) bytes with the per-chunk product and its copy; when the
+            # chunks the head's gradient sums in fp32 (chunk sums must not round): on CUDA
+            # by one GEMM that accumulates into it (``_fp32_accumulating_gemm``), elsewhere
+            # through the per-chunk product and its copy, V x e x (8 + c) bytes; when the
             # whole (N, V) gradient of the logits is smaller (N x c < 8 x e), it is held
             # instead and multiplied once (``_whole_logit_grad``).
             # In fp32 (a CPU without native bf16) the logits are written into one buffer that
@@ -365,7 +386,7 @@ class _LMHeadLoss(torch.autograd.Function):
             # upcasts, which has no out= form on the CPU; CUDA's caching allocator reuses
             # blocks itself; TP's softmax all-reduces its pieces first.)
             in_place = dtype == torch.float32 and tp_group is None
-            rows = _loss_chunk_rows(V, in_place)
+            rows = _loss_chunk_rows(V, in_place, dev)
             need_h = grad and ctx.needs_input_grad[0]
             need_w = grad and ctx.needs_input_grad[1]
             whole = grad and _whole_logit_grad(N, rows, h.shape[1], dtype.itemsize)
@@ -392,10 +413,15 @@ class _LMHeadLoss(torch.autograd.Function):
                 if tp_group is not None:
                     nll, p = _vocab_parallel_softmax(logits, tgt[s:e], local[s:e], tp_group)
                 else:
+                    # loss = lse - l[target] = (max - l[target]) - log p[argmax]: exact even
+                    # where p[target] underflows fp32 (p at the max is at least 1/V), and
+                    # nothing to check on the host. Max and target logit are read before
+                    # the softmax, which may be written over the logits.
+                    top, at = logits.max(dim=1, keepdim=True)
+                    gap = top.float() - logits.gather(1, tgt[s:e]).float()
                     p = (torch.softmax(logits, dim=1, dtype=torch.float32) if buf is None
                          else torch._softmax(logits, 1, False, out=logits))
-                    picked = p.gather(1, tgt[s:e]).squeeze(1)
-                    nll = -picked.log()                              # repaired after the loop
+                    nll = (gap - p.gather(1, at).log()).squeeze(1)
                 nll_rows[s:e] = nll
                 del logits                                           # p is all the rest needs
                 if grad:
@@ -408,27 +434,21 @@ class _LMHeadLoss(torch.autograd.Function):
                         torch.mul(p, scale[s:e], out=g[s:e])
                         del p
                         continue
-                    gc = p.mul_(scale[s:e]).to(dtype)                # (n, V) d(mean)/d(logits)
+                    # (n, V) d(mean)/d(logits), in the compute dtype: one pass over p
+                    gc = (p.mul_(scale[s:e]) if dtype == p.dtype else
+                          torch.mul(p, scale[s:e], out=torch.empty_like(p, dtype=dtype)))
                     if need_h:
                         torch.mm(gc, wc, out=grad_h[s:e])            # (n, e)
                     if need_w:
                         if grad_w.dtype == dtype:
                             grad_w.addmm_(gc.t(), hc[s:e])           # (V, e)
+                        elif _fp32_accumulating_gemm(dev):
+                            torch.addmm(grad_w, gc.t(), hc[s:e], out_dtype=torch.float32,
+                                        out=grad_w)
                         else:
                             grad_w += (gc.t() @ hc[s:e]).float()
                     del gc
                 del p
-            if tp_group is None:
-                # Rows whose target's probability underflowed (a logit gap over ~69 nats:
-                # -log gives an inexact value or inf) get their exact loss from their logits
-                # made again; their gradient (softmax - one-hot) was exact already. Asked
-                # once here, not per chunk: each question stalls a GPU's queue.
-                # (A meta tensor has no values to test; a shape-only run skips the repair.)
-                tiny = nll_rows > _UNDERFLOW_NLL
-                if not tiny.is_meta and tiny.any():
-                    lf = (hc[tiny] @ wc.t()).float()
-                    pt = tgt[tiny]
-                    nll_rows[tiny] = torch.logsumexp(lf, dim=1) - lf.gather(1, pt).squeeze(1)
             loss = (nll_rows * valid).sum()
             if whole:
                 grad_h = g @ wc if need_h else None                  # (N, e)

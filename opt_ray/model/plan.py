@@ -24,7 +24,7 @@ The setup being counted (``opt_ray.model.parallel``, ``opt_ray.model.opt``):
   memory-efficient kernels keep q, k, v, the output and a fp32 log-sum-exp per row, never
   the T x T score matrix.
 - The loss is the chunked fused LM-head loss (``opt.lm_head_loss``): logits and their
-  softmax exist ``_LOSS_CHUNK_ELEMENTS`` at a time; so does their gradient, except in a
+  softmax exist ``_LOSS_CHUNK_ELEMENTS["cuda"]`` at a time; so does their gradient, except in a
   half dtype where holding it whole is smaller than summing the head's gradient in fp32
   (``opt._whole_logit_grad``). With tp > 1 the same loss runs on the
   rank's vocabulary shard (V / tp; ``opt.vocab_parallel_lm_head_loss``).
@@ -243,12 +243,14 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
       and out (2 x tokens x d x c) plus the largest intermediate gradients (the ReLU
       input's, tokens x ffn x c, and q/k/v's, 3 x tokens x d x c, each / tp).
     - loss_peak: the fused loss (``opt.lm_head_loss``) on the rank's vocabulary shard
-      ``V/tp``: one chunk of ``_LOSS_CHUNK_ELEMENTS`` logits' fp32 softmax and the chunk's
+      ``V/tp``: one chunk of ``_LOSS_CHUNK_ELEMENTS["cuda"]`` logits' fp32 softmax and the chunk's
       gradient in the compute dtype (or the logits themselves, while the softmax is made:
       the same size; in fp32 without TP the softmax is written over the logits, in
       chunks of twice the rows: ``opt._loss_chunk_rows``), with, in a half compute dtype
       over several chunks, the chunk's
-      head-gradient product and its fp32 copy (V/tp x e x (c + 4)); the gradients kept for
+      head-gradient product and its fp32 copy (V/tp x e x (c + 4): counted though recent
+      torch on CUDA adds the product into the fp32 sum by one GEMM, without either, so the
+      plan errs high there by that much, ~0.5 GB at 175b with tp 8); the gradients kept for
       backward: the head's input's (tokens x e x c) and the head's (V/tp x e x c, or x 4
       summed in fp32 over several chunks in a half dtype); and its
       input h (tokens x e x c). Or, when larger, the loss's backward: those gradients,
@@ -267,7 +269,7 @@ def activation_bytes(cfg: ModelConfig, setup: Setup) -> Activations:
     half = c != 4
     # fp32 without TP: the softmax is written over the logits (one tensor, twice the rows).
     in_place = not half and tp == 1
-    rows = _loss_chunk_rows(v_local, in_place)
+    rows = _loss_chunk_rows(v_local, in_place, "cuda")
     # Per chunk, the larger of two moments: the softmax (the logits, c; in a half dtype
     # their fp32 copy, 4; the fp32 probabilities, 4) and the gradient (the probabilities,
     # 4, and in a half dtype their cast, c, with the head-gradient product and its fp32

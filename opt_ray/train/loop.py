@@ -343,7 +343,6 @@ class Trainer:
                                            weight_decay=cfg.optim.weight_decay,
                                            fused=fused_adamw_ok(self.device))
         self.clip = cfg.optim.grad_clip
-        self._inv_factor: torch.Tensor | None = None  # apply_update's 1 / (clip x unscale)
         self.sampler = ResumableSampler(len(self.data), seed=cfg.seed)
         self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
         self.peak_flops = _peak_flops(self.device, self.precision)
@@ -442,15 +441,23 @@ class Trainer:
         # the scaler grows the scale at the end of the step.
         used_scale = self.scaler.scale
         stats = self.forward_backward(rows, step, loss_factor, used_scale)
+        # With torch's fused AdamW the update is queued before the host reads anything: the
+        # clip/unscale factor and the skip flag come from ``stats`` on the device, so the
+        # optimizer's launch overhead overlaps the GPU's backward instead of idling it.
+        queued = self._fused_update
+        if queued:
+            self.apply_update(stats, used_scale)
         # The step's one host synchronisation: every rank reads the same reduced values.
         loss_sum, tp_sq, rep_sq, bad = stats.tolist()
         loss_val = loss_sum / global_tokens * loss_factor
         grad_norm = math.sqrt(tp_sq + rep_sq) / used_scale
-        finite = bad == 0 and math.isfinite(grad_norm) and math.isfinite(loss_val)
+        # ``bad`` counts non-finite values of the loss sum and the squared norms: the same
+        # flag the fused update skipped on.
+        finite = bad == 0
         self.scaler.update(finite)
-        if finite:
-            self.apply_update(grad_norm, used_scale)
-        else:
+        if finite and not queued:
+            self.apply_update(stats, used_scale)
+        if not finite:
             # An overflow (fp16) or a NaN: no update; the guard decides what else to do.
             self._event("step_skipped", step=step, loss=loss_val, grad_norm=grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
@@ -524,24 +531,34 @@ class Trainer:
             buf[1], buf[3] = part[0], part[1]
         return buf
 
-    def apply_update(self, grad_norm: float, used_scale: float) -> None:
-        """Unscale by the scale the backward used, clip to ``self.clip``, AdamW step.
+    def apply_update(self, stats: torch.Tensor, used_scale: float) -> None:
+        """Unscale by the scale the backward used, clip to ``self.clip``, AdamW step, from
+        the step's reduced ``stats`` (``forward_backward``) without reading them on the host.
 
         With torch's fused AdamW the factor rides in the kernel (its ``grad_scale``, which
-        divides each gradient as it is read, as ``GradScaler`` uses it): no separate pass
-        over the gradients. Otherwise the gradients are scaled first."""
-        factor = min(self.clip / (grad_norm + 1e-6), 1.0) / (used_scale if self.scaler.enabled else 1.0)
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.grad_scale = None
-            if factor != 1.0:
-                # A device scalar filled in place: no host-to-device copy to wait for.
-                if self._inv_factor is None:
-                    self._inv_factor = torch.ones((), dtype=torch.float32, device=self.device)
-                self.optimizer.grad_scale = self._inv_factor.fill_(1.0 / factor)
-        elif factor != 1.0:
+        divides each gradient as it is read, as ``GradScaler`` uses it), and so does the
+        skip: its ``found_inf`` (the overflow count, non-zero) leaves parameters, moments
+        and step counts as they were. Otherwise the gradients are scaled first, and the
+        caller only calls this for a finite step."""
+        # The same float64 arithmetic the host would do, on the device.
+        grad_norm = (stats[1] + stats[2]).sqrt() / used_scale
+        factor = torch.clamp(self.clip / (grad_norm + 1e-6), max=1.0)
+        if self.scaler.enabled:
+            factor = factor / used_scale
+        if self._fused_update:
+            self.optimizer.grad_scale = factor.reciprocal().float()
+            self.optimizer.found_inf = (stats[3] != 0).float()
+            self.optimizer.step()
+            # Nothing left behind for a later ``step()`` (a restore's, a test's).
+            self.optimizer.grad_scale = self.optimizer.found_inf = None
+        else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, factor)
-        self.optimizer.step()
+            torch._foreach_mul_(grads, factor.float())
+            self.optimizer.step()
+
+    @property
+    def _fused_update(self) -> bool:
+        return bool(self.optimizer.defaults.get("fused"))
 
     # -- the divergence guard's intervention -------------------------------------------
     def consult_guard(self, rec: dict[str, Any]) -> bool:

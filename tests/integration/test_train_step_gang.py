@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
             changed = any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
             recs.append({"loss_scale": r["loss_scale"], "grad_norm": r["grad_norm"],
                          "changed": changed, "reduce_scatters_per_param": calls["n"] / len(params),
+                         "adam_steps": float(t.optimizer.state[params[0]]["step"]),
                          "accum": t.accum})
         Path(out, f"rank{rank}.json").write_text(json.dumps(recs))
     finally:
@@ -77,4 +78,6 @@ def test_per_micro_batch_reduce_scatter_and_same_overflow_decision(tmp_path):
     # Step 2 overflowed on rank 1's shard only: both ranks skip it and halve the scale.
     assert [s["loss_scale"] for s in r0] == [s["loss_scale"] for s in r1] == [16.0, 8.0, 8.0]
     assert [s["changed"] for s in r0] == [s["changed"] for s in r1] == [True, False, True]
+    # The skipped step left AdamW's step count (its bias correction) where it was, too.
+    assert [s["adam_steps"] for s in r0] == [s["adam_steps"] for s in r1] == [1.0, 1.0, 2.0]
     assert math.isinf(r0[1]["grad_norm"]) and math.isinf(r1[1]["grad_norm"])

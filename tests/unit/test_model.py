@@ -193,7 +193,7 @@ def test_fused_loss_matches_cross_entropy_on_logits(kw, monkeypatch):
     """model(ids, targets=t): same loss and grads as cross-entropy over full logits,
     with ignored targets and more than one chunk."""
     import opt_ray.model.opt as opt_mod
-    monkeypatch.setattr(opt_mod, "_LOSS_CHUNK_ELEMENTS", 7 * SMALL["vocab_size"])  # 7-row chunks, 14 in fp32
+    monkeypatch.setitem(opt_mod._LOSS_CHUNK_ELEMENTS, "cpu", 7 * SMALL["vocab_size"])  # 7-row chunks, 14 in fp32
     ours, _ = _pair(**kw)
     ids = _ids(B=3, T=10)
     targets = ids.roll(-1, dims=1)

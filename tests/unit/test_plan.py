@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from opt_ray.config import PRESETS, ModelConfig, num_params, preset
+from opt_ray.model import opt as opt_mod
 from opt_ray.model import plan as P
 from opt_ray.model.opt import OPT
 
@@ -169,7 +170,9 @@ def test_activation_terms_match_a_measured_forward_backward(shape, ckpt, monkeyp
     cfg = SHAPES[shape]
     B, T = 2, 128
     # A chunk of 128 rows, so that the loss runs in two chunks as it does at scale.
-    monkeypatch.setattr("opt_ray.model.opt._LOSS_CHUNK_ELEMENTS", 128 * cfg.vocab_size)
+    # (Measured on the CPU; the plan counts the CUDA chunk: both the same size here.)
+    for dev in ("cpu", "cuda"):
+        monkeypatch.setitem(opt_mod._LOSS_CHUNK_ELEMENTS, dev, 128 * cfg.vocab_size)
     got = _measure(cfg, B, T, ckpt)
     # The CPU dropout kernel keeps its noise in the compute dtype (CUDA: a bool mask).
     setup = P.Setup(seq_len=T, micro_batch=B, activation_checkpointing=ckpt, dropout_mask_bytes=2)

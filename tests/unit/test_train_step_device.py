@@ -48,7 +48,7 @@ def test_step_tensors_live_on_the_model_device(shards, tmp_path):
         assert stats.device.type == "meta" and stats.shape == (4,) and stats.dtype == torch.float64
         grads = [p.grad for p in t.model.parameters()]
         assert all(g is not None and g.device.type == "meta" for g in grads)
-        t.apply_update(grad_norm=2.0, used_scale=1.0)
+        t.apply_update(stats, used_scale=1.0)
         assert all(p.device.type == "meta" for p in t.model.parameters())
         with pytest.raises((NotImplementedError, RuntimeError)):
             stats.tolist()  # the step's one host read: the only place values leave the device
@@ -100,12 +100,10 @@ def test_clipped_update_equals_adamw_on_clipped_gradients(shards, tmp_path):
         g = t.optimizer.param_groups[0]
         torch.optim.AdamW(list(ref.values()), lr=g["lr"], betas=g["betas"], eps=g["eps"],
                           weight_decay=g["weight_decay"], foreach=False).step()
-        t.apply_update(norm, 1.0)
+        t.apply_update(stats, 1.0)
         for n in names:
             assert torch.allclose(params[n].detach(), ref[n].detach(), rtol=1e-5, atol=1e-7), n
-        # An unclipped step leaves no factor behind for the next one.
-        t.clip = 1e9
-        t.apply_update(norm, 1.0)
-        assert t.optimizer.grad_scale is None
+        # Nothing left behind for a later step().
+        assert t.optimizer.grad_scale is None and t.optimizer.found_inf is None
     finally:
         t.close()
