@@ -503,6 +503,7 @@ class Trainer:
             (loss * (n * self.dp_size * loss_factor * scale / global_tokens)).backward()
         return self._reduce_step(loss_sum)
 
+    @torch.no_grad()  # also makes DTensor.to_local() a plain attribute read, per parameter
     def _reduce_step(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """[loss sum, tp grad sq, replicated grad sq, non-finite count], reduced: loss and
         squares summed over the data group (FSDP shards are disjoint), tensor-parallel
