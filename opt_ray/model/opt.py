@@ -296,7 +296,6 @@ IGNORE_INDEX = -100
 _LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
-
 def _loss_chunk_rows(vocab: int, in_place: bool, device_type: str = "cpu") -> int:
     """Logit rows per chunk of the fused loss over a ``vocab``-wide (TP-local) head on
     ``device_type`` (others, e.g. ``meta``, as the CPU): one chunk's scratch is
