@@ -412,15 +412,16 @@ class _LMHeadLoss(torch.autograd.Function):
                 if tp_group is not None:
                     nll, p = _vocab_parallel_softmax(logits, tgt[s:e], local[s:e], tp_group)
                 else:
-                    # loss = lse - l[target] = (max - l[target]) - log p[argmax]: exact even
-                    # where p[target] underflows fp32 (p at the max is at least 1/V), and
-                    # nothing to check on the host. Max and target logit are read before
-                    # the softmax, which may be written over the logits.
-                    top, at = logits.max(dim=1, keepdim=True)
-                    gap = top.float() - logits.gather(1, tgt[s:e]).float()
+                    # loss = lse - l[target] = (max l - l[target]) - log(max p): exact even
+                    # where p[target] underflows fp32 (max p = 1/sum exp(l - max l) is at
+                    # least 1/V), and nothing to check on the host. Max and target logit
+                    # are read before the softmax, which may be written over the logits.
+                    # (``amax``, not ``max(dim)``: no indices, ~6x faster on a CPU.)
+                    gap = (logits.amax(dim=1, keepdim=True).float()
+                           - logits.gather(1, tgt[s:e]).float())
                     p = (torch.softmax(logits, dim=1, dtype=torch.float32) if buf is None
                          else torch._softmax(logits, 1, False, out=logits))
-                    nll = (gap - p.gather(1, at).log()).squeeze(1)
+                    nll = (gap - p.amax(dim=1, keepdim=True).log()).squeeze(1)
                 nll_rows[s:e] = nll
                 del logits                                           # p is all the rest needs
                 if grad:
