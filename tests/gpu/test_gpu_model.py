@@ -63,3 +63,41 @@ def test_cuda_kv_cache_matches_full_forward():
         cache = m.new_cache()
         steps = [m(ids[:, :12], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-3
+
+
+def _head_loss_grads(dev: str, monkeypatch, fp32_gemm: bool | None):
+    """The fused loss over 16 chunks of a (1024, 256) x (512, 256) head in bf16: the head's
+    gradient summed over the chunks in fp32 (``acc``), by the fp32-output GEMM or the
+    product-and-cast fallback, against cross-entropy over the whole logits."""
+    import opt_ray.model.opt as O
+
+    monkeypatch.setitem(O._LOSS_CHUNK_ELEMENTS, dev, 64 * 512)  # 64-row chunks
+    if fp32_gemm is False:
+        monkeypatch.setattr(O, "_fp32_accumulating_gemm", lambda d: False)
+    g = torch.Generator().manual_seed(0)
+    h0 = (torch.randn(1024, 256, generator=g) * 0.5).to(dev)
+    w0 = (torch.randn(512, 256, generator=g) * 0.5).to(dev)
+    t = torch.randint(0, 512, (1024,), generator=g).to(dev)
+    t[::7] = O.IGNORE_INDEX
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        loss = O.lm_head_loss(h, w, t)
+    loss.backward()
+    hr, wr = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = F.cross_entropy((hr.bfloat16() @ wr.bfloat16().t()).float(), t, ignore_index=O.IGNORE_INDEX)
+    ref.backward()
+    return loss, ref, h.grad, hr.grad, w.grad, wr.grad
+
+
+@pytest.mark.parametrize("fp32_gemm", [None, False], ids=["fp32-output-gemm", "fallback"])
+def test_cuda_fused_loss_head_gradient_summed_in_fp32(fp32_gemm, monkeypatch):
+    import opt_ray.model.opt as O
+
+    if fp32_gemm is None and not O._fp32_accumulating_gemm("cuda"):
+        pytest.skip("this torch has no fp32-output addmm on CUDA: the fallback runs instead")
+    loss, ref, gh, gh_ref, gw, gw_ref = _head_loss_grads("cuda", monkeypatch, fp32_gemm)
+    assert O._whole_logit_grad(1024, 64, 256, 2) is False  # the chunked path, not the whole one
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    assert gw.dtype == torch.float32
+    for got, want in ((gh, gh_ref), (gw, gw_ref)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
