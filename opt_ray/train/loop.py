@@ -455,11 +455,11 @@ class Trainer:
         # flag the fused update skipped on.
         finite = bad == 0
         self.scaler.update(finite)
-        if finite and not queued:
-            self.apply_update(stats, used_scale)
         if not finite:
             # An overflow (fp16) or a NaN: no update; the guard decides what else to do.
             self._event("step_skipped", step=step, loss=loss_val, grad_norm=grad_norm)
+        elif not queued:
+            self.apply_update(stats, used_scale)
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
 
