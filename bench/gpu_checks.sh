@@ -4,7 +4,8 @@
 # the trainer's MFU, and the serving engine vs transformers' generate on the GPU.
 #   bash bench/gpu_checks.sh OUTDIR [PART...]   # JSON and logs land in OUTDIR
 #   PYTHON=.venv/bin/python bash bench/gpu_checks.sh OUTDIR   # another interpreter (default python3)
-# PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_b8 step_125m trace serve
+# PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_b8 step_125m step_125m_compile
+#   trace serve (step_125m_compile: the trainer's --compile, its first step the compile)
 # (trace: where the 125m step's GPU waits, bench/step_trace.py; gzipped traces in OUTDIR/trace)
 # Each part has its own time limit and the script goes on past a failed part; the exit
 # status is non-zero if any part failed. Each part's stdout is NAME.out; stderr goes to all.log.
@@ -37,6 +38,8 @@ part step_bf16_b8 80 $py bench/train_step.py --device cuda --preset 1.3b --seq-l
     --repeats 4 --dtype bf16 --sides trainer --no-memory
 part step_125m 70 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
     --repeats 9 --dtype bf16 --sides trainer,hf
+part step_125m_compile 150 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
+    --repeats 9 --dtype bf16 --sides trainer,hf --compile
 part trace 90 $py bench/step_trace.py "$out/trace" --preset 125m --seq-len 2048 --batch 8
 part serve 60 $py bench/serve.py --device cuda --dtype bfloat16 --quick --rates 4,16
 [ -f "$out/tests_gpu.out" ] && tail -n 3 "$out/tests_gpu.out"

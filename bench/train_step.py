@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of trainer, ours, hf, ours_bf16 (default trainer,hf)")
     p.add_argument("--no-hf", action="store_true", help="time opt-ray only (drop hf from --sides)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the opt-ray model(s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the opt-ray sides' decoder blocks (the trainer's --compile; "
+                        "opt_ray.model.parallel.compile_blocks); transformers stays eager")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
     p.add_argument("--dropout", type=float, default=None,
                    help="override the preset's dropout (default: the preset's 0.1, both sides)")
@@ -111,13 +113,13 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
     models = {}
     with dev:  # built where it runs (a 1.3b init on the CPU first costs more than the steps)
         ours = OPT(cfg)
-    if "ours" in sides:
-        models["ours"] = ours
     if "trainer" in sides:
         models["trainer"] = _trainer(args, cfg, ours, dev)
     if "ours_bf16" in sides:
         import copy
-        models["ours_bf16"] = _fsdp_bf16(copy.deepcopy(ours), dev)
+        models["ours_bf16"] = _fsdp_bf16(_compiled(copy.deepcopy(ours), args), dev)
+    if "ours" in sides:
+        models["ours"] = _compiled(ours, args)
     if "hf" in sides:
         import transformers
         hcfg = transformers.OPTConfig(**config_to_hf(cfg))
@@ -126,10 +128,6 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
             hf = transformers.OPTForCausalLM(hcfg)
         hf.load_state_dict(ours.state_dict())
         models["hf"] = hf
-    if args.compile:
-        for k in ("ours", "ours_bf16"):
-            if k in models:
-                models[k] = torch.compile(models[k])
     del ours  # only the requested sides stay resident (the memory children build one)
     fused = fused_adamw_ok(dev)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -145,6 +143,14 @@ def build(args: argparse.Namespace, sides: list[str]) -> dict:
     return {"cfg": cfg, "models": models, "opts": opts, "ids": ids, "targets": targets,
             "fused_adamw": fused,
             "autocast": _compute_dtype(args.dtype) or torch.float32}
+
+
+def _compiled(model, args: argparse.Namespace):
+    """The model with its decoder blocks compiled as the trainer's --compile does."""
+    if args.compile:
+        from opt_ray.model.parallel import compile_blocks
+        compile_blocks(model)
+    return model
 
 
 def _random_shards(out: Path, vocab: int, seq_len: int, rows: int) -> Path:
@@ -182,7 +188,7 @@ def _trainer(args: argparse.Namespace, cfg, weights, dev: torch.device):
     tcfg = TrainConfig(data=str(shards), output=str(work / "run"), preset=args.preset, steps=10_000,
                        batch_tokens=args.batch * args.seq_len, micro_batch=args.batch, lr=6e-4,
                        precision=args.dtype, device=args.device, guard=False, dropout=cfg.dropout,
-                       num_threads=args.threads)
+                       num_threads=args.threads, compile=args.compile)
     t = Trainer(tcfg)
     assert t.model_cfg.vocab_size == cfg.vocab_size, (t.model_cfg.vocab_size, cfg.vocab_size)
     t.model.load_state_dict(weights.state_dict())

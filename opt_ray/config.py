@@ -560,6 +560,11 @@ class TrainConfig:
     chaos: ChaosConfig = field(default_factory=ChaosConfig, metadata={"prefix": ""})
     activation_checkpointing: bool = field(default=False, metadata=_help(
         "recompute each layer's activations in backward (less memory)"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile each decoder block (one graph reused by every layer; the first step "
+        "pays the compile, seconds to minutes); fuses the blocks' norms, activations and "
+        "dropout and cuts kernel launches on GPUs. Dropout masks come from the compiler's "
+        "generator: a run is reproducible with the same --compile, not across it"))
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={
         "prefix": "guard-", "group": "divergence guard policy (defaults: the OPT-175B team's "
                                      "interventions)"})

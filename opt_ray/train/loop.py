@@ -324,7 +324,7 @@ class Trainer:
                                    dp_group=self.dp_group, tp_group=self.tp_group,
                                    param_dtype=_compute_dtype(self.precision),
                                    activation_checkpointing=cfg.activation_checkpointing,
-                                   fsdp=self.dp_size > 1)
+                                   fsdp=self.dp_size > 1, compile=cfg.compile)
         self.scaler = DynamicLossScaler(self.precision == "fp16")
 
         # -- the recipe

@@ -81,3 +81,50 @@ def test_per_micro_batch_reduce_scatter_and_same_overflow_decision(tmp_path):
     # The skipped step left AdamW's step count (its bias correction) where it was, too.
     assert [s["adam_steps"] for s in r0] == [s["adam_steps"] for s in r1] == [1.0, 1.0, 2.0]
     assert math.isinf(r0[1]["grad_norm"]) and math.isinf(r1[1]["grad_norm"])
+
+
+def _compile_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from opt_ray.train.loop import TrainConfig, train
+
+    try:
+        for name, kw in (("eager", {}), ("fsdp_compiled", {"compile": True}),
+                         ("tp_compiled", {"compile": True, "tp": 2})):
+            train(TrainConfig(data=shards, output=str(Path(out) / name), preset="tiny", steps=3,
+                              batch_tokens=8 * 32, micro_batch=2, lr=1e-3, warmup_steps=0,
+                              guard=False, dropout=0.0, precision="fp32", device="cpu",
+                              workers=world, checkpoint_every=3, **kw))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_compiled_blocks_under_fsdp2_and_tensor_parallel_match_eager(tmp_path):
+    """``--compile`` where it runs at scale: FSDP2's hooks around compiled blocks (2 data
+    ranks) and fairscale's tensor-parallel layers inside them (tp 2) train to the eager
+    gang's losses and weights (no dropout, so the masks cannot differ)."""
+    from opt_ray.data.shards import write_shards
+    from opt_ray.data.tokenizer import train_tokenizer
+    from opt_ray.train.checkpoint import load_model_state, resolve
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(200)]
+    shards = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300), tmp_path / "s",
+                          seq_len=32, valid_fraction=0.05)
+    out = tmp_path / "runs"
+    torch.multiprocessing.spawn(_compile_worker, args=(2, free_port(), str(shards), str(out)),
+                                nprocs=2, join=True)
+
+    def losses(name: str) -> list[float]:
+        return [json.loads(l)["loss"] for l in (out / name / "metrics.jsonl").read_text().splitlines()]
+
+    eager = load_model_state(resolve(out / "eager"))
+    assert len(losses("eager")) == 3 and losses("eager")[-1] < losses("eager")[0]
+    for name in ("fsdp_compiled", "tp_compiled"):
+        assert losses(name) == pytest.approx(losses("eager"), rel=1e-5), name
+        got = load_model_state(resolve(out / name))
+        assert got.keys() == eager.keys(), name
+        for k in eager:
+            torch.testing.assert_close(got[k], eager[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
