@@ -193,6 +193,12 @@ def _help(text: str, **meta: Any) -> dict[str, Any]:
     return {"help": text, **meta}
 
 
+def field_help(cls: type, name: str) -> str:
+    """The help text of ``cls``'s field ``name``: for a flag derived elsewhere (``opt-ray
+    ctl submit train``) that must say what the field says."""
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
 def _unwrap_optional(tp: Any) -> Any:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())) \
@@ -268,15 +274,17 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, pref
         parser.add_argument(flag, help=helptext, **kw)
 
 
-def to_argv(obj: Any, *, skip: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+def to_argv(obj: Any, *, skip: tuple[str, ...] = (), prefix: str = "",
+            only: tuple[str, ...] | None = None) -> list[str]:
     """The flags ``add_dataclass_args`` derives for the fields of ``obj`` that differ from
     their defaults, so that parsing them rebuilds ``obj`` (``skip``: field names left
-    out, e.g. a one-off ``resume_from``). Printed resume commands are built from it."""
+    out, e.g. a one-off ``resume_from``; ``only``: just these top-level fields). Printed
+    resume commands are built from it."""
     hints = typing.get_type_hints(type(obj))
     out: list[str] = []
     for f in fields(obj):
         meta = f.metadata
-        if meta.get("cli", True) is False or f.name in skip:
+        if meta.get("cli", True) is False or f.name in skip or (only is not None and f.name not in only):
             continue
         v = getattr(obj, f.name)
         tp = _unwrap_optional(hints[f.name])

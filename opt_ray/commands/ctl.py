@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from opt_ray.config import DEVICES, PRECISIONS, TrainConfig, field_help
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url
 
@@ -164,6 +165,13 @@ def _train_args(k: argparse.ArgumentParser) -> None:
                    help="tokens per optimizer step (default: the preset's, Table 1)")
     k.add_argument("--micro-batch", type=int, default=0,
                    help="rows per forward/backward pass (default: train's)")
+    k.add_argument("--tp", type=int, default=0, help=field_help(TrainConfig, "tp") + " (default: 1)")
+    k.add_argument("--precision", default="", choices=PRECISIONS,
+                   help=field_help(TrainConfig, "precision").replace("%", "%%"))
+    k.add_argument("--device", default="", choices=DEVICES, help=field_help(TrainConfig, "device"))
+    for flag in ("activation_checkpointing", "compile"):
+        k.add_argument("--" + flag.replace("_", "-"), action="store_true",
+                       help=field_help(TrainConfig, flag))
 
 
 # ---------------------------------------------------------------------- specs from flags
@@ -204,7 +212,8 @@ def _train_spec(a: argparse.Namespace, data: str, output: str):
     return pb.TrainSpec(preset=a.preset, data=data, output=output, min_workers=a.workers[0],
                         max_workers=a.workers[1], steps=a.steps,
                         checkpoint_every=a.checkpoint_every, batch_tokens=a.batch_tokens,
-                        micro_batch=a.micro_batch)
+                        micro_batch=a.micro_batch, tp=a.tp, precision=a.precision, device=a.device,
+                        activation_checkpointing=a.activation_checkpointing, compile=a.compile)
 
 
 def pipeline_spec(a: argparse.Namespace):

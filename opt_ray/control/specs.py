@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opt_ray.config import to_argv
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url, local_run_dir, staging_root, store_errors
 from opt_ray.v1 import control_pb2 as pb
@@ -67,7 +68,9 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9_.\-*?\[\]]{1,128}")
 
 
 # TrainConfig's messages name the flag; the spec field of each flag the spec sets.
-_FLAG_FIELDS = {"workers": "min_workers", "tp": "min_workers"}
+_FLAG_FIELDS = {"workers": "min_workers"}
+# TrainSpec fields handed to TrainConfig as they are (their zero value: train's default).
+_TRAIN_PASSTHROUGH = ("precision", "device", "activation_checkpointing", "compile")
 
 
 def _config_field(message: str) -> str:
@@ -307,6 +310,10 @@ class SpecValidator:
         if s.micro_batch:
             given["micro_batch"] = self._int(f"{name}.micro_batch", s.micro_batch, 1,
                                              self.bounds.max_micro_batch)
+        if s.tp:
+            given["tp"] = self._int(f"{name}.tp", s.tp, 1, self.bounds.max_workers)
+        # The rest are TrainConfig's own rules (choices, fp16 needs a GPU, ...).
+        given.update({k: getattr(s, k) for k in _TRAIN_PASSTHROUGH if getattr(s, k)})
         try:
             cfg = TrainConfig(**given)
         except ConfigError as e:
@@ -326,6 +333,7 @@ class SpecValidator:
             argv += ["--batch-tokens", str(cfg.batch_tokens)]
         if s.micro_batch:
             argv += ["--micro-batch", str(cfg.micro_batch)]
+        argv += to_argv(cfg, only=("tp", *_TRAIN_PASSTHROUGH))
         return Stage("train", argv, [out if is_url(out) else local], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:

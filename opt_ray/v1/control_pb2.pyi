@@ -59,7 +59,7 @@ class TokenizeSpec(_message.Message):
     def __init__(self, input: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seq_len: _Optional[int] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch")
+    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch", "tp", "precision", "device", "activation_checkpointing", "compile")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,11 @@ class TrainSpec(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
     preset: str
     data: str
     output: str
@@ -80,7 +85,12 @@ class TrainSpec(_message.Message):
     checkpoint_every: int
     batch_tokens: int
     micro_batch: int
-    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
+    tp: int
+    precision: str
+    device: str
+    activation_checkpointing: bool
+    compile: bool
+    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tp: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
     __slots__ = ("checkpoint", "data", "split", "max_rows", "tasks", "num_fewshot", "has_num_fewshot", "limit", "include_path", "output", "workers")

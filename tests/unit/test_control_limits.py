@@ -273,3 +273,54 @@ def test_train_spec_is_validated_by_the_train_config_itself(env):
     job = env.client.submit(spec(min_workers=1, max_workers=2, checkpoint_every=5))
     assert job.attempts[0].entrypoint.endswith("--workers 1:2 --steps 10 --no-progress "
                                                "--checkpoint-every 5")
+
+
+def test_train_spec_carries_what_a_run_past_one_gpu_needs(env, capsys, monkeypatch):
+    """TrainSpec's tp, precision, device, activation checkpointing and compile reach the
+    trainer: the entrypoint parsed by the real `opt-ray train` parser rebuilds them; bad
+    values are INVALID_ARGUMENT with TrainConfig's own message, named by the spec field;
+    a scale to a range that is not whole TP groups is refused before the run is stopped;
+    `opt-ray ctl submit train` sets the same fields."""
+    from opt_ray.cli import build_parser, main
+    from opt_ray.commands.train import config_from_args
+    from opt_ray.config import ConfigError, TrainConfig
+    (env.root / "shards").mkdir()
+    base = dict(preset="tiny", data=str(env.root / "shards"), output=str(env.root / "run"), steps=10)
+
+    def spec(**kw):
+        return pb.JobSpec(train=pb.TrainSpec(**{**base, "min_workers": 2, "max_workers": 4, **kw}))
+
+    job = env.client.submit(spec(tp=2, precision="bf16", device="cpu",
+                                 activation_checkpointing=True, compile=True))
+    argv = shlex.split(job.attempts[0].entrypoint)
+    cfg = config_from_args(build_parser().parse_args(argv[1:]))
+    assert (cfg.tp, cfg.precision, cfg.device, cfg.activation_checkpointing, cfg.compile,
+            cfg.workers) == (2, "bf16", "cpu", True, True, (2, 4))
+    # Unset, they are train's defaults and not on the command line.
+    plain = env.client.submit(spec(output=str(env.root / "run2")))
+    assert not {"--tp", "--precision", "--device", "--compile"} & set(shlex.split(plain.attempts[0].entrypoint))
+
+    for kw, field in ((dict(tp=2, min_workers=3, max_workers=3), "tp"),
+                      (dict(precision="fp16", device="cpu"), "precision"),
+                      (dict(device="tpu"), "device"), (dict(precision="fp8"), "precision")):
+        with pytest.raises(ConfigError) as direct:
+            TrainConfig(data="d", output="o", steps=10, workers=kw.get("min_workers", 2),
+                        **{k: v for k, v in kw.items() if k not in ("min_workers", "max_workers")})
+        assert _invalid(lambda: env.client.submit(spec(**kw))) == f"spec.train.{field}: {direct.value}"
+
+    first = env.backend.last()
+    env.backend.set(job.attempts[0].ray_submission_id, pb.RUNNING)
+    msg = _invalid(lambda: env.client.scale(job.job_id, 1, 3))
+    assert msg.startswith("spec.train.min_workers: --workers 1:3: MIN and MAX must be multiples of --tp 2"), msg
+    assert env.backend.jobs[job.attempts[0].ray_submission_id]["state"] == pb.RUNNING
+    assert env.backend.last() == first
+    scaled = env.client.scale(job.job_id, 2, 6)
+    assert "--workers 2:6" in scaled.attempts[-1].entrypoint and "--tp 2" in scaled.attempts[-1].entrypoint
+
+    monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
+    ctl = ["ctl", "--target", f"127.0.0.1:{env.port}", "--json", "submit", "train",
+           "--data", str(env.root / "shards"), "--output", str(env.root / "run3"), "--workers", "2",
+           "--tp", "2", "--precision", "fp32", "--compile"]
+    assert main(ctl) == 0
+    sent = json.loads(capsys.readouterr().out)["spec"]["train"]
+    assert (sent["tp"], sent["precision"], sent["compile"]) == (2, "fp32", True)
