@@ -222,6 +222,26 @@ def plan_recipe(cfg: TrainConfig, seq_len: int, dp_size: int) -> Recipe:
                   warmup_steps=warmup, decay_steps=cfg.optim.decay_steps or cfg.steps)
 
 
+def check_compiler(device: torch.device) -> None:
+    """``--compile`` needs inductor's code generator where the worker runs: a C++ compiler
+    for the CPU, Triton for CUDA. Without one the first forward would fail deep inside
+    dynamo; this names the fix before the model is built (a UserError: not retried)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            raise UserError("--compile on CUDA needs Triton (shipped with PyTorch's CUDA "
+                            "wheels) on every GPU worker; install it or drop --compile")
+    elif device.type == "cpu":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception as e:
+            raise UserError(f"--compile on the CPU needs a C++ compiler on every worker (tried "
+                            f"{inductor_config.cpp.cxx}: {str(e).strip().splitlines()[0]}); install "
+                            f"g++ (or set CXX) or drop --compile") from None
+
+
 def fused_adamw_ok(device: torch.device) -> bool:
     """Whether torch's fused AdamW kernel runs on ``device`` (CUDA; CPU since torch 2.4)."""
     try:
@@ -294,6 +314,8 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
+        if cfg.compile:
+            check_compiler(self.device)
 
         # -- layout: tensor groups of tp consecutive ranks, data groups across them
         if self.world % cfg.tp:

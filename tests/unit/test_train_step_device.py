@@ -107,3 +107,16 @@ def test_clipped_update_equals_adamw_on_clipped_gradients(shards, tmp_path):
         assert t.optimizer.grad_scale is None and t.optimizer.found_inf is None
     finally:
         t.close()
+
+
+def test_compile_without_a_cpp_compiler_is_a_user_error(shards, tmp_path, monkeypatch):
+    """`--compile` on a CPU worker without a C++ compiler: a UserError (never retried) that
+    names the fix, before the model is built, instead of a failure inside dynamo at the
+    first forward."""
+    from torch._inductor import config as inductor_config
+
+    from opt_ray.errors import UserError
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    with pytest.raises(UserError, match=r"--compile on the CPU needs a C\+\+ compiler .*install g\+\+"):
+        _trainer(shards, tmp_path / "run", compile=True)
