@@ -29,7 +29,7 @@ part() {  # part NAME SECONDS CMD...: stdout to NAME.out, stderr to NAME.log
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-part tests_gpu 120 $py -m pytest tests/gpu -q -p no:cacheprovider -k "not bench" -o addopts="" -rA
+part tests_gpu 180 $py -m pytest tests/gpu -q -p no:cacheprovider -k "not bench" -o addopts="" -rA
 part step_bf16 150 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 2 \
     --repeats 9 --dtype bf16 --sides trainer,hf
 part step_fp16 100 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 2 \
