@@ -5,7 +5,7 @@
 #   bash bench/gpu_checks.sh OUTDIR [PART...]   # JSON and logs land in OUTDIR
 #   PYTHON=.venv/bin/python bash bench/gpu_checks.sh OUTDIR   # another interpreter (default python3)
 # PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_b8 step_125m step_125m_compile
-#   trace serve (step_125m_compile: the trainer's --compile, its first step the compile)
+#   trace trace_compile serve (*_compile: the trainer's --compile, its first step the compile)
 # (trace: where the 125m step's GPU waits, bench/step_trace.py; gzipped traces in OUTDIR/trace)
 # Each part has its own time limit and the script goes on past a failed part; the exit
 # status is non-zero if any part failed. Each part's stdout is NAME.out; stderr goes to all.log.
@@ -41,6 +41,8 @@ part step_125m 70 $py bench/train_step.py --device cuda --preset 125m --seq-len 
 part step_125m_compile 150 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
     --repeats 9 --dtype bf16 --sides trainer,hf --compile
 part trace 90 $py bench/step_trace.py "$out/trace" --preset 125m --seq-len 2048 --batch 8
+part trace_compile 120 $py bench/step_trace.py "$out/trace_compile" --preset 125m --seq-len 2048 \
+    --batch 8 --sides trainer --compile
 part serve 60 $py bench/serve.py --device cuda --dtype bfloat16 --quick --rates 4,16
 [ -f "$out/tests_gpu.out" ] && tail -n 3 "$out/tests_gpu.out"
 exit $rc

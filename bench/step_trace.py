@@ -98,16 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sides", default="trainer,hf", help="comma list of bench/train_step.py sides")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per side")
     p.add_argument("--timed", type=int, default=8, help="unprofiled steps per side for wall time")
+    p.add_argument("--compile", action="store_true",
+                   help="the opt-ray sides' decoder blocks compiled (the trainer's --compile)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/step_trace.py needs CUDA: the trace's GPU idle time is its point")
     sides = [s for s in args.sides.split(",") if s]
     targs = ts.parse_args(["--device", "cuda", "--preset", args.preset, "--batch", str(args.batch),
                            "--seq-len", str(args.seq_len), "--dtype", args.dtype,
-                           "--sides", ",".join(sides), "--no-memory"])
+                           "--sides", ",".join(sides), "--no-memory", *(["--compile"] * args.compile)])
     s = ts.build(targs, sides)
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"bench": "step_trace", "preset": args.preset, "batch": args.batch,
+    result: dict = {"bench": "step_trace", "compile": args.compile, "preset": args.preset, "batch": args.batch,
                     "seq_len": args.seq_len, "dtype": args.dtype, "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
     for side in sides:
