@@ -91,7 +91,7 @@ def _compile_worker(rank: int, world: int, port: int, shards: str, out: str) -> 
 
     try:
         for name, kw in (("eager", {}), ("fsdp_compiled", {"compile": True}),
-                         ("tp_compiled", {"compile": True, "tp": 2})):
+                         ("tp_compiled", {"compile": True, "tp": 2, "activation_checkpointing": True})):
             train(TrainConfig(data=shards, output=str(Path(out) / name), preset="tiny", steps=3,
                               batch_tokens=8 * 32, micro_batch=2, lr=1e-3, warmup_steps=0,
                               guard=False, dropout=0.0, precision="fp32", device="cpu",
@@ -103,8 +103,9 @@ def _compile_worker(rank: int, world: int, port: int, shards: str, out: str) -> 
 @pytest.mark.timeout(300)
 def test_compiled_blocks_under_fsdp2_and_tensor_parallel_match_eager(tmp_path):
     """``--compile`` where it runs at scale: FSDP2's hooks around compiled blocks (2 data
-    ranks) and fairscale's tensor-parallel layers inside them (tp 2) train to the eager
-    gang's losses and weights (no dropout, so the masks cannot differ)."""
+    ranks) and fairscale's tensor-parallel layers inside them (tp 2, with activation
+    checkpointing recomputing the compiled blocks) train to the eager gang's losses and
+    weights (no dropout, so the masks cannot differ)."""
     from opt_ray.data.shards import write_shards
     from opt_ray.data.tokenizer import train_tokenizer
     from opt_ray.train.checkpoint import load_model_state, resolve
