@@ -194,9 +194,24 @@ def _help(text: str, **meta: Any) -> dict[str, Any]:
 
 
 def field_help(cls: type, name: str) -> str:
-    """The help text of ``cls``'s field ``name``: for a flag derived elsewhere (``opt-ray
-    ctl submit train``) that must say what the field says."""
-    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+    """The help text of the flag ``add_dataclass_args`` derives from ``cls``'s field
+    ``name`` (its default included), for a flag made elsewhere (``opt-ray ctl submit
+    train``) that must say what the field says. Not %-escaped."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return _help_text(f, typing.get_type_hints(cls)[name])
+
+
+def field_default(cls: type, name: str) -> Any:
+    return _default(next(f for f in fields(cls) if f.name == name))
+
+
+def _help_text(f: dataclasses.Field, hint: Any) -> str:
+    text, default = f.metadata.get("help", ""), _default(f)
+    if _unwrap_optional(hint) is not bool and default not in (None, "", dataclasses.MISSING) \
+            and "default" not in text:
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text += f" (default: {shown})"
+    return text
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -247,7 +262,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, pref
             add_dataclass_args(sub, tp, prefix=_nested_prefix(f, prefix), dest=name + "__")
             continue
         flag, default = _flag(f, prefix), _default(f)
-        helptext = meta.get("help", "").replace("%", "%%")
+        helptext = _help_text(f, hints[f.name]).replace("%", "%%")
         kw: dict[str, Any] = {"dest": name}
         if default is dataclasses.MISSING:
             kw["required"] = True
@@ -268,9 +283,6 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, pref
                 kw["choices"] = meta["choices"]
             if not meta.get("choices"):
                 kw["metavar"] = meta.get("metavar", f.name.upper())
-            if default not in (None, "", dataclasses.MISSING) and "default" not in helptext:
-                shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-                helptext += f" (default: {shown})"
         parser.add_argument(flag, help=helptext, **kw)
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from opt_ray.config import DEVICES, PRECISIONS, TrainConfig, field_help
+from opt_ray.config import DEVICES, PRECISIONS, PRESETS, TrainConfig, field_default, field_help
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url
 
@@ -156,22 +156,21 @@ def _eval_args(k: argparse.ArgumentParser) -> None:
 
 
 def _train_args(k: argparse.ArgumentParser) -> None:
-    k.add_argument("--preset", default="tiny")
-    k.add_argument("--steps", type=int, default=100)
-    k.add_argument("--workers", type=_workers, default=(1, 1), help="N or MIN:MAX (default: 1)")
-    k.add_argument("--checkpoint-every", type=int, default=0,
-                   help="steps between checkpoints (default: the stage's)")
-    k.add_argument("--batch-tokens", type=int, default=0,
-                   help="tokens per optimizer step (default: the preset's, Table 1)")
-    k.add_argument("--micro-batch", type=int, default=0,
-                   help="rows per forward/backward pass (default: train's)")
-    k.add_argument("--tp", type=int, default=0, help=field_help(TrainConfig, "tp") + " (default: 1)")
-    k.add_argument("--precision", default="", choices=PRECISIONS,
-                   help=field_help(TrainConfig, "precision").replace("%", "%%"))
-    k.add_argument("--device", default="", choices=DEVICES, help=field_help(TrainConfig, "device"))
-    for flag in ("activation_checkpointing", "compile"):
-        k.add_argument("--" + flag.replace("_", "-"), action="store_true",
-                       help=field_help(TrainConfig, flag))
+    """`opt-ray train`'s flags that a TrainSpec carries, with train's help texts. A flag
+    left out sends the spec's zero value, which leaves train's default."""
+    def flag(name: str, **kw) -> None:
+        k.add_argument("--" + name.replace("_", "-"),
+                       help=field_help(TrainConfig, name).replace("%", "%%"), **kw)
+
+    flag("preset", default=field_default(TrainConfig, "preset"), choices=PRESETS)
+    flag("steps", type=int, default=field_default(TrainConfig, "steps"))
+    flag("workers", type=_workers, default=(1, 1), metavar="N|MIN:MAX")
+    for name in ("checkpoint_every", "batch_tokens", "micro_batch", "tp"):
+        flag(name, type=int, default=0)
+    flag("precision", default="", choices=PRECISIONS)
+    flag("device", default="", choices=DEVICES)
+    for name in ("activation_checkpointing", "compile"):
+        flag(name, action="store_true")
 
 
 # ---------------------------------------------------------------------- specs from flags
