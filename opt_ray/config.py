@@ -197,12 +197,16 @@ def field_help(cls: type, name: str) -> str:
     """The help text of the flag ``add_dataclass_args`` derives from ``cls``'s field
     ``name`` (its default included), for a flag made elsewhere (``opt-ray ctl submit
     train``) that must say what the field says. Not %-escaped."""
-    f = next(f for f in fields(cls) if f.name == name)
-    return _help_text(f, typing.get_type_hints(cls)[name])
+    return _help_text(_field(cls, name), typing.get_type_hints(cls)[name])
 
 
 def field_default(cls: type, name: str) -> Any:
-    return _default(next(f for f in fields(cls) if f.name == name))
+    """The default of ``cls``'s field ``name`` (``dataclasses.MISSING`` when it has none)."""
+    return _default(_field(cls, name))
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in fields(cls) if f.name == name)
 
 
 def _help_text(f: dataclasses.Field, hint: Any) -> str:

@@ -61,17 +61,23 @@ def shards(tmp_path_factory) -> Path:
 # Without Ray: the loop in a one-process gloo group (fast enough for every run)
 # --------------------------------------------------------------------------------------
 
-def test_resume_in_process_is_bit_identical(shards, tmp_path):
-    """A run resumed from its step-4 checkpoint ends with the same bits as the run that
-    went straight through (sampler, RNG, optimizer and schedule all restored)."""
+def _straight_and_resumed(shards: Path, straight: Path, resumed: Path, **kw) -> None:
+    """Train ``straight`` through its 6 steps, then ``resumed``: a copy of it without the
+    step-6 checkpoint, trained again, so it resumes from step 4."""
     import shutil
 
     from opt_ray.train.loop import train
 
-    train(tiny_cfg(shards, tmp_path / "a"))
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
-    train(tiny_cfg(shards, tmp_path / "b"))
+    train(tiny_cfg(shards, straight, **kw))
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    train(tiny_cfg(shards, resumed, **kw))
+
+
+def test_resume_in_process_is_bit_identical(shards, tmp_path):
+    """A run resumed from its step-4 checkpoint ends with the same bits as the run that
+    went straight through (sampler, RNG, optimizer and schedule all restored)."""
+    _straight_and_resumed(shards, tmp_path / "a", tmp_path / "b")
     a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
@@ -88,15 +94,10 @@ def test_compiled_run_resumes_bit_identical_and_trains_like_eager(shards, tmp_pa
     bits as the compiled run that went straight through (the compiler's dropout masks
     replay from the restored RNG); activation checkpointing recomputes the compiled blocks
     to the same bits; and the losses track the eager run's, whose dropout masks differ."""
-    import shutil
-
     from opt_ray.train.loop import train
 
     train(tiny_cfg(shards, tmp_path / "eager"))
-    train(tiny_cfg(shards, tmp_path / "a", compile=True))
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
-    train(tiny_cfg(shards, tmp_path / "b", compile=True))
+    _straight_and_resumed(shards, tmp_path / "a", tmp_path / "b", compile=True)
     train(tiny_cfg(shards, tmp_path / "ac", compile=True, activation_checkpointing=True))
     a = final_params(tmp_path / "a")
     for other in ("b", "ac"):

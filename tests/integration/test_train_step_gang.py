@@ -20,6 +20,17 @@ pytestmark = pytest.mark.slow
 WORDS = "the quick brown fox jumps over lazy dog and runs far away from home".split()
 
 
+def _shards(out: Path) -> Path:
+    """200 short sentences over a 14-word vocabulary, as shards of 32-token rows."""
+    from opt_ray.data.shards import write_shards
+    from opt_ray.data.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(200)]
+    return write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300), out,
+                        seq_len=32, valid_fraction=0.05)
+
+
 def _worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -63,13 +74,7 @@ def _worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
 
 @pytest.mark.timeout(240)
 def test_per_micro_batch_reduce_scatter_and_same_overflow_decision(tmp_path):
-    from opt_ray.data.shards import write_shards
-    from opt_ray.data.tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(200)]
-    shards = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300), tmp_path / "s",
-                          seq_len=32, valid_fraction=0.05)
+    shards = _shards(tmp_path / "s")
     out = tmp_path / "run"
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(shards), str(out)), nprocs=2, join=True)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -106,14 +111,9 @@ def test_compiled_blocks_under_fsdp2_and_tensor_parallel_match_eager(tmp_path):
     ranks) and fairscale's tensor-parallel layers inside them (tp 2, with activation
     checkpointing recomputing the compiled blocks) train to the eager gang's losses and
     weights (no dropout, so the masks cannot differ)."""
-    from opt_ray.data.shards import write_shards
-    from opt_ray.data.tokenizer import train_tokenizer
     from opt_ray.train.checkpoint import load_model_state, resolve
 
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(200)]
-    shards = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300), tmp_path / "s",
-                          seq_len=32, valid_fraction=0.05)
+    shards = _shards(tmp_path / "s")
     out = tmp_path / "runs"
     torch.multiprocessing.spawn(_compile_worker, args=(2, free_port(), str(shards), str(out)),
                                 nprocs=2, join=True)
