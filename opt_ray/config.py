@@ -247,15 +247,16 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
-                       dest: str = "") -> None:
+                       dest: str = "", only: tuple[str, ...] | None = None) -> None:
     """Add one flag per field of the config dataclass ``cls`` (nested config dataclasses
     recursively, their flags prefixed by the nested field's ``prefix`` metadata). Defaults
     and help come from the fields, so ``from_args(cls, args)`` rebuilds exactly the
-    dataclass's defaults when no flag is given."""
+    dataclass's defaults when no flag is given. ``only``: just these top-level fields
+    (another command that takes some of ``cls``'s flags, e.g. ``opt-ray ctl submit``)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         meta = f.metadata
-        if meta.get("cli", True) is False:
+        if meta.get("cli", True) is False or (only is not None and f.name not in only):
             continue
         tp = _unwrap_optional(hints[f.name])
         name = f"{dest}{f.name}"
@@ -319,6 +320,23 @@ def to_argv(obj: Any, *, skip: tuple[str, ...] = (), prefix: str = "",
             out += [flag, *map(str, v)]
         elif v is not None:
             out += [flag, str(v)]
+    return out
+
+
+def flag_fields(cls: type, *, prefix: str = "", path: str = "") -> dict[str, str]:
+    """Each flag ``add_dataclass_args`` derives from ``cls`` (without its ``--``) -> the
+    dotted path of its field (``lr`` -> ``optim.peak_lr``): what a message that names a
+    flag is about, for callers that name fields (the control plane's specs)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, str] = {}
+    for f in fields(cls):
+        if f.metadata.get("cli", True) is False:
+            continue
+        if dataclasses.is_dataclass(_unwrap_optional(hints[f.name])):
+            out.update(flag_fields(_unwrap_optional(hints[f.name]), prefix=_nested_prefix(f, prefix),
+                                   path=f"{path}{f.name}."))
+        else:
+            out[_flag(f, prefix)[2:]] = path + f.name
     return out
 
 
@@ -658,6 +676,8 @@ class TrainConfig:
         _require(self.max_failures >= -1, f"--max-failures must be >= 0 (or -1: unlimited), "
                                           f"got {self.max_failures}")
         _require(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                 f"--seed must be an integer in [0, 2^63), got {self.seed!r}")
         _require(self.num_threads is None or self.num_threads >= 1,
                  f"--threads must be >= 1, got {self.num_threads}")
         _require(self.resume_from is None or 0 <= self.resume_from <= self.steps,

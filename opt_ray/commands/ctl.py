@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-from opt_ray.config import DEVICES, PRECISIONS, PRESETS, TrainConfig, field_default, field_help
+from opt_ray.config import (DEVICES, PRECISIONS, PRESETS, GuardConfig, OptimConfig, TrainConfig,
+                            add_dataclass_args, field_default, field_help, from_args)
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url
 
@@ -118,6 +119,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k = cmds.add_parser("rollback", help="restart a training job from a checkpoint step")
     k.add_argument("job")
     k.add_argument("--checkpoint", type=int, required=True, help="checkpoint step")
+    # As the OPT team intervened by hand after a divergence (OPT_FACTS.md, the logbook).
+    k.add_argument("--lr", type=float, metavar="LR",
+                   help="the peak LR from this checkpoint on (default: the run's)")
+    k.add_argument("--grad-clip", type=float, metavar="GRAD_CLIP",
+                   help="gradient clipping from this checkpoint on (OPT lowered 1.0 -> 0.3; "
+                        "default: the run's)")
     k = cmds.add_parser("logbook", help="a job's or run directory's logbook")
     k.add_argument("what", metavar="JOB|RUN_DIR", help="a job id, a run directory or a run's bucket URL")
     k.add_argument("--markdown", action="store_true", help="the rendered chronicle")
@@ -171,6 +178,31 @@ def _train_args(k: argparse.ArgumentParser) -> None:
     flag("device", default="", choices=DEVICES)
     for name in ("activation_checkpointing", "compile"):
         flag(name, action="store_true")
+    # The recipe and the guard policy: train's own flags, derived from the same fields.
+    add_dataclass_args(k, TrainConfig, only=_RECIPE)
+
+
+# The TrainSpec fields that are `opt-ray train` flags as they are; the nested ones are
+# messages named as the config's fields.
+_RECIPE = ("seed", "dropout", "optim", "guard")
+
+
+def _changed(obj) -> dict:
+    """The fields of a config dataclass that differ from their defaults."""
+    import dataclasses
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if getattr(obj, f.name) != field_default(type(obj), f.name)}
+
+
+def _recipe(a: argparse.Namespace) -> dict:
+    """TrainSpec's seed, dropout, optim and guard from the flags: what differs from train's
+    defaults (unset fields are the defaults), checked by the configs' own rules first."""
+    from opt_ray.v1 import control_pb2 as pb
+    out = {n: getattr(a, n) for n in ("seed", "dropout")
+           if getattr(a, n) != field_default(TrainConfig, n)}
+    out["optim"] = pb.OptimSpec(**_changed(from_args(OptimConfig, a, dest="optim__")))
+    out["guard"] = pb.GuardSpec(**_changed(from_args(GuardConfig, a, dest="guard__")))
+    return out
 
 
 # ---------------------------------------------------------------------- specs from flags
@@ -212,7 +244,8 @@ def _train_spec(a: argparse.Namespace, data: str, output: str):
                         max_workers=a.workers[1], steps=a.steps,
                         checkpoint_every=a.checkpoint_every, batch_tokens=a.batch_tokens,
                         micro_batch=a.micro_batch, tp=a.tp, precision=a.precision, device=a.device,
-                        activation_checkpointing=a.activation_checkpointing, compile=a.compile)
+                        activation_checkpointing=a.activation_checkpointing, compile=a.compile,
+                        **_recipe(a))
 
 
 def pipeline_spec(a: argparse.Namespace):
@@ -367,7 +400,10 @@ def run(a: argparse.Namespace) -> int:
         elif c == "scale":
             _out(client.scale(a.job, *a.workers), a.json, _print_job)
         elif c == "rollback":
-            _out(client.rollback(a.job, a.checkpoint), a.json, _print_job)
+            changes = {"peak_lr": a.lr, "grad_clip": a.grad_clip}
+            _out(client.rollback(a.job, a.checkpoint,
+                                 **{k: v for k, v in changes.items() if v is not None}),
+                 a.json, _print_job)
         elif c == "logbook":
             is_dir = is_url(a.what) or os.path.sep in a.what or os.path.isdir(a.what)
             r = (client.logbook(run_dir=_abs(a.what), markdown=a.markdown) if is_dir

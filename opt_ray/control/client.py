@@ -110,10 +110,12 @@ class ControlClient:
         return self._call("ScaleJob", pb.ScaleJobRequest(job_id=job_id, min_workers=min_workers,
                                                          max_workers=max_workers), timeout=300)
 
-    def rollback(self, job_id: str, checkpoint_step: int) -> pb.Job:
-        return self._call("RollbackJob", pb.RollbackJobRequest(job_id=job_id,
-                                                               checkpoint_step=checkpoint_step),
-                          timeout=300)
+    def rollback(self, job_id: str, checkpoint_step: int, **optim) -> pb.Job:
+        """Restart a training job from ``checkpoint_step``; ``optim``: OptimSpec fields
+        that change from there on (``peak_lr=6e-5, grad_clip=0.3``)."""
+        return self._call("RollbackJob", pb.RollbackJobRequest(
+            job_id=job_id, checkpoint_step=checkpoint_step, optim=pb.OptimSpec(**optim)),
+            timeout=300)
 
     # ------------------------------------------------------------------ serving
 

@@ -469,9 +469,15 @@ class ControlService(pb_grpc.ControlServiceServicer):
 
             def edit(t: pb.TrainSpec) -> None:
                 t.resume_from = request.checkpoint_step
+                t.optim.MergeFrom(request.optim)  # the set fields only; betas replace
+                if request.optim.betas:
+                    t.optim.betas[:] = request.optim.betas
 
-            return self._restart_training(request.job_id, "rolled_back", edit,
-                                          lambda t: f"step {t.resume_from or 'latest'}")
+            def describe(t: pb.TrainSpec) -> str:
+                changed = ", ".join(f"{f.name} {v}" for f, v in t.optim.ListFields())
+                return f"step {t.resume_from or 'latest'}" + (f" ({changed})" if changed else "")
+
+            return self._restart_training(request.job_id, "rolled_back", edit, describe)
 
     def WatchJob(self, request, context):
         with _status(context):

@@ -10,13 +10,14 @@ fix; the service answers it with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opt_ray.config import to_argv
+from opt_ray.config import GuardConfig, OptimConfig, flag_fields, to_argv
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url, local_run_dir, staging_root, store_errors
 from opt_ray.v1 import control_pb2 as pb
@@ -67,19 +68,41 @@ class Stage:
 _TASK_NAME = re.compile(r"[A-Za-z0-9_.\-*?\[\]]{1,128}")
 
 
-# TrainConfig's messages name the flag; the spec field of each flag the spec sets.
-_FLAG_FIELDS = {"workers": "min_workers"}
 # TrainSpec fields handed to TrainConfig as they are (their zero value: train's default).
 _TRAIN_PASSTHROUGH = ("precision", "device", "activation_checkpointing", "compile")
+# TrainSpec's optional fields (set or not, by presence) and its nested config messages,
+# whose fields are the config's by the same names.
+_TRAIN_OPTIONAL = ("seed", "dropout")
+_TRAIN_NESTED = {"optim": OptimConfig, "guard": GuardConfig}
 
 
 def _config_field(message: str) -> str:
-    """The TrainSpec field a TrainConfig error is about (``--steps ...`` -> ``steps``)."""
-    if message.startswith("unknown preset"):
-        return "preset"
+    """The TrainSpec field a TrainConfig error is about: the first flag it names
+    (``--lr ...`` -> ``optim.peak_lr``; ``--workers`` -> ``min_workers``), else the nested
+    field it names (``guard.spike_factor ...``), else ``preset``."""
+    from opt_ray.config import TrainConfig
     m = re.search(r"--([a-z][a-z-]*)", message)
-    flag = m.group(1) if m else "preset"
-    return _FLAG_FIELDS.get(flag, flag.replace("-", "_"))
+    path = flag_fields(TrainConfig).get(m.group(1)) if m else None
+    if path is None:
+        m = re.search(r"\b((?:%s)\.[a-z_]+)" % "|".join(_TRAIN_NESTED), message)
+        path = m.group(1) if m else "preset"
+    return "min_workers" if path == "workers" else path
+
+
+def spec_overrides(msg, cls: type) -> dict:
+    """The fields of ``msg`` (an OptimSpec or GuardSpec, named as ``cls``'s fields) that
+    the caller set, as ``cls``'s keyword arguments; unset fields keep the config's
+    defaults. A ``cls`` field the message lacks is a KeyError: the two must not drift."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        desc = msg.DESCRIPTOR.fields_by_name[f.name]
+        value = getattr(msg, f.name)
+        if desc.label == desc.LABEL_REPEATED:
+            if len(value):
+                out[f.name] = tuple(value)
+        elif msg.HasField(f.name):
+            out[f.name] = value
+    return out
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -314,6 +337,8 @@ class SpecValidator:
             given["tp"] = self._int(f"{name}.tp", s.tp, 1, self.bounds.max_workers)
         # The rest are TrainConfig's own rules (choices, fp16 needs a GPU, ...).
         given.update({k: getattr(s, k) for k in _TRAIN_PASSTHROUGH if getattr(s, k)})
+        given.update({k: getattr(s, k) for k in _TRAIN_OPTIONAL if s.HasField(k)})
+        given.update({k: spec_overrides(getattr(s, k), cls) for k, cls in _TRAIN_NESTED.items()})
         try:
             cfg = TrainConfig(**given)
         except ConfigError as e:
@@ -333,7 +358,7 @@ class SpecValidator:
             argv += ["--batch-tokens", str(cfg.batch_tokens)]
         if s.micro_batch:
             argv += ["--micro-batch", str(cfg.micro_batch)]
-        argv += to_argv(cfg, only=("tp", *_TRAIN_PASSTHROUGH))
+        argv += to_argv(cfg, only=("tp", *_TRAIN_PASSTHROUGH, *_TRAIN_OPTIONAL, *_TRAIN_NESTED))
         return Stage("train", argv, [out if is_url(out) else local], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:

@@ -350,8 +350,9 @@ def build_sharded(cfg: ModelConfig, *, device: torch.device | str, seed: int, tp
 _INIT_BLOCK_ELEMENTS = 1 << 22
 
 
-def _seed_of(*xs: int) -> int:
-    """A 63-bit seed from a few integers (SplitMix64-style)."""
+def seed_of(*xs: int) -> int:
+    """A 63-bit seed from a few integers (SplitMix64-style), stable across runs: the
+    init's per-block generators and the trainer's per-micro-batch dropout seeds."""
     h = 0x9E3779B97F4A7C15
     for x in xs:
         h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
@@ -409,7 +410,7 @@ def init_weights(model: OPT, seed: int, *, tp_size: int = 1, tp_rank: int = 0) -
                 d = dims.get(name)
                 if d is not None:  # this tensor rank's slice starts tp_rank slices in
                     offset[d] += tp_rank * p.shape[d]
-                _fill_normal(local, full, offset, s, _seed_of(seed, zlib.crc32(name.encode())),
+                _fill_normal(local, full, offset, s, seed_of(seed, zlib.crc32(name.encode())),
                              scratch)
 
 
@@ -433,7 +434,7 @@ def _fill_normal(local: torch.Tensor, full: tuple[int, ...], offset: list[int], 
               and c0 == 0 and lc == cols and local.is_contiguous())
     scratch = scratch if scratch is not None else []
     for b in range(r0 // per, (r0 + lr - 1) // per + 1):
-        g = torch.Generator().manual_seed(_seed_of(seed, b))
+        g = torch.Generator().manual_seed(seed_of(seed, b))
         n = min(per, rows - b * per)
         s, e = max(r0, b * per), min(r0 + lr, b * per + n)
         if direct and s == b * per and e == b * per + n:

@@ -58,6 +58,7 @@ from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_tok
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK, METRICS, Logbook, log_resume, versions
 from opt_ray.run_dir import MIRRORED, RunMirror, store_errors
+from opt_ray.model.parallel import seed_of
 from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -365,6 +366,7 @@ class Trainer:
                                            weight_decay=cfg.optim.weight_decay,
                                            fused=fused_adamw_ok(self.device))
         self.clip = cfg.optim.grad_clip
+        self.clip_changed = False  # restore(): a resumed run asked for another --grad-clip
         self.sampler = ResumableSampler(len(self.data), seed=cfg.seed)
         self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
         self.peak_flops = _peak_flops(self.device, self.precision)
@@ -402,6 +404,7 @@ class Trainer:
         return {
             "sampler": self.sampler.state_dict(), "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(), "clip": self.clip, "tokens_seen": self.tokens_seen,
+            "grad_clip": self.cfg.optim.grad_clip,
             "guard": self.guard.state_dict() if self.guard else None,
             "world_size": self.world, "dp_size": self.dp_size, "preset": self.cfg.preset,
             "model": self.model_cfg.to_dict(), "seq_len": self.seq_len, "run_id": self.cfg.run_id,
@@ -424,13 +427,23 @@ class Trainer:
     def restore(self, path: Path, *, keep_guard: bool = False) -> None:
         """Load a checkpoint (any world size / TP degree) and restore every piece of state."""
         state = self.ckpt.load(path, self.model, self.optimizer)
+        # Loading restores the saved param groups' hyperparameters; this run's flags set
+        # them (the LR too, from the schedule, every step), as for a fresh start.
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group.update(betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.step = int(state["step"])
         self.restored_versions = state.get("versions")
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
-        self.clip = float(state.get("clip", self.cfg.optim.grad_clip))
+        # The clip in force (the guard may have lowered it) carries over, unless this run
+        # asks for another --grad-clip than the one that saved it: a rollback by hand
+        # (`opt-ray ctl rollback --grad-clip`) sets the clip from then on.
+        self.clip_changed = state.get("grad_clip", self.cfg.optim.grad_clip) != self.cfg.optim.grad_clip
+        self.clip = self.cfg.optim.grad_clip if self.clip_changed else float(
+            state.get("clip", self.cfg.optim.grad_clip))
         if self.guard and not keep_guard and state.get("guard"):
             self.guard.load_state_dict(state["guard"])
         if state.get("model", {}).get("vocab_size") not in (None, self.model_cfg.vocab_size):
@@ -512,7 +525,7 @@ class Trainer:
             # Dropout masks are a function of (seed, step, micro-batch, data rank): a
             # replayed step draws the same ones; tensor ranks share them (replicated
             # activations must be dropped identically).
-            torch.manual_seed(_mix(cfg.seed, step, m, self.dp_rank))
+            torch.manual_seed(seed_of(cfg.seed, step, m, self.dp_rank))
             # Gradients are reduce-scattered after every micro-batch (FSDP2's default sync
             # stays on): only the fp32 shard accumulates, unsharded gradients never persist.
             with _autocast(self.precision, self.device):
@@ -655,15 +668,6 @@ def _group_timeout(seconds: float):
             c10d.default_pg_nccl_timeout = saved[1]
 
 
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from a few integers (SplitMix64-style), stable across runs."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def _hardware(device: torch.device) -> dict[str, Any]:
     from opt_ray.logbook import hardware
 
@@ -768,7 +772,8 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
                 if len(newer.verdicts) > len(trainer.guard.verdicts):
                     trainer.guard = newer
                     trainer.schedule.lr_factor = newer.lr_scale
-                    trainer.clip = newer.clip or trainer.clip
+                    if not trainer.clip_changed:
+                        trainer.clip = newer.clip or trainer.clip
             if trainer.guard:
                 trainer.guard.raise_if_gave_up()
         elif rank == 0:

@@ -59,7 +59,7 @@ class TokenizeSpec(_message.Message):
     def __init__(self, input: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seq_len: _Optional[int] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch", "tp", "precision", "device", "activation_checkpointing", "compile")
+    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch", "tp", "precision", "device", "activation_checkpointing", "compile", "seed", "dropout", "optim", "guard")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,10 @@ class TrainSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     COMPILE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     preset: str
     data: str
     output: str
@@ -90,7 +94,63 @@ class TrainSpec(_message.Message):
     device: str
     activation_checkpointing: bool
     compile: bool
-    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tp: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ...) -> None: ...
+    seed: int
+    dropout: float
+    optim: OptimSpec
+    guard: GuardSpec
+    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tp: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ..., seed: _Optional[int] = ..., dropout: _Optional[float] = ..., optim: _Optional[_Union[OptimSpec, _Mapping]] = ..., guard: _Optional[_Union[GuardSpec, _Mapping]] = ...) -> None: ...
+
+class OptimSpec(_message.Message):
+    __slots__ = ("peak_lr", "betas", "eps", "weight_decay", "warmup_steps", "decay_steps", "min_lr_ratio", "grad_clip")
+    PEAK_LR_FIELD_NUMBER: _ClassVar[int]
+    BETAS_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECAY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
+    peak_lr: float
+    betas: _containers.RepeatedScalarFieldContainer[float]
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    decay_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    def __init__(self, peak_lr: _Optional[float] = ..., betas: _Optional[_Iterable[float]] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., decay_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., grad_clip: _Optional[float] = ...) -> None: ...
+
+class GuardSpec(_message.Message):
+    __slots__ = ("enabled", "spike_factor", "onset_factor", "window", "min_steps", "onset_patience", "check_nan", "grad_spike_factor", "loss_scale_floor", "min_checkpoint_loss_scale", "lr_factor", "clip_after_rollback", "skip_batches", "max_rollbacks")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SPIKE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    ONSET_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ONSET_PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_NAN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SPIKE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    MIN_CHECKPOINT_LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LR_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    CLIP_AFTER_ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    spike_factor: float
+    onset_factor: float
+    window: int
+    min_steps: int
+    onset_patience: int
+    check_nan: bool
+    grad_spike_factor: float
+    loss_scale_floor: float
+    min_checkpoint_loss_scale: float
+    lr_factor: float
+    clip_after_rollback: float
+    skip_batches: int
+    max_rollbacks: int
+    def __init__(self, enabled: _Optional[bool] = ..., spike_factor: _Optional[float] = ..., onset_factor: _Optional[float] = ..., window: _Optional[int] = ..., min_steps: _Optional[int] = ..., onset_patience: _Optional[int] = ..., check_nan: _Optional[bool] = ..., grad_spike_factor: _Optional[float] = ..., loss_scale_floor: _Optional[float] = ..., min_checkpoint_loss_scale: _Optional[float] = ..., lr_factor: _Optional[float] = ..., clip_after_rollback: _Optional[float] = ..., skip_batches: _Optional[int] = ..., max_rollbacks: _Optional[int] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
     __slots__ = ("checkpoint", "data", "split", "max_rows", "tasks", "num_fewshot", "has_num_fewshot", "limit", "include_path", "output", "workers")
@@ -289,12 +349,14 @@ class ScaleJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
 
 class RollbackJobRequest(_message.Message):
-    __slots__ = ("job_id", "checkpoint_step")
+    __slots__ = ("job_id", "checkpoint_step", "optim")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     checkpoint_step: int
-    def __init__(self, job_id: _Optional[str] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
+    optim: OptimSpec
+    def __init__(self, job_id: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., optim: _Optional[_Union[OptimSpec, _Mapping]] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id", "include_logs", "include_metrics", "from_start")

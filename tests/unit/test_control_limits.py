@@ -324,3 +324,62 @@ def test_train_spec_carries_what_a_run_past_one_gpu_needs(env, capsys, monkeypat
     assert main(ctl) == 0
     sent = json.loads(capsys.readouterr().out)["spec"]["train"]
     assert (sent["tp"], sent["precision"], sent["compile"]) == (2, "fp32", True)
+
+
+def test_train_spec_carries_the_recipe_and_the_guard_policy(env, capsys, monkeypatch):
+    """TrainSpec's seed, dropout, optim and guard reach the trainer: the entrypoint parsed
+    by the real `opt-ray train` parser rebuilds them, a set zero (dropout 0) included;
+    unset, they stay off the command line; a bad value is INVALID_ARGUMENT with the
+    config's own message named by the nested spec field; `opt-ray ctl submit train` takes
+    train's own flags for them and checks them before sending anything."""
+    import dataclasses
+
+    from opt_ray.cli import build_parser, main
+    from opt_ray.commands.train import config_from_args
+    from opt_ray.config import ConfigError, GuardConfig, OptimConfig, TrainConfig
+    # The messages carry the configs' fields by the same names, no more and no fewer.
+    for msg, cls in ((pb.OptimSpec, OptimConfig), (pb.GuardSpec, GuardConfig)):
+        assert set(msg.DESCRIPTOR.fields_by_name) == {f.name for f in dataclasses.fields(cls)}
+
+    (env.root / "shards").mkdir()
+    base = dict(preset="tiny", data=str(env.root / "shards"), steps=10, min_workers=1)
+
+    def spec(out, **kw):
+        return pb.JobSpec(train=pb.TrainSpec(**base, output=str(env.root / out), **kw))
+
+    job = env.client.submit(spec("run", seed=7, dropout=0.0, optim=pb.OptimSpec(
+        peak_lr=3e-4, betas=[0.9, 0.98], warmup_steps=2, grad_clip=0.5), guard=pb.GuardSpec(
+        spike_factor=2.0, clip_after_rollback=0.2, max_rollbacks=5, check_nan=False)))
+    cfg = config_from_args(build_parser().parse_args(shlex.split(job.attempts[0].entrypoint)[1:]))
+    assert (cfg.seed, cfg.dropout) == (7, 0.0)
+    assert (cfg.optim.peak_lr, cfg.optim.betas, cfg.optim.warmup_steps, cfg.optim.grad_clip) == \
+        (3e-4, (0.9, 0.98), 2, 0.5)
+    assert dataclasses.replace(cfg.guard) == GuardConfig(
+        spike_factor=2.0, clip_after_rollback=0.2, max_rollbacks=5, check_nan=False)
+    plain = shlex.split(env.client.submit(spec("run2")).attempts[0].entrypoint)
+    assert not [a for a in plain if a in ("--seed", "--dropout", "--lr", "--grad-clip")
+                or a.startswith(("--guard", "--no-guard"))]
+
+    for kw, fld, direct in (
+            (dict(optim=pb.OptimSpec(peak_lr=-1.0)), "optim.peak_lr", lambda: OptimConfig(peak_lr=-1.0)),
+            (dict(optim=pb.OptimSpec(warmup_steps=20)), "optim.warmup_steps",
+             lambda: TrainConfig(data="d", output="o", steps=10, warmup_steps=20)),
+            (dict(guard=pb.GuardSpec(spike_factor=0.5)), "guard.spike_factor",
+             lambda: GuardConfig(spike_factor=0.5)),
+            (dict(seed=-1), "seed", lambda: TrainConfig(data="d", output="o", seed=-1)),
+            (dict(dropout=1.0), "dropout", lambda: TrainConfig(data="d", output="o", dropout=1.0))):
+        with pytest.raises(ConfigError) as e:
+            direct()
+        assert _invalid(lambda: env.client.submit(spec("bad", **kw))) == f"spec.train.{fld}: {e.value}"
+
+    monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
+    ctl = ["ctl", "--target", f"127.0.0.1:{env.port}", "--json", "submit", "train",
+           "--data", str(env.root / "shards"), "--output", str(env.root / "run3")]
+    assert main(ctl + ["--seed", "3", "--lr", "1e-4", "--guard-clip", "0.2", "--no-guard-check-nan"]) == 0
+    sent = json.loads(capsys.readouterr().out)["spec"]["train"]
+    assert (sent["seed"], sent["optim"], sent["guard"]) == \
+        ("3", {"peak_lr": 1e-4}, {"clip_after_rollback": 0.2, "check_nan": False})
+    jobs = len(env.client.list())
+    assert main(ctl + ["--lr", "-1"]) == 2
+    assert "--lr (optim.peak_lr) must be > 0" in capsys.readouterr().err
+    assert len(env.client.list()) == jobs, "a bad flag sends nothing"

@@ -213,6 +213,39 @@ def test_rollback_resubmits_with_resume_from(env):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_rollback_by_hand_lowers_the_lr_and_the_clip(env, monkeypatch, capsys):
+    """As the OPT team intervened: back to a checkpoint with a lower peak LR and a tighter
+    clip. The changes join the job's spec, so a later rollback or scale keeps them; a bad
+    value is refused before the running attempt is stopped."""
+    import shlex
+
+    from opt_ray.cli import build_parser
+    from opt_ray.commands.train import config_from_args
+    job = _train_job(env)
+    env.backend.set(env.backend.last(), pb.RUNNING)
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.rollback(job.job_id, 50, grad_clip=-1.0)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details().startswith("spec.train.optim.grad_clip: --grad-clip")
+    assert env.client.get(job.job_id).attempts[-1].state == pb.RUNNING
+    out = env.client.rollback(job.job_id, 50, peak_lr=3e-5, grad_clip=0.3)
+    cfg = config_from_args(build_parser().parse_args(shlex.split(out.attempts[-1].entrypoint)[1:]))
+    assert (cfg.resume_from, cfg.optim.peak_lr, cfg.optim.grad_clip) == (50, 3e-5, 0.3)
+    assert out.attempts[-1].reason == "rolled_back step latest -> step 50 (peak_lr 3e-05, grad_clip 0.3)"
+    env.backend.set(env.backend.last(), pb.RUNNING)
+    again = env.client.rollback(job.job_id, 40, grad_clip=0.2)
+    cfg = config_from_args(build_parser().parse_args(shlex.split(again.attempts[-1].entrypoint)[1:]))
+    assert (cfg.resume_from, cfg.optim.peak_lr, cfg.optim.grad_clip) == (40, 3e-5, 0.2)
+    # The same from the command line.
+    from opt_ray.cli import main
+    monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
+    env.backend.set(env.backend.last(), pb.RUNNING)
+    assert main(["ctl", "--target", f"127.0.0.1:{env.port}", "--json", "rollback", job.job_id,
+                 "--checkpoint", "30", "--lr", "2e-5"]) == 0
+    sent = json.loads(capsys.readouterr().out)["spec"]["train"]
+    assert (sent["resume_from"], sent["optim"]) == ("30", {"peak_lr": 2e-5, "grad_clip": 0.2})
+
+
 def test_scale_rejects_a_job_that_is_not_training(env):
     job = env.client.submit(dedup_spec(env))
     with pytest.raises(grpc.RpcError) as ei:

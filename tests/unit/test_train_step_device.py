@@ -109,7 +109,7 @@ def test_clipped_update_equals_adamw_on_clipped_gradients(shards, tmp_path):
         t.close()
 
 
-def test_compile_without_a_cpp_compiler_is_a_user_error(shards, tmp_path, monkeypatch):
+def test_compile_without_a_cpp_compiler_is_a_user_error(shards, tmp_path):
     """`--compile` on a CPU worker without a C++ compiler: a UserError (never retried) that
     names the fix, before the model is built, instead of a failure inside dynamo at the
     first forward."""
@@ -117,6 +117,39 @@ def test_compile_without_a_cpp_compiler_is_a_user_error(shards, tmp_path, monkey
 
     from opt_ray.errors import UserError
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
-    with pytest.raises(UserError, match=r"--compile on the CPU needs a C\+\+ compiler .*install g\+\+"):
+    # inductor's own patch: monkeypatch's undo leaves its config module without the
+    # attribute, which broke every later compile in the process.
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
+            pytest.raises(UserError, match=r"--compile on the CPU needs a C\+\+ compiler .*install g\+\+"):
         _trainer(shards, tmp_path / "run", compile=True)
+
+
+def test_resume_takes_the_optimizer_flags_of_the_resumed_run(shards, tmp_path):
+    """A resume with the run's flags keeps what the checkpoint carries (a clip the guard
+    lowered); one that asks for another --grad-clip, --weight-decay or --betas (what
+    `opt-ray ctl rollback --grad-clip` submits) trains with those from the checkpoint on,
+    instead of the saved optimizer's param groups silently winning."""
+    t = _trainer(shards, tmp_path / "run")
+    try:
+        t.train_step()
+        t.clip = 0.3  # as the divergence guard sets it after a rollback
+        path = t.save()
+    finally:
+        t.close()
+    same = _trainer(shards, tmp_path / "run")
+    try:
+        same.restore(path)
+        g = same.optimizer.param_groups[0]
+        assert (same.step, same.clip, g["weight_decay"], tuple(g["betas"])) == (1, 0.3, 0.1, (0.9, 0.95))
+    finally:
+        same.close()
+    changed = _trainer(shards, tmp_path / "run", grad_clip=0.05, weight_decay=0.0,
+                       optim={"betas": (0.8, 0.9)})
+    try:
+        changed.restore(path)
+        g = changed.optimizer.param_groups[0]
+        assert (changed.step, changed.clip, g["weight_decay"], tuple(g["betas"])) == (1, 0.05, 0.0, (0.8, 0.9))
+        # The moments came from the checkpoint: only the hyperparameters changed.
+        assert all(s["step"].item() == 1 for s in changed.optimizer.state.values())
+    finally:
+        changed.close()
