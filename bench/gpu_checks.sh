@@ -4,7 +4,7 @@
 # the trainer's MFU, and the serving engine vs transformers' generate on the GPU.
 #   bash bench/gpu_checks.sh OUTDIR [PART...]   # JSON and logs land in OUTDIR
 #   PYTHON=.venv/bin/python bash bench/gpu_checks.sh OUTDIR   # another interpreter (default python3)
-# PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_b8 step_125m step_125m_compile
+# PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_compile step_bf16_b8 step_125m step_125m_compile
 #   trace trace_compile serve (*_compile: the trainer's --compile, its first step the compile)
 # (trace: where the 125m step's GPU waits, bench/step_trace.py; gzipped traces in OUTDIR/trace)
 # Each part has its own time limit and the script goes on past a failed part; the exit
@@ -34,6 +34,8 @@ part step_bf16 150 $py bench/train_step.py --device cuda --preset 1.3b --seq-len
     --repeats 9 --dtype bf16 --sides trainer,hf
 part step_fp16 100 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 2 \
     --repeats 5 --dtype fp16 --sides trainer,hf --no-memory
+part step_bf16_compile 150 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 2 \
+    --repeats 9 --dtype bf16 --sides trainer,hf --compile --no-memory
 part step_bf16_b8 80 $py bench/train_step.py --device cuda --preset 1.3b --seq-len 2048 --batch 8 \
     --repeats 4 --dtype bf16 --sides trainer --no-memory
 part step_125m 70 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
