@@ -304,8 +304,10 @@ def test_scale_then_rollback_a_pruned_run(server, work):
         _wait_for(lambda: committed_steps(run)[-1] >= resumed_at + 2, "training after the scale", c,
                   job.job_id)
         target = committed_steps(run)[-1]
-        rolled = c.rollback(job.job_id, target)
+        # As the OPT team intervened by hand: back, with a lower peak LR and a tighter clip.
+        rolled = c.rollback(job.job_id, target, peak_lr=1e-5, grad_clip=0.3)
         assert f"--resume-from {target}" in rolled.attempts[-1].entrypoint
+        assert "--lr 1e-05" in rolled.attempts[-1].entrypoint
         final = c.wait(job.job_id, timeout=600)
         events = [json.loads(e) for e in c.logbook(job_id=job.job_id).events]
         # Watching a finished job replays it: every attempt's logs, the run's metrics.
@@ -331,6 +333,11 @@ def test_scale_then_rollback_a_pruned_run(server, work):
     assert rb and rb[-1]["to_step"] == target
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    # tiny's schedule (peak 1e-3, one warmup step, linear decay to a tenth by the last
+    # step) never goes below 1e-4; from the rollback on, the peak is 1e-5.
+    assert all(m["lr"] >= 1e-4 for m in metrics[:target])
+    assert all(0 < m["lr"] <= 1e-5 for m in metrics[target:]), [m["lr"] for m in metrics]
+    assert resumed[-1]["config"]["optim"]["grad_clip"] == 0.3
     assert committed_steps(run)[-1] == steps
     streamed = [json.loads(e.metrics_line) for e in replay if e.metrics_line]
     assert [m["step"] for m in streamed] == list(range(1, steps + 1)) and "loss" in streamed[-1]
