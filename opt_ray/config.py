@@ -550,7 +550,10 @@ class TrainConfig:
     ``guard_policy={...}``, ``chaos="spec"``), which stay readable as attributes.
     Everything knowable without the data or a cluster is validated here.
     """
-    data: str = field(metadata=_help("token shards directory (from `opt-ray tokenize`)"))
+    data: str = field(metadata=_help(
+        "token shards (from `opt-ray tokenize`): a directory every node reads, or a bucket URL "
+        "such as s3://bucket/shards (each rank reads its rows by ranged GETs; nothing is "
+        "downloaded whole)"))
     output: str = field(metadata=_help(
         "run directory: checkpoints, metrics, logbook, kept tokenizer; a local directory or an "
         "fsspec URL such as s3://bucket/runs/run1 (standard AWS variables and AWS_ENDPOINT_URL; "
@@ -626,7 +629,7 @@ class TrainConfig:
             ChaosConfig(self.chaos or "") if isinstance(self.chaos, str) else _coerce(ChaosConfig, self.chaos))
         _require(isinstance(self.output, str) and bool(self.output), "--output must name a run directory")
         # Workers run in another directory than the driver: paths must not be relative.
-        self.data = os.path.abspath(self.data)
+        self.data = self.data.rstrip("/") if is_url(self.data) else os.path.abspath(self.data)
         if is_url(self.output):
             self.output = self.output.rstrip("/")
             _require(self.output.count("/") >= 3, f"--output {self.output!r} must name a prefix "

@@ -124,14 +124,15 @@ class SpecValidator:
         if not allowed_roots:
             raise UserError("the control server needs at least one --allowed-root directory")
         # Bucket prefixes (s3://bucket/prefix) may hold training runs (TrainSpec.output,
-        # read back by EvalSpec.checkpoint and ExportSpec.run_dir);
-        # every other path a spec names lies inside a directory root.
+        # read back by EvalSpec.checkpoint and ExportSpec.run_dir) and the token shards a
+        # run trains on (TrainSpec.data); every other path a spec names lies inside a
+        # directory root.
         self.url_roots = [str(r).rstrip("/") for r in allowed_roots if is_url(r)]
         self.roots = [Path(os.path.realpath(r)) for r in allowed_roots if not is_url(r)]
         if not self.roots:
             raise UserError("the control server needs at least one --allowed-root directory "
-                            "(a bucket prefix holds training runs only; data and artifacts "
-                            "are read from directories)")
+                            "(a bucket prefix holds training runs and token shards "
+                            "only; other data and artifacts are read from directories)")
         self.bounds = bounds
 
     # ------------------------------------------------------------------ fields
@@ -167,9 +168,10 @@ class SpecValidator:
         return url, local_run_dir(url)
 
     def run_or_path(self, name: str, value: str, produced=()) -> Path | str:
-        """What eval and export read (a training run, one of its checkpoints, or an HF
-        directory): an existing path inside an allowed root, or a URL under an allowed
-        bucket prefix that exists there or that an earlier stage of the pipeline trains."""
+        """What train, eval and export read (token shards, a training run, one of its
+        checkpoints, or an HF directory): an existing path inside an allowed root, or a URL
+        under an allowed bucket prefix that exists there or that an earlier stage of the
+        pipeline trains."""
         if not is_url(value):
             return self.path(name, value, must_exist=True, produced=produced)
         url, _ = self.run_location(name, value)
@@ -196,7 +198,8 @@ class SpecValidator:
                             f"{self._roots_text()}")
         if is_url(value):
             raise SpecError(f"{name}={value!r}: only a training run (its output, or what "
-                            f"eval and export read) may be a bucket URL; give an absolute path inside {self._roots_text()}")
+                            f"eval and export read) and token shards may be a bucket URL; "
+                            f"give an absolute path inside {self._roots_text()}")
         self._plain(name, value)
         seg = next((x for x in value.split("/") if len(x.encode()) > self.bounds.max_segment_bytes),
                    None)
@@ -313,7 +316,9 @@ class SpecValidator:
         train`` builds (one set of rules); here only what the control plane adds: paths
         inside the roots and the cluster-protecting bounds."""
         from opt_ray.config import ConfigError, TrainConfig  # config only: no torch, no Ray
-        data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
+        # Token shards in a directory root, or under a bucket prefix root (read by ranged
+        # GETs on every rank).
+        data = self.run_or_path(f"{name}.data", s.data, produced)
         # An existing run directory is allowed: training resumes from its checkpoints.
         # A bucket URL under an allowed URL root is one too (``--output s3://...``).
         out, local = self.run_location(f"{name}.output", s.output)
@@ -401,7 +406,7 @@ class SpecValidator:
                 if given:
                     raise SpecError(f"{name}.{fld} applies to lm-eval tasks only; with data "
                                     f"(perplexity), use split and max_rows")
-            data = self.path(f"{name}.data", s.data, must_exist=True, produced=produced)
+            data = self.run_or_path(f"{name}.data", s.data, produced)
             argv += ["--data", str(data)]
             if s.split:
                 if not s.split.replace("_", "").isalnum() or len(s.split) > 64:

@@ -20,6 +20,15 @@ number of training workers on a host share one copy. Verification (sha256 of eve
 shard of the split) runs once per dataset: it leaves ``.verified-<split>.json`` keyed by
 the manifest's sha256 and the shards' sizes and mtimes, and a later ``verify=True``
 with the same key skips the re-hash.
+
+In object storage (``ShardDataset("s3://bucket/shards")``, through fsspec with the
+standard AWS variables): no node downloads or keeps the corpus. The manifest records, for
+each shard's record batches, the byte offset of their first row (``batches``: [rows,
+offset] pairs, measured on the written file), so a row is one ranged GET of
+``(seq_len + 1) x itemsize`` bytes and a batch of rows is one concurrent ``cat_ranges``:
+a global shuffle reads from every shard without fetching whole files. Verification there
+compares every shard's size with the manifest (one listing); the bytes themselves were
+hashed when written.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import numpy as np
 
 from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_file
 from opt_ray.errors import UserError
+from opt_ray.run_dir import is_url, store_errors
 
 KIND = "shards"
 TOKENIZER_FILE = "tokenizer.json"  # the tokenizer the shards were made with
@@ -72,9 +82,11 @@ class ShardDataset:
 
     def __init__(self, path: str | os.PathLike, split: str = "train", *, verify: bool = True,
                  tokenizer: Any = None, max_open: int = 64):
-        self.path = Path(path)
+        self.remote = is_url(path)
+        # A bucket URL stays a string (``Path`` would fold its ``//``).
+        self.path: Any = str(path).rstrip("/") if self.remote else Path(path)
         self.split = split
-        self.manifest = read_manifest(self.path, kind=KIND)
+        self.manifest = read_shards_manifest(self.path)
         splits = self.manifest.get("splits", {})
         if split not in splits:
             raise UserError(f"{self.path} has no split {split!r}; it has {sorted(splits)}")
@@ -90,7 +102,7 @@ class ShardDataset:
         if tokenizer is not None:
             check_tokenizer(self.manifest, tokenizer, where=str(self.path))
         if verify:
-            self._verify_once()
+            self._verify_sizes() if self.remote else self._verify_once()
         self.max_open = max(1, int(max_open))
         starts = [0]
         for sh in self.shards:
@@ -133,6 +145,27 @@ class ShardDataset:
                 write_json_atomic(marker, {"key": key, "verified": time.time()})
             except OSError:
                 pass                 # a read-only artifact: verified again next time
+
+    def _verify_sizes(self) -> None:
+        """In object storage: every shard of the split is there with the manifest's size,
+        and the manifest says where its rows lie (one listing, no download)."""
+        fs, root = _fs(self.path)
+        where = f"--data {self.path}"
+        with store_errors(where, "listing the shards"):
+            listed = {Path(e["name"]).name: int(e["size"])
+                      for e in fs.ls(f"{root}/{self.split}", detail=True)}
+        for sh in self.shards:
+            name = sh["name"].rsplit("/", 1)[-1]
+            if "batches" not in sh:
+                raise ArtifactError(f"{where}: shard {sh['name']} has no row offsets in its "
+                                    f"manifest (made before reading from object storage); run "
+                                    f"'opt-ray tokenize' again, or train from a local copy")
+            if name not in listed:
+                raise ArtifactError(f"{where}: shard {sh['name']} listed in {MANIFEST} is "
+                                    f"missing from the bucket; upload the whole shards directory")
+            if listed[name] != sh["bytes"]:
+                raise ArtifactError(f"{where}: shard {sh['name']} is {listed[name]} bytes, the "
+                                    f"manifest says {sh['bytes']}; upload it again")
 
     # -- lazy opening ------------------------------------------------------------------
 
@@ -182,13 +215,19 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def _index(self, i: int) -> int:
         n = len(self)
         i = int(i)
         if i < 0:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"row {i} out of range for {n} rows")
+        return i
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = self._index(i)
+        if self.remote:
+            return self.batch([i], dtype=self.dtype)[0]
         k = int(np.searchsorted(self._starts, i, side="right")) - 1
         starts, chunks = self._shard(k)
         r = i - int(self._starts[k])
@@ -199,9 +238,37 @@ class ShardDataset:
         """Rows stacked into a new ``[len(rows), seq_len + 1]`` array of ``dtype`` (int64 is
         what embedding lookups take)."""
         out = np.empty((len(rows), self.seq_len + 1), dtype=dtype)
+        if self.remote:
+            self._read_remote(rows, out)
+            return out
         for k, r in enumerate(rows):
             out[k] = self[r]
         return out
+
+    def _read_remote(self, rows: Sequence[int], out: np.ndarray) -> None:
+        """``rows`` into ``out`` by one concurrent batch of ranged reads."""
+        fs, root = _fs(self.path)
+        row_bytes = (self.seq_len + 1) * self.dtype.itemsize
+        paths, starts = [], []
+        for r in rows:
+            i = self._index(r)
+            k = int(np.searchsorted(self._starts, i, side="right")) - 1
+            sh, r_in = self.shards[k], i - int(self._starts[k])
+            first = 0
+            for n, offset in sh["batches"]:
+                if r_in < first + n:
+                    break
+                first += n
+            paths.append(f"{root}/{sh['name']}")
+            starts.append(int(offset) + (r_in - first) * row_bytes)
+        with store_errors(f"--data {self.path}", f"reading {len(rows)} rows"):
+            blobs = fs.cat_ranges(paths, starts, [s + row_bytes for s in starts], on_error="raise")
+        for k, blob in enumerate(blobs):
+            if len(blob) != row_bytes:
+                raise ArtifactError(f"--data {self.path}: a row of {paths[k]} came back with "
+                                    f"{len(blob)} of {row_bytes} bytes; the shard is truncated: "
+                                    f"upload it again")
+            out[k] = np.frombuffer(blob, dtype=self.dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -215,6 +282,62 @@ class ShardDataset:
     def __repr__(self) -> str:
         return (f"ShardDataset({str(self.path)!r}, split={self.split!r}, rows={len(self)}, "
                 f"seq_len={self.seq_len}, vocab_size={self.vocab_size})")
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem for a bucket URL and the path inside it."""
+    from fsspec.core import url_to_fs
+    with store_errors(f"--data {url}", "opening the bucket"):
+        fs, root = url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def read_shards_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A shards artifact's manifest, from a directory or a bucket URL (``ArtifactError``
+    naming it and the fix when it is not one)."""
+    if not is_url(path):
+        return read_manifest(path, kind=KIND)
+    url = str(path).rstrip("/")
+    fs, root = _fs(url)
+    with store_errors(f"--data {url}", f"reading its {MANIFEST}"):
+        if not fs.exists(f"{root}/{MANIFEST}"):
+            raise ArtifactError(f"{url} is not a complete artifact (no {MANIFEST}); upload the "
+                                f"whole output directory of 'opt-ray tokenize' there")
+        text = fs.cat_file(f"{root}/{MANIFEST}")
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise ArtifactError(f"{url}/{MANIFEST} is not valid JSON ({e}); upload it again") from e
+    if manifest.get("kind") != KIND:
+        raise ArtifactError(f"{url} holds a {manifest.get('kind')!r} artifact, expected {KIND!r}")
+    return manifest
+
+
+def read_shards_tokenizer(path: str | os.PathLike) -> bytes | None:
+    """The tokenizer file the shards were made with (None where an old artifact has none)."""
+    if not is_url(path):
+        p = Path(path) / TOKENIZER_FILE
+        return p.read_bytes() if p.is_file() else None
+    fs, root = _fs(str(path))
+    with store_errors(f"--data {path}", f"reading its {TOKENIZER_FILE}"):
+        return fs.cat_file(f"{root}/{TOKENIZER_FILE}") if fs.exists(f"{root}/{TOKENIZER_FILE}") else None
+
+
+def batch_offsets(path: str | os.PathLike) -> list[list[int]]:
+    """[rows, byte offset of the first row's tokens] of each record batch of a shard
+    file, measured on the file itself (the zero-copy views of a mapping start where the
+    bytes lie): what lets a reader without a mapping fetch one row by one ranged read."""
+    import pyarrow as pa
+
+    data = pa.memory_map(str(path), "r").read_buffer()
+    base = np.frombuffer(data, dtype=np.uint8).ctypes.data
+    reader = pa.ipc.open_file(data)
+    out = []
+    for b in range(reader.num_record_batches):
+        col = reader.get_batch(b).column(COLUMN)
+        values = col.flatten().to_numpy(zero_copy_only=True)
+        out.append([len(col), int(values.ctypes.data - base)])
+    return out
 
 
 def _reopen(path: str, split: str) -> ShardDataset:
@@ -338,6 +461,7 @@ class SplitWriter:
         self._writer = None
         self.shards[-1]["sha256"] = sha256_file(self._shard_path)
         self.shards[-1]["bytes"] = self._shard_path.stat().st_size
+        self.shards[-1]["batches"] = batch_offsets(self._shard_path)
 
     def close(self) -> dict[str, Any]:
         """Write what is left, drop the last partial row, and return the split's summary."""

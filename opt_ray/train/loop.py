@@ -691,13 +691,12 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
 def _keep_tokenizer(cfg: TrainConfig, run_dir: Path) -> None:
     """Copy the shards' tokenizer into the run directory, so `opt-ray export` can ship it
     with the weights and a served export decodes with the file training encoded with."""
-    from opt_ray.data.shards import TOKENIZER_FILE
+    from opt_ray.data.shards import TOKENIZER_FILE, read_shards_tokenizer
 
-    src = Path(cfg.data) / TOKENIZER_FILE
     dst = run_dir / TOKENIZER_FILE
-    if src.is_file() and not dst.exists():
+    if not dst.exists() and (text := read_shards_tokenizer(cfg.data)) is not None:
         tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
+        tmp.write_bytes(text)
         os.replace(tmp, dst)
 
 
@@ -846,12 +845,12 @@ def preflight(cfg: TrainConfig) -> None:
     over every gang size the elastic range may form; --tp divides the model; --output is
     writable and not another stage's artifact; a run directory being resumed was trained
     on the same tokenizer and vocabulary."""
-    from opt_ray.artifacts import MANIFEST, read_manifest
-    from opt_ray.data.shards import KIND, TOKENIZER_FILE
+    from opt_ray.artifacts import MANIFEST
+    from opt_ray.data.shards import TOKENIZER_FILE, read_shards_manifest, read_shards_tokenizer
     from opt_ray.model.parallel import ParallelConfigError, _check_divisible
 
     try:
-        manifest = read_manifest(cfg.data, kind=KIND)
+        manifest = read_shards_manifest(cfg.data)
     except UserError as e:
         raise UserError(f"--data {cfg.data}: {e}; pass the output of `opt-ray tokenize`") from e
     seq_len = int(manifest["seq_len"])
@@ -886,8 +885,8 @@ def preflight(cfg: TrainConfig) -> None:
                         f"you can write to") from e
 
     kept = out / TOKENIZER_FILE
-    data_tok = Path(cfg.data) / TOKENIZER_FILE
-    if kept.is_file() and data_tok.is_file() and kept.read_bytes() != data_tok.read_bytes():
+    data_tok = read_shards_tokenizer(cfg.data) if kept.is_file() else None
+    if data_tok is not None and kept.read_bytes() != data_tok:
         from opt_ray.data.tokenizer import load_tokenizer, tokenizer_hash
         if tokenizer_hash(load_tokenizer(kept)) != manifest["tokenizer"]["hash"]:
             raise UserError(f"--data {cfg.data} was tokenized with another tokenizer than the run "

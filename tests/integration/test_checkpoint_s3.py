@@ -228,10 +228,22 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
             with pytest.raises(grpc.RpcError) as ei:
                 client.submit(spec(bad))
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
+        # Token shards may lie under an allowed bucket prefix too (read by ranged GETs).
+        shards_url = s3.url("teams", "a", "shards")
+        for bad, why in [(shards_url, "does not exist"),
+                         (s3.url("teams", "b", "shards"), "not under an allowed bucket prefix")]:
+            with pytest.raises(grpc.RpcError) as ei:
+                client.submit(spec(str(root / "run"), data=bad))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
+        import fsspec
+        fsspec.filesystem("s3").pipe_file(f"{shards_url}/manifest.json", b'{"kind": "shards"}')
+        client.submit(spec(str(root / "run"), data=shards_url + "/"))
+        assert f"--data {shards_url} " in backend.jobs[backend.last()]["entrypoint"]
         with pytest.raises(grpc.RpcError) as ei:
-            client.submit(spec(str(root / "run"), data=s3.url("teams", "a", "shards")))
-        assert "only a training run (its output, or what eval and export read) may be a " \
-               "bucket URL" in ei.value.details()
+            client.submit(pb.JobSpec(tokenize=pb.TokenizeSpec(
+                input=str(root / "shards"), tokenizer=shards_url, seq_len=32, output=str(root / "t"))))
+        assert "only a training run (its output, or what eval and export read) and token " \
+               "shards may be a bucket URL" in ei.value.details()
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
@@ -273,6 +285,8 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         data = str(root / "shards")
         client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=url, data=data)))
         assert backend.jobs[backend.last()]["entrypoint"].split()[1:3] == ["eval", url]
+        client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=url, data=shards_url)))
+        assert f"--data {shards_url}" in backend.jobs[backend.last()]["entrypoint"]
         run2 = s3.url("teams", "a", "run2")
         pipe = client.submit(pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
             pb.StageSpec(train=spec(run2).train),
@@ -586,6 +600,94 @@ def test_cli_refuses_an_output_bucket_it_cannot_write(s3, shards, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "--output s3://" in last and "AWS_SECRET_ACCESS_KEY" in last and "Traceback" not in r.stderr
+
+
+def _upload(local: Path, url: str) -> None:
+    """A shards directory into the bucket as a user copies it (`aws s3 cp --recursive`)."""
+    import fsspec
+    fs = fsspec.filesystem("s3")
+    for p in sorted(local.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            fs.put_file(str(p), f"{url}/{p.relative_to(local).as_posix()}")
+
+
+def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
+    """`--data s3://...`: every row a ranged read of the uploaded shards at the offsets
+    the manifest records (several shards of several record batches here), equal to the
+    local rows; a run trained from the bucket equals, loss for loss and bit for bit, the
+    run on the local copy. A missing, truncated or offset-less shard, or a prefix without
+    a manifest, is one error naming it; the CLI says so in one line before Ray starts."""
+    import fsspec
+    import numpy as np
+
+    from opt_ray.artifacts import ArtifactError
+    from opt_ray.data.shards import ShardDataset, write_shards
+    from opt_ray.data.tokenizer import train_tokenizer
+    from opt_ray.train.loop import preflight, train
+    from tests.integration.test_train_gang import WORDS
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 40)))) for _ in range(400)]
+    local = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300),
+                         tmp_path / "shards", seq_len=32, valid_fraction=0.05,
+                         shard_tokens=40 * 33, batch_chars=300)
+    train_shards = read_json(local / "manifest.json")["splits"]["train"]["shards"]
+    assert len(train_shards) >= 3 and any(len(sh["batches"]) > 1 for sh in train_shards)
+    url = s3.url("data", "shards")
+    _upload(local, url)
+
+    here, there = ShardDataset(local), ShardDataset(url)
+    assert len(there) == len(here) and there.remote
+    rows = rng.permutation(len(here))
+    assert np.array_equal(there.batch(rows), here.batch(rows))
+    assert np.array_equal(there[-1], here[-1])
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(tiny_cfg(local, ref))
+    cfg = tiny_cfg(url, run)
+    preflight(cfg)
+    train(cfg)
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(ref)]
+    a, b = final_params(ref), final_params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (run / "tokenizer.json").read_bytes() == (local / "tokenizer.json").read_bytes()
+    # Perplexity on the bucket's valid split is the local copy's.
+    from opt_ray.cli import main
+    scores = []
+    for data in (str(local), url):
+        assert main(["eval", str(run), "--data", data]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0]["loss"] == scores[1]["loss"] and scores[1]["rows"] > 0
+
+    fs = fsspec.filesystem("s3")
+    name = train_shards[1]["name"]
+    broken = s3.url("data", "broken")
+    _upload(local, broken)
+    fs.pipe_file(f"{broken}/{name}", (local / name).read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=f"shard {name} is .* bytes, the manifest says"):
+        ShardDataset(broken)
+    fs.rm_file(f"{broken}/{name}")
+    with pytest.raises(ArtifactError, match=f"shard {name} listed in manifest.json is missing"):
+        ShardDataset(broken)
+    old = s3.url("data", "old")
+    _upload(local, old)
+    m = read_json(local / "manifest.json")
+    for sh in m["splits"]["train"]["shards"]:
+        del sh["batches"]
+    fs.pipe_file(f"{old}/manifest.json", json.dumps(m).encode())
+    with pytest.raises(ArtifactError, match="no row offsets .* run 'opt-ray tokenize' again"):
+        ShardDataset(old)
+
+    env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "staging")}
+    r = _cli("train", "--data", s3.url("data", "nothing"), "--output", str(tmp_path / "r"),
+             "--steps", "1", "--no-progress", env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--data s3://" in last and "no manifest.json" in last and "Traceback" not in r.stderr
+
+
+def read_json(p: Path):
+    return json.loads(p.read_text())
 
 
 @pytest.mark.slow
