@@ -147,6 +147,15 @@ class ResumableSampler:
         per = global_batch // world_size
         return rows[rank * per:(rank + 1) * per].tolist()
 
+    def peek_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """The rows ``next_batch`` would return now, without advancing (a reader fetches
+        them ahead; a skip or a restored state in between makes the next call differ)."""
+        consumed = self.consumed
+        try:
+            return self.next_batch(global_batch, rank, world_size)
+        finally:
+            self.consumed = consumed
+
     # -- skipping ---------------------------------------------------------------------
     def skip(self, n: int) -> tuple[int, int]:
         """Skip the next ``n`` stream positions (e.g. a bad batch); returns the skipped

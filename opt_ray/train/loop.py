@@ -44,11 +44,13 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -368,6 +370,10 @@ class Trainer:
         self.clip = cfg.optim.grad_clip
         self.clip_changed = False  # restore(): a resumed run asked for another --grad-clip
         self.sampler = ResumableSampler(len(self.data), seed=cfg.seed)
+        # The next step's rows are read while this step computes (``_step_rows``): with
+        # shards in a bucket each read is a round trip of ranged GETs.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="opt-ray-rows")
+        self._ahead: tuple[tuple[int, ...], Future] | None = None
         self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
         self.peak_flops = _peak_flops(self.device, self.precision)
 
@@ -518,9 +524,10 @@ class Trainer:
         global_tokens = self.global_rows * self.seq_len
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         model.train()
+        tokens = self._step_rows(rows)
         for m in range(self.accum):
-            chunk = rows[m * self.micro:(m + 1) * self.micro]
-            batch = torch.from_numpy(self.data.batch(chunk)).to(self.device, non_blocking=True)
+            chunk = tokens[m * self.micro:(m + 1) * self.micro]
+            batch = torch.from_numpy(chunk).to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             # Dropout masks are a function of (seed, step, micro-batch, data rank): a
             # replayed step draws the same ones; tensor ranks share them (replicated
@@ -537,6 +544,20 @@ class Trainer:
             # turns that into a sum, so the result is d(sum of token losses)/global tokens.
             (loss * (n * self.dp_size * loss_factor * scale / global_tokens)).backward()
         return self._reduce_step(loss_sum)
+
+    def _step_rows(self, rows: list[int]) -> np.ndarray:
+        """This rank's rows of the step, read in one call: by the read queued during the
+        previous step where it asked for these rows (a guard's skip or a restored state
+        changes them: read now); then the next step's rows are queued. So a bucket's
+        round trips (``--data s3://``) overlap the step's compute instead of adding to it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == tuple(rows):
+            tokens = ahead[1].result()
+        else:
+            tokens = self.data.batch(rows)
+        following = self.sampler.peek_batch(self.global_rows, self.dp_rank, self.dp_size)
+        self._ahead = (tuple(following), self._reader.submit(self.data.batch, following))
+        return tokens
 
     @torch.no_grad()  # also makes DTensor.to_local() a plain attribute read, per parameter
     def _reduce_step(self, loss_sum: torch.Tensor) -> torch.Tensor:
@@ -637,6 +658,8 @@ class Trainer:
         return True
 
     def close(self) -> None:
+        if getattr(self, "_reader", None) is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
         try:
             from fairscale.nn.model_parallel import initialize as mpu
             mpu.destroy_model_parallel()

@@ -113,6 +113,19 @@ def test_skip_and_skip_range_stay_skipped():
     assert Counter(one_epoch.tolist()) == Counter(np.delete(perm, [2, 3]).tolist())
 
 
+def test_peek_is_the_next_batch_without_taking_it():
+    """What the trainer's reader fetches ahead: the next call's rows, across an epoch
+    boundary too; a skip in between makes the next batch another one."""
+    s = ResumableSampler(10, seed=3, consumed=6)
+    ahead = s.peek_batch(8, rank=1, world_size=2)
+    assert s.consumed == 6 and s.peek_batch(8, 1, 2) == ahead
+    twin = ResumableSampler(10, seed=3, consumed=6)
+    assert s.next_batch(8, 1, 2) == ahead == twin.next_batch(8, 1, 2) and s.consumed == 14
+    ahead = s.peek_batch(4)
+    s.skip(2)
+    assert s.next_batch(4) != ahead
+
+
 def test_bad_arguments():
     s = ResumableSampler(10, seed=0)
     with pytest.raises(ValueError, match="divisible"):
