@@ -77,7 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--workers", type=int, default=0)
     k = kinds.add_parser("train", help="opt-ray train --preset P --data SHARDS --output RUN_DIR ...")
     _train_args(k)
-    k.add_argument("--data", required=True)
+    k.add_argument("--data", required=True,
+                   help="token shards (from `opt-ray tokenize`): a path, or a bucket URL "
+                        "(s3://bucket/shards) under one of the server's URL --allowed-root prefixes")
     k.add_argument("--output", required=True,
                    help="the run directory: a path, or a bucket URL (s3://bucket/run) under one "
                         "of the server's URL --allowed-root prefixes")
