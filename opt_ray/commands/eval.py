@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dataclass_args(t, EvalConfig)
     add_ray_args(t)
     d = p.add_argument_group("perplexity on token shards")
-    d.add_argument("--data", default=None, help="token shards (from `opt-ray tokenize`): a directory or a bucket URL "
-                   "(s3://bucket/shards)")
+    d.add_argument("--data", default=None, help="token shards (from `opt-ray tokenize`): a "
+                   "directory or a bucket URL (s3://bucket/shards)")
     d.add_argument("--split", default="valid", help="shard split (default valid)")
     d.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
     p.set_defaults(func=run)
