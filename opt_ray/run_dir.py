@@ -94,10 +94,11 @@ AWS_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL"
 
 @contextlib.contextmanager
 def store_errors(what: str, doing: str, check: str = "the URL",
-                 error: type[UserError] = UserError) -> Iterator[None]:
+                 error: type[Exception] = UserError) -> Iterator[None]:
     """Object-store failures inside as one ``error`` line (a ``UserError``: exit 2 at the
     CLI, INVALID_ARGUMENT at the API) that names ``what`` and the AWS variables; a
-    ``UserError`` raised inside passes as it is."""
+    ``UserError`` raised inside passes as it is. Where a failure may be transient (a read
+    in the middle of a run), ``error`` is another class, so the gang retries."""
     try:
         yield
     except UserError:

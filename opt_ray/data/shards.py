@@ -48,6 +48,11 @@ from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_fil
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url, store_errors
 
+class ShardReadError(OSError):
+    """Rows could not be read from object storage mid-run (the store's own retries spent):
+    not a ``UserError``, so the gang restarts from its checkpoint and reads them again."""
+
+
 KIND = "shards"
 TOKENIZER_FILE = "tokenizer.json"  # the tokenizer the shards were made with
 SPLITS = ("train", "valid")
@@ -261,7 +266,7 @@ class ShardDataset:
                 first += n
             paths.append(f"{root}/{sh['name']}")
             starts.append(int(offset) + (r_in - first) * row_bytes)
-        with store_errors(f"--data {self.path}", f"reading {len(rows)} rows"):
+        with store_errors(f"--data {self.path}", f"reading {len(rows)} rows", error=ShardReadError):
             blobs = fs.cat_ranges(paths, starts, [s + row_bytes for s in starts], on_error="raise")
         for k, blob in enumerate(blobs):
             if len(blob) != row_bytes:

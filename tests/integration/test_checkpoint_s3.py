@@ -663,7 +663,15 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     name = train_shards[1]["name"]
     broken = s3.url("data", "broken")
     _upload(local, broken)
-    fs.pipe_file(f"{broken}/{name}", (local / name).read_bytes()[:-100])
+    # A read that fails mid-run is not a UserError: the gang restarts and reads again.
+    from opt_ray.data.shards import ShardReadError
+    from opt_ray.errors import UserError
+    opened = ShardDataset(broken)
+    fs.rm_file(f"{broken}/{name}")
+    with pytest.raises(ShardReadError, match=f"--data {broken}: the object store refused reading 1 rows"):
+        opened.batch([train_shards[0]["rows"]])  # the first row of that shard
+    assert not issubclass(ShardReadError, UserError)
+    fs.pipe_file(f"{broken}/{name}", (local / name).read_bytes()[:-100])  # truncated
     with pytest.raises(ArtifactError, match=f"shard {name} is .* bytes, the manifest says"):
         ShardDataset(broken)
     fs.rm_file(f"{broken}/{name}")
