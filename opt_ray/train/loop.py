@@ -41,10 +41,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +58,8 @@ from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_tok
                             is_url, num_params, preset)
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK, METRICS, Logbook, log_resume, versions
-from opt_ray.run_dir import MIRRORED, RunMirror, store_errors
 from opt_ray.model.parallel import seed_of
+from opt_ray.run_dir import MIRRORED, RunMirror, store_errors
 from opt_ray.train.chaos import Chaos
 from opt_ray.train.checkpoint import Checkpointer, step_name
 from opt_ray.train.schedule import LRSchedule
@@ -551,6 +550,8 @@ class Trainer:
         changes them: read now); then the next step's rows are queued. So a bucket's
         round trips (``--data s3://``) overlap the step's compute instead of adding to it."""
         ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            wait([ahead[1]])  # one reader of the dataset at a time (its open-shard cache)
         if ahead is not None and ahead[0] == tuple(rows):
             tokens = ahead[1].result()
         else:
