@@ -123,7 +123,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--checkpoint", type=int, required=True, help="checkpoint step")
     # As the OPT team intervened by hand after a divergence (OPT_FACTS.md, the logbook).
     k.add_argument("--lr", type=float, metavar="LR",
-                   help="the peak LR from this checkpoint on (default: the run's)")
+                   help="the peak LR from this checkpoint on; the divergence guard's LR factor "
+                        "still multiplies it (default: the run's)")
     k.add_argument("--grad-clip", type=float, metavar="GRAD_CLIP",
                    help="gradient clipping from this checkpoint on (OPT lowered 1.0 -> 0.3; "
                         "default: the run's)")
