@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from opt_ray.config import (DEVICES, PRECISIONS, PRESETS, GuardConfig, OptimConfig, TrainConfig,
-                            add_dataclass_args, field_default, field_help, from_args)
+from opt_ray.config import (DEVICES, PRECISIONS, PRESETS, TrainConfig, add_dataclass_args,
+                            field_default, field_help, from_args)
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url
 
@@ -181,13 +181,10 @@ def _train_args(k: argparse.ArgumentParser) -> None:
     flag("device", default="", choices=DEVICES)
     for name in ("activation_checkpointing", "compile"):
         flag(name, action="store_true")
-    # The recipe and the guard policy: train's own flags, derived from the same fields.
-    add_dataclass_args(k, TrainConfig, only=_RECIPE)
-
-
-# The TrainSpec fields that are `opt-ray train` flags as they are; the nested ones are
-# messages named as the config's fields.
-_RECIPE = ("seed", "dropout", "optim", "guard")
+    # The recipe, the guard policy, checkpoints and fault tolerance: train's own flags,
+    # derived from the same fields.
+    from opt_ray.control.specs import TRAIN_NESTED, TRAIN_OPTIONAL
+    add_dataclass_args(k, TrainConfig, only=(*TRAIN_OPTIONAL, *TRAIN_NESTED))
 
 
 def _changed(obj) -> dict:
@@ -198,13 +195,15 @@ def _changed(obj) -> dict:
 
 
 def _recipe(a: argparse.Namespace) -> dict:
-    """TrainSpec's seed, dropout, optim and guard from the flags: what differs from train's
-    defaults (unset fields are the defaults), checked by the configs' own rules first."""
+    """TrainSpec's optional fields and nested messages from train's flags: what differs
+    from train's defaults (unset fields are the defaults), the nested ones checked by
+    their configs' rules first."""
+    from opt_ray.control.specs import TRAIN_NESTED, TRAIN_OPTIONAL
     from opt_ray.v1 import control_pb2 as pb
-    out = {n: getattr(a, n) for n in ("seed", "dropout")
-           if getattr(a, n) != field_default(TrainConfig, n)}
-    out["optim"] = pb.OptimSpec(**_changed(from_args(OptimConfig, a, dest="optim__")))
-    out["guard"] = pb.GuardSpec(**_changed(from_args(GuardConfig, a, dest="guard__")))
+    out = {n: getattr(a, n) for n in TRAIN_OPTIONAL if getattr(a, n) != field_default(TrainConfig, n)}
+    for name, cls in TRAIN_NESTED.items():
+        msg = pb.TrainSpec.DESCRIPTOR.fields_by_name[name].message_type.name
+        out[name] = getattr(pb, msg)(**_changed(from_args(cls, a, dest=name + "__")))
     return out
 
 

@@ -71,9 +71,11 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9_.\-*?\[\]]{1,128}")
 # TrainSpec fields handed to TrainConfig as they are (their zero value: train's default).
 _TRAIN_PASSTHROUGH = ("precision", "device", "activation_checkpointing", "compile")
 # TrainSpec's optional fields (set or not, by presence) and its nested config messages,
-# whose fields are the config's by the same names.
-_TRAIN_OPTIONAL = ("seed", "dropout")
-_TRAIN_NESTED = {"optim": OptimConfig, "guard": GuardConfig}
+# whose fields are the config's by the same names: `opt-ray train`'s flags as they are
+# (`opt-ray ctl submit train` derives its flags for them from TrainConfig's fields).
+TRAIN_OPTIONAL = ("seed", "dropout", "keep", "milestone_every", "async_checkpoint", "mirror_every",
+                   "deterministic", "max_failures", "collective_timeout")
+TRAIN_NESTED = {"optim": OptimConfig, "guard": GuardConfig}
 
 
 def _config_field(message: str) -> str:
@@ -84,7 +86,7 @@ def _config_field(message: str) -> str:
     m = re.search(r"--([a-z][a-z-]*)", message)
     path = flag_fields(TrainConfig).get(m.group(1)) if m else None
     if path is None:
-        m = re.search(r"\b((?:%s)\.[a-z_]+)" % "|".join(_TRAIN_NESTED), message)
+        m = re.search(r"\b((?:%s)\.[a-z_]+)" % "|".join(TRAIN_NESTED), message)
         path = m.group(1) if m else "preset"
     return "min_workers" if path == "workers" else path
 
@@ -342,8 +344,8 @@ class SpecValidator:
             given["tp"] = self._int(f"{name}.tp", s.tp, 1, self.bounds.max_workers)
         # The rest are TrainConfig's own rules (choices, fp16 needs a GPU, ...).
         given.update({k: getattr(s, k) for k in _TRAIN_PASSTHROUGH if getattr(s, k)})
-        given.update({k: getattr(s, k) for k in _TRAIN_OPTIONAL if s.HasField(k)})
-        given.update({k: spec_overrides(getattr(s, k), cls) for k, cls in _TRAIN_NESTED.items()})
+        given.update({k: getattr(s, k) for k in TRAIN_OPTIONAL if s.HasField(k)})
+        given.update({k: spec_overrides(getattr(s, k), cls) for k, cls in TRAIN_NESTED.items()})
         try:
             cfg = TrainConfig(**given)
         except ConfigError as e:
@@ -363,7 +365,7 @@ class SpecValidator:
             argv += ["--batch-tokens", str(cfg.batch_tokens)]
         if s.micro_batch:
             argv += ["--micro-batch", str(cfg.micro_batch)]
-        argv += to_argv(cfg, only=("tp", *_TRAIN_PASSTHROUGH, *_TRAIN_OPTIONAL, *_TRAIN_NESTED))
+        argv += to_argv(cfg, only=("tp", *_TRAIN_PASSTHROUGH, *TRAIN_OPTIONAL, *TRAIN_NESTED))
         return Stage("train", argv, [out if is_url(out) else local], run_dir=out)
 
     def eval(self, s: pb.EvalSpec, name: str = "spec.eval", produced=()) -> Stage:

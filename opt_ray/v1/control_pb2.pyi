@@ -59,7 +59,7 @@ class TokenizeSpec(_message.Message):
     def __init__(self, input: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seq_len: _Optional[int] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch", "tp", "precision", "device", "activation_checkpointing", "compile", "seed", "dropout", "optim", "guard")
+    __slots__ = ("preset", "data", "output", "min_workers", "max_workers", "steps", "resume_from", "checkpoint_every", "batch_tokens", "micro_batch", "tp", "precision", "device", "activation_checkpointing", "compile", "seed", "dropout", "optim", "guard", "keep", "milestone_every", "async_checkpoint", "mirror_every", "deterministic", "max_failures", "collective_timeout")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,13 @@ class TrainSpec(_message.Message):
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     OPTIM_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    MILESTONE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_EVERY_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     preset: str
     data: str
     output: str
@@ -98,7 +105,14 @@ class TrainSpec(_message.Message):
     dropout: float
     optim: OptimSpec
     guard: GuardSpec
-    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tp: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ..., seed: _Optional[int] = ..., dropout: _Optional[float] = ..., optim: _Optional[_Union[OptimSpec, _Mapping]] = ..., guard: _Optional[_Union[GuardSpec, _Mapping]] = ...) -> None: ...
+    keep: int
+    milestone_every: int
+    async_checkpoint: bool
+    mirror_every: float
+    deterministic: bool
+    max_failures: int
+    collective_timeout: float
+    def __init__(self, preset: _Optional[str] = ..., data: _Optional[str] = ..., output: _Optional[str] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., steps: _Optional[int] = ..., resume_from: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tp: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ..., seed: _Optional[int] = ..., dropout: _Optional[float] = ..., optim: _Optional[_Union[OptimSpec, _Mapping]] = ..., guard: _Optional[_Union[GuardSpec, _Mapping]] = ..., keep: _Optional[int] = ..., milestone_every: _Optional[int] = ..., async_checkpoint: _Optional[bool] = ..., mirror_every: _Optional[float] = ..., deterministic: _Optional[bool] = ..., max_failures: _Optional[int] = ..., collective_timeout: _Optional[float] = ...) -> None: ...
 
 class OptimSpec(_message.Message):
     __slots__ = ("peak_lr", "betas", "eps", "weight_decay", "warmup_steps", "decay_steps", "min_lr_ratio", "grad_clip")

@@ -338,8 +338,14 @@ def test_train_spec_carries_the_recipe_and_the_guard_policy(env, capsys, monkeyp
     from opt_ray.commands.train import config_from_args
     from opt_ray.config import ConfigError, GuardConfig, OptimConfig, TrainConfig
     # The messages carry the configs' fields by the same names, no more and no fewer.
+    from opt_ray.control.specs import TRAIN_NESTED, TRAIN_OPTIONAL
     for msg, cls in ((pb.OptimSpec, OptimConfig), (pb.GuardSpec, GuardConfig)):
         assert set(msg.DESCRIPTOR.fields_by_name) == {f.name for f in dataclasses.fields(cls)}
+    # TrainSpec's presence fields are TrainConfig's, by name; unset means train's default.
+    spec_fields = pb.TrainSpec.DESCRIPTOR.fields_by_name
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {n for n, f in spec_fields.items() if f.has_presence} == {*TRAIN_OPTIONAL, *TRAIN_NESTED}
+    assert {*TRAIN_OPTIONAL, *TRAIN_NESTED} <= config_fields
 
     (env.root / "shards").mkdir()
     base = dict(preset="tiny", data=str(env.root / "shards"), steps=10, min_workers=1)
@@ -347,17 +353,21 @@ def test_train_spec_carries_the_recipe_and_the_guard_policy(env, capsys, monkeyp
     def spec(out, **kw):
         return pb.JobSpec(train=pb.TrainSpec(**base, output=str(env.root / out), **kw))
 
+    faults = dict(keep=3, milestone_every=10, async_checkpoint=True, mirror_every=0.0,
+                  deterministic=True, max_failures=-1, collective_timeout=900.0)
     job = env.client.submit(spec("run", seed=7, dropout=0.0, optim=pb.OptimSpec(
         peak_lr=3e-4, betas=[0.9, 0.98], warmup_steps=2, grad_clip=0.5), guard=pb.GuardSpec(
-        spike_factor=2.0, clip_after_rollback=0.2, max_rollbacks=5, check_nan=False)))
+        spike_factor=2.0, clip_after_rollback=0.2, max_rollbacks=5, check_nan=False), **faults))
     cfg = config_from_args(build_parser().parse_args(shlex.split(job.attempts[0].entrypoint)[1:]))
     assert (cfg.seed, cfg.dropout) == (7, 0.0)
+    assert {k: getattr(cfg, k) for k in faults} == faults
     assert (cfg.optim.peak_lr, cfg.optim.betas, cfg.optim.warmup_steps, cfg.optim.grad_clip) == \
         (3e-4, (0.9, 0.98), 2, 0.5)
     assert dataclasses.replace(cfg.guard) == GuardConfig(
         spike_factor=2.0, clip_after_rollback=0.2, max_rollbacks=5, check_nan=False)
     plain = shlex.split(env.client.submit(spec("run2")).attempts[0].entrypoint)
-    assert not [a for a in plain if a in ("--seed", "--dropout", "--lr", "--grad-clip")
+    assert not [a for a in plain if a in ("--seed", "--dropout", "--lr", "--grad-clip", "--keep",
+                                          "--async-checkpoint", "--max-failures")
                 or a.startswith(("--guard", "--no-guard"))]
 
     for kw, fld, direct in (
@@ -367,7 +377,10 @@ def test_train_spec_carries_the_recipe_and_the_guard_policy(env, capsys, monkeyp
             (dict(guard=pb.GuardSpec(spike_factor=0.5)), "guard.spike_factor",
              lambda: GuardConfig(spike_factor=0.5)),
             (dict(seed=-1), "seed", lambda: TrainConfig(data="d", output="o", seed=-1)),
-            (dict(dropout=1.0), "dropout", lambda: TrainConfig(data="d", output="o", dropout=1.0))):
+            (dict(dropout=1.0), "dropout", lambda: TrainConfig(data="d", output="o", dropout=1.0)),
+            (dict(keep=1), "keep", lambda: TrainConfig(data="d", output="o", keep=1)),
+            (dict(collective_timeout=0.0), "collective_timeout",
+             lambda: TrainConfig(data="d", output="o", collective_timeout=0.0))):
         with pytest.raises(ConfigError) as e:
             direct()
         assert _invalid(lambda: env.client.submit(spec("bad", **kw))) == f"spec.train.{fld}: {e.value}"
@@ -375,10 +388,13 @@ def test_train_spec_carries_the_recipe_and_the_guard_policy(env, capsys, monkeyp
     monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
     ctl = ["ctl", "--target", f"127.0.0.1:{env.port}", "--json", "submit", "train",
            "--data", str(env.root / "shards"), "--output", str(env.root / "run3")]
-    assert main(ctl + ["--seed", "3", "--lr", "1e-4", "--guard-clip", "0.2", "--no-guard-check-nan"]) == 0
+    assert main(ctl + ["--seed", "3", "--lr", "1e-4", "--guard-clip", "0.2", "--no-guard-check-nan",
+                       "--async-checkpoint", "--collective-timeout", "900"]) == 0
     sent = json.loads(capsys.readouterr().out)["spec"]["train"]
     assert (sent["seed"], sent["optim"], sent["guard"]) == \
         ("3", {"peak_lr": 1e-4}, {"clip_after_rollback": 0.2, "check_nan": False})
+    assert (sent["async_checkpoint"], sent["collective_timeout"]) == (True, 900.0)
+    assert "keep" not in sent and "max_failures" not in sent
     jobs = len(env.client.list())
     assert main(ctl + ["--lr", "-1"]) == 2
     assert "--lr (optim.peak_lr) must be > 0" in capsys.readouterr().err
