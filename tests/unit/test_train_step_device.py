@@ -153,3 +153,31 @@ def test_resume_takes_the_optimizer_flags_of_the_resumed_run(shards, tmp_path):
         assert all(s["step"].item() == 1 for s in changed.optimizer.state.values())
     finally:
         changed.close()
+
+
+def test_read_ahead_gives_the_steps_own_rows_after_a_skip_or_a_restore(shards, tmp_path):
+    """The trainer reads the next step's rows during a step; when the guard skips a batch
+    or a checkpoint is restored, the rows a step trains on are its own, not the ones
+    read ahead."""
+    import numpy as np
+
+    t = _trainer(shards, tmp_path / "run")
+    try:
+        def rows():
+            return t.sampler.next_batch(t.global_rows, t.dp_rank, t.dp_size)
+
+        first = rows()
+        assert np.array_equal(t._step_rows(first), t.data.batch(first))
+        ahead = t._ahead[0]
+        second = rows()
+        assert tuple(second) == ahead  # read during the first step
+        assert np.array_equal(t._step_rows(second), t.data.batch(second))
+        t.sampler.skip(t.global_rows)  # the guard's data skip
+        third = rows()
+        assert tuple(third) != t._ahead[0]
+        assert np.array_equal(t._step_rows(third), t.data.batch(third))
+        t.sampler.load_state_dict({**t.sampler.state_dict(), "consumed": 0})  # a restore
+        again = rows()
+        assert again == first and np.array_equal(t._step_rows(again), t.data.batch(first))
+    finally:
+        t.close()
