@@ -25,7 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokenizer artifact dir, tokenizer.json, or a dir with vocab.json + merges.txt")
     p.add_argument("--seq-len", type=int, required=True,
                    help="training sequence length; rows hold seq_len + 1 tokens")
-    p.add_argument("--output", required=True, help="shards artifact directory to write")
+    p.add_argument("--output", required=True,
+                   help="shards artifact directory to write, or a bucket URL (s3://bucket/shards: "
+                        "written in this node's staging directory, then uploaded, its manifest "
+                        "last; `opt-ray train --data URL` reads it)")
     p.add_argument("--workers", type=int, default=2,
                    help="concurrent Ray encoder tasks (one input file each, one CPU each); 0 "
                         "encodes in this process (default: 2)")
@@ -56,6 +59,16 @@ def run(args: argparse.Namespace) -> int:
     from opt_ray.data.tokenizer import load_tokenizer
     from opt_ray.errors import UserError
 
+    from opt_ray.run_dir import is_url, local_run_dir
+
+    url = args.output.rstrip("/") if is_url(args.output) else None
+    if url:
+        from opt_ray.data.shards import check_shards_url
+        check_shards_url(url, overwrite=args.overwrite)   # before any work
+        # Built in this node's staging directory, uploaded when whole, then removed. A
+        # staged copy from an earlier try is replaced; an interrupted run still resumes
+        # from the input files it finished (the work directory beside it).
+        args.output, args.overwrite = str(local_run_dir(url)), True
     check_output_dir(args.output, overwrite=args.overwrite)   # before any work
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
@@ -82,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
     from opt_ray.artifacts import read_manifest
 
     m = read_manifest(out)
+    if url:
+        import shutil
+
+        from opt_ray.data.shards import upload_shards
+        upload_shards(out, url, progress=not args.no_progress)
+        shutil.rmtree(out)
+        out = url
     sp = m["splits"]
     print(f"tokenize: {out}: train {sp['train']['rows']} rows ({sp['train']['docs']} docs), "
           f"valid {sp['valid']['rows']} rows ({sp['valid']['docs']} docs), seq_len {m['seq_len']}, "

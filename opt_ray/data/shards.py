@@ -328,6 +328,61 @@ def read_shards_tokenizer(path: str | os.PathLike) -> bytes | None:
         return fs.cat_file(f"{root}/{TOKENIZER_FILE}") if fs.exists(f"{root}/{TOKENIZER_FILE}") else None
 
 
+def check_shards_url(url: str, *, overwrite: bool = False) -> None:
+    """``opt-ray tokenize --output URL``, before any work: the bucket takes writes, and
+    holds no shards artifact there unless ``overwrite``."""
+    fs, root = _fs(url)
+    with store_errors(f"--output {url}", "a test write", "the bucket exists"):
+        probe = f"{root}/.write-test-{os.getpid()}"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+        there = fs.exists(f"{root}/{MANIFEST}")
+    if there and not overwrite:
+        raise UserError(f"--output {url} already holds an artifact ({MANIFEST}); choose another "
+                        f"--output or pass --overwrite")
+
+
+def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False,
+                  threads: int = 8) -> None:
+    """A finished shards artifact into a bucket so that no reader ever takes a partial
+    upload for the artifact: a manifest already there is removed first, every file the
+    manifest lists goes up (``threads`` at a time) and is checked by size, and the
+    manifest, which readers require, goes up last."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = Path(local)
+    manifest = read_manifest(local, kind=KIND)
+    files = manifest["files"]
+    fs, root = _fs(url)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(int(f["bytes"]) for f in files.values()), unit="B", unit_scale=True,
+                   desc="upload", mininterval=1.0)
+
+    def put(name: str) -> None:
+        fs.put_file(str(local / name), f"{root}/{name}")
+        if bar is not None:
+            bar.update(int(files[name]["bytes"]))
+
+    try:
+        with store_errors(f"--output {url}", "the upload", "the bucket exists"):
+            if fs.exists(f"{root}/{MANIFEST}"):
+                fs.rm_file(f"{root}/{MANIFEST}")
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                list(pool.map(put, sorted(files)))
+            fs.invalidate_cache()
+            for name, info in files.items():
+                size = fs.info(f"{root}/{name}")["size"]
+                if int(size) != int(info["bytes"]):
+                    raise ArtifactError(f"--output {url}: {name} arrived with {size} of "
+                                        f"{info['bytes']} bytes; run the command again")
+            fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def batch_offsets(path: str | os.PathLike) -> list[list[int]]:
     """[rows, byte offset of the first row's tokens] of each record batch of a shard
     file, measured on the file itself (the zero-copy views of a mapping start where the

@@ -612,29 +612,41 @@ def _upload(local: Path, url: str) -> None:
 
 
 def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
-    """`--data s3://...`: every row a ranged read of the uploaded shards at the offsets
-    the manifest records (several shards of several record batches here), equal to the
-    local rows; a run trained from the bucket equals, loss for loss and bit for bit, the
-    run on the local copy. A missing, truncated or offset-less shard, or a prefix without
+    """`opt-ray tokenize --output s3://...` then `--data s3://...`: every row a ranged read
+    of the uploaded shards at the offsets the manifest records (several shards of several
+    record batches here), equal to the rows of the same command's local output; a run
+    trained from the bucket equals, loss for loss and bit for bit, the run on the local
+    copy. A missing, truncated or offset-less shard, or a prefix without
     a manifest, is one error naming it; the CLI says so in one line before Ray starts."""
     import fsspec
     import numpy as np
 
     from opt_ray.artifacts import ArtifactError
-    from opt_ray.data.shards import ShardDataset, write_shards
+    from opt_ray.data.shards import ShardDataset
     from opt_ray.data.tokenizer import train_tokenizer
     from opt_ray.train.loop import preflight, train
     from tests.integration.test_train_gang import WORDS
 
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 40)))) for _ in range(400)]
-    local = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 300),
-                         tmp_path / "shards", seq_len=32, valid_fraction=0.05,
-                         shard_tokens=40 * 33, batch_chars=300)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train_tokenizer(texts, 300).save(str(tmp_path / "tokenizer.json"))
+    # `opt-ray tokenize` into a directory and into the bucket (staged, uploaded manifest last).
+    env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "staging")}
+    url = s3.url("data", "shards")
+    local = tmp_path / "shards"
+    for out in (str(local), url):
+        r = _cli("tokenize", str(tmp_path / "corpus.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--seq-len", "32", "--valid-fraction", "0.05", "--shard-tokens", str(40 * 33),
+                 "--batch-chars", "300", "--workers", "0", "--no-progress", "--output", out,
+                 env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"tokenize: {url}: train ") and not list((tmp_path / "staging").rglob("*.arrow"))
+    r = _cli("tokenize", str(tmp_path / "corpus.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+             "--seq-len", "32", "--output", url, "--workers", "0", env=env, timeout=300)
+    assert r.returncode == 2 and "already holds an artifact" in r.stderr.strip().splitlines()[-1]
     train_shards = read_json(local / "manifest.json")["splits"]["train"]["shards"]
     assert len(train_shards) >= 3 and any(len(sh["batches"]) > 1 for sh in train_shards)
-    url = s3.url("data", "shards")
-    _upload(local, url)
 
     here, there = ShardDataset(local), ShardDataset(url)
     assert len(there) == len(here) and there.remote
@@ -686,7 +698,6 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     with pytest.raises(ArtifactError, match="no row offsets .* run 'opt-ray tokenize' again"):
         ShardDataset(old)
 
-    env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "staging")}
     r = _cli("train", "--data", s3.url("data", "nothing"), "--output", str(tmp_path / "r"),
              "--steps", "1", "--no-progress", env=env, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
