@@ -45,14 +45,6 @@ def _shards(out: Path, rows: int, seq_len: int, vocab: int) -> Path:
     return w.out
 
 
-def _upload(local: Path, url: str) -> None:
-    import fsspec
-    fs = fsspec.filesystem("s3")
-    for p in sorted(local.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            fs.put_file(str(p), f"{url}/{p.relative_to(local).as_posix()}")
-
-
 def _with_latency(url: str, seconds: float):
     """The bucket's filesystem with ``seconds`` in front of every batch of ranged reads;
     returns a function that takes it away."""
@@ -96,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from opt_ray.data.shards import ShardDataset
+    from opt_ray.data.shards import ShardDataset, upload_shards
     from tests.s3_helpers import S3Server, weed_available
 
     if not weed_available():
@@ -108,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         local = _shards(work / "shards", args.rows, args.seq_len, vocab=300)
         url = server.url("data", "shards")
-        _upload(local, url)
+        upload_shards(local, url)
         lat = args.latency_ms / 1000
 
         # Raw reads: one step's rows (a rank's share), random as the global shuffle draws them.

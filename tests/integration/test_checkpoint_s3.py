@@ -602,15 +602,6 @@ def test_cli_refuses_an_output_bucket_it_cannot_write(s3, shards, tmp_path):
     assert "--output s3://" in last and "AWS_SECRET_ACCESS_KEY" in last and "Traceback" not in r.stderr
 
 
-def _upload(local: Path, url: str) -> None:
-    """A shards directory into the bucket as a user copies it (`aws s3 cp --recursive`)."""
-    import fsspec
-    fs = fsspec.filesystem("s3")
-    for p in sorted(local.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            fs.put_file(str(p), f"{url}/{p.relative_to(local).as_posix()}")
-
-
 def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     """`opt-ray tokenize --output s3://...` then `--data s3://...`: every row a ranged read
     of the uploaded shards at the offsets the manifest records (several shards of several
@@ -622,7 +613,7 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     import numpy as np
 
     from opt_ray.artifacts import ArtifactError
-    from opt_ray.data.shards import ShardDataset
+    from opt_ray.data.shards import ShardDataset, upload_shards
     from opt_ray.data.tokenizer import train_tokenizer
     from opt_ray.train.loop import preflight, train
     from tests.integration.test_train_gang import WORDS
@@ -674,7 +665,7 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     fs = fsspec.filesystem("s3")
     name = train_shards[1]["name"]
     broken = s3.url("data", "broken")
-    _upload(local, broken)
+    upload_shards(local, broken)
     # A read that fails mid-run is not a UserError: the gang restarts and reads again.
     from opt_ray.data.shards import ShardReadError
     from opt_ray.errors import UserError
@@ -690,7 +681,7 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     with pytest.raises(ArtifactError, match=f"shard {name} listed in manifest.json is missing"):
         ShardDataset(broken)
     old = s3.url("data", "old")
-    _upload(local, old)
+    upload_shards(local, old)
     m = read_json(local / "manifest.json")
     for sh in m["splits"]["train"]["shards"]:
         del sh["batches"]
