@@ -126,9 +126,9 @@ class SpecValidator:
         if not allowed_roots:
             raise UserError("the control server needs at least one --allowed-root directory")
         # Bucket prefixes (s3://bucket/prefix) may hold training runs (TrainSpec.output,
-        # read back by EvalSpec.checkpoint and ExportSpec.run_dir) and the token shards a
-        # run trains on (TrainSpec.data); every other path a spec names lies inside a
-        # directory root.
+        # read back by EvalSpec.checkpoint and ExportSpec.run_dir) and token shards
+        # (TokenizeSpec.output, read by TrainSpec.data and EvalSpec.data); every other path
+        # a spec names lies inside a directory root.
         self.url_roots = [str(r).rstrip("/") for r in allowed_roots if is_url(r)]
         self.roots = [Path(os.path.realpath(r)) for r in allowed_roots if not is_url(r)]
         if not self.roots:
@@ -306,7 +306,15 @@ class SpecValidator:
         inp = self.path(f"{name}.input", s.input, must_exist=True, produced=produced)
         tok = self.path(f"{name}.tokenizer", s.tokenizer, must_exist=True, produced=produced)
         self._int(f"{name}.seq_len", s.seq_len, self.bounds.min_seq_len, self.bounds.max_seq_len)
-        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        # Shards may go to a bucket prefix root (`opt-ray tokenize --output s3://...`
+        # uploads them, the manifest last) for a run on a cluster without shared disk.
+        if is_url(s.output):
+            out, _ = self.run_location(f"{name}.output", s.output)
+            if self._url_exists(f"{name}.output", s.output, out):
+                raise SpecError(f"{name}.output={s.output!r} already exists; choose a new "
+                                f"bucket prefix")
+        else:
+            out = self.path(f"{name}.output", s.output, must_not_exist=True)
         argv = ["tokenize", str(inp), "--tokenizer", str(tok), "--seq-len", str(s.seq_len),
                 "--output", str(out), *NO_PROGRESS]
         if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):

@@ -244,6 +244,22 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
                 input=str(root / "shards"), tokenizer=shards_url, seq_len=32, output=str(root / "t"))))
         assert "only a training run (its output, or what eval and export read) and token " \
                "shards may be a bucket URL" in ei.value.details()
+        # The tokenize stage writes shards into a bucket prefix root; a pipeline trains on them.
+        def tokenize(out: str) -> pb.TokenizeSpec:
+            return pb.TokenizeSpec(input=str(root / "shards"), tokenizer=str(root / "shards"),
+                                   seq_len=32, output=out)
+        for bad, why in [(shards_url, "already exists"),
+                         (s3.url("teams", "b", "shards"), "not under an allowed bucket prefix")]:
+            with pytest.raises(grpc.RpcError) as ei:
+                client.submit(pb.JobSpec(tokenize=tokenize(bad)))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
+        fresh = s3.url("teams", "a", "shards2")
+        pipe = client.submit(pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
+            pb.StageSpec(tokenize=tokenize(fresh)),
+            pb.StageSpec(train=spec(str(root / "run-b"), data=fresh).train)])))
+        argvs = [list(p.argv) for p in pipe.plan]
+        assert argvs[0][argvs[0].index("--output") + 1] == fresh
+        assert argvs[1][argvs[1].index("--data") + 1] == fresh
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
