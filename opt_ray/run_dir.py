@@ -114,6 +114,14 @@ def store_errors(what: str, doing: str, check: str = "the URL",
                     f"{' '.join(str(e).split())[:300]}); check {check} and {AWS_HINT}") from e
 
 
+def probe_write(fs, prefix: str) -> None:
+    """Write and remove a probe object under ``prefix``: the store's errors (no bucket,
+    no permission, bad credentials) raise here, before any work is done."""
+    probe = f"{prefix}/.write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(probe, b"")
+    fs.rm_file(probe)
+
+
 def _no_filesystem(e: Exception) -> bool:
     """fsspec's answer for a scheme it has no implementation for (unknown, or its package
     not installed), as opposed to a ValueError from reading what the store returned."""
@@ -187,9 +195,7 @@ class RunMirror:
     # -- the two directions --------------------------------------------------------------
     def check_writable(self) -> None:
         """Raise ``OSError``-like errors when the bucket cannot be written (a probe object)."""
-        probe = self._remote(f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self.fs.pipe_file(probe, b"")
-        self.fs.rm_file(probe)
+        probe_write(self.fs, self.root)
 
     def pull(self) -> bool:
         """Bring the staging directory up to the bucket's newest push; True if it changed.

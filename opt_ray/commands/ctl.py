@@ -195,15 +195,13 @@ def _changed(obj) -> dict:
 
 
 def _recipe(a: argparse.Namespace) -> dict:
-    """TrainSpec's optional fields and nested messages from train's flags: what differs
-    from train's defaults (unset fields are the defaults), the nested ones checked by
-    their configs' rules first."""
+    """TrainSpec's optional fields and nested messages (as dicts) from train's flags: what
+    differs from train's defaults (unset fields are the defaults), the nested ones checked
+    by their configs' rules first."""
     from opt_ray.control.specs import TRAIN_NESTED, TRAIN_OPTIONAL
-    from opt_ray.v1 import control_pb2 as pb
     out = {n: getattr(a, n) for n in TRAIN_OPTIONAL if getattr(a, n) != field_default(TrainConfig, n)}
     for name, cls in TRAIN_NESTED.items():
-        msg = pb.TrainSpec.DESCRIPTOR.fields_by_name[name].message_type.name
-        out[name] = getattr(pb, msg)(**_changed(from_args(cls, a, dest=name + "__")))
+        out[name] = _changed(from_args(cls, a, dest=name + "__"))
     return out
 
 

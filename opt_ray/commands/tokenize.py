@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     from opt_ray.data.tokenize_pipeline import tokenize_files
     from opt_ray.data.tokenizer import load_tokenizer
     from opt_ray.errors import UserError
-
     from opt_ray.run_dir import is_url, local_run_dir
 
     url = args.output.rstrip("/") if is_url(args.output) else None

@@ -46,7 +46,7 @@ import numpy as np
 
 from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_file
 from opt_ray.errors import UserError
-from opt_ray.run_dir import is_url, store_errors
+from opt_ray.run_dir import is_url, probe_write, store_errors
 
 class ShardReadError(OSError):
     """Rows could not be read from object storage mid-run (the store's own retries spent):
@@ -305,10 +305,11 @@ def read_shards_manifest(path: str | os.PathLike) -> dict[str, Any]:
     url = str(path).rstrip("/")
     fs, root = _fs(url)
     with store_errors(f"--data {url}", f"reading its {MANIFEST}"):
-        if not fs.exists(f"{root}/{MANIFEST}"):
+        try:
+            text = fs.cat_file(f"{root}/{MANIFEST}")
+        except FileNotFoundError:
             raise ArtifactError(f"{url} is not a complete artifact (no {MANIFEST}); upload the "
-                                f"whole output directory of 'opt-ray tokenize' there")
-        text = fs.cat_file(f"{root}/{MANIFEST}")
+                                f"whole output directory of 'opt-ray tokenize' there") from None
     try:
         manifest = json.loads(text)
     except ValueError as e:
@@ -325,7 +326,10 @@ def read_shards_tokenizer(path: str | os.PathLike) -> bytes | None:
         return p.read_bytes() if p.is_file() else None
     fs, root = _fs(str(path))
     with store_errors(f"--data {path}", f"reading its {TOKENIZER_FILE}"):
-        return fs.cat_file(f"{root}/{TOKENIZER_FILE}") if fs.exists(f"{root}/{TOKENIZER_FILE}") else None
+        try:
+            return fs.cat_file(f"{root}/{TOKENIZER_FILE}")
+        except FileNotFoundError:
+            return None
 
 
 def check_shards_url(url: str, *, overwrite: bool = False) -> None:
@@ -333,9 +337,7 @@ def check_shards_url(url: str, *, overwrite: bool = False) -> None:
     holds no shards artifact there unless ``overwrite``."""
     fs, root = _fs(url)
     with store_errors(f"--output {url}", "a test write", "the bucket exists"):
-        probe = f"{root}/.write-test-{os.getpid()}"
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
+        probe_write(fs, root)
         there = fs.exists(f"{root}/{MANIFEST}")
     if there and not overwrite:
         raise UserError(f"--output {url} already holds an artifact ({MANIFEST}); choose another "
