@@ -1,14 +1,16 @@
 """Training-step benchmark: opt-ray's OPT vs transformers.OPTForCausalLM, side by side.
 
-One step = forward + backward + AdamW step on one batch, under autocast (bf16 on CUDA and
-on a CPU with native bf16, else fp32: no autocast), for both models built with the same weights, in one process, steps interleaved (the
+One step = forward + backward + AdamW step on one batch, in ``--dtype`` (bf16 on CUDA and
+on a CPU with native bf16, else fp32), for both models built with the same weights, in one process, steps interleaved (the
 order alternates every repeat) so that machine noise hits both alike. Both sides use the
 same optimizer settings (the paper's AdamW; torch's fused kernel where available).
 
 - ``trainer``: the real trainer step, ``opt_ray.train.loop.Trainer.train_step()`` (sampler,
   shard reads, LR schedule, micro-batches through the model's chunked LM-head loss, the
   reduced step statistics, clipping, AdamW), on shards of random tokens written here,
-  loaded with the same weights as the other sides
+  loaded with the same weights as the other sides. Its precision is the trainer's own: in
+  bf16/fp16 FSDP2's mixed precision (16-bit compute weights gathered from fp32 master
+  weights, gradients reduced into fp32, no autocast) on one rank as on many
 - ``ours``: ``loss = model(inputs, targets=targets)`` (the fused, chunked LM-head loss),
   fp32 parameters under autocast: the same precision recipe as the transformers side
 - ``hf``: ``loss = model(input_ids=ids, labels=ids).loss`` (its own loss path)
@@ -191,7 +193,9 @@ def _trainer(args: argparse.Namespace, cfg, weights, dev: torch.device):
                        num_threads=args.threads, compile=args.compile)
     t = Trainer(tcfg)
     assert t.model_cfg.vocab_size == cfg.vocab_size, (t.model_cfg.vocab_size, cfg.vocab_size)
-    t.model.load_state_dict(weights.state_dict())
+    # Full tensors into the trainer's (FSDP2-sharded in a half dtype) parameters.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(t.model, weights.state_dict(), options=StateDictOptions(full_state_dict=True))
     return t
 
 

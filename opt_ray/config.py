@@ -540,6 +540,11 @@ DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
+#: --precision fp16 where the step runs on a CPU (checked here for --device cpu, by the
+#: trainer where --device auto found no GPU).
+FP16_NEEDS_GPU = ("--precision fp16 needs a GPU (CPUs have no fast fp16 matmul, and the "
+                  "paper's loss-scaled fp16 is a GPU recipe); use --precision bf16 or fp32 on CPU")
+
 @dataclass
 class TrainConfig:
     """Everything ``opt-ray train`` takes; every flag is derived from a field here.
@@ -641,9 +646,7 @@ class TrainConfig:
         _require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _require(self.precision in (None, *PRECISIONS),
                  f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
-        _require(not (self.precision == "fp16" and self.device == "cpu"),
-                 "--precision fp16 needs a GPU (CPU autocast has no fp16 kernels); use "
-                 "--precision bf16 with --device cpu")
+        _require(not (self.precision == "fp16" and self.device == "cpu"), FP16_NEEDS_GPU)
         _require(isinstance(self.tp, int) and self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
         if isinstance(self.workers, (list, tuple)):
             lo, hi = int(self.workers[0]), int(self.workers[1])

@@ -44,7 +44,7 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from opt_ray.artifacts import write_text_atomic
-from opt_ray.config import (ConfigError, ModelConfig, TrainConfig, flops_per_token,  # noqa: F401
+from opt_ray.config import (FP16_NEEDS_GPU, ConfigError, ModelConfig, TrainConfig, flops_per_token,  # noqa: F401
                             is_url, num_params, preset)
 from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK, METRICS, Logbook, log_resume, versions
@@ -150,8 +150,7 @@ def resolve_device(want: str = "auto") -> torch.device:
 def _resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision:
         if cfg.precision == "fp16" and device.type == "cpu":
-            raise UserError("--precision fp16 needs a GPU (CPU autocast has no fp16 kernels); "
-                            "use --precision bf16 on CPU")
+            raise UserError(FP16_NEEDS_GPU)
         return cfg.precision
     if device.type == "cuda":
         return "fp16"
@@ -171,13 +170,6 @@ def cpu_has_native_bf16() -> bool:
 
 def _compute_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def _autocast(precision: str, device: torch.device):
-    dtype = _compute_dtype(precision)
-    if dtype is None or device.type not in ("cpu", "cuda"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -339,16 +331,20 @@ class Trainer:
         self.precision = _resolve_precision(cfg, self.device)
         self.tp_dims = tp_partition_dims(self.model_cfg) if cfg.tp > 1 else {}
         # Built sharded: on meta, then TP + FSDP2, then only the local shards are allocated
-        # and initialised (the same weights for a seed whatever the layout). FSDP only when
-        # there is something to shard over: on one data-parallel rank it would only add
-        # copies (DCP reshards plain and sharded tensors alike on load). Parameters are
-        # gathered in the compute dtype; gradients reduce-scattered in fp32 into fp32
-        # master weights.
+        # and initialised (the same weights for a seed whatever the layout). Parameters are
+        # gathered in the compute dtype (FSDP2's mixed precision; no autocast), gradients
+        # reduce-scattered in fp32 into fp32 master weights. So the step's precision does
+        # not depend on the data-parallel width: a data group of one runs FSDP2 too when
+        # the compute dtype is a half one (a gang that shrinks to one rank keeps its
+        # residual stream in bf16/fp16, as the plan counts it). In fp32 there is nothing to
+        # cast, and FSDP2 on one rank would only add copies (DCP reshards plain and sharded
+        # tensors alike on load).
         self.model = build_sharded(self.model_cfg, device=self.device, seed=cfg.seed, tp_size=cfg.tp,
                                    dp_group=self.dp_group, tp_group=self.tp_group,
                                    param_dtype=_compute_dtype(self.precision),
                                    activation_checkpointing=cfg.activation_checkpointing,
-                                   fsdp=self.dp_size > 1, compile=cfg.compile)
+                                   fsdp=self.dp_size > 1 or self.precision != "fp32",
+                                   compile=cfg.compile)
         self.scaler = DynamicLossScaler(self.precision == "fp16")
 
         # -- the recipe
@@ -534,9 +530,8 @@ class Trainer:
             torch.manual_seed(seed_of(cfg.seed, step, m, self.dp_rank))
             # Gradients are reduce-scattered after every micro-batch (FSDP2's default sync
             # stays on): only the fp32 shard accumulates, unsharded gradients never persist.
-            with _autocast(self.precision, self.device):
-                # The model's chunked, fused LM-head loss (mean over the micro-batch's tokens).
-                loss = model(inputs, targets=targets)
+            # The model's chunked, fused LM-head loss (mean over the micro-batch's tokens).
+            loss = model(inputs, targets=targets)
             n = targets.numel()
             loss_sum += loss.detach().double() * n
             # FSDP averages gradients over the data-parallel ranks; multiplying by dp_size

@@ -52,7 +52,15 @@ def test_trainer_step_on_one_gpu(shards, tmp_path, precision, monkeypatch):
         assert made and "nccl" in str(torch.distributed.get_backend()).lower()
         assert t.device.type == "cuda"
         assert all(p.device.type == "cuda" for p in t.model.parameters())
+        # FSDP2's mixed precision on one GPU as on many: 16-bit blocks, fp32 masters.
+        outs: set[torch.dtype] = set()
+        hooks = [layer.register_forward_hook(lambda m, a, o: outs.add(o.dtype))
+                 for layer in t.model.decoder.layers]
         recs = [t.train_step() for _ in range(4)]
+        for h in hooks:
+            h.remove()
+        assert outs == {torch.bfloat16 if precision == "bf16" else torch.float16}
+        assert {p.dtype for p in t.model.parameters()} == {torch.float32}
         assert all(math.isfinite(r["loss"]) for r in recs)
         assert recs[-1]["loss"] < recs[0]["loss"]
         assert (recs[0]["loss_scale"] is not None) == (precision == "fp16")

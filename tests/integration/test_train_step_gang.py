@@ -129,3 +129,62 @@ def test_compiled_blocks_under_fsdp2_and_tensor_parallel_match_eager(tmp_path):
         assert got.keys() == eager.keys(), name
         for k in eager:
             torch.testing.assert_close(got[k], eager[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+
+
+def _precision_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from opt_ray.train.loop import TrainConfig, Trainer
+
+    t = Trainer(TrainConfig(data=shards, output=out, preset="tiny", steps=3, batch_tokens=8 * 32,
+                            micro_batch=2, lr=1e-3, warmup_steps=0, guard=False, dropout=0.0,
+                            precision="bf16", device="cpu", workers=world))
+    try:
+        seen: dict[str, set[str]] = {"layer_out": set(), "weight": set()}
+
+        def pre(module, args):  # after FSDP2's own pre-hook: the weights the block computes with
+            seen["weight"].add(str(module.fc1.weight.dtype))
+
+        def post(module, args, output):
+            seen["layer_out"].add(str(output.dtype))
+
+        handles = [h for layer in t.model.decoder.layers
+                   for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))]
+        recs = [t.train_step() for _ in range(3)]
+        for h in handles:
+            h.remove()
+        masters = sorted({str(p.dtype) for p in t.model.parameters()})
+        if rank == 0:
+            Path(out, "precision.json").write_text(json.dumps({
+                "loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
+                "layer_out": sorted(seen["layer_out"]), "weight": sorted(seen["weight"]),
+                "masters": masters}))
+    finally:
+        t.close()
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_step_precision_does_not_depend_on_the_data_parallel_width(tmp_path):
+    """bf16 is FSDP2's mixed precision at every width: a gang of one computes as a gang of
+    two does (bf16 weights and residual stream, fp32 master weights), so a gang that
+    shrinks to one rank keeps its numerics. The first step (the same weights, the same
+    8 rows, before any update) gives the same loss at both widths; before, one rank ran
+    fp32 weights under autocast (an fp32 residual stream) and its loss differed by 1e-5."""
+    shards = _shards(tmp_path / "s")
+    got = {}
+    for world in (1, 2):
+        out = tmp_path / f"dp{world}"
+        torch.multiprocessing.spawn(_precision_worker, args=(world, free_port(), str(shards), str(out)),
+                                    nprocs=world, join=True)
+        got[world] = json.loads((out / "precision.json").read_text())
+    for world in (1, 2):
+        assert got[world]["layer_out"] == got[world]["weight"] == ["torch.bfloat16"], got[world]
+        assert got[world]["masters"] == ["torch.float32"], got[world]
+    one, two = got[1], got[2]
+    assert one["loss"][0] == pytest.approx(two["loss"][0], rel=1e-7, abs=0), (one, two)
+    # Then the updates differ only by the order of the gradient sums (one rank or two).
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
+    assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)
+    assert one["loss"][-1] < one["loss"][0]
