@@ -5,7 +5,9 @@
 #   bash bench/gpu_checks.sh OUTDIR [PART...]   # JSON and logs land in OUTDIR
 #   PYTHON=.venv/bin/python bash bench/gpu_checks.sh OUTDIR   # another interpreter (default python3)
 # PARTs (default: all): tests_gpu step_bf16 step_fp16 step_bf16_compile step_bf16_b8 step_125m step_125m_compile
-#   trace trace_compile serve (*_compile: the trainer's --compile, its first step the compile)
+#   recipe_125m trace trace_compile serve (*_compile: the trainer's --compile, its first step
+#   the compile; recipe_125m: the model's step with fp32 weights under autocast against
+#   FSDP2's bf16 mixed precision, the trainer's recipe on one rank as on many)
 # (trace: where the 125m step's GPU waits, bench/step_trace.py; gzipped traces in OUTDIR/trace)
 # Each part has its own time limit and the script goes on past a failed part; the exit
 # status is non-zero if any part failed. Each part's stdout is NAME.out; stderr goes to all.log.
@@ -40,6 +42,8 @@ part step_bf16_b8 80 $py bench/train_step.py --device cuda --preset 1.3b --seq-l
     --repeats 4 --dtype bf16 --sides trainer --no-memory
 part step_125m 70 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
     --repeats 9 --dtype bf16 --sides trainer,hf
+part recipe_125m 70 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
+    --repeats 9 --dtype bf16 --sides ours,ours_bf16,hf --no-memory
 part step_125m_compile 150 $py bench/train_step.py --device cuda --preset 125m --seq-len 2048 --batch 8 \
     --repeats 9 --dtype bf16 --sides trainer,hf --compile
 part trace 90 $py bench/step_trace.py "$out/trace" --preset 125m --seq-len 2048 --batch 8
