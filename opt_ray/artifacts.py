@@ -92,6 +92,10 @@ class ArtifactWriter:
         """A file's manifest entry: its sha256 and size (subclasses may know the hash)."""
         return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
+    def _elsewhere(self) -> dict[str, dict[str, Any]]:
+        """Manifest entries of the artifact's files that are not in ``path`` (none here)."""
+        return {}
+
     def commit(self) -> None:
         files = {str(p.relative_to(self.path)): p
                  for p in sorted(self.path.rglob("*")) if p.is_file() and p.name != MANIFEST}
@@ -102,7 +106,8 @@ class ArtifactWriter:
             "host": socket.gethostname(),
             "code_version": code_version(),
             **self.manifest,
-            "files": {name: self._file_info(name, p) for name, p in files.items()},
+            "files": dict(sorted({**{name: self._file_info(name, p) for name, p in files.items()},
+                                  **self._elsewhere()}.items())),
         }
         write_json_atomic(self.path / MANIFEST, manifest)
         if self.out.exists():

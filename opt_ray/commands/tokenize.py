@@ -27,8 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training sequence length; rows hold seq_len + 1 tokens")
     p.add_argument("--output", required=True,
                    help="shards artifact directory to write, or a bucket URL (s3://bucket/shards: "
-                        "written in this node's staging directory, then uploaded, its manifest "
-                        "last; `opt-ray train --data URL` reads it)")
+                        "each task puts its own shards there, the manifest goes up last; no "
+                        "filesystem shared by the nodes is needed; `opt-ray train --data URL` "
+                        "reads it)")
     p.add_argument("--workers", type=int, default=2,
                    help="concurrent Ray encoder tasks (one input file each, one CPU each); 0 "
                         "encodes in this process (default: 2)")
@@ -58,17 +59,17 @@ def run(args: argparse.Namespace) -> int:
     from opt_ray.data.tokenize_pipeline import tokenize_files
     from opt_ray.data.tokenizer import load_tokenizer
     from opt_ray.errors import UserError
-    from opt_ray.run_dir import is_url, local_run_dir
+    from opt_ray.run_dir import is_url
 
     url = args.output.rstrip("/") if is_url(args.output) else None
     if url:
         from opt_ray.data.shards import check_shards_url
+        # Each task puts its own shards in the bucket; the manifest goes up last. An
+        # interrupted run resumes from the input files it finished (the work prefix).
         check_shards_url(url, overwrite=args.overwrite)   # before any work
-        # Built in this node's staging directory, uploaded when whole, then removed. A
-        # staged copy from an earlier try is replaced; an interrupted run still resumes
-        # from the input files it finished (the work directory beside it).
-        args.output, args.overwrite = str(local_run_dir(url)), True
-    check_output_dir(args.output, overwrite=args.overwrite)   # before any work
+        args.output = url
+    else:
+        check_output_dir(args.output, overwrite=args.overwrite)   # before any work
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     for flag in ("batch_chars", "max_doc_chars"):
@@ -91,16 +92,9 @@ def run(args: argparse.Namespace) -> int:
                          batch_chars=args.batch_chars, max_doc_chars=args.max_doc_chars,
                          source=source, progress=not args.no_progress,
                          overwrite=args.overwrite)
-    from opt_ray.artifacts import read_manifest
+    from opt_ray.data.shards import read_shards_manifest
 
-    m = read_manifest(out)
-    if url:
-        import shutil
-
-        from opt_ray.data.shards import upload_shards
-        upload_shards(out, url, progress=not args.no_progress)
-        shutil.rmtree(out)
-        out = url
+    m = read_shards_manifest(out)
     sp = m["splits"]
     print(f"tokenize: {out}: train {sp['train']['rows']} rows ({sp['train']['docs']} docs), "
           f"valid {sp['valid']['rows']} rows ({sp['valid']['docs']} docs), seq_len {m['seq_len']}, "

@@ -22,6 +22,12 @@ class PrehashedArtifactWriter(ArtifactWriter):
     def __init__(self, out: str | os.PathLike, *, kind: str, overwrite: bool = False):
         super().__init__(out, kind=kind, overwrite=overwrite)
         self.known: dict[str, dict[str, Any]] = {}
+        # Files of the artifact stored elsewhere (tokenize's shards already in the bucket):
+        # listed in the manifest with these entries, though not in the directory.
+        self.elsewhere: dict[str, dict[str, Any]] = {}
+
+    def _elsewhere(self) -> dict[str, dict[str, Any]]:
+        return dict(self.elsewhere)
 
     def _file_info(self, name: str, path: Path) -> dict[str, Any]:
         info = self.known.get(name)

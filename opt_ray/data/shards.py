@@ -332,29 +332,48 @@ def read_shards_tokenizer(path: str | os.PathLike) -> bytes | None:
             return None
 
 
+def tokenize_work_url(url: str) -> str:
+    """The work prefix of ``opt-ray tokenize --output URL``: beside it, as a local output's
+    work dir is (``s3://b/shards`` -> ``s3://b/.shards.tokenize-work``)."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.tokenize-work"
+
+
 def check_shards_url(url: str, *, overwrite: bool = False) -> None:
-    """``opt-ray tokenize --output URL``, before any work: the bucket takes writes, and
-    holds no shards artifact there unless ``overwrite``."""
+    """``opt-ray tokenize --output URL``, before any work: the bucket takes writes, and,
+    unless ``overwrite``, the prefix holds no shards artifact and nothing else that an
+    interrupted tokenize of ours did not leave (its work prefix has a plan): a run would
+    replace what is there."""
     fs, root = _fs(url)
     with store_errors(f"--output {url}", "a test write", "the bucket exists"):
-        probe_write(fs, root)
         there = fs.exists(f"{root}/{MANIFEST}")
+        # Objects, not "directories" (a store with real ones keeps them once emptied).
+        other = not there and not overwrite and any(
+            p.rstrip("/") != root and "/.write-test-" not in p
+            for p in (fs.find(root) if fs.exists(root) else []))
+        ours = other and fs.exists(f"{_fs(tokenize_work_url(url))[1]}/plan.json")
+        probe_write(fs, root)
     if there and not overwrite:
         raise UserError(f"--output {url} already holds an artifact ({MANIFEST}); choose another "
                         f"--output or pass --overwrite")
+    if other and not ours:
+        raise UserError(f"--output {url} already holds objects that are not a shards artifact; "
+                        f"choose another --output or pass --overwrite (which removes them)")
 
 
 def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False,
                   threads: int = 8) -> None:
     """A finished shards artifact into a bucket so that no reader ever takes a partial
     upload for the artifact: a manifest already there is removed first, every file the
-    manifest lists goes up (``threads`` at a time) and is checked by size, and the
-    manifest, which readers require, goes up last."""
+    manifest lists that is in ``local`` goes up (``threads`` at a time; the others, put
+    there by tokenize's tasks, are already in the bucket), every listed file is checked
+    by size (one listing), and the manifest, which readers require, goes up last."""
     from concurrent.futures import ThreadPoolExecutor
 
     local = Path(local)
     manifest = read_manifest(local, kind=KIND)
-    files = manifest["files"]
+    listed = manifest["files"]
+    files = {name: info for name, info in listed.items() if (local / name).is_file()}
     fs, root = _fs(url)
     bar = None
     if progress:
@@ -374,10 +393,12 @@ def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False,
             with ThreadPoolExecutor(max(1, threads)) as pool:
                 list(pool.map(put, sorted(files)))
             fs.invalidate_cache()
-            for name, info in files.items():
-                size = fs.info(f"{root}/{name}")["size"]
-                if int(size) != int(info["bytes"]):
-                    raise ArtifactError(f"--output {url}: {name} arrived with {size} of "
+            sizes = {p[len(root) + 1:]: int(i["size"])
+                     for p, i in fs.find(root, detail=True).items()}
+            for name, info in listed.items():
+                size = sizes.get(name)
+                if size != int(info["bytes"]):
+                    raise ArtifactError(f"--output {url}: {name} arrived with {size or 0} of "
                                         f"{info['bytes']} bytes; run the command again")
             fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
     finally:

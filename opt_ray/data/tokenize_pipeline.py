@@ -12,7 +12,14 @@ own shards, once. Its files go to the work dir ``.<output>.tokenize-work/sNNNNN/
 worker's task is retried.
 
 The driver only plans, tracks and writes the manifest from the tasks' summaries; the
-shards are hard-linked into the artifact, not read again. Packing is per input file:
+shards are hard-linked into the artifact, not read again.
+
+A bucket output (``s3://bucket/shards``) needs no filesystem shared by the nodes: each
+task builds its shards in its own node's staging directory and puts them at their final
+names under the URL itself; its ``done.json`` goes to the work prefix beside the URL
+(``s3://bucket/.shards.tokenize-work/``). The driver writes the tokenizer and then the
+manifest, which readers require: until it is there, no reader takes the prefix for an
+artifact. No shard passes through the driver. Packing is per input file:
 a file's last partial row of each split is dropped (counted in ``dropped_tail_tokens``),
 at most ``seq_len`` tokens per file and split.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,8 +37,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file, plan_splits
-from opt_ray.data.shards import (KIND, SPLITS, TOKENIZER_FILE, SplitWriter, encode_docs,
-                                 is_valid_doc, token_dtype)
+from opt_ray.data.shards import (KIND, SPLITS, TOKENIZER_FILE, SplitWriter, check_shards_url,
+                                 encode_docs, is_valid_doc, token_dtype, tokenize_work_url,
+                                 upload_shards)
 from opt_ray.errors import UserError
 
 WORK_VERSION = 1
@@ -77,32 +86,48 @@ class TokenizeJob:
     id_field: str | None
     batch_chars: int
     max_doc_chars: int = MAX_DOC_CHARS
+    # A bucket output: the artifact's URL, where each task puts its own shards (``work``
+    # is then the work prefix's URL).
+    upload: str | None = None
 
     def split_dir(self, s: int) -> Path:
         return Path(self.work) / f"s{s:05d}"
 
 
-def _done(path: Path) -> dict[str, Any] | None:
+def _done(job: TokenizeJob, s: int) -> dict[str, Any] | None:
     try:
-        return json.loads((path / "done.json").read_text())
-    except (OSError, ValueError):
+        if job.upload:
+            fs, root = _store(job.work)
+            return json.loads(fs.cat_file(f"{root}/s{s:05d}/done.json"))
+    except (OSError, ValueError):   # FileNotFoundError for a missing object too
         return None
+    return _done_local(job.split_dir(s))
+
+
+def _store(url: str) -> tuple[Any, str]:
+    from opt_ray.data.shards import _fs
+    return _fs(url)
 
 
 def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
     """One input file -> its own packed, checksummed shards (see the module doc)."""
-    out = job.split_dir(s)
-    if (info := _done(out)) is not None:
+    if (info := _done(job, s)) is not None:
         return info
-    # Which process works on this file (for operators, and the chaos test's victim).
-    out.parent.mkdir(parents=True, exist_ok=True)
-    (out.parent / f"{out.name}.running").write_text(json.dumps({"pid": os.getpid()}))
+    out = job.split_dir(s)
+    if job.upload:   # this node's staging directory; the shards end in the bucket
+        from opt_ray.run_dir import staging_root
+        staging_root().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tokenize-s{s:05d}-", dir=staging_root()))
+    else:
+        # Which process works on this file (for operators, and the chaos test's victim).
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (out.parent / f"{out.name}.running").write_text(json.dumps({"pid": os.getpid()}))
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one core per task
     from tokenizers import Tokenizer
     tok = Tokenizer.from_str(job.tokenizer_json)
     c0 = time.process_time()
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
     try:
         writers = {sp: SplitWriter(tmp, sp, job.seq_len, job.dtype, job.rows_per_shard,
                                    prefix=f"{s:05d}-") for sp in SPLITS}
@@ -139,6 +164,10 @@ def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
         summary = {sp: w.close() for sp, w in writers.items()}
         info = {"split": s, "splits": summary, "errors": errors.to_dict(),
                 "long_doc_pieces": pieces, "cpu_s": round(time.process_time() - c0, 3)}
+        if job.upload:
+            _put_split(job, s, tmp, info)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return info
         (tmp / "done.json").write_text(json.dumps(info))
         try:
             os.replace(tmp, out)
@@ -148,6 +177,27 @@ def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _put_split(job: TokenizeJob, s: int, tmp: Path, info: dict[str, Any]) -> None:
+    """A bucket output: this task's shards to their final names under the artifact's URL,
+    each checked by size, then its ``done.json`` to the work prefix (the driver counts the
+    file done only then; a retried twin puts the same bytes)."""
+    from opt_ray.artifacts import ArtifactError
+    from opt_ray.run_dir import store_errors
+
+    fs, root = _store(job.upload)
+    wfs, work = _store(job.work)
+    with store_errors(f"--output {job.upload}", "a shard upload", "the bucket exists"):
+        for sp in SPLITS:
+            for sh in info["splits"][sp]["shards"]:
+                dst = f"{root}/{sh['name']}"
+                fs.put_file(str(tmp / sh["name"]), dst)
+                size = fs.info(dst)["size"]
+                if int(size) != int(sh["bytes"]):
+                    raise ArtifactError(f"--output {job.upload}: {sh['name']} arrived with {size} "
+                                        f"of {sh['bytes']} bytes; run the command again")
+        wfs.pipe_file(f"{work}/s{s:05d}/done.json", json.dumps(info).encode())
 
 
 def _encode_pieces(tok: Any, docs: list, job: TokenizeJob):
@@ -189,6 +239,72 @@ def work_dir(output: str | os.PathLike) -> Path:
     return out.with_name(f".{out.name}.tokenize-work")
 
 
+class _WorkDir:
+    """The work dir's plan and its finished splits, in a local directory or, for a bucket
+    output, under the work prefix (``work_url``)."""
+
+    def __init__(self, work: str, url: str | None):
+        self.work, self.url = work, url
+
+    def plan(self) -> Any:
+        try:
+            if self.url:
+                fs, root = _store(self.work)
+                return json.loads(fs.cat_file(f"{root}/plan.json"))
+            return json.loads((Path(self.work) / "plan.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def reset(self, plan: dict[str, Any]) -> None:
+        """A new plan: what an earlier, different run left is removed (for a bucket, its
+        work prefix and the unfinished artifact's objects: it has no manifest yet)."""
+        if self.url:
+            fs, root = _store(self.work)
+            afs, aroot = _store(self.url)
+            for f, r in ((fs, root), (afs, aroot)):
+                if f.exists(r):
+                    f.rm(r, recursive=True)
+            fs.pipe_file(f"{root}/plan.json", json.dumps(plan).encode())
+            return
+        from opt_ray.artifacts import write_json_atomic
+        shutil.rmtree(self.work, ignore_errors=True)
+        Path(self.work).mkdir(parents=True)
+        write_json_atomic(Path(self.work) / "plan.json", plan)
+
+    def done(self, n: int) -> dict[int, dict[str, Any]]:
+        """The finished splits among ``range(n)``: their ``done.json``s (for a bucket, one
+        listing and one concurrent read of those there)."""
+        if not self.url:
+            local = (_done_local(Path(self.work) / f"s{s:05d}") for s in range(n))
+            return {s: info for s, info in enumerate(local) if info is not None}
+        fs, root = _store(self.work)
+        names = {f"{root}/s{s:05d}/done.json": s for s in range(n)}
+        there = [p for p in fs.find(root) if p in names] if fs.exists(root) else []
+        got = fs.cat(there, on_error="omit") if there else {}
+        out = {}
+        for path, raw in got.items():
+            try:
+                out[names[path]] = json.loads(raw)
+            except ValueError:
+                continue
+        return out
+
+    def remove(self) -> None:
+        if self.url:
+            fs, root = _store(self.work)
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _done_local(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike, *,
                    seq_len: int, valid_fraction: float = 0.01, seed: int = 0,
                    text_field: str = "text", id_field: str | None = None,
@@ -196,9 +312,11 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
                    batch_chars: int = 1 << 18, max_doc_chars: int = MAX_DOC_CHARS,
                    split_bytes: int = 256 << 20,
                    source: dict[str, Any] | None = None, progress: bool = False,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False) -> Path | str:
     """The tokenize stage over ``files`` (``resolve_inputs``) into a shards artifact at
-    ``out`` (atomic); ``executor``: where the per-file tasks run (default in-process).
+    ``out`` (atomic), or into a bucket URL (the manifest last; see the module doc): returns
+    the artifact's path or URL. ``executor``: where the per-file tasks run (default
+    in-process).
     Parquet and plain jsonl files larger than ``split_bytes`` are split by row groups /
     lines (``readers.plan_splits``; one task each).
     Raises ``UserError`` for a corpus with no documents or too few tokens for one row."""
@@ -210,33 +328,31 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
         raise UserError(f"--seq-len must be >= 1, got {seq_len}")
     if not 0.0 <= valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    from opt_ray.run_dir import is_url, local_run_dir, store_errors
+
     executor = executor or LocalExecutor()
     files = plan_splits(list(files), split_bytes)
     tinfo = describe(tok)
     dtype = token_dtype(tinfo["vocab_size"])
-    work = work_dir(out)
-    job = TokenizeJob(str(work), tuple(files), tok.to_str(), tinfo["special_ids"]["eos"],
+    url = str(out).rstrip("/") if is_url(out) else None
+    work = tokenize_work_url(url) if url else str(work_dir(out))
+    job = TokenizeJob(work, tuple(files), tok.to_str(), tinfo["special_ids"]["eos"],
                       dtype.name, seq_len, max(1, shard_tokens // (seq_len + 1)),
-                      valid_fraction, seed, text_field, id_field, batch_chars, max_doc_chars)
+                      valid_fraction, seed, text_field, id_field, batch_chars, max_doc_chars,
+                      upload=url)
     fp = _fingerprint(job)
-    try:
-        reuse = json.loads((work / "plan.json").read_text()) == fp
-    except (OSError, ValueError):
-        reuse = False
-    if not reuse:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        from opt_ray.artifacts import write_json_atomic
-        write_json_atomic(work / "plan.json", fp)
+    wd = _WorkDir(work, url)
+    with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
+        if url:
+            check_shards_url(url, overwrite=overwrite)
+        reuse = wd.plan() == fp
+        if url and overwrite:
+            reuse = reuse and not _has_manifest(url)   # --overwrite: replaced whole
+        if not reuse:
+            wd.reset(fp)
+        results: dict[int, dict] = wd.done(len(files))
     t0 = time.time()
-    results: dict[int, dict] = {}
-    todo = []
-    for s in range(len(files)):
-        info = _done(job.split_dir(s))
-        if info is None:
-            todo.append((job, s))
-        else:
-            results[s] = info
+    todo = [(job, s) for s in range(len(files)) if s not in results]
     from tqdm import tqdm
     bar = tqdm(total=len(files), initial=len(results), unit="file", desc="tokenize",
                disable=not progress, leave=False)
@@ -248,24 +364,31 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     summary = _merge(ordered)
     docs = sum(v["docs"] for v in summary.values())
     if docs == 0:
-        shutil.rmtree(work, ignore_errors=True)
+        wd.remove()
         raise UserError(f"the corpus has no documents with text (field {text_field!r}); "
                         f"check the input path and --text-field")
     if summary["train"]["rows"] == 0:
-        shutil.rmtree(work, ignore_errors=True)
+        wd.remove()
         raise UserError(f"the corpus has only {summary['train']['stream_tokens']} training "
                         f"tokens, fewer than one row of --seq-len + 1 = {seq_len + 1} in any "
                         f"input file; add data or lower --seq-len")
     bad = _merge_errors(i["errors"] for i in ordered)
-    with PrehashedArtifactWriter(out, kind=KIND, overwrite=overwrite) as w:
+    # A bucket output: the manifest and the tokenizer are made in this node's staging
+    # directory and go up last; the shards are already in the bucket.
+    with PrehashedArtifactWriter(local_run_dir(url) if url else out, kind=KIND,
+                                 overwrite=overwrite or bool(url)) as w:
         tok.save(str(w.path / TOKENIZER_FILE))
         for info in ordered:
             src = job.split_dir(info["split"])
             for sp in SPLITS:
                 for sh in info["splits"][sp]["shards"]:
+                    entry = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+                    if url:
+                        w.elsewhere[sh["name"]] = entry
+                        continue
                     (w.path / sh["name"]).parent.mkdir(parents=True, exist_ok=True)
                     _link(src / sh["name"], w.path / sh["name"])
-                    w.known[sh["name"]] = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+                    w.known[sh["name"]] = entry
         tokens = sum(v["stream_tokens"] for v in summary.values())
         w.manifest.update({
             "seq_len": seq_len, "dtype": dtype.name, "tokenizer": tinfo,
@@ -281,8 +404,20 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
             "encode_cpu_seconds": round(sum(i["cpu_s"] for i in ordered), 3),
             "long_doc_pieces": sum(i["long_doc_pieces"] for i in ordered),
         })
-    shutil.rmtree(work, ignore_errors=True)
+    if url:
+        upload_shards(w.out, url, progress=progress)
+        shutil.rmtree(w.out, ignore_errors=True)
+        with store_errors(f"--output {url}", "removing the work prefix", "the bucket exists"):
+            wd.remove()
+        return url
+    wd.remove()
     return w.out
+
+
+def _has_manifest(url: str) -> bool:
+    from opt_ray.artifacts import MANIFEST
+    fs, root = _store(url)
+    return fs.exists(f"{root}/{MANIFEST}")
 
 
 def _link(src: Path, dst: Path) -> None:
