@@ -68,8 +68,8 @@ import numpy as np
 
 from opt_ray import metrics
 from opt_ray.data import minhash
-from opt_ray.data.readers import (ID_KEY, InputErrors, InputFile, iter_file, resolve_inputs,
-                                  plan_splits)
+from opt_ray.data.readers import (ID_KEY, InputErrors, InputFile, input_fingerprint, iter_file,
+                                  plan_splits, resolve_inputs)
 from opt_ray.errors import UserError
 
 REPORT = "dedup_report.json"
@@ -799,12 +799,7 @@ def work_dir(output: str | os.PathLike) -> Path:
 def _fingerprint(files: list[InputFile], cfg: DedupConfig, text_field: str,
                  id_field: str | None, strict: bool) -> dict[str, Any]:
     """What must not change for completed work to be reused."""
-    inputs = []
-    for f in files:
-        st = f.path.stat()
-        inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns,
-                       list(f.row_groups) if f.row_groups else None,
-                       list(f.byte_range) if f.byte_range else None])
+    inputs = [input_fingerprint(f) for f in files]
     return {"version": WORK_VERSION, "inputs": inputs, "cfg": asdict(cfg),
             "text_field": text_field, "id_field": id_field, "strict": strict}
 

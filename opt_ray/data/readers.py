@@ -15,7 +15,9 @@ stable id under ``ID_KEY`` (``"opt_ray_id"``):
 
 Accepted inputs: ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz`` or ``.zst``), ``*.parquet``,
 ``*.txt``, and directories (searched recursively, sorted, hidden entries skipped) holding
-such files. A dedup output directory is read as exactly the Parquet shards its
+such files; each of them may also be a bucket URL (``s3://bucket/corpus/``, a prefix read
+as a directory; fsspec, the standard AWS variables and ``AWS_ENDPOINT_URL``), read in
+large ranged blocks by whichever node's task reads it, so no filesystem need be shared. A dedup output directory is read as exactly the Parquet shards its
 manifest lists; in any directory holding a ``manifest.json``, the side files
 ``metrics.jsonl`` and ``logbook.jsonl`` are not corpus text and are skipped.
 
@@ -83,9 +85,54 @@ def _artifact_shards(d: Path) -> list[str] | None:
     return [s["file"] for s in manifest.get("shards", [])]
 
 
+#: Bytes a bucket input is read by, per ranged request (fsspec's block; s3fs's default is 5 MiB).
+READ_BLOCK = 16 << 20
+
+
+def _url(path: Path | str) -> bool:
+    return isinstance(path, str)     # resolve_inputs keeps bucket URLs as str, files as Path
+
+
+def open_input(path: Path | str) -> io.BufferedIOBase:
+    """A binary file object for an input: a local file, or an object in a bucket."""
+    if _url(path):
+        from fsspec.core import url_to_fs
+        fs, root = url_to_fs(path)
+        return fs.open(root, "rb", block_size=READ_BLOCK)
+    return open(path, "rb")
+
+
+def _base(path: Path | str) -> str:
+    return path.rstrip("/").rpartition("/")[2] if _url(path) else path.name
+
+
+def input_fingerprint(f: "InputFile") -> list[Any]:
+    """What identifies an input split's content for reusing finished work: its path, id
+    prefix, size and modification (mtime; for an object its ETag) and the split."""
+    if _url(f.path):
+        from fsspec.core import url_to_fs
+        fs, root = url_to_fs(f.path)
+        info = fs.info(root)
+        size, stamp = int(info["size"]), str(info.get("ETag") or info.get("LastModified"))
+    else:
+        st = f.path.stat()
+        size, stamp = st.st_size, st.st_mtime_ns
+    return [str(f.path if _url(f.path) else f.path.absolute()), f.name, size, stamp,
+            list(f.row_groups) if f.row_groups else None,
+            list(f.byte_range) if f.byte_range else None]
+
+
+def _size(path: Path | str) -> int:
+    if _url(path):
+        from fsspec.core import url_to_fs
+        fs, root = url_to_fs(path)
+        return int(fs.size(root))
+    return path.stat().st_size
+
+
 @dataclass(frozen=True)
 class InputFile:
-    path: Path
+    path: Path | str   # a local file, or (str) an object's URL
     kind: str          # "jsonl" | "parquet" | "txt"
     name: str          # id prefix: file name without extension, with directory prefix
     # Parquet only: the row groups [first, last) this split reads (None: the whole file).
@@ -106,14 +153,14 @@ def split_jsonl(files: list[InputFile], max_bytes: int, chunk: int = 1 << 24) ->
     by counting newlines (a byte scan, no parsing); compressed files stay whole."""
     out: list[InputFile] = []
     for f in files:
-        size = f.path.stat().st_size
+        size = _size(f.path)
         if (f.kind != "jsonl" or f.byte_range is not None or size <= max_bytes
-                or f.path.name.lower().endswith((".gz", ".zst"))):
+                or _base(f.path).lower().endswith((".gz", ".zst"))):
             out.append(f)
             continue
         start, line, lines_seen, pos = 0, 1, 0, 0
         target = max_bytes
-        with open(f.path, "rb") as fh:
+        with open_input(f.path) as fh:
             while True:
                 buf = fh.read(chunk)
                 if not buf:
@@ -142,11 +189,12 @@ def split_row_groups(files: list[InputFile], max_bytes: int) -> list[InputFile]:
     import pyarrow.parquet as pq
     out: list[InputFile] = []
     for f in files:
-        if f.kind != "parquet" or f.row_groups is not None or f.path.stat().st_size <= max_bytes:
+        if f.kind != "parquet" or f.row_groups is not None or _size(f.path) <= max_bytes:
             out.append(f)
             continue
         try:
-            meta = pq.ParquetFile(f.path).metadata
+            with open_input(f.path) as fh:
+                meta = pq.ParquetFile(fh).metadata
         except Exception as e:  # pyarrow raises several types for a corrupt file
             raise UserError(f"input {f.path} is not a readable Parquet file ({e})") from e
         start, size = 0, 0
@@ -167,8 +215,13 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
     """
     if not inputs:
         raise UserError("no input given: pass one or more files or directories")
+    from opt_ray.run_dir import is_url
+
     files: list[InputFile] = []
     for raw in inputs:
+        if is_url(raw):
+            files.extend(_resolve_url(str(raw)))
+            continue
         p = Path(raw)
         if not p.exists():
             raise UserError(f"input {raw!r} does not exist; check the path")
@@ -206,6 +259,8 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
             files.append(InputFile(p, fmt[0], p.name[:-len(fmt[1])]))
     files = _distinct_names(files)
     for f in files:
+        if _url(f.path):
+            continue     # its listing went through the same credentials
         try:
             with open(f.path, "rb") as fh:
                 fh.read(1)
@@ -213,6 +268,60 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
             raise UserError(f"input {f.path} cannot be read ({e.strerror}); check its "
                             f"permissions") from e
     return files
+
+
+def _resolve_url(raw: str) -> list[InputFile]:
+    """A bucket input: one object, or a prefix read as a directory is (a dedup artifact's
+    listed shards, else every supported object below it, sorted, hidden names skipped)."""
+    from fsspec.core import url_to_fs
+
+    from opt_ray.run_dir import store_errors
+
+    with store_errors(f"input {raw}", "listing it", "the URL"):
+        fs, root = url_to_fs(raw)
+        root = root.rstrip("/")
+        unstrip = fs.unstrip_protocol
+        if fs.isfile(root):
+            fmt = file_format(root)
+            if fmt is None:
+                raise UserError(f"input {raw!r} has an unsupported format; use one of "
+                                f"{SUPPORTED} or a prefix of them")
+            return [InputFile(unstrip(root), fmt[0], _base(root)[:-len(fmt[1])])]
+        found = {p: i for p, i in fs.find(root, detail=True).items()
+                 if i.get("type") == "file" and p.rstrip("/") != root}
+        if not found:
+            raise UserError(f"input {raw!r} does not exist (no object or prefix); check the URL")
+        prefix = _base(root)
+        try:
+            manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+        except FileNotFoundError:
+            manifest = None
+        except ValueError as e:
+            raise UserError(f"input {raw} has an unreadable manifest.json ({e}); re-run the "
+                            f"stage that wrote it") from e
+        if manifest is not None and manifest.get("kind") == "dedup":
+            return [InputFile(unstrip(f"{root}/{fn}"), file_format(fn)[0],
+                              f"{prefix}/{fn[:-len(file_format(fn)[1])]}")
+                    for fn in (s["file"] for s in manifest.get("shards", []))]
+        artifact_dirs = {p.rpartition("/")[0] for p in found if p.endswith("/manifest.json")}
+        out = []
+        for p in sorted(found):
+            rel = p[len(root) + 1:]
+            fmt = file_format(rel)
+            if fmt is None or any(part.startswith(".") for part in rel.split("/")):
+                continue
+            if p.rpartition("/")[0] in artifact_dirs and _base(p) in _ARTIFACT_SIDE_FILES:
+                continue
+            out.append(InputFile(unstrip(p), fmt[0], f"{prefix}/{rel[:-len(fmt[1])]}"))
+        if not out:
+            raise UserError(f"input {raw!r} holds no supported files ({SUPPORTED})")
+        return out
+
+
+def _parents(path: Path | str) -> tuple[str, ...]:
+    if _url(path):
+        return tuple(path.split("://", 1)[-1].rstrip("/").split("/")[:-1])
+    return path.absolute().parent.parts
 
 
 def _distinct_names(files: list[InputFile]) -> list[InputFile]:
@@ -229,7 +338,7 @@ def _distinct_names(files: list[InputFile]) -> list[InputFile]:
             break
         grown = False
         for i in clash:
-            parents = files[i].path.absolute().parent.parts
+            parents = _parents(files[i].path)
             if extra[i] < len(parents):
                 extra[i] += 1
                 grown = True
@@ -307,10 +416,10 @@ class _ZstdReader(io.RawIOBase):
     stream reader, raises ``EOFError`` when the file ends inside a frame (a truncated
     download), instead of returning what it had as if that were the whole file."""
 
-    def __init__(self, path: Path, chunk: int = 1 << 20):
+    def __init__(self, path: Path | str, chunk: int = 1 << 20):
         import zstandard
         self._zstd = zstandard
-        self._fh = open(path, "rb")
+        self._fh = open_input(path)
         self._chunk = chunk
         self._obj = zstandard.ZstdDecompressor().decompressobj()
         self._in_frame = False     # bytes of the current frame have been fed
@@ -345,13 +454,13 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    name = path.name.lower()
+def _open_binary(path: Path | str) -> io.BufferedIOBase:
+    name = _base(path).lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(open_input(path) if _url(path) else path, "rb")
     if name.endswith(".zst"):
         return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 16)
-    return open(path, "rb")
+    return open_input(path)
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
@@ -391,7 +500,7 @@ def _iter_jsonl(f: InputFile, text_field: str, id_field: str | None,
     stream_errors = _stream_errors()
     if f.byte_range is not None:
         start, end, first = f.byte_range
-        with open(f.path, "rb") as fh:
+        with open_input(f.path) as fh:
             fh.seek(start)
             pos = start
             for n, raw in enumerate(fh, first):
@@ -449,7 +558,7 @@ def _iter_parquet(f: InputFile, text_field: str, id_field: str | None,
                   errors: InputErrors, batch_size: int) -> Iterator[dict]:
     import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(f.path)
+        pf = pq.ParquetFile(open_input(f.path) if _url(f.path) else f.path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise UserError(f"input {f.path} is not a readable Parquet file ({e})") from e
     n = 0
@@ -469,7 +578,8 @@ def _iter_parquet(f: InputFile, text_field: str, id_field: str | None,
 
 def _iter_txt(f: InputFile, text_field: str, id_field: str | None,
               errors: InputErrors) -> Iterator[dict]:
-    data = f.path.read_bytes()
+    with open_input(f.path) as fh:
+        data = fh.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from opt_ray.data.readers import ID_KEY, InputErrors, InputFile, iter_file, plan_splits
+from opt_ray.data.readers import (ID_KEY, InputErrors, InputFile, input_fingerprint, iter_file,
+                                  plan_splits)
 from opt_ray.data.shards import (KIND, SPLITS, TOKENIZER_FILE, SplitWriter, check_shards_url,
                                  encode_docs, is_valid_doc, token_dtype, tokenize_work_url,
                                  upload_shards)
@@ -222,12 +223,7 @@ def _encode_pieces(tok: Any, docs: list, job: TokenizeJob):
 
 def _fingerprint(job: TokenizeJob) -> dict[str, Any]:
     import hashlib
-    inputs = []
-    for f in job.files:
-        st = f.path.stat()
-        inputs.append([str(f.path.absolute()), f.name, st.st_size, st.st_mtime_ns,
-                       list(f.row_groups) if f.row_groups else None,
-                       list(f.byte_range) if f.byte_range else None])
+    inputs = [input_fingerprint(f) for f in job.files]
     return {"version": WORK_VERSION, "inputs": inputs,
             "tokenizer": hashlib.sha256(job.tokenizer_json.encode()).hexdigest(),
             "params": [job.seq_len, job.rows_per_shard, job.valid_fraction, job.seed,

@@ -761,3 +761,112 @@ def test_cli_run_directory_on_s3_survives_a_kill_and_the_machine(s3, shards, tmp
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (shards / "tokenizer.json").read_bytes()
     assert "step 4" in r.stdout
+
+
+@pytest.mark.slow
+def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_shards(s3, tmp_path):
+    """A cluster whose only shared storage is a bucket: `opt-ray tokenize s3://.../corpus
+    --output s3://.../shards --workers 2` (its own embedded Ray; the tasks read their
+    input objects and put their own shards in the bucket, the driver only the tokenizer
+    and the manifest, last) gives the local run's artifact byte for byte, and nothing of
+    it is staged on the driver. An interrupted run resumes from the splits it finished
+    (the work prefix), with the inputs cut into byte ranges and row groups read by
+    ranged requests; bad inputs and outputs are one line before any work."""
+    import gzip
+
+    import fsspec
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from opt_ray.data.readers import plan_splits, resolve_inputs
+    from opt_ray.data.shards import ShardDataset, read_shards_manifest
+    from opt_ray.data.tokenize_pipeline import tokenize_files
+    from opt_ray.data.tokenizer import load_tokenizer, train_tokenizer
+    from tests.integration.test_train_gang import WORDS
+
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 60)))) for _ in range(600)]
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    lines = [json.dumps({"text": t}) + "\n" for t in texts]
+    (corpus / "part-0.jsonl").write_text("".join(lines[0::4]))
+    (corpus / "part-1.jsonl.gz").write_bytes(gzip.compress("".join(lines[1::4]).encode()))
+    pq.write_table(pa.table({"text": texts[2::4]}), corpus / "sub" / "part-2.parquet", row_group_size=20)
+    (corpus / "sub" / "part-3.jsonl").write_text("".join(lines[3::4]))
+    (corpus / ".hidden.jsonl").write_text(lines[0])           # skipped, as in a directory
+    train_tokenizer(texts, 300).save(str(tmp_path / "tokenizer.json"))
+    fs = fsspec.filesystem("s3")
+    src = s3.url("data", "corpus")
+    fs.put(str(corpus), src, recursive=True)
+    fs.pipe_file(f"{src}/.hidden.jsonl", lines[0].encode())
+
+    env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "staging"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--tokenizer", str(tmp_path / "tokenizer.json"), "--seq-len", "32", "--valid-fraction",
+              "0.1", "--shard-tokens", str(33 * 40), "--batch-chars", "2000", "--no-progress"]
+    local, url = tmp_path / "local", s3.url("data", "tokenized")
+    r = _cli("tokenize", str(corpus), *common, "--workers", "0", "--output", str(local), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("tokenize", src, *common, "--workers", "2", "--num-cpus", "2", "--output", url,
+             env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    want = read_json(local / "manifest.json")
+    got = read_shards_manifest(url)
+    assert len(want["splits"]["train"]["shards"]) >= 4
+    assert {k: v["sha256"] for k, v in got["files"].items()} == \
+           {k: v["sha256"] for k, v in want["files"].items()}
+    assert got["splits"] == want["splits"]
+    assert not list((tmp_path / "staging").rglob("*.arrow"))      # nothing staged
+    fs.invalidate_cache()    # the work prefix is removed (a store keeps empty "directories")
+    assert not [p for p in fs.find(s3.url("data", ".tokenized.tokenize-work")) if p.endswith(".json")]
+    here, there = ShardDataset(local), ShardDataset(url)
+    assert np.array_equal(there.batch(list(range(len(here)))), here.batch(list(range(len(here)))))
+
+    # Interrupted after one split, then resumed: only the others run again. The inputs
+    # are cut into byte ranges (plain jsonl) and row groups (Parquet) here.
+    tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    kw = dict(seq_len=32, valid_fraction=0.1, shard_tokens=33 * 40, batch_chars=2000,
+              split_bytes=3000)
+    ref = tokenize_files(resolve_inputs([str(corpus)]), tok, tmp_path / "split-ref", **kw)
+    files = resolve_inputs([src])
+    assert [f.name for f in files] == [f.name for f in resolve_inputs([str(corpus)])]
+    planned = plan_splits(files, kw["split_bytes"])
+    assert any(f.byte_range for f in planned) and any(f.row_groups for f in planned)
+
+    class Stop(Exception):
+        pass
+
+    class Interrupted:
+        def map(self, fn, args):
+            for k, a in enumerate(args):
+                if k == 1:
+                    raise Stop
+                yield fn(*a)
+
+    class Recording:
+        ran: list[int] = []
+
+        def map(self, fn, args):
+            for a in args:
+                self.ran.append(a[1])
+                yield fn(*a)
+
+    again = s3.url("data", "again")
+    with pytest.raises(Stop):
+        tokenize_files(files, tok, again, executor=Interrupted(), **kw)
+    assert not fs.exists(f"{again}/manifest.json")
+    rec = Recording()
+    assert tokenize_files(files, tok, again, executor=rec, **kw) == again
+    assert 0 not in rec.ran and len(rec.ran) >= 4
+    assert {k: v["sha256"] for k, v in read_shards_manifest(again)["files"].items()} == \
+           {k: v["sha256"] for k, v in read_json(ref / "manifest.json")["files"].items()}
+
+    # Bad input and output: one line, exit 2, before any work.
+    r = _cli("tokenize", s3.url("data", "no-such-corpus"), *common, "--workers", "0",
+             "--output", s3.url("data", "x"), env=env, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = _cli("tokenize", src, *common, "--workers", "0", "--output", src, env=env, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "not a shards artifact" in last and "--overwrite" in last, r.stderr[-2000:]
