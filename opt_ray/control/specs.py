@@ -170,10 +170,10 @@ class SpecValidator:
         return url, local_run_dir(url)
 
     def run_or_path(self, name: str, value: str, produced=()) -> Path | str:
-        """What train, eval and export read (token shards, a training run, one of its
+        """What a stage reads (a corpus, token shards, a training run, one of its
         checkpoints, or an HF directory): an existing path inside an allowed root, or a URL
         under an allowed bucket prefix that exists there or that an earlier stage of the
-        pipeline trains."""
+        pipeline writes."""
         if not is_url(value):
             return self.path(name, value, must_exist=True, produced=produced)
         url, _ = self.run_location(name, value)
@@ -200,8 +200,8 @@ class SpecValidator:
                             f"{self._roots_text()}")
         if is_url(value):
             raise SpecError(f"{name}={value!r}: only a training run (its output, or what "
-                            f"eval and export read) and token shards may be a bucket URL; "
-                            f"give an absolute path inside {self._roots_text()}")
+                            f"eval and export read), token shards and a corpus to read may be "
+                            f"a bucket URL; give an absolute path inside {self._roots_text()}")
         self._plain(name, value)
         seg = next((x for x in value.split("/") if len(x.encode()) > self.bounds.max_segment_bytes),
                    None)
@@ -281,7 +281,7 @@ class SpecValidator:
             raise SpecError(f"{name}.inputs has {len(s.inputs)} entries, more than the limit of "
                             f"{self.bounds.max_inputs}; pass the directory that holds the files "
                             f"instead (dedup reads every corpus file under a directory)")
-        inputs = [self.path(f"{name}.inputs[{i}]", v, must_exist=True, produced=produced)
+        inputs = [self.run_or_path(f"{name}.inputs[{i}]", v, produced)
                   for i, v in enumerate(s.inputs)]
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
         argv = ["dedup", *map(str, inputs), "--output", str(out), *NO_PROGRESS]
@@ -295,7 +295,7 @@ class SpecValidator:
         return Stage("dedup", argv, [out])
 
     def tokenizer(self, s: pb.TokenizerSpec, name: str = "spec.tokenizer", produced=()) -> Stage:
-        corpus = self.path(f"{name}.corpus", s.corpus, must_exist=True, produced=produced)
+        corpus = self.run_or_path(f"{name}.corpus", s.corpus, produced)
         self._int(f"{name}.vocab_size", s.vocab_size, self.bounds.min_vocab_size,
                   self.bounds.max_vocab_size)
         out = self.path(f"{name}.output", s.output, must_not_exist=True)
@@ -303,11 +303,11 @@ class SpecValidator:
                                    str(s.vocab_size), "--output", str(out)], [out])
 
     def tokenize(self, s: pb.TokenizeSpec, name: str = "spec.tokenize", produced=()) -> Stage:
-        inp = self.path(f"{name}.input", s.input, must_exist=True, produced=produced)
+        inp = self.run_or_path(f"{name}.input", s.input, produced)
         tok = self.path(f"{name}.tokenizer", s.tokenizer, must_exist=True, produced=produced)
         self._int(f"{name}.seq_len", s.seq_len, self.bounds.min_seq_len, self.bounds.max_seq_len)
-        # Shards may go to a bucket prefix root (`opt-ray tokenize --output s3://...`
-        # uploads them, the manifest last) for a run on a cluster without shared disk.
+        # Shards may go to a bucket prefix root (`opt-ray tokenize --output s3://...`: each
+        # task puts its own, the manifest goes last) for a cluster without shared disk.
         if is_url(s.output):
             out, _ = self.run_location(f"{name}.output", s.output)
             if self._url_exists(f"{name}.output", s.output, out):

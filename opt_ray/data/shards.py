@@ -706,7 +706,22 @@ def source_info(inputs: Sequence[str | os.PathLike]) -> dict[str, Any]:
     """What the shards manifest records about its input: for an artifact directory its
     manifest's kind, sha256 and counts, so the next stage can trace its lineage."""
     out: list[dict[str, Any]] = []
-    for p in map(Path, inputs):
+    for raw in inputs:
+        if is_url(raw):   # a bucket corpus: its URL, and its manifest's lineage if it has one
+            fs, root = _fs(str(raw))
+            entry = {"path": str(raw).rstrip("/")}
+            with store_errors(f"input {raw}", "reading its manifest"):
+                try:
+                    data = fs.cat_file(f"{root}/{MANIFEST}")
+                except FileNotFoundError:
+                    data = None
+            if data is not None:
+                m = json.loads(data)
+                entry.update({"kind": m.get("kind"), "manifest_sha256": hashlib.sha256(data).hexdigest(),
+                              "counts": m.get("counts")})
+            out.append(entry)
+            continue
+        p = Path(raw)
         entry: dict[str, Any] = {"path": str(p.absolute())}
         mf = p / MANIFEST
         if p.is_dir() and mf.is_file():

@@ -242,8 +242,8 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         with pytest.raises(grpc.RpcError) as ei:
             client.submit(pb.JobSpec(tokenize=pb.TokenizeSpec(
                 input=str(root / "shards"), tokenizer=shards_url, seq_len=32, output=str(root / "t"))))
-        assert "only a training run (its output, or what eval and export read) and token " \
-               "shards may be a bucket URL" in ei.value.details()
+        assert "only a training run (its output, or what eval and export read), token " \
+               "shards and a corpus to read may be a bucket URL" in ei.value.details()
         # The tokenize stage writes shards into a bucket prefix root; a pipeline trains on them.
         def tokenize(out: str) -> pb.TokenizeSpec:
             return pb.TokenizeSpec(input=str(root / "shards"), tokenizer=str(root / "shards"),
@@ -260,6 +260,23 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         argvs = [list(p.argv) for p in pipe.plan]
         assert argvs[0][argvs[0].index("--output") + 1] == fresh
         assert argvs[1][argvs[1].index("--data") + 1] == fresh
+        # The corpus may be read from a bucket prefix root too: dedup's inputs, the
+        # tokenizer's corpus and tokenize's input (one that is there).
+        corpus_url = s3.url("teams", "a", "corpus")
+        for bad, why in [(corpus_url, "does not exist"),
+                         (s3.url("teams", "b", "corpus"), "not under an allowed bucket prefix")]:
+            with pytest.raises(grpc.RpcError) as ei:
+                client.submit(pb.JobSpec(dedup=pb.DedupSpec(inputs=[bad], output=str(root / "d"))))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
+            assert "spec.dedup.inputs[0]" in ei.value.details()
+        fsspec.filesystem("s3").pipe_file(f"{corpus_url}/part-0.jsonl", b'{"text": "a b c"}\n')
+        pipe = client.submit(pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
+            pb.StageSpec(dedup=pb.DedupSpec(inputs=[corpus_url], output=str(root / "d"))),
+            pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=corpus_url, vocab_size=300,
+                                                    output=str(root / "tok"))),
+            pb.StageSpec(tokenize=pb.TokenizeSpec(input=corpus_url, tokenizer=str(root / "tok"),
+                                                  seq_len=32, output=s3.url("teams", "a", "s3")))])))
+        assert [p.argv[1] for p in pipe.plan] == [corpus_url, "train", corpus_url]
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
@@ -817,7 +834,7 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
     assert len(want["splits"]["train"]["shards"]) >= 4
     assert {k: v["sha256"] for k, v in got["files"].items()} == \
            {k: v["sha256"] for k, v in want["files"].items()}
-    assert got["splits"] == want["splits"]
+    assert got["splits"] == want["splits"] and got["source"]["inputs"] == [{"path": src}]
     assert not list((tmp_path / "staging").rglob("*.arrow"))      # nothing staged
     fs.invalidate_cache()    # the work prefix is removed (a store keeps empty "directories")
     assert not [p for p in fs.find(s3.url("data", ".tokenized.tokenize-work")) if p.endswith(".json")]
