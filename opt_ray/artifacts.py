@@ -53,9 +53,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def json_text(obj: Any) -> str:
+    """How artifacts write JSON: indented, keys sorted."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (``write_text_atomic``), indented with sorted keys."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write JSON atomically (``write_text_atomic``), as ``json_text``."""
+    write_text_atomic(path, json_text(obj))
 
 
 class ArtifactWriter:

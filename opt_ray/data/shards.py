@@ -27,8 +27,9 @@ each shard's record batches, the byte offset of their first row (``batches``: [r
 offset] pairs, measured on the written file), so a row is one ranged GET of
 ``(seq_len + 1) x itemsize`` bytes and a batch of rows is one concurrent ``cat_ranges``:
 a global shuffle reads from every shard without fetching whole files. Verification there
-compares every shard's size with the manifest (one listing); the bytes themselves were
-hashed when written.
+compares every shard's size, and its ETag (the store's hash of the object, recorded in the
+manifest when the shard went up), with the manifest in one listing: a shard replaced or
+truncated is refused without reading the corpus; the bytes were hashed when written.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_file
+from opt_ray.artifacts import MANIFEST, ArtifactError, json_text, read_manifest, sha256_file
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url, probe_write, store_errors
 
@@ -157,8 +158,8 @@ class ShardDataset:
         fs, root = _fs(self.path)
         where = f"--data {self.path}"
         with store_errors(where, "listing the shards"):
-            listed = {Path(e["name"]).name: int(e["size"])
-                      for e in fs.ls(f"{root}/{self.split}", detail=True)}
+            entries = {Path(e["name"]).name: e for e in fs.ls(f"{root}/{self.split}", detail=True)}
+        listed = {name: int(e["size"]) for name, e in entries.items()}
         for sh in self.shards:
             name = sh["name"].rsplit("/", 1)[-1]
             if "batches" not in sh:
@@ -171,6 +172,11 @@ class ShardDataset:
             if listed[name] != sh["bytes"]:
                 raise ArtifactError(f"{where}: shard {sh['name']} is {listed[name]} bytes, the "
                                     f"manifest says {sh['bytes']}; upload it again")
+            etag = entries[name].get("ETag")
+            if sh.get("etag") and etag and etag != sh["etag"]:
+                raise ArtifactError(f"{where}: shard {sh['name']} was replaced since it was "
+                                    f"written (its ETag is {etag}, the manifest says "
+                                    f"{sh['etag']}); run 'opt-ray tokenize' again")
 
     # -- lazy opening ------------------------------------------------------------------
 
@@ -393,14 +399,19 @@ def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False,
             with ThreadPoolExecutor(max(1, threads)) as pool:
                 list(pool.map(put, sorted(files)))
             fs.invalidate_cache()
-            sizes = {p[len(root) + 1:]: int(i["size"])
-                     for p, i in fs.find(root, detail=True).items()}
+            there = {p[len(root) + 1:]: i for p, i in fs.find(root, detail=True).items()}
             for name, info in listed.items():
-                size = sizes.get(name)
+                size = int(there[name]["size"]) if name in there else 0
                 if size != int(info["bytes"]):
-                    raise ArtifactError(f"--output {url}: {name} arrived with {size or 0} of "
+                    raise ArtifactError(f"--output {url}: {name} arrived with {size} of "
                                         f"{info['bytes']} bytes; run the command again")
-            fs.pipe_file(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())
+            # Each shard's ETag (the store's hash of what arrived), which readers compare
+            # in the listing they make anyway.
+            for split in manifest.get("splits", {}).values():
+                for sh in split.get("shards", []):
+                    if there.get(sh["name"], {}).get("ETag"):
+                        sh["etag"] = there[sh["name"]]["ETag"]
+            fs.pipe_file(f"{root}/{MANIFEST}", json_text(manifest).encode())
     finally:
         if bar is not None:
             bar.close()

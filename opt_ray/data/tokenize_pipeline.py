@@ -182,7 +182,7 @@ def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
 
 def _put_split(job: TokenizeJob, s: int, tmp: Path, info: dict[str, Any]) -> None:
     """A bucket output: this task's shards to their final names under the artifact's URL,
-    each checked by size, then its ``done.json`` to the work prefix (the driver counts the
+    each checked by size and its ETag recorded, then its ``done.json`` to the work prefix (the driver counts the
     file done only then; a retried twin puts the same bytes)."""
     from opt_ray.artifacts import ArtifactError
     from opt_ray.run_dir import store_errors
@@ -194,10 +194,12 @@ def _put_split(job: TokenizeJob, s: int, tmp: Path, info: dict[str, Any]) -> Non
             for sh in info["splits"][sp]["shards"]:
                 dst = f"{root}/{sh['name']}"
                 fs.put_file(str(tmp / sh["name"]), dst)
-                size = fs.info(dst)["size"]
-                if int(size) != int(sh["bytes"]):
-                    raise ArtifactError(f"--output {job.upload}: {sh['name']} arrived with {size} "
-                                        f"of {sh['bytes']} bytes; run the command again")
+                got = fs.info(dst)
+                if int(got["size"]) != int(sh["bytes"]):
+                    raise ArtifactError(f"--output {job.upload}: {sh['name']} arrived with "
+                                        f"{got['size']} of {sh['bytes']} bytes; run the command again")
+                if got.get("ETag"):   # the store's hash of what arrived: readers compare it
+                    sh["etag"] = got["ETag"]
         wfs.pipe_file(f"{work}/s{s:05d}/done.json", json.dumps(info).encode())
 
 

@@ -710,6 +710,11 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
     fs.pipe_file(f"{broken}/{name}", (local / name).read_bytes()[:-100])  # truncated
     with pytest.raises(ArtifactError, match=f"shard {name} is .* bytes, the manifest says"):
         ShardDataset(broken)
+    body = bytearray((local / name).read_bytes())
+    body[-50:] = bytes(50)                     # another shard of the same size
+    fs.pipe_file(f"{broken}/{name}", bytes(body))
+    with pytest.raises(ArtifactError, match=f"shard {name} was replaced since it was written"):
+        ShardDataset(broken)
     fs.rm_file(f"{broken}/{name}")
     with pytest.raises(ArtifactError, match=f"shard {name} listed in manifest.json is missing"):
         ShardDataset(broken)
@@ -834,6 +839,8 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
     assert len(want["splits"]["train"]["shards"]) >= 4
     assert {k: v["sha256"] for k, v in got["files"].items()} == \
            {k: v["sha256"] for k, v in want["files"].items()}
+    etags = [sh.pop("etag") for sp in got["splits"].values() for sh in sp["shards"]]
+    assert all(etags) and len(set(etags)) == len(etags)   # the store's, recorded as each went up
     assert got["splits"] == want["splits"] and got["source"]["inputs"] == [{"path": src}]
     assert not list((tmp_path / "staging").rglob("*.arrow"))      # nothing staged
     fs.invalidate_cache()    # the work prefix is removed (a store keeps empty "directories")
