@@ -59,7 +59,7 @@ def _attempts_dir(cfg: TrainConfig):
     """Where gang starts are counted: in the run directory, or with a bucket ``--output``
     in the bucket, since after a node loss rank 0 may start on another node whose staging
     directory has never seen this run."""
-    from opt_ray.train.checkpoint import Loc
+    from opt_ray.storage import Loc
 
     return Loc(cfg.output).child(".attempts")
 

@@ -55,7 +55,7 @@ def _find_tokenizer(explicit: str | None, ckpt):
 
     if explicit:
         return load_tokenizer(explicit)
-    from opt_ray.train.checkpoint import Loc
+    from opt_ray.storage import Loc
 
     run_tok = Loc(ckpt).parent().parent().child("tokenizer.json")  # RUN_DIR/checkpoints/step_N
     if not run_tok.isfile():

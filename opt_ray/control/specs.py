@@ -186,7 +186,7 @@ class SpecValidator:
 
     @staticmethod
     def _url_exists(name: str, value: str, url: str) -> bool:
-        from opt_ray.train.checkpoint import Loc
+        from opt_ray.storage import Loc
         with store_errors(f"{name}={value!r}", "the control server's read",
                           "the control server's environment", error=SpecError):
             return Loc(url).exists()

@@ -114,7 +114,7 @@ def _fsspec_reader_cls():
 
 def reader(path: str) -> FileSystemReader:
     """The safe DCP ``StorageReader`` for a local directory or an fsspec URL."""
-    from opt_ray.train.checkpoint import is_url
+    from opt_ray.run_dir import is_url
 
     if is_url(path):
         return _fsspec_reader_cls()(str(path))

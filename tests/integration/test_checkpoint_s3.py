@@ -378,7 +378,7 @@ def test_rank0_pushes_metrics_between_checkpoints(s3, shards, tmp_path, monkeypa
     from opt_ray.run_dir import RunMirror
     from opt_ray.train.loop import train
 
-    from opt_ray.train.checkpoint import Loc
+    from opt_ray.storage import Loc
 
     seen: list[tuple[tuple[str, ...], list[int], list[int]]] = []
     real = RunMirror.try_push
@@ -418,7 +418,7 @@ def test_metrics_go_up_as_appended_parts_and_readers_fetch_what_they_lack(s3, tm
     never drops the lines rank 0 has not pushed yet."""
     from opt_ray.artifacts import write_text_atomic
     from opt_ray.run_dir import RunMirror
-    from opt_ray.train.checkpoint import Loc
+    from opt_ray.storage import Loc
 
     url = s3.url("runs", "parts")
     rank0, reader = RunMirror(url, tmp_path / "rank0"), RunMirror(url, tmp_path / "laptop")
