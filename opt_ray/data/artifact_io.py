@@ -1,4 +1,5 @@
-"""``ArtifactWriter`` for stages whose workers checksum their own files.
+"""``ArtifactWriter`` for stages whose workers checksum their own files, and the upload of
+an artifact into a bucket.
 
 ``ArtifactWriter.commit`` hashes every file of the artifact in the committing process; for
 the data stages that is the driver reading the whole corpus once more after the workers
@@ -35,3 +36,58 @@ class PrehashedArtifactWriter(ArtifactWriter):
         if info is None or info.get("bytes") != size:
             return super()._file_info(name, path)
         return {"sha256": info["sha256"], "bytes": size}
+
+
+def upload_artifact(local: str | os.PathLike, url: str, *, kind: str, progress: bool = False,
+                    threads: int = 8) -> None:
+    """The finished artifact in ``local`` into the bucket prefix ``url`` so that no reader
+    ever takes a partial upload for the artifact: a manifest already there is removed
+    first; every file the manifest lists that is in ``local`` goes up (``threads`` at a
+    time; the others, put there by the stage's tasks, are there already); every listed
+    file is checked by size in one listing and its ETag (the store's hash of what
+    arrived) recorded in its manifest entry, which readers compare; the manifest goes up
+    last. Raises ``UserError`` (store errors, as ``run_dir.store_errors`` words them) or
+    ``ArtifactError`` (a file that arrived short)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fsspec.core import url_to_fs
+
+    from opt_ray.artifacts import MANIFEST, ArtifactError, json_text, read_manifest
+    from opt_ray.run_dir import store_errors
+
+    local = Path(local)
+    manifest = read_manifest(local, kind=kind)
+    listed = manifest["files"]
+    here = {name: info for name, info in listed.items() if (local / name).is_file()}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(int(f["bytes"]) for f in here.values()), unit="B", unit_scale=True,
+                   desc="upload", mininterval=1.0)
+    try:
+        with store_errors(f"--output {url}", "the upload", "the bucket exists"):
+            fs, root = url_to_fs(url)
+            root = root.rstrip("/")
+
+            def put(name: str) -> None:
+                fs.put_file(str(local / name), f"{root}/{name}")
+                if bar is not None:
+                    bar.update(int(here[name]["bytes"]))
+
+            if fs.exists(f"{root}/{MANIFEST}"):
+                fs.rm_file(f"{root}/{MANIFEST}")
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                list(pool.map(put, sorted(here)))
+            fs.invalidate_cache()
+            there = {p[len(root) + 1:]: i for p, i in fs.find(root, detail=True).items()}
+            for name, info in listed.items():
+                size = int(there[name]["size"]) if name in there else 0
+                if size != int(info["bytes"]):
+                    raise ArtifactError(f"--output {url}: {name} arrived with {size} of "
+                                        f"{info['bytes']} bytes; run the command again")
+                if there[name].get("ETag"):
+                    info["etag"] = there[name]["ETag"]
+            fs.pipe_file(f"{root}/{MANIFEST}", json_text(manifest).encode())
+    finally:
+        if bar is not None:
+            bar.close()

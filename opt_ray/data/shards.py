@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from opt_ray.artifacts import MANIFEST, ArtifactError, json_text, read_manifest, sha256_file
+from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_file
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url, probe_write, store_errors
 
@@ -160,6 +160,7 @@ class ShardDataset:
         with store_errors(where, "listing the shards"):
             entries = {Path(e["name"]).name: e for e in fs.ls(f"{root}/{self.split}", detail=True)}
         listed = {name: int(e["size"]) for name, e in entries.items()}
+        files = self.manifest.get("files", {})
         for sh in self.shards:
             name = sh["name"].rsplit("/", 1)[-1]
             if "batches" not in sh:
@@ -172,11 +173,11 @@ class ShardDataset:
             if listed[name] != sh["bytes"]:
                 raise ArtifactError(f"{where}: shard {sh['name']} is {listed[name]} bytes, the "
                                     f"manifest says {sh['bytes']}; upload it again")
-            etag = entries[name].get("ETag")
-            if sh.get("etag") and etag and etag != sh["etag"]:
+            etag, want = entries[name].get("ETag"), files.get(sh["name"], {}).get("etag")
+            if want and etag and etag != want:
                 raise ArtifactError(f"{where}: shard {sh['name']} was replaced since it was "
-                                    f"written (its ETag is {etag}, the manifest says "
-                                    f"{sh['etag']}); run 'opt-ray tokenize' again")
+                                    f"written (its ETag is {etag}, the manifest says {want}); "
+                                    f"run 'opt-ray tokenize' again")
 
     # -- lazy opening ------------------------------------------------------------------
 
@@ -367,54 +368,10 @@ def check_shards_url(url: str, *, overwrite: bool = False) -> None:
                         f"choose another --output or pass --overwrite (which removes them)")
 
 
-def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False,
-                  threads: int = 8) -> None:
-    """A finished shards artifact into a bucket so that no reader ever takes a partial
-    upload for the artifact: a manifest already there is removed first, every file the
-    manifest lists that is in ``local`` goes up (``threads`` at a time; the others, put
-    there by tokenize's tasks, are already in the bucket), every listed file is checked
-    by size (one listing), and the manifest, which readers require, goes up last."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    local = Path(local)
-    manifest = read_manifest(local, kind=KIND)
-    listed = manifest["files"]
-    files = {name: info for name, info in listed.items() if (local / name).is_file()}
-    fs, root = _fs(url)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=sum(int(f["bytes"]) for f in files.values()), unit="B", unit_scale=True,
-                   desc="upload", mininterval=1.0)
-
-    def put(name: str) -> None:
-        fs.put_file(str(local / name), f"{root}/{name}")
-        if bar is not None:
-            bar.update(int(files[name]["bytes"]))
-
-    try:
-        with store_errors(f"--output {url}", "the upload", "the bucket exists"):
-            if fs.exists(f"{root}/{MANIFEST}"):
-                fs.rm_file(f"{root}/{MANIFEST}")
-            with ThreadPoolExecutor(max(1, threads)) as pool:
-                list(pool.map(put, sorted(files)))
-            fs.invalidate_cache()
-            there = {p[len(root) + 1:]: i for p, i in fs.find(root, detail=True).items()}
-            for name, info in listed.items():
-                size = int(there[name]["size"]) if name in there else 0
-                if size != int(info["bytes"]):
-                    raise ArtifactError(f"--output {url}: {name} arrived with {size} of "
-                                        f"{info['bytes']} bytes; run the command again")
-            # Each shard's ETag (the store's hash of what arrived), which readers compare
-            # in the listing they make anyway.
-            for split in manifest.get("splits", {}).values():
-                for sh in split.get("shards", []):
-                    if there.get(sh["name"], {}).get("ETag"):
-                        sh["etag"] = there[sh["name"]]["ETag"]
-            fs.pipe_file(f"{root}/{MANIFEST}", json_text(manifest).encode())
-    finally:
-        if bar is not None:
-            bar.close()
+def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False) -> None:
+    """A finished shards artifact into a bucket (``artifact_io.upload_artifact``)."""
+    from opt_ray.data.artifact_io import upload_artifact
+    upload_artifact(local, url, kind=KIND, progress=progress)
 
 
 def batch_offsets(path: str | os.PathLike) -> list[list[int]]:

@@ -381,8 +381,9 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
             for sp in SPLITS:
                 for sh in info["splits"][sp]["shards"]:
                     entry = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+                    etag = sh.pop("etag", None)    # a file's fact: its manifest entry keeps it
                     if url:
-                        w.elsewhere[sh["name"]] = entry
+                        w.elsewhere[sh["name"]] = {**entry, "etag": etag} if etag else entry
                         continue
                     (w.path / sh["name"]).parent.mkdir(parents=True, exist_ok=True)
                     _link(src / sh["name"], w.path / sh["name"])
