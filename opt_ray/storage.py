@@ -48,6 +48,9 @@ class Loc:
         loc.path = "/".join([self.path, *names])
         return loc
 
+    def __truediv__(self, name: str) -> "Loc":
+        return self.child(name)
+
     @property
     def name(self) -> str:
         return self.path.rstrip("/").rsplit("/", 1)[-1]

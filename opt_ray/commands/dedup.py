@@ -43,8 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="corpus files or directories (jsonl[.gz|.zst], parquet, txt)")
-    p.add_argument("--output", "-o", required=True, metavar="DIR",
-                   help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR|URL",
+                   help="output directory (must not exist unless --overwrite), or a bucket "
+                        "URL (s3://bucket/dedup: the tasks share a work prefix beside it and "
+                        "put the kept shards there themselves, the manifest goes up last; no "
+                        "filesystem shared by the nodes is needed)")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="two documents are duplicates when the Jaccard similarity of their "
                         "shingle sets is >= this (default 0.95, as OPT)")
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from opt_ray.data.dedup import DedupConfig, run_dedup
     from opt_ray.data.readers import check_output_dir, resolve_inputs
+    from opt_ray.run_dir import is_url
 
     # Everything that can be wrong with the request is checked before Ray starts.
     files = resolve_inputs(args.inputs)
@@ -95,7 +99,14 @@ def run(args: argparse.Namespace) -> int:
                       num_buckets=args.buckets)
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    check_output_dir(args.output, overwrite=args.overwrite)
+    if is_url(args.output):
+        from opt_ray.data.artifact_io import check_artifact_url
+        from opt_ray.data.dedup import work_url
+        args.output = args.output.rstrip("/")
+        check_artifact_url(args.output, work_url(args.output), overwrite=args.overwrite)
+    else:
+        check_output_dir(args.output, overwrite=args.overwrite)
+        args.output = str(Path(args.output).absolute())
 
     executor = None
     if args.workers > 0:
@@ -107,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                        id_field=args.id_field, strict=args.strict, overwrite=args.overwrite,
                        progress=not args.no_progress, files=files)
     c = report["counts"]
-    print(json.dumps({"output": str(Path(args.output).absolute()), "docs": c["docs"],
+    print(json.dumps({"output": args.output, "docs": c["docs"],
                       "kept": c["docs_kept"], "removed": c["duplicates_removed"],
                       "bad_records": c["bad_records"], "mb_s": report["throughput_mb_s"]}))
     if c["bad_records"]:

@@ -10,11 +10,13 @@ The manifest and the commit are ``ArtifactWriter``'s; only a file's entry differ
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from opt_ray.artifacts import ArtifactWriter
+from opt_ray.storage import Loc
 
 
 class PrehashedArtifactWriter(ArtifactWriter):
@@ -91,3 +93,82 @@ def upload_artifact(local: str | os.PathLike, url: str, *, kind: str, progress: 
     finally:
         if bar is not None:
             bar.close()
+
+
+def check_artifact_url(url: str, work: str, *, overwrite: bool = False) -> None:
+    """A stage's ``--output URL``, before any work: the bucket takes writes, and, unless
+    ``overwrite``, the prefix holds no artifact and nothing else than an interrupted run
+    of the stage left (its work prefix ``work`` has a plan): a run would replace what is
+    there. Raises ``UserError`` naming the URL and the fix."""
+    from fsspec.core import url_to_fs
+
+    from opt_ray.artifacts import MANIFEST
+    from opt_ray.errors import UserError
+    from opt_ray.run_dir import probe_write, store_errors
+
+    with store_errors(f"--output {url}", "a test write", "the bucket exists"):
+        fs, root = url_to_fs(url)
+        root = root.rstrip("/")
+        there = fs.exists(f"{root}/{MANIFEST}")
+        # Objects, not "directories" (a store with real ones keeps them once emptied).
+        other = not there and not overwrite and any(
+            p.rstrip("/") != root and "/.write-test-" not in p
+            for p in (fs.find(root) if fs.exists(root) else []))
+        ours = other and fs.exists(f"{url_to_fs(work)[1].rstrip('/')}/plan.json")
+        probe_write(fs, root)
+    if there and not overwrite:
+        raise UserError(f"--output {url} already holds an artifact ({MANIFEST}); choose another "
+                        f"--output or pass --overwrite")
+    if other and not ours:
+        raise UserError(f"--output {url} already holds objects that are not an artifact of "
+                        f"this stage; choose another --output or pass --overwrite (which "
+                        f"removes them)")
+
+
+# ---------------------------------------------------------------- a stage's work dir
+
+def prepare_work(work: Loc, fingerprint: dict[str, Any], output: Loc | None = None) -> bool:
+    """Reuse the work dir (or bucket work prefix) ``work`` when its ``plan.json`` is
+    ``fingerprint`` (the same inputs and parameters: an interrupted run of this one), and
+    return True; otherwise start it afresh and return False. Starting afresh also removes
+    a bucket ``output``'s objects: an unfinished other run's, which has no manifest."""
+    from opt_ray.artifacts import json_text
+    try:
+        if json.loads(work.child("plan.json").read_text()) == fingerprint:
+            return True
+    except (OSError, ValueError):
+        pass
+    work.rm()
+    if output is not None:
+        output.rm()
+    work.mkdirs()
+    work.child("plan.json").write_text(json_text(fingerprint))
+    return False
+
+
+def read_done(dirs: Sequence[Loc]) -> list[dict[str, Any] | None]:
+    """Each task directory's ``done.json`` (None where there is none yet), in order: in a
+    bucket one concurrent read of them all, not a round trip each (a resumed stage of
+    thousands of splits asks for every one)."""
+    if not dirs:
+        return []
+    paths = [d.child("done.json").path for d in dirs]
+    if dirs[0].local:
+        raw: dict[str, bytes] = {}
+        for p in paths:
+            try:
+                with open(p, "rb") as f:
+                    raw[p] = f.read()
+            except OSError:
+                continue
+    else:
+        fs = dirs[0].fs
+        fs.invalidate_cache()
+        raw = fs.cat(paths, on_error="omit")
+    out: list[dict[str, Any] | None] = []
+    for p in paths:
+        try:
+            out.append(json.loads(raw[p]) if p in raw else None)
+        except ValueError:     # a torn marker of a local run: the task runs again
+            out.append(None)
+    return out

@@ -53,11 +53,13 @@ different shingles of one pair (probability ~ n^2 / 2^64, < 1e-9 below 10^5 shin
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -71,6 +73,7 @@ from opt_ray.data import minhash
 from opt_ray.data.readers import (ID_KEY, InputErrors, InputFile, input_fingerprint, iter_file,
                                   plan_splits, resolve_inputs)
 from opt_ray.errors import UserError
+from opt_ray.storage import Loc
 
 REPORT = "dedup_report.json"
 CLUSTERS = "clusters.parquet"
@@ -260,48 +263,87 @@ def _write_table(path: Path, columns: dict[str, Any]) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
-def _read_tables(paths: Iterable[Path], columns: list[str] | None = None):
+def _read_tables(paths: Iterable[Loc], columns: list[str] | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    tables = [pq.read_table(p, columns=columns) for p in paths]
+    tables = [pq.read_table(p.path, columns=columns) if p.local else
+              pq.read_table(p.path, columns=columns, filesystem=p.fs) for p in paths]
     return pa.concat_tables(tables) if tables else None
+
+
+def _load_npy(loc: Loc) -> Any:
+    """A task's ``.npy`` (an array) or ``.npz`` (its arrays) from the work dir."""
+    return np.load(loc.path) if loc.local else np.load(io.BytesIO(loc.read_bytes()))
 
 
 class _Task:
     """One split's or partition's output directory: files go into a temporary sibling
     that is renamed into place once ``done.json`` is in it, so a directory that exists is
-    complete, and a retried task (killed worker) starts over in a fresh temporary."""
+    complete, and a retried task (killed worker) starts over in a fresh temporary. In a
+    bucket work prefix the temporary is in this node's staging directory and its files go
+    up on success, ``done.json`` last (the task counts as done only then)."""
 
-    def __init__(self, final: Path):
+    def __init__(self, final: Loc):
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        p = Path(final.path)
+        self.tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}") if final.local else None
 
     def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
+        if self.final.local:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        else:
+            from opt_ray.run_dir import staging_root
+            staging_root().mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=".dedup-task-", dir=staging_root()))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        if not self.final.local:
+            try:
+                _put_files(self.tmp, self.final)
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return
         try:
-            os.replace(self.tmp, self.final)
+            os.replace(self.tmp, self.final.path)
         except OSError:   # a twin of this task (a retry) finished first: same content
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _started(path: Path) -> None:
+def _put_files(local: Path, dest: Loc) -> dict[str, dict[str, Any]]:
+    """Every file of ``local`` to the same names under the bucket prefix ``dest``,
+    ``done.json`` last; returns each object's ``{"etag"}`` as the store reports it."""
+    from opt_ray.run_dir import store_errors
+    names = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
+                   key=lambda n: n == "done.json")
+    out = {}
+    with store_errors(f"the dedup work prefix {dest}", "a task's upload", "the bucket exists"):
+        for name in names:
+            obj = dest.child(name).path
+            dest.fs.put_file(str(local / name), obj)
+            if name != "done.json":
+                out[name] = {"etag": dest.fs.info(obj).get("ETag")}
+    return out
+
+
+def _started(path: Loc) -> None:
     """Say which process works on ``path`` (for operators, and the chaos test's victim)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.parent / f"{path.name}.running").write_text(
+    if not path.local:
+        return
+    p = Path(path.path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    (p.parent / f"{p.name}.running").write_text(
         json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
-def _done(path: Path) -> dict[str, Any] | None:
+def _done(path: Loc) -> dict[str, Any] | None:
     try:
-        return json.loads((path / "done.json").read_text())
-    except (OSError, ValueError):
+        return json.loads(path.child("done.json").read_text())
+    except (OSError, ValueError):   # FileNotFoundError, for an object too
         return None
 
 
@@ -322,20 +364,23 @@ class Plan:
     text_field: str
     id_field: str | None
     strict: bool
+    # A bucket output: the artifact's URL (``work`` is then the work prefix beside it),
+    # where the filter tasks put their own shards.
+    output: str | None = None
 
     @property
-    def root(self) -> Path:
-        return Path(self.work)
+    def root(self) -> Loc:
+        return Loc(self.work)
 
     @property
     def parts(self) -> int:
         return self.cfg.num_buckets
 
-    def split_dir(self, phase: str, s: int) -> Path:
-        return self.root / phase / f"s{s:05d}"
+    def split_dir(self, phase: str, s: int) -> Loc:
+        return self.root.child(phase, f"s{s:05d}")
 
-    def part_dir(self, phase: str, p: int) -> Path:
-        return self.root / phase / f"p{p:04d}"
+    def part_dir(self, phase: str, p: int) -> Loc:
+        return self.root.child(phase, f"p{p:04d}")
 
     def records(self, s: int, errors: InputErrors) -> Iterator[tuple[int, dict]]:
         """``(uid, record)`` for the good records of split ``s``."""
@@ -436,8 +481,8 @@ def keys_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
     _started(out)
     c0 = time.process_time()
     name = f"p{p:04d}.parquet"
-    ids = _read_tables(plan.split_dir("sign", s) / f"ids-{name}" for s in range(n_splits))
-    digs = _read_tables(plan.split_dir("sign", s) / f"digests-{name}" for s in range(n_splits))
+    ids = _read_tables(plan.split_dir("sign", s).child(f"ids-{name}") for s in range(n_splits))
+    digs = _read_tables(plan.split_dir("sign", s).child(f"digests-{name}") for s in range(n_splits))
     # Duplicate ids: every occurrence after the lowest uid is a bad record.
     id_uid = ids.column("uid").to_numpy()
     order = ids.sort_by([("id", "ascending"), ("uid", "ascending")])
@@ -479,7 +524,7 @@ def _drop_set(plan: Plan) -> np.ndarray:
     arrs = []
     for p in range(plan.parts):
         d = plan.part_dir("keys", p)
-        arrs.append(np.load(d / "exact.npy")[:, 1])
+        arrs.append(_load_npy(d / "exact.npy")[:, 1])
         arrs.append(_read_tables([d / "dup_ids.parquet"], ["uid"]).column("uid").to_numpy())
     return np.unique(np.concatenate(arrs)).astype(np.int64)
 
@@ -536,7 +581,7 @@ def fetch_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]
     lo, hi = s << 32, (s + 1) << 32
     need = []
     for p in range(plan.parts):
-        n = np.load(plan.part_dir("buckets", p) / "need.npy")
+        n = _load_npy(plan.part_dir("buckets", p) / "need.npy")
         need.append(n[(n >= lo) & (n < hi)])
     in_part = [set(x.tolist()) for x in need]
     wanted = set().union(*in_part)
@@ -578,7 +623,7 @@ def verify_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
     c0 = time.process_time()
     cfg = plan.cfg
     d = plan.part_dir("buckets", p)
-    members, offsets = np.load(d / "members.npy"), np.load(d / "offsets.npy")
+    members, offsets = _load_npy(d / "members.npy"), _load_npy(d / "offsets.npy")
     vec: dict[int, np.ndarray] = {}
     for s in range(n_splits):
         t = _read_tables([plan.split_dir("fetch", s) / f"p{p:04d}.parquet"])
@@ -648,11 +693,11 @@ def components_phase(plan: Plan, n_splits: int) -> dict[str, Any]:
     c0 = time.process_time()
     us, vs, ss = [], [], []
     for p in range(plan.parts):
-        ex = np.load(plan.part_dir("keys", p) / "exact.npy")
+        ex = _load_npy(plan.part_dir("keys", p) / "exact.npy")
         us.append(ex[:, 0])
         vs.append(ex[:, 1])
         ss.append(np.ones(len(ex)))
-        e = np.load(plan.part_dir("verify", p) / "edges.npz")
+        e = _load_npy(plan.part_dir("verify", p) / "edges.npz")
         us.append(e["u"])
         vs.append(e["v"])
         ss.append(e["sim"])
@@ -729,7 +774,7 @@ def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any
         return info
     _started(out)
     c0 = time.process_time()
-    removed = set(np.load(plan.root / "components" / f"removed-s{s:05d}.npy").tolist())
+    removed = set(_load_npy(plan.root / "components" / f"removed-s{s:05d}.npy").tolist())
     dup_ids: set[int] = set()
     for p in range(plan.parts):
         u = _read_tables([plan.part_dir("keys", p) / "dup_ids.parquet"], ["uid"])
@@ -754,6 +799,16 @@ def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any
             shards.append(_write_shard(tmp, f"part-{s:05d}-{len(shards):04d}.parquet", buf))
         if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
             raise _changed(plan.files[s])
+        if plan.output:   # a bucket output: the shards go straight to their final names
+            shard_dir = tmp / "shards"
+            shard_dir.mkdir()
+            for sh in shards:
+                os.replace(tmp / sh["file"], shard_dir / sh["file"])
+            etags = _put_files(shard_dir, Loc(plan.output))
+            shutil.rmtree(shard_dir)
+            for sh in shards:
+                if etags[sh["file"]]["etag"]:
+                    sh["etag"] = etags[sh["file"]]["etag"]
         return _finish_task(tmp, c0, {"split": s, "shards": shards})
 
 
@@ -796,30 +851,18 @@ def work_dir(output: str | os.PathLike) -> Path:
     return out.with_name(f".{out.name}.dedup-work")
 
 
+def work_url(url: str) -> str:
+    """A bucket output's work prefix: beside it, as a directory's work dir is."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.dedup-work"
+
+
 def _fingerprint(files: list[InputFile], cfg: DedupConfig, text_field: str,
                  id_field: str | None, strict: bool) -> dict[str, Any]:
     """What must not change for completed work to be reused."""
     inputs = [input_fingerprint(f) for f in files]
     return {"version": WORK_VERSION, "inputs": inputs, "cfg": asdict(cfg),
             "text_field": text_field, "id_field": id_field, "strict": strict}
-
-
-def _prepare_work(work: Path, fp: dict[str, Any]) -> bool:
-    """Reuse ``work`` when it was made for the same run; returns whether it was reused."""
-    plan_file = work / "plan.json"
-    if plan_file.is_file():
-        try:
-            if json.loads(plan_file.read_text()) == fp:
-                return True
-        except ValueError:
-            pass
-        shutil.rmtree(work)
-    elif work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    from opt_ray.artifacts import write_json_atomic
-    write_json_atomic(plan_file, fp)
-    return False
 
 
 def _progress(total: int | None, unit: str, desc: str, enabled: bool):
@@ -857,33 +900,51 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
     reused; the work dir is removed once the output is in place.
     """
     from opt_ray.artifacts import ArtifactError
+    from opt_ray.data.artifact_io import check_artifact_url, prepare_work
+    from opt_ray.run_dir import is_url, store_errors
 
     executor = executor or LocalExecutor()
     files = files if files is not None else resolve_inputs(inputs)
     files = plan_splits(files, cfg.split_bytes)
-    out = Path(output).absolute()
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"output directory {out} already exists; choose another "
-                            f"--output or pass --overwrite")
+    url = str(output).rstrip("/") if is_url(output) else None
+    out: Path | str = url or Path(output).absolute()
     t_start = time.perf_counter()
-    work = work_dir(output)
-    resumed = _prepare_work(work, _fingerprint(files, cfg, text_field, id_field, strict))
-    plan = Plan(str(work), tuple(files), cfg, text_field, id_field, strict)
+    fp = _fingerprint(files, cfg, text_field, id_field, strict)
+    if url:
+        # A bucket output: every task reads and writes the work prefix beside it (no
+        # filesystem shared by the nodes); the filter tasks put the shards in place.
+        work = Loc(work_url(url))
+        with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
+            check_artifact_url(url, work_url(url), overwrite=overwrite)
+            old = Loc(url).child("manifest.json")
+            if overwrite and old.exists():   # replaced whole; no reader takes it from now on
+                old.rm()
+                Loc(url).rm()
+                work.rm()
+            resumed = prepare_work(work, fp, Loc(url))
+    else:
+        if out.exists() and not overwrite:
+            raise ArtifactError(f"output directory {out} already exists; choose another "
+                                f"--output or pass --overwrite")
+        work = Loc(work_dir(output))
+        resumed = prepare_work(work, fp)
+    plan = Plan(str(work), tuple(files), cfg, text_field, id_field, strict, output=url)
     try:
         report = _run_phases(plan, inputs, out, overwrite, executor, progress, on_progress,
                              t_start, resumed)
     except UserError:
         # Bad input: a rerun needs other inputs or flags, so nothing here is reusable.
-        shutil.rmtree(work, ignore_errors=True)
+        work.rm()
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    work.rm()
     return report
 
 
-def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, executor: Executor,
+def _run_phases(plan: Plan, inputs: list[str], out: Path | str, overwrite: bool, executor: Executor,
                 progress: bool, on_progress: Callable[[str, int], None] | None,
                 t_start: float, resumed: bool) -> dict[str, Any]:
     """The phases in order (see the module doc); each skips its completed tasks."""
+    from opt_ray.data.artifact_io import read_done
     cfg, files, work = plan.cfg, plan.files, plan.root
     text_field, id_field, strict = plan.text_field, plan.id_field, plan.strict
     n, P = len(files), plan.parts
@@ -891,12 +952,12 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path, overwrite: bool, execu
     steps: list[dict[str, Any]] = []     # -> metrics.jsonl
 
     def phase(name: str, fn: Callable[..., dict], args: list[tuple], unit: str,
-              where: Callable[[tuple], Path]) -> list[dict]:
+              where: Callable[[tuple], Loc]) -> list[dict]:
         t0 = time.perf_counter()
         results: list[dict] = []
         todo = []
-        for a in args:         # completed by an earlier, interrupted run: reuse
-            info = _done(where(a))
+        # Completed by an earlier, interrupted run: reuse.
+        for a, info in zip(args, read_done([where(a) for a in args])):
             if info is None:
                 todo.append(a)
             else:
@@ -1043,24 +1104,40 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _finish_output(out: Path, overwrite: bool, work: Path, filtered: list[dict],
+def _finish_output(out: Path | str, overwrite: bool, work: Loc, filtered: list[dict],
                    report: dict[str, Any], steps: list[dict]) -> None:
     """Link the workers' shards into the artifact (hard links: no copy, and the work dir
     stays whole until the artifact is committed, should the driver die here) and write
-    the report and manifest."""
-    from opt_ray.data.artifact_io import PrehashedArtifactWriter
+    the report and manifest. A bucket output: the shards are in place already; the
+    clusters, the report, the metrics and the manifest are made in this node's staging
+    directory and go up, the manifest last (``upload_artifact``)."""
+    from opt_ray.data.artifact_io import PrehashedArtifactWriter, upload_artifact
+    from opt_ray.run_dir import local_run_dir
 
-    with PrehashedArtifactWriter(out, kind="dedup", overwrite=overwrite) as w:
+    url = out if isinstance(out, str) else None
+    with PrehashedArtifactWriter(local_run_dir(url) if url else out, kind="dedup",
+                                 overwrite=overwrite or bool(url)) as w:
         shards = []
         for info in filtered:
             src = work / "filter" / f"s{info['split']:05d}"
             for sh in info["shards"]:
-                _link(src / sh["file"], w.path / sh["file"])
-                w.known[sh["file"]] = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+                entry = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
+                if url:
+                    w.elsewhere[sh["file"]] = {**entry, **({"etag": sh["etag"]} if "etag" in sh else {})}
+                else:
+                    _link(Path(src.path) / sh["file"], w.path / sh["file"])
+                    w.known[sh["file"]] = entry
                 shards.append({"file": sh["file"], "rows": sh["rows"]})
-        _link(work / "components" / CLUSTERS, w.path / CLUSTERS)
+        clusters = work / "components" / CLUSTERS
+        if url:
+            clusters.fs.get_file(clusters.path, str(w.path / CLUSTERS))
+        else:
+            _link(Path(clusters.path), w.path / CLUSTERS)
         (w.path / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         with open(w.path / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in steps)
         w.manifest.update({"inputs": report["inputs"], "config": report["params"],
                            "counts": report["counts"], "shards": shards})
+    if url:
+        upload_artifact(w.out, url, kind="dedup")
+        shutil.rmtree(w.out, ignore_errors=True)

@@ -47,7 +47,7 @@ import numpy as np
 
 from opt_ray.artifacts import MANIFEST, ArtifactError, read_manifest, sha256_file
 from opt_ray.errors import UserError
-from opt_ray.run_dir import is_url, probe_write, store_errors
+from opt_ray.run_dir import is_url, store_errors
 
 class ShardReadError(OSError):
     """Rows could not be read from object storage mid-run (the store's own retries spent):
@@ -347,25 +347,9 @@ def tokenize_work_url(url: str) -> str:
 
 
 def check_shards_url(url: str, *, overwrite: bool = False) -> None:
-    """``opt-ray tokenize --output URL``, before any work: the bucket takes writes, and,
-    unless ``overwrite``, the prefix holds no shards artifact and nothing else that an
-    interrupted tokenize of ours did not leave (its work prefix has a plan): a run would
-    replace what is there."""
-    fs, root = _fs(url)
-    with store_errors(f"--output {url}", "a test write", "the bucket exists"):
-        there = fs.exists(f"{root}/{MANIFEST}")
-        # Objects, not "directories" (a store with real ones keeps them once emptied).
-        other = not there and not overwrite and any(
-            p.rstrip("/") != root and "/.write-test-" not in p
-            for p in (fs.find(root) if fs.exists(root) else []))
-        ours = other and fs.exists(f"{_fs(tokenize_work_url(url))[1]}/plan.json")
-        probe_write(fs, root)
-    if there and not overwrite:
-        raise UserError(f"--output {url} already holds an artifact ({MANIFEST}); choose another "
-                        f"--output or pass --overwrite")
-    if other and not ours:
-        raise UserError(f"--output {url} already holds objects that are not a shards artifact; "
-                        f"choose another --output or pass --overwrite (which removes them)")
+    """``opt-ray tokenize --output URL``, before any work (``artifact_io.check_artifact_url``)."""
+    from opt_ray.data.artifact_io import check_artifact_url
+    check_artifact_url(url, tokenize_work_url(url), overwrite=overwrite)
 
 
 def upload_shards(local: str | os.PathLike, url: str, *, progress: bool = False) -> None:

@@ -42,6 +42,7 @@ from opt_ray.data.shards import (KIND, SPLITS, TOKENIZER_FILE, SplitWriter, chec
                                  encode_docs, is_valid_doc, token_dtype, tokenize_work_url,
                                  upload_shards)
 from opt_ray.errors import UserError
+from opt_ray.storage import Loc
 
 WORK_VERSION = 1
 MAX_DOC_CHARS = 1 << 20     # longer documents are encoded in pieces of about this size
@@ -96,13 +97,8 @@ class TokenizeJob:
 
 
 def _done(job: TokenizeJob, s: int) -> dict[str, Any] | None:
-    try:
-        if job.upload:
-            fs, root = _store(job.work)
-            return json.loads(fs.cat_file(f"{root}/s{s:05d}/done.json"))
-    except (OSError, ValueError):   # FileNotFoundError for a missing object too
-        return None
-    return _done_local(job.split_dir(s))
+    from opt_ray.data.artifact_io import read_done
+    return read_done([Loc(job.work).child(f"s{s:05d}")])[0]
 
 
 def _store(url: str) -> tuple[Any, str]:
@@ -237,72 +233,6 @@ def work_dir(output: str | os.PathLike) -> Path:
     return out.with_name(f".{out.name}.tokenize-work")
 
 
-class _WorkDir:
-    """The work dir's plan and its finished splits, in a local directory or, for a bucket
-    output, under the work prefix (``work_url``)."""
-
-    def __init__(self, work: str, url: str | None):
-        self.work, self.url = work, url
-
-    def plan(self) -> Any:
-        try:
-            if self.url:
-                fs, root = _store(self.work)
-                return json.loads(fs.cat_file(f"{root}/plan.json"))
-            return json.loads((Path(self.work) / "plan.json").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def reset(self, plan: dict[str, Any]) -> None:
-        """A new plan: what an earlier, different run left is removed (for a bucket, its
-        work prefix and the unfinished artifact's objects: it has no manifest yet)."""
-        if self.url:
-            fs, root = _store(self.work)
-            afs, aroot = _store(self.url)
-            for f, r in ((fs, root), (afs, aroot)):
-                if f.exists(r):
-                    f.rm(r, recursive=True)
-            fs.pipe_file(f"{root}/plan.json", json.dumps(plan).encode())
-            return
-        from opt_ray.artifacts import write_json_atomic
-        shutil.rmtree(self.work, ignore_errors=True)
-        Path(self.work).mkdir(parents=True)
-        write_json_atomic(Path(self.work) / "plan.json", plan)
-
-    def done(self, n: int) -> dict[int, dict[str, Any]]:
-        """The finished splits among ``range(n)``: their ``done.json``s (for a bucket, one
-        listing and one concurrent read of those there)."""
-        if not self.url:
-            local = (_done_local(Path(self.work) / f"s{s:05d}") for s in range(n))
-            return {s: info for s, info in enumerate(local) if info is not None}
-        fs, root = _store(self.work)
-        names = {f"{root}/s{s:05d}/done.json": s for s in range(n)}
-        there = [p for p in fs.find(root) if p in names] if fs.exists(root) else []
-        got = fs.cat(there, on_error="omit") if there else {}
-        out = {}
-        for path, raw in got.items():
-            try:
-                out[names[path]] = json.loads(raw)
-            except ValueError:
-                continue
-        return out
-
-    def remove(self) -> None:
-        if self.url:
-            fs, root = _store(self.work)
-            if fs.exists(root):
-                fs.rm(root, recursive=True)
-        else:
-            shutil.rmtree(self.work, ignore_errors=True)
-
-
-def _done_local(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / "done.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike, *,
                    seq_len: int, valid_fraction: float = 0.01, seed: int = 0,
                    text_field: str = "text", id_field: str | None = None,
@@ -318,7 +248,8 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     Parquet and plain jsonl files larger than ``split_bytes`` are split by row groups /
     lines (``readers.plan_splits``; one task each).
     Raises ``UserError`` for a corpus with no documents or too few tokens for one row."""
-    from opt_ray.data.artifact_io import PrehashedArtifactWriter
+    from opt_ray.artifacts import MANIFEST
+    from opt_ray.data.artifact_io import PrehashedArtifactWriter, prepare_work, read_done
     from opt_ray.data.dedup import LocalExecutor
     from opt_ray.data.tokenizer import describe
 
@@ -339,16 +270,18 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
                       valid_fraction, seed, text_field, id_field, batch_chars, max_doc_chars,
                       upload=url)
     fp = _fingerprint(job)
-    wd = _WorkDir(work, url)
+    wd = Loc(work)
     with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
         if url:
             check_shards_url(url, overwrite=overwrite)
-        reuse = wd.plan() == fp
-        if url and overwrite:
-            reuse = reuse and not _has_manifest(url)   # --overwrite: replaced whole
-        if not reuse:
-            wd.reset(fp)
-        results: dict[int, dict] = wd.done(len(files))
+            old = Loc(url).child(MANIFEST)
+            if overwrite and old.exists():   # replaced whole; no reader takes it from now on
+                old.rm()
+                Loc(url).rm()
+                wd.rm()
+        prepare_work(wd, fp, Loc(url) if url else None)
+        done = read_done([wd.child(f"s{s:05d}") for s in range(len(files))])
+    results: dict[int, dict] = {s: info for s, info in enumerate(done) if info is not None}
     t0 = time.time()
     todo = [(job, s) for s in range(len(files)) if s not in results]
     from tqdm import tqdm
@@ -362,11 +295,11 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     summary = _merge(ordered)
     docs = sum(v["docs"] for v in summary.values())
     if docs == 0:
-        wd.remove()
+        wd.rm()
         raise UserError(f"the corpus has no documents with text (field {text_field!r}); "
                         f"check the input path and --text-field")
     if summary["train"]["rows"] == 0:
-        wd.remove()
+        wd.rm()
         raise UserError(f"the corpus has only {summary['train']['stream_tokens']} training "
                         f"tokens, fewer than one row of --seq-len + 1 = {seq_len + 1} in any "
                         f"input file; add data or lower --seq-len")
@@ -407,16 +340,10 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
         upload_shards(w.out, url, progress=progress)
         shutil.rmtree(w.out, ignore_errors=True)
         with store_errors(f"--output {url}", "removing the work prefix", "the bucket exists"):
-            wd.remove()
+            wd.rm()
         return url
-    wd.remove()
+    wd.rm()
     return w.out
-
-
-def _has_manifest(url: str) -> bool:
-    from opt_ray.artifacts import MANIFEST
-    fs, root = _store(url)
-    return fs.exists(f"{root}/{MANIFEST}")
 
 
 def _link(src: Path, dst: Path) -> None:

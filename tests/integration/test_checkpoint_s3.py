@@ -893,4 +893,84 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
     assert r.returncode == 2 and "does not exist" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     r = _cli("tokenize", src, *common, "--workers", "0", "--output", src, env=env, timeout=120)
     last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 2 and "not a shards artifact" in last and "--overwrite" in last, r.stderr[-2000:]
+    assert r.returncode == 2 and "not an artifact of this stage" in last and "--overwrite" in last, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_dedup_from_the_bucket_into_the_bucket_on_ray_tasks(s3, tmp_path):
+    """The dedup stage on a cluster whose only shared storage is a bucket: `opt-ray dedup
+    s3://.../corpus --output s3://.../dedup --workers 2` (its own embedded Ray) keeps the
+    same documents as the local run, byte for byte; its tasks share the work prefix beside
+    the URL and put the kept shards in place, nothing is staged on the driver; an
+    interrupted run resumes from the work prefix; tokenize reads the bucket artifact."""
+    import fsspec
+    import numpy as np
+
+    from opt_ray.data.dedup import DedupConfig, run_dedup, work_url
+    from opt_ray.data.shards import read_shards_manifest
+
+    rng = np.random.default_rng(2)
+    words = [f"w{i}" for i in range(3000)]
+    docs = [" ".join(rng.choice(words, size=120)) for _ in range(90)]
+    docs += [d.rsplit(" ", 1)[0] + " tail" for d in docs[:12]]   # near-duplicates (J ~ 0.98)
+    docs += docs[20:26]                                          # exact duplicates
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(3):
+        (corpus / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[k::3]))
+    fs = fsspec.filesystem("s3")
+    src = s3.url("dd", "corpus")
+    fs.put(str(corpus), src, recursive=True)
+    env = {**os.environ, **s3.env(), "OPT_RAY_STAGING_DIR": str(tmp_path / "staging"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    local, url = tmp_path / "local", s3.url("dd", "dedup")
+    r = _cli("dedup", str(corpus), "--output", str(local), "--workers", "0", "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("dedup", src, "--output", url, "--workers", "2", "--num-cpus", "2", "--no-progress",
+             env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["output"] == url
+    want, got = read_json(local / "manifest.json"), json.loads(fs.cat_file(f"{url}/manifest.json"))
+    assert want["counts"] == got["counts"] and got["counts"]["duplicates_removed"] >= 12 + 6
+    data = [n for n in want["files"] if n.endswith(".parquet")]
+    assert len(data) >= 4 and set(got["files"]) == set(want["files"])
+    assert all(got["files"][n]["sha256"] == want["files"][n]["sha256"] and got["files"][n]["etag"]
+               for n in data)
+    assert fs.cat_file(f"{url}/{data[0]}") == (local / data[0]).read_bytes()
+    assert not list((tmp_path / "staging").rglob("*.parquet"))          # nothing staged
+    fs.invalidate_cache()
+    assert not [p for p in fs.find(work_url(url)) if p.endswith((".json", ".parquet", ".npy", ".npz"))]
+    r = _cli("dedup", src, "--output", url, "--workers", "0", env=env, timeout=120)
+    assert r.returncode == 2 and "already holds an artifact" in r.stderr.strip().splitlines()[-1]
+
+    # Interrupted in the verify phase, then resumed: the finished tasks are reused.
+    class Stop(Exception):
+        pass
+
+    def stop_in_verify(phase: str, done: int) -> None:
+        if phase == "verify":
+            raise Stop
+
+    again = s3.url("dd", "again")
+    cfg = DedupConfig()   # the CLI's defaults
+    with pytest.raises(Stop):
+        run_dedup([src], again, cfg, on_progress=stop_in_verify)
+    assert not fs.exists(f"{again}/manifest.json")
+    report = run_dedup([src], again, cfg)
+    assert report["resumed"] is True and report["counts"] == got["counts"]
+    steps = [json.loads(x) for x in fs.cat_file(f"{again}/metrics.jsonl").decode().splitlines()]
+    assert {"phase": "sign", "reused": 3} in steps and {"phase": "fetch", "reused": 3} in steps
+    m = json.loads(fs.cat_file(f"{again}/manifest.json"))
+    assert {n: m["files"][n]["sha256"] for n in data} == {n: want["files"][n]["sha256"] for n in data}
+
+    # The next stage reads the bucket artifact: tokenize from it into the bucket.
+    from opt_ray.data.tokenizer import train_tokenizer
+    train_tokenizer(docs, 400).save(str(tmp_path / "tokenizer.json"))
+    shards = s3.url("dd", "shards")
+    r = _cli("tokenize", url, "--tokenizer", str(tmp_path / "tokenizer.json"), "--seq-len", "32",
+             "--workers", "0", "--no-progress", "--output", shards, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sm = read_shards_manifest(shards)
+    assert sm["source"]["inputs"][0]["kind"] == "dedup" and sm["splits"]["train"]["docs"] + \
+        sm["splits"]["valid"]["docs"] == got["counts"]["docs_kept"]
