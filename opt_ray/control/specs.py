@@ -169,6 +169,18 @@ class SpecValidator:
                             f"({allowed}); use a URL under one of them")
         return url, local_run_dir(url)
 
+    def new_output(self, name: str, value: str) -> Path | str:
+        """A data stage's new artifact (dedup's, tokenize's): a path inside an allowed
+        root, or a bucket prefix under an allowed URL root (the stage's tasks put their
+        own files there, the manifest goes last: a cluster needs no shared disk), that
+        does not exist yet."""
+        if not is_url(value):
+            return self.path(name, value, must_not_exist=True)
+        out, _ = self.run_location(name, value)
+        if self._url_exists(name, value, out):
+            raise SpecError(f"{name}={value!r} already exists; choose a new bucket prefix")
+        return out
+
     def run_or_path(self, name: str, value: str, produced=()) -> Path | str:
         """What a stage reads (a corpus, token shards, a training run, one of its
         checkpoints, or an HF directory): an existing path inside an allowed root, or a URL
@@ -283,7 +295,7 @@ class SpecValidator:
                             f"instead (dedup reads every corpus file under a directory)")
         inputs = [self.run_or_path(f"{name}.inputs[{i}]", v, produced)
                   for i, v in enumerate(s.inputs)]
-        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        out = self.new_output(f"{name}.output", s.output)
         argv = ["dedup", *map(str, inputs), "--output", str(out), *NO_PROGRESS]
         if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
             argv += ["--workers", str(s.workers)]
@@ -306,15 +318,7 @@ class SpecValidator:
         inp = self.run_or_path(f"{name}.input", s.input, produced)
         tok = self.path(f"{name}.tokenizer", s.tokenizer, must_exist=True, produced=produced)
         self._int(f"{name}.seq_len", s.seq_len, self.bounds.min_seq_len, self.bounds.max_seq_len)
-        # Shards may go to a bucket prefix root (`opt-ray tokenize --output s3://...`: each
-        # task puts its own, the manifest goes last) for a cluster without shared disk.
-        if is_url(s.output):
-            out, _ = self.run_location(f"{name}.output", s.output)
-            if self._url_exists(f"{name}.output", s.output, out):
-                raise SpecError(f"{name}.output={s.output!r} already exists; choose a new "
-                                f"bucket prefix")
-        else:
-            out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        out = self.new_output(f"{name}.output", s.output)
         argv = ["tokenize", str(inp), "--tokenizer", str(tok), "--seq-len", str(s.seq_len),
                 "--output", str(out), *NO_PROGRESS]
         if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):

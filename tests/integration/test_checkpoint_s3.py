@@ -270,13 +270,21 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in ei.value.details()
             assert "spec.dedup.inputs[0]" in ei.value.details()
         fsspec.filesystem("s3").pipe_file(f"{corpus_url}/part-0.jsonl", b'{"text": "a b c"}\n')
+        with pytest.raises(grpc.RpcError) as ei:    # an existing bucket prefix as dedup's output
+            client.submit(pb.JobSpec(dedup=pb.DedupSpec(inputs=[str(root / "shards")], output=corpus_url)))
+        assert "spec.dedup.output" in ei.value.details() and "already exists" in ei.value.details()
+        # From the bucket, into the bucket, all the way: dedup, tokenizer, tokenize, train.
+        dedup_url, shards3 = s3.url("teams", "a", "dedup"), s3.url("teams", "a", "s3")
         pipe = client.submit(pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
-            pb.StageSpec(dedup=pb.DedupSpec(inputs=[corpus_url], output=str(root / "d"))),
-            pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=corpus_url, vocab_size=300,
+            pb.StageSpec(dedup=pb.DedupSpec(inputs=[corpus_url], output=dedup_url)),
+            pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=dedup_url, vocab_size=300,
                                                     output=str(root / "tok"))),
-            pb.StageSpec(tokenize=pb.TokenizeSpec(input=corpus_url, tokenizer=str(root / "tok"),
-                                                  seq_len=32, output=s3.url("teams", "a", "s3")))])))
-        assert [p.argv[1] for p in pipe.plan] == [corpus_url, "train", corpus_url]
+            pb.StageSpec(tokenize=pb.TokenizeSpec(input=dedup_url, tokenizer=str(root / "tok"),
+                                                  seq_len=32, output=shards3)),
+            pb.StageSpec(train=spec(str(root / "run-c"), data=shards3).train)])))
+        assert [p.argv[1] for p in pipe.plan] == [corpus_url, "train", dedup_url, "--preset"]
+        argv0 = list(pipe.plan[0].argv)
+        assert argv0[argv0.index("--output") + 1] == dedup_url
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
