@@ -172,3 +172,30 @@ def read_done(dirs: Sequence[Loc]) -> list[dict[str, Any] | None]:
         except ValueError:     # a torn marker of a local run: the task runs again
             out.append(None)
     return out
+
+
+def put_files(local: Path, dest: Loc, what: str, names: Sequence[str] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Files of ``local`` (``names``, default all; relative paths) to the same names under
+    the bucket prefix ``dest``, ``done.json`` last (a task counts as done only then), each
+    checked by size; returns ``{name: {"etag": ...}}`` as the store reports each object
+    (``done.json`` aside). ``what`` names the destination in a store error."""
+    from opt_ray.artifacts import ArtifactError
+    from opt_ray.run_dir import store_errors
+
+    if names is None:
+        names = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    out: dict[str, dict[str, Any]] = {}
+    with store_errors(what, "an upload", "the bucket exists"):
+        for name in sorted(names, key=lambda n: (n == "done.json", n)):
+            obj = dest.child(name).path
+            dest.fs.put_file(str(local / name), obj)
+            if name == "done.json":
+                continue
+            info = dest.fs.info(obj)
+            size = (local / name).stat().st_size
+            if int(info["size"]) != size:
+                raise ArtifactError(f"{what}: {name} arrived with {info['size']} of {size} "
+                                    f"bytes; run the command again")
+            out[name] = {"etag": info.get("ETag")}
+    return out

@@ -303,8 +303,9 @@ class _Task:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         if not self.final.local:
+            from opt_ray.data.artifact_io import put_files
             try:
-                _put_files(self.tmp, self.final)
+                put_files(self.tmp, self.final, f"the dedup work prefix {self.final}")
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             return
@@ -312,22 +313,6 @@ class _Task:
             os.replace(self.tmp, self.final.path)
         except OSError:   # a twin of this task (a retry) finished first: same content
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _put_files(local: Path, dest: Loc) -> dict[str, dict[str, Any]]:
-    """Every file of ``local`` to the same names under the bucket prefix ``dest``,
-    ``done.json`` last; returns each object's ``{"etag"}`` as the store reports it."""
-    from opt_ray.run_dir import store_errors
-    names = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()),
-                   key=lambda n: n == "done.json")
-    out = {}
-    with store_errors(f"the dedup work prefix {dest}", "a task's upload", "the bucket exists"):
-        for name in names:
-            obj = dest.child(name).path
-            dest.fs.put_file(str(local / name), obj)
-            if name != "done.json":
-                out[name] = {"etag": dest.fs.info(obj).get("ETag")}
-    return out
 
 
 def _started(path: Loc) -> None:
@@ -341,10 +326,8 @@ def _started(path: Loc) -> None:
 
 
 def _done(path: Loc) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.child("done.json").read_text())
-    except (OSError, ValueError):   # FileNotFoundError, for an object too
-        return None
+    from opt_ray.data.artifact_io import read_done
+    return read_done([path])[0]
 
 
 def _finish_task(tmp: Path, c0: float, info: dict[str, Any]) -> dict[str, Any]:
@@ -804,7 +787,8 @@ def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any
             shard_dir.mkdir()
             for sh in shards:
                 os.replace(tmp / sh["file"], shard_dir / sh["file"])
-            etags = _put_files(shard_dir, Loc(plan.output))
+            from opt_ray.data.artifact_io import put_files
+            etags = put_files(shard_dir, Loc(plan.output), f"--output {plan.output}")
             shutil.rmtree(shard_dir)
             for sh in shards:
                 if etags[sh["file"]]["etag"]:

@@ -101,11 +101,6 @@ def _done(job: TokenizeJob, s: int) -> dict[str, Any] | None:
     return read_done([Loc(job.work).child(f"s{s:05d}")])[0]
 
 
-def _store(url: str) -> tuple[Any, str]:
-    from opt_ray.data.shards import _fs
-    return _fs(url)
-
-
 def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
     """One input file -> its own packed, checksummed shards (see the module doc)."""
     if (info := _done(job, s)) is not None:
@@ -177,26 +172,18 @@ def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
 
 
 def _put_split(job: TokenizeJob, s: int, tmp: Path, info: dict[str, Any]) -> None:
-    """A bucket output: this task's shards to their final names under the artifact's URL,
-    each checked by size and its ETag recorded, then its ``done.json`` to the work prefix (the driver counts the
-    file done only then; a retried twin puts the same bytes)."""
-    from opt_ray.artifacts import ArtifactError
-    from opt_ray.run_dir import store_errors
+    """A bucket output: this task's shards to their final names under the artifact's URL
+    (each checked by size, its ETag recorded), then its ``done.json`` to the work prefix
+    (the driver counts the file done only then; a retried twin puts the same bytes)."""
+    from opt_ray.data.artifact_io import put_files
 
-    fs, root = _store(job.upload)
-    wfs, work = _store(job.work)
-    with store_errors(f"--output {job.upload}", "a shard upload", "the bucket exists"):
-        for sp in SPLITS:
-            for sh in info["splits"][sp]["shards"]:
-                dst = f"{root}/{sh['name']}"
-                fs.put_file(str(tmp / sh["name"]), dst)
-                got = fs.info(dst)
-                if int(got["size"]) != int(sh["bytes"]):
-                    raise ArtifactError(f"--output {job.upload}: {sh['name']} arrived with "
-                                        f"{got['size']} of {sh['bytes']} bytes; run the command again")
-                if got.get("ETag"):   # the store's hash of what arrived: readers compare it
-                    sh["etag"] = got["ETag"]
-        wfs.pipe_file(f"{work}/s{s:05d}/done.json", json.dumps(info).encode())
+    shards = [sh for sp in SPLITS for sh in info["splits"][sp]["shards"]]
+    etags = put_files(tmp, Loc(job.upload), f"--output {job.upload}", [sh["name"] for sh in shards])
+    for sh in shards:
+        if etags[sh["name"]]["etag"]:
+            sh["etag"] = etags[sh["name"]]["etag"]
+    (tmp / "done.json").write_text(json.dumps(info))
+    put_files(tmp, Loc(job.work).child(f"s{s:05d}"), f"--output {job.upload}", ["done.json"])
 
 
 def _encode_pieces(tok: Any, docs: list, job: TokenizeJob):
