@@ -18,8 +18,14 @@ copies, generated stubs, versions of the same module).
    and false removals (removed without a true partner >= threshold). Goal: recall >=
    0.99, no false removal.
 
-Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2]`` or
-``python -m bench.dedup --scale 50,200 [--workers 1,2]``.
+5. ``--bucket MB``: the stage in one process (``run_dedup``, the local executor) local
+   directory -> local artifact against bucket prefix -> bucket artifact (``bench.buckets``:
+   the tasks read the corpus by ranged requests and keep their work prefix in the bucket),
+   MB/s of text per side and the ratio.
+
+Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2]``,
+``python -m bench.dedup --scale 50,200 [--workers 1,2]`` or
+``python -m bench.dedup --bucket 50 [--trials 3]``.
 """
 
 from __future__ import annotations
@@ -317,6 +323,8 @@ def main() -> int:
                     help="only the corpus-scale runs (issue 13): the CLI on corpora of these "
                          "sizes with 1 and 2 workers, e.g. 50,200")
     ap.add_argument("--workers", default="1,2", help="worker counts for --scale")
+    ap.add_argument("--bucket", type=float, default=None, metavar="MB",
+                    help="only the bucket -> bucket vs local -> local runs, on a corpus of MB")
     args = ap.parse_args()
 
     corpus = real_corpus()
@@ -325,6 +333,15 @@ def main() -> int:
            "corpus_mb": round(sum(len(t.encode()) for _, t in corpus) / 1e6, 1)}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        if args.bucket:
+            from bench.buckets import local_vs_bucket
+            from opt_ray.data.dedup import DedupConfig, run_dedup
+            build_corpus(corpus, args.bucket, tmp / "corpus")
+            out["bucket"] = local_vs_bucket(
+                tmp / "corpus", tmp, args.trials,
+                lambda inp, dest: run_dedup([inp], dest, DedupConfig())["counts"]["bytes"], "bytes")
+            print(json.dumps(out))
+            return 0
         if args.scale:
             sizes = [float(x) for x in args.scale.split(",")]
             workers = [int(x) for x in args.workers.split(",")]

