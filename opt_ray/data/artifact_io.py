@@ -127,12 +127,19 @@ def check_artifact_url(url: str, work: str, *, overwrite: bool = False) -> None:
 
 # ---------------------------------------------------------------- a stage's work dir
 
-def prepare_work(work: Loc, fingerprint: dict[str, Any], output: Loc | None = None) -> bool:
+def prepare_work(work: Loc, fingerprint: dict[str, Any], output: Loc | None = None, *,
+                 overwrite: bool = False) -> bool:
     """Reuse the work dir (or bucket work prefix) ``work`` when its ``plan.json`` is
     ``fingerprint`` (the same inputs and parameters: an interrupted run of this one), and
     return True; otherwise start it afresh and return False. Starting afresh also removes
-    a bucket ``output``'s objects: an unfinished other run's, which has no manifest."""
-    from opt_ray.artifacts import json_text
+    a bucket ``output``'s objects: an unfinished other run's, which has no manifest. With
+    ``overwrite``, a whole artifact at ``output`` is replaced: its manifest goes first (no
+    reader takes it from then on), then the rest."""
+    from opt_ray.artifacts import MANIFEST, json_text
+    if output is not None and overwrite and output.child(MANIFEST).exists():
+        output.child(MANIFEST).rm()
+        output.rm()
+        work.rm()
     try:
         if json.loads(work.child("plan.json").read_text()) == fingerprint:
             return True
@@ -174,28 +181,19 @@ def read_done(dirs: Sequence[Loc]) -> list[dict[str, Any] | None]:
     return out
 
 
-def put_files(local: Path, dest: Loc, what: str, names: Sequence[str] | None = None
-              ) -> dict[str, dict[str, Any]]:
+def put_files(local: Path, dest: Loc, what: str, names: Sequence[str] | None = None) -> None:
     """Files of ``local`` (``names``, default all; relative paths) to the same names under
-    the bucket prefix ``dest``, ``done.json`` last (a task counts as done only then), each
-    checked by size; returns ``{name: {"etag": ...}}`` as the store reports each object
-    (``done.json`` aside). ``what`` names the destination in a store error."""
-    from opt_ray.artifacts import ArtifactError
+    the bucket prefix ``dest``: concurrently, then ``done.json`` last (a task counts as
+    done only then). A PUT is whole or absent; sizes and ETags are checked once, by the
+    upload of the artifact's manifest (``upload_artifact``: one listing), not here, a
+    round trip per file. ``what`` names the destination in a store error."""
     from opt_ray.run_dir import store_errors
 
     if names is None:
         names = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
-    out: dict[str, dict[str, Any]] = {}
+    files = sorted(n for n in names if n != "done.json")
     with store_errors(what, "an upload", "the bucket exists"):
-        for name in sorted(names, key=lambda n: (n == "done.json", n)):
-            obj = dest.child(name).path
-            dest.fs.put_file(str(local / name), obj)
-            if name == "done.json":
-                continue
-            info = dest.fs.info(obj)
-            size = (local / name).stat().st_size
-            if int(info["size"]) != size:
-                raise ArtifactError(f"{what}: {name} arrived with {info['size']} of {size} "
-                                    f"bytes; run the command again")
-            out[name] = {"etag": info.get("ETag")}
-    return out
+        if files:
+            dest.fs.put([str(local / n) for n in files], [dest.child(n).path for n in files])
+        if "done.json" in names:
+            dest.fs.put_file(str(local / "done.json"), dest.child("done.json").path)

@@ -264,10 +264,15 @@ def _write_table(path: Path, columns: dict[str, Any]) -> None:
 
 
 def _read_tables(paths: Iterable[Loc], columns: list[str] | None = None):
+    """The Parquet files ``paths`` as one table; from a bucket, read concurrently."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    tables = [pq.read_table(p.path, columns=columns) if p.local else
-              pq.read_table(p.path, columns=columns, filesystem=p.fs) for p in paths]
+    paths = list(paths)
+    if paths and not paths[0].local:
+        raw = paths[0].fs.cat([p.path for p in paths])
+        tables = [pq.read_table(pa.BufferReader(raw[p.path]), columns=columns) for p in paths]
+    else:
+        tables = [pq.read_table(p.path, columns=columns) for p in paths]
     return pa.concat_tables(tables) if tables else None
 
 
@@ -788,11 +793,8 @@ def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any
             for sh in shards:
                 os.replace(tmp / sh["file"], shard_dir / sh["file"])
             from opt_ray.data.artifact_io import put_files
-            etags = put_files(shard_dir, Loc(plan.output), f"--output {plan.output}")
+            put_files(shard_dir, Loc(plan.output), f"--output {plan.output}")
             shutil.rmtree(shard_dir)
-            for sh in shards:
-                if etags[sh["file"]]["etag"]:
-                    sh["etag"] = etags[sh["file"]]["etag"]
         return _finish_task(tmp, c0, {"split": s, "shards": shards})
 
 
@@ -900,12 +902,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
         work = Loc(work_url(url))
         with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
             check_artifact_url(url, work_url(url), overwrite=overwrite)
-            old = Loc(url).child("manifest.json")
-            if overwrite and old.exists():   # replaced whole; no reader takes it from now on
-                old.rm()
-                Loc(url).rm()
-                work.rm()
-            resumed = prepare_work(work, fp, Loc(url))
+            resumed = prepare_work(work, fp, Loc(url), overwrite=overwrite)
     else:
         if out.exists() and not overwrite:
             raise ArtifactError(f"output directory {out} already exists; choose another "
@@ -1107,7 +1104,7 @@ def _finish_output(out: Path | str, overwrite: bool, work: Loc, filtered: list[d
             for sh in info["shards"]:
                 entry = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
                 if url:
-                    w.elsewhere[sh["file"]] = {**entry, **({"etag": sh["etag"]} if "etag" in sh else {})}
+                    w.elsewhere[sh["file"]] = entry
                 else:
                     _link(Path(src.path) / sh["file"], w.path / sh["file"])
                     w.known[sh["file"]] = entry

@@ -172,16 +172,14 @@ def tokenize_split(job: TokenizeJob, s: int) -> dict[str, Any]:
 
 
 def _put_split(job: TokenizeJob, s: int, tmp: Path, info: dict[str, Any]) -> None:
-    """A bucket output: this task's shards to their final names under the artifact's URL
-    (each checked by size, its ETag recorded), then its ``done.json`` to the work prefix
-    (the driver counts the file done only then; a retried twin puts the same bytes)."""
+    """A bucket output: this task's shards to their final names under the artifact's URL,
+    then its ``done.json`` to the work prefix (the driver counts the file done only then;
+    a retried twin puts the same bytes). The driver checks their sizes and records their
+    ETags in one listing when it puts the manifest."""
     from opt_ray.data.artifact_io import put_files
 
-    shards = [sh for sp in SPLITS for sh in info["splits"][sp]["shards"]]
-    etags = put_files(tmp, Loc(job.upload), f"--output {job.upload}", [sh["name"] for sh in shards])
-    for sh in shards:
-        if etags[sh["name"]]["etag"]:
-            sh["etag"] = etags[sh["name"]]["etag"]
+    names = [sh["name"] for sp in SPLITS for sh in info["splits"][sp]["shards"]]
+    put_files(tmp, Loc(job.upload), f"--output {job.upload}", names)
     (tmp / "done.json").write_text(json.dumps(info))
     put_files(tmp, Loc(job.work).child(f"s{s:05d}"), f"--output {job.upload}", ["done.json"])
 
@@ -235,7 +233,6 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     Parquet and plain jsonl files larger than ``split_bytes`` are split by row groups /
     lines (``readers.plan_splits``; one task each).
     Raises ``UserError`` for a corpus with no documents or too few tokens for one row."""
-    from opt_ray.artifacts import MANIFEST
     from opt_ray.data.artifact_io import PrehashedArtifactWriter, prepare_work, read_done
     from opt_ray.data.dedup import LocalExecutor
     from opt_ray.data.tokenizer import describe
@@ -261,12 +258,7 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
         if url:
             check_shards_url(url, overwrite=overwrite)
-            old = Loc(url).child(MANIFEST)
-            if overwrite and old.exists():   # replaced whole; no reader takes it from now on
-                old.rm()
-                Loc(url).rm()
-                wd.rm()
-        prepare_work(wd, fp, Loc(url) if url else None)
+        prepare_work(wd, fp, Loc(url) if url else None, overwrite=overwrite)
         done = read_done([wd.child(f"s{s:05d}") for s in range(len(files))])
     results: dict[int, dict] = {s: info for s, info in enumerate(done) if info is not None}
     t0 = time.time()
@@ -301,9 +293,8 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
             for sp in SPLITS:
                 for sh in info["splits"][sp]["shards"]:
                     entry = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
-                    etag = sh.pop("etag", None)    # a file's fact: its manifest entry keeps it
                     if url:
-                        w.elsewhere[sh["name"]] = {**entry, "etag": etag} if etag else entry
+                        w.elsewhere[sh["name"]] = entry
                         continue
                     (w.path / sh["name"]).parent.mkdir(parents=True, exist_ok=True)
                     _link(src / sh["name"], w.path / sh["name"])
