@@ -190,7 +190,7 @@ def test_mirror_merges_the_logbooks_of_writers_on_two_nodes(s3, tmp_path):
         _bucket_lines(url, "logbook.jsonl")) and not driver.pull()
 
 
-def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkeypatch):
+def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkeypatch, capsys):
     """``TrainSpec.output`` may be a bucket URL under a URL ``--allowed-root``: the job's
     command line carries it, and the job's watch stream, logbook and Markdown chronicle
     are read from the bucket (the server's own staging copy), where the run's processes
@@ -285,6 +285,20 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         assert [p.argv[1] for p in pipe.plan] == [corpus_url, "train", dedup_url, "--preset"]
         argv0 = list(pipe.plan[0].argv)
         assert argv0[argv0.index("--output") + 1] == dedup_url
+        # `opt-ray ctl submit pipeline` with a bucket --work-dir: the stages that write
+        # directories (tokenizer, export) go to --local-dir, the others to the bucket.
+        from opt_ray.cli import main
+        monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
+        ctl = ["ctl", "--target", f"127.0.0.1:{port}", "--json", "submit", "pipeline", corpus_url,
+               "--work-dir", s3.url("teams", "a", "p1"), "--preset", "tiny", "--steps", "2"]
+        assert main(ctl) == 2
+        assert "pass --local-dir DIR" in capsys.readouterr().err
+        assert main([*ctl, "--local-dir", str(root / "p1")]) == 0
+        job = json.loads(capsys.readouterr().out)
+        outs = [a[a.index("--output") + 1] for a in (p["argv"] for p in job["plan"])]
+        assert outs == [s3.url("teams", "a", "p1", "dedup"), str(root / "p1" / "tokenizer"),
+                        s3.url("teams", "a", "p1", "shards"), s3.url("teams", "a", "p1", "run"),
+                        str(root / "p1" / "hf")]
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
