@@ -38,7 +38,7 @@ import json
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -110,12 +110,10 @@ def _base(path: Path | str) -> str:
 
 def input_fingerprint(f: "InputFile") -> list[Any]:
     """What identifies an input split's content for reusing finished work: its path, id
-    prefix, size and modification (mtime; for an object its ETag) and the split."""
+    prefix, size and modification (mtime; for an object its ETag, from the listing that
+    found it) and the split."""
     if _url(f.path):
-        from fsspec.core import url_to_fs
-        fs, root = url_to_fs(f.path)
-        info = fs.info(root)
-        size, stamp = int(info["size"]), str(info.get("ETag") or info.get("LastModified"))
+        size, stamp = f.stamp or _stamp(f.path)
     else:
         st = f.path.stat()
         size, stamp = st.st_size, st.st_mtime_ns
@@ -124,12 +122,19 @@ def input_fingerprint(f: "InputFile") -> list[Any]:
             list(f.byte_range) if f.byte_range else None]
 
 
-def _size(path: Path | str) -> int:
-    if _url(path):
+def _stamp(url: str, info: dict[str, Any] | None = None) -> tuple[int, str]:
+    """An object's (size, ETag) from its listing entry ``info``, or one request."""
+    if info is None:
         from fsspec.core import url_to_fs
-        fs, root = url_to_fs(path)
-        return int(fs.size(root))
-    return path.stat().st_size
+        fs, root = url_to_fs(url)
+        info = fs.info(root)
+    return int(info["size"]), str(info.get("ETag") or info.get("LastModified"))
+
+
+def _size(f: "InputFile") -> int:
+    if _url(f.path):
+        return (f.stamp or _stamp(f.path))[0]
+    return f.path.stat().st_size
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,9 @@ class InputFile:
     row_groups: tuple[int, int] | None = None
     # Plain jsonl only: (start byte, end byte, number of the line at start) of this split.
     byte_range: tuple[int, int, int] | None = None
+    # An object: (size, ETag) as the listing that found it said (no request per object
+    # to plan splits or fingerprint the inputs; a corpus may be 10^4 objects).
+    stamp: tuple[int, str] | None = None
 
 
 def plan_splits(files: list[InputFile], max_bytes: int) -> list[InputFile]:
@@ -155,7 +163,7 @@ def split_jsonl(files: list[InputFile], max_bytes: int, chunk: int = 1 << 24) ->
     by counting newlines (a byte scan, no parsing); compressed files stay whole."""
     out: list[InputFile] = []
     for f in files:
-        size = _size(f.path)
+        size = _size(f)
         if (f.kind != "jsonl" or f.byte_range is not None or size <= max_bytes
                 or _base(f.path).lower().endswith((".gz", ".zst"))):
             out.append(f)
@@ -175,12 +183,12 @@ def split_jsonl(files: list[InputFile], max_bytes: int, chunk: int = 1 << 24) ->
                     cut = pos + nl + 1
                     cut_line = lines_seen + buf.count(b"\n", 0, nl + 1) + 1
                     if cut < size:
-                        out.append(InputFile(f.path, f.kind, f.name, byte_range=(start, cut, line)))
+                        out.append(replace(f, byte_range=(start, cut, line)))
                         start, line = cut, cut_line
                     target = cut + max_bytes
                 lines_seen += buf.count(b"\n")
                 pos += len(buf)
-        out.append(InputFile(f.path, f.kind, f.name, byte_range=(start, size, line)))
+        out.append(replace(f, byte_range=(start, size, line)))
     return out
 
 
@@ -191,7 +199,7 @@ def split_row_groups(files: list[InputFile], max_bytes: int) -> list[InputFile]:
     import pyarrow.parquet as pq
     out: list[InputFile] = []
     for f in files:
-        if f.kind != "parquet" or f.row_groups is not None or _size(f.path) <= max_bytes:
+        if f.kind != "parquet" or f.row_groups is not None or _size(f) <= max_bytes:
             out.append(f)
             continue
         try:
@@ -203,9 +211,9 @@ def split_row_groups(files: list[InputFile], max_bytes: int) -> list[InputFile]:
         for g in range(meta.num_row_groups):
             size += meta.row_group(g).total_byte_size
             if size >= max_bytes and g + 1 < meta.num_row_groups:
-                out.append(InputFile(f.path, f.kind, f.name, (start, g + 1)))
+                out.append(replace(f, row_groups=(start, g + 1)))
                 start, size = g + 1, 0
-        out.append(InputFile(f.path, f.kind, f.name, (start, meta.num_row_groups)))
+        out.append(replace(f, row_groups=(start, meta.num_row_groups)))
     return out
 
 
@@ -288,7 +296,8 @@ def _resolve_url(raw: str) -> list[InputFile]:
             if fmt is None:
                 raise UserError(f"input {raw!r} has an unsupported format; use one of "
                                 f"{SUPPORTED} or a prefix of them")
-            return [InputFile(unstrip(root), fmt[0], _base(root)[:-len(fmt[1])])]
+            return [InputFile(unstrip(root), fmt[0], _base(root)[:-len(fmt[1])],
+                              stamp=_stamp(raw, fs.info(root)))]
         found = {p: i for p, i in fs.find(root, detail=True).items()
                  if i.get("type") == "file" and p.rstrip("/") != root}
         if not found:
@@ -302,9 +311,14 @@ def _resolve_url(raw: str) -> list[InputFile]:
             raise UserError(f"input {raw} has an unreadable manifest.json ({e}); re-run the "
                             f"stage that wrote it") from e
         if manifest is not None and manifest.get("kind") == "dedup":
+            listed = [s["file"] for s in manifest.get("shards", [])]
+            missing = [fn for fn in listed if f"{root}/{fn}" not in found]
+            if missing:
+                raise UserError(f"input {raw}: {missing[0]} listed in its manifest.json is "
+                                f"missing; re-run the stage that wrote it")
             return [InputFile(unstrip(f"{root}/{fn}"), file_format(fn)[0],
-                              f"{prefix}/{fn[:-len(file_format(fn)[1])]}")
-                    for fn in (s["file"] for s in manifest.get("shards", []))]
+                              f"{prefix}/{fn[:-len(file_format(fn)[1])]}",
+                              stamp=_stamp(fn, found[f"{root}/{fn}"])) for fn in listed]
         artifact_dirs = {p.rpartition("/")[0] for p in found if p.endswith("/manifest.json")}
         out = []
         for p in sorted(found):
@@ -314,7 +328,8 @@ def _resolve_url(raw: str) -> list[InputFile]:
                 continue
             if p.rpartition("/")[0] in artifact_dirs and _base(p) in _ARTIFACT_SIDE_FILES:
                 continue
-            out.append(InputFile(unstrip(p), fmt[0], f"{prefix}/{rel[:-len(fmt[1])]}"))
+            out.append(InputFile(unstrip(p), fmt[0], f"{prefix}/{rel[:-len(fmt[1])]}",
+                                 stamp=_stamp(p, found[p])))
         if not out:
             raise UserError(f"input {raw!r} holds no supported files ({SUPPORTED})")
         return out
@@ -348,7 +363,7 @@ def _distinct_names(files: list[InputFile]) -> list[InputFile]:
                 names[i] = f"{prefix}/{files[i].name}".lstrip("/")
         if not grown:   # the same file given twice: its ids really do repeat
             break
-    return [f if n == f.name else InputFile(f.path, f.kind, n) for f, n in zip(files, names)]
+    return [f if n == f.name else replace(f, name=n) for f, n in zip(files, names)]
 
 
 def check_output_dir(output: str | os.PathLike, *, overwrite: bool = False) -> None:

@@ -880,6 +880,9 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
     assert [f.name for f in files] == [f.name for f in resolve_inputs([str(corpus)])]
     planned = plan_splits(files, kw["split_bytes"])
     assert any(f.byte_range for f in planned) and any(f.row_groups for f in planned)
+    # Each object's size and ETag come from the listing that found it (no request per
+    # object to plan and fingerprint), and are the object's.
+    assert all(f.stamp == (fs.info(f.path)["size"], fs.info(f.path)["ETag"]) for f in files)
 
     class Stop(Exception):
         pass
@@ -985,6 +988,16 @@ def test_dedup_from_the_bucket_into_the_bucket_on_ray_tasks(s3, tmp_path):
     assert {"phase": "sign", "reused": 3} in steps and {"phase": "fetch", "reused": 3} in steps
     m = json.loads(fs.cat_file(f"{again}/manifest.json"))
     assert {n: m["files"][n]["sha256"] for n in data} == {n: want["files"][n]["sha256"] for n in data}
+
+    # A dedup artifact read as input lists its shards: one that is missing is named.
+    from opt_ray.data.readers import resolve_inputs
+    from opt_ray.errors import UserError
+    torn = s3.url("dd", "torn")
+    parts = sorted(sh["file"] for sh in got["shards"])
+    fs.pipe_file(f"{torn}/manifest.json", fs.cat_file(f"{url}/manifest.json"))
+    fs.pipe_file(f"{torn}/{parts[0]}", fs.cat_file(f"{url}/{parts[0]}"))
+    with pytest.raises(UserError, match=f"{parts[1]} listed in its manifest.json is missing"):
+        resolve_inputs([torn])
 
     # The next stage reads the bucket artifact: tokenize from it into the bucket.
     from opt_ray.data.tokenizer import train_tokenizer
