@@ -327,9 +327,11 @@ class ControlService(pb_grpc.ControlServiceServicer):
             M_SUBMITTED.inc(tags={"kind": kind})
             return self._submit_stage(job, 0, "submit")
 
-    def _restart_training(self, job_id: str, action: str, edit, describe) -> pb.Job:
+    def _restart_training(self, job_id: str, action: str, edit, describe,
+                          before_stop=None) -> pb.Job:
         """Stop a training job and resubmit its training stage with ``edit`` applied to
-        its TrainSpec. Shared by scale and rollback."""
+        its TrainSpec. Shared by scale and rollback; ``before_stop(run_dir)`` runs once the
+        new spec is valid, before the job is stopped."""
         with self._exclusive(job_id):
             job = self._job(job_id)
             idx = job.stage_index
@@ -347,6 +349,8 @@ class ControlService(pb_grpc.ControlServiceServicer):
             name = "spec.train" if job.kind == "train" else f"spec.pipeline.stages[{idx}].train"
             produced = [Path(p.run_dir) for p in job.plan if p.run_dir]
             stage = self.validator.train(new, name, produced)
+            if before_stop is not None and job.plan[idx].run_dir:
+                before_stop(job.plan[idx].run_dir)
             self._stop_and_wait(job)
             before = describe(train)
             train.CopyFrom(new)
@@ -477,7 +481,19 @@ class ControlService(pb_grpc.ControlServiceServicer):
                 changed = ", ".join(f"{f.name} {v}" for f, v in t.optim.ListFields())
                 return f"step {t.resume_from or 'latest'}" + (f" ({changed})" if changed else "")
 
-            return self._restart_training(request.job_id, "rolled_back", edit, describe)
+            def pin_target(run_dir: str) -> None:
+                # The gang goes on saving until it stops, and --keep would prune the
+                # target under it: keep it for good (as the OPT team kept theirs).
+                from opt_ray.train.checkpoint import pin
+                try:
+                    pin(f"{run_dir.rstrip('/')}/checkpoints", request.checkpoint_step,
+                        f"rollback of job {request.job_id}")
+                except OSError as e:   # the rolled-back run still says what is missing
+                    print(f"control: could not pin step {request.checkpoint_step} of "
+                          f"{run_dir}: {e}", flush=True)
+
+            return self._restart_training(request.job_id, "rolled_back", edit, describe,
+                                          before_stop=pin_target)
 
     def WatchJob(self, request, context):
         with _status(context):

@@ -61,6 +61,8 @@ from opt_ray.artifacts import MANIFEST
 from opt_ray.storage import Loc, Ref, _loc  # noqa: F401 (importers use checkpoint.Loc)
 
 TRAIN_STATE = "train_state.json"
+#: A checkpoint holding this file is never pruned (``pin``).
+PIN = ".pinned"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -142,6 +144,19 @@ def resolve(path: str | os.PathLike) -> Ref:
             return ckpt
     raise CheckpointError(f"no valid checkpoint found at {p}; pass a run directory written by "
                           f"`opt-ray train` or one of its checkpoints/step_N directories")
+
+
+def pin(root: str | os.PathLike, step: int, reason: str) -> bool:
+    """Keep the committed checkpoint of ``step`` under ``root`` (a ``checkpoints``
+    directory or prefix) from ``--keep``'s pruning, for good: a rollback asked for by hand
+    pins its target before it stops the gang, which would otherwise go on saving and may
+    prune that very checkpoint before the rolled-back run starts. False if there is no
+    committed checkpoint of that step."""
+    loc = _loc(root).child(step_name(step))
+    if not loc.child(MANIFEST).exists():
+        return False
+    loc.child(PIN).write_text(json.dumps({"reason": reason, "time": time.time()}) + "\n")
+    return True
 
 
 def read_train_state(ckpt: str | os.PathLike) -> dict[str, Any]:
@@ -369,7 +384,8 @@ class Checkpointer:
         self.wait()
 
     def _retain(self) -> None:
-        """Keep the newest ``keep`` checkpoints plus milestones; delete the rest."""
+        """Keep the newest ``keep`` checkpoints plus milestones and pinned ones (``pin``);
+        delete the rest."""
         ckpts = committed(self.loc)
         newest = {s for s, _ in ckpts[-self.keep:]}
         for step, ref in ckpts:
@@ -380,7 +396,7 @@ class Checkpointer:
                 milestone = _manifest(loc).get("milestone", False)
             except (OSError, json.JSONDecodeError):
                 milestone = False
-            if not milestone:
+            if not milestone and not loc.child(PIN).exists():
                 loc.child(MANIFEST).rm()  # un-commit first: a half-deleted dir is not a checkpoint
                 loc.rm()
 

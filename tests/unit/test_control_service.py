@@ -204,10 +204,31 @@ def test_scale_stops_and_resubmits_the_run_with_the_new_range(env):
 
 
 def test_rollback_resubmits_with_resume_from(env):
+    from opt_ray.train.checkpoint import PIN, Checkpointer, committed
     job = _train_job(env)
-    env.backend.set(env.backend.last(), pb.RUNNING)
+    first = env.backend.last()
+    env.backend.set(first, pb.RUNNING)
+    ckpts = env.root / "run" / "checkpoints"
+    for step in (48, 50):
+        (ckpts / f"step_{step:08d}").mkdir(parents=True)
+        (ckpts / f"step_{step:08d}" / "manifest.json").write_text('{"milestone": false}')
+    pinned_before_stop = []
+    stop = env.backend.stop
+
+    def spy_stop(sid):   # the target is pinned before the running gang is stopped
+        pinned_before_stop.append((ckpts / "step_00000050" / PIN).is_file())
+        return stop(sid)
+
+    env.backend.stop = spy_stop
     out = env.client.rollback(job.job_id, 50)
     assert out.attempts[-1].entrypoint.endswith("--resume-from 50")
+    assert pinned_before_stop == [True] and env.backend.jobs[first]["state"] == pb.STOPPED
+    # The stopped gang's last saves cannot prune it (--keep 2): it stays for good.
+    for step in (52, 54, 56):
+        (ckpts / f"step_{step:08d}").mkdir()
+        (ckpts / f"step_{step:08d}" / "manifest.json").write_text('{"milestone": false}')
+        Checkpointer(ckpts, keep=2)._retain()
+    assert [s for s, _ in committed(ckpts)] == [50, 54, 56]
     with pytest.raises(grpc.RpcError) as ei:
         env.client.rollback(job.job_id, 500)  # beyond the run's steps
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
