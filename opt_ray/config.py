@@ -597,7 +597,9 @@ class TrainConfig:
         "and the logbook between checkpoints, so that the progress bar, `ctl watch` and "
         "`opt-ray logbook --follow URL` move on every node (0: at checkpoints only)",
         metavar="SECONDS"))
-    keep: int = field(default=2, metadata=_help("checkpoints kept (>= 2), plus milestones"))
+    keep: int = field(default=2, metadata=_help(
+        "checkpoints kept (>= 2), plus milestones and the targets of rollbacks by hand "
+        "(`opt-ray ctl rollback` pins them: step_N/.pinned)"))
     milestone_every: int | None = field(default=None, metadata=_help(
         "also keep every checkpoint whose step is a multiple of this"))
     deterministic: bool = field(default=False, metadata=_help(
