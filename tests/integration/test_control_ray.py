@@ -282,11 +282,15 @@ def test_scale_then_rollback_a_pruned_run(server, work):
     # room for the scale and the rollback to land before the run ends.
     shards = make_shards(work / "ckpt-shards", seq_len=256)
     run = work / "ckpt-run"
-    steps = 16
+    # 32 steps, so that the run cannot finish before the rollback lands; milestones every
+    # 4 steps, so that the target is still there when the request arrives (the newest
+    # checkpoint may be pruned by then; the rollback pins its target, which must exist).
+    steps = 32
     with server.client() as c:
         job = c.submit(pb.JobSpec(train=pb.TrainSpec(
             preset="tiny", data=str(shards), output=str(run), min_workers=1,
-            max_workers=1, steps=steps, checkpoint_every=2, batch_tokens=4096)))
+            max_workers=1, steps=steps, checkpoint_every=2, batch_tokens=4096,
+            milestone_every=4)))
         # Scale once --keep 2 has pruned the first checkpoints.
         _wait_for(lambda: committed_steps(run) and committed_steps(run)[0] >= 4, "pruned checkpoints", c,
                   job.job_id)
@@ -301,9 +305,11 @@ def test_scale_then_rollback_a_pruned_run(server, work):
         _wait_for(lambda: len(_resumes(run)) > resumes_before, "the scaled attempt's resume", c,
                   job.job_id)
         resumed_at = _resumes(run)[-1]
-        _wait_for(lambda: committed_steps(run)[-1] >= resumed_at + 2, "training after the scale", c,
-                  job.job_id)
-        target = committed_steps(run)[-1]
+        def milestones_after() -> list[int]:
+            return [s for s in committed_steps(run) if s % 4 == 0 and s >= resumed_at + 2]
+
+        _wait_for(milestones_after, "training after the scale", c, job.job_id)
+        target = milestones_after()[0]
         # As the OPT team intervened by hand: back, with a lower peak LR and a tighter clip.
         rolled = c.rollback(job.job_id, target, peak_lr=1e-5, grad_clip=0.3)
         assert f"--resume-from {target}" in rolled.attempts[-1].entrypoint
