@@ -127,6 +127,13 @@ def check_artifact_url(url: str, work: str, *, overwrite: bool = False) -> None:
 
 # ---------------------------------------------------------------- a stage's work dir
 
+def bucket_work_url(url: str, stage: str) -> str:
+    """The work prefix of a stage's bucket ``--output``: beside it, as a local output's
+    work dir is (``s3://b/shards``, "tokenize" -> ``s3://b/.shards.tokenize-work``)."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.{stage}-work"
+
+
 def prepare_work(work: Loc, fingerprint: dict[str, Any], output: Loc | None = None, *,
                  overwrite: bool = False) -> bool:
     """Reuse the work dir (or bucket work prefix) ``work`` when its ``plan.json`` is

@@ -838,9 +838,9 @@ def work_dir(output: str | os.PathLike) -> Path:
 
 
 def work_url(url: str) -> str:
-    """A bucket output's work prefix: beside it, as a directory's work dir is."""
-    parent, _, name = url.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.dedup-work"
+    """The work prefix of ``opt-ray dedup --output URL``."""
+    from opt_ray.data.artifact_io import bucket_work_url
+    return bucket_work_url(url, "dedup")
 
 
 def _fingerprint(files: list[InputFile], cfg: DedupConfig, text_field: str,

@@ -340,10 +340,9 @@ def read_shards_tokenizer(path: str | os.PathLike) -> bytes | None:
 
 
 def tokenize_work_url(url: str) -> str:
-    """The work prefix of ``opt-ray tokenize --output URL``: beside it, as a local output's
-    work dir is (``s3://b/shards`` -> ``s3://b/.shards.tokenize-work``)."""
-    parent, _, name = url.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.tokenize-work"
+    """The work prefix of ``opt-ray tokenize --output URL``."""
+    from opt_ray.data.artifact_io import bucket_work_url
+    return bucket_work_url(url, "tokenize")
 
 
 def check_shards_url(url: str, *, overwrite: bool = False) -> None:
