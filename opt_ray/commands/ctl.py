@@ -126,7 +126,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--workers", type=_workers, required=True, help="N or MIN:MAX")
     k = cmds.add_parser("rollback", help="restart a training job from a checkpoint step")
     k.add_argument("job")
-    k.add_argument("--checkpoint", type=int, required=True, help="checkpoint step")
+    k.add_argument("--checkpoint", type=int, required=True,
+                   help="checkpoint step; it must be committed (`ctl logbook JOB` lists them), "
+                        "and is then kept for good (never pruned by --keep)")
     # As the OPT team intervened by hand after a divergence (OPT_FACTS.md, the logbook).
     k.add_argument("--lr", type=float, metavar="LR",
                    help="the peak LR from this checkpoint on; the divergence guard's LR factor "

@@ -483,14 +483,22 @@ class ControlService(pb_grpc.ControlServiceServicer):
 
             def pin_target(run_dir: str) -> None:
                 # The gang goes on saving until it stops, and --keep would prune the
-                # target under it: keep it for good (as the OPT team kept theirs).
-                from opt_ray.train.checkpoint import pin
+                # target under it: keep it for good (as the OPT team kept theirs). A
+                # target that is not there is refused here, with the running job left
+                # running, rather than found missing when the rolled-back run starts.
+                from opt_ray.train.checkpoint import committed, pin
+                root = f"{run_dir.rstrip('/')}/checkpoints"
+                step = request.checkpoint_step
                 try:
-                    pin(f"{run_dir.rstrip('/')}/checkpoints", request.checkpoint_step,
-                        f"rollback of job {request.job_id}")
-                except OSError as e:   # the rolled-back run still says what is missing
-                    print(f"control: could not pin step {request.checkpoint_step} of "
-                          f"{run_dir}: {e}", flush=True)
+                    if pin(root, step, f"rollback of job {request.job_id}"):
+                        return
+                    steps = [s for s, _ in committed(root)]
+                except OSError as e:
+                    raise Precondition(f"cannot reach the checkpoints of job {request.job_id} "
+                                       f"({root}: {e}); the job was left running, retry") from e
+                raise Precondition(f"job {request.job_id} has no committed checkpoint of step "
+                                   f"{step} in {root} (committed: {steps or 'none'}); the job "
+                                   f"was left running; pick one of those steps")
 
             return self._restart_training(request.job_id, "rolled_back", edit, describe,
                                           before_stop=pin_target)

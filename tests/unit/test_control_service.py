@@ -203,15 +203,33 @@ def test_scale_stops_and_resubmits_the_run_with_the_new_range(env):
     assert events, "the scale is recorded in the job's logbook"
 
 
+def _commit(env, *steps):
+    """Committed checkpoints (a manifest each) of the run ``_train_job`` submitted."""
+    ckpts = env.root / "run" / "checkpoints"
+    for step in steps:
+        (ckpts / f"step_{step:08d}").mkdir(parents=True)
+        (ckpts / f"step_{step:08d}" / "manifest.json").write_text('{"milestone": false}')
+    return ckpts
+
+
 def test_rollback_resubmits_with_resume_from(env):
     from opt_ray.train.checkpoint import PIN, Checkpointer, committed
     job = _train_job(env)
     first = env.backend.last()
     env.backend.set(first, pb.RUNNING)
-    ckpts = env.root / "run" / "checkpoints"
-    for step in (48, 50):
-        (ckpts / f"step_{step:08d}").mkdir(parents=True)
-        (ckpts / f"step_{step:08d}" / "manifest.json").write_text('{"milestone": false}')
+    with pytest.raises(grpc.RpcError) as ei:   # no checkpoint saved yet
+        env.client.rollback(job.job_id, 50)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "(committed: none)" in ei.value.details()
+    ckpts = _commit(env, 48, 50)
+    # A step with no committed checkpoint (pruned, or never saved) is refused before the
+    # running gang is stopped, naming the steps there are.
+    with pytest.raises(grpc.RpcError) as ei:
+        env.client.rollback(job.job_id, 49)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no committed checkpoint of step 49" in ei.value.details()
+    assert "(committed: [48, 50])" in ei.value.details()
+    assert env.backend.jobs[first]["state"] == pb.RUNNING and len(env.backend.jobs) == 1
     pinned_before_stop = []
     stop = env.backend.stop
 
@@ -225,8 +243,7 @@ def test_rollback_resubmits_with_resume_from(env):
     assert pinned_before_stop == [True] and env.backend.jobs[first]["state"] == pb.STOPPED
     # The stopped gang's last saves cannot prune it (--keep 2): it stays for good.
     for step in (52, 54, 56):
-        (ckpts / f"step_{step:08d}").mkdir()
-        (ckpts / f"step_{step:08d}" / "manifest.json").write_text('{"milestone": false}')
+        _commit(env, step)
         Checkpointer(ckpts, keep=2)._retain()
     assert [s for s, _ in committed(ckpts)] == [50, 54, 56]
     with pytest.raises(grpc.RpcError) as ei:
@@ -243,6 +260,7 @@ def test_rollback_by_hand_lowers_the_lr_and_the_clip(env, monkeypatch, capsys):
     from opt_ray.cli import build_parser
     from opt_ray.commands.train import config_from_args
     job = _train_job(env)
+    _commit(env, 30, 40, 50)
     env.backend.set(env.backend.last(), pb.RUNNING)
     with pytest.raises(grpc.RpcError) as ei:
         env.client.rollback(job.job_id, 50, grad_clip=-1.0)
