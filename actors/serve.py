@@ -35,7 +35,8 @@ from ray.serve.handle import DeploymentHandle
 from opt_ray import metrics
 from opt_ray.serve import api
 from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, QueueFullError,
-                                  RequestError, engine_from_checkpoint, resolve_checkpoint)
+                                  RequestError, checkpoint_name, engine_from_checkpoint,
+                                  resolve_checkpoint)
 from opt_ray.serve.frontend import Frontend, FrontendConfig, as_api_error
 from opt_ray.serve.grpc_service import start_grpc_server
 from opt_ray.serve.http import build_http_app
@@ -223,7 +224,7 @@ def build_app(checkpoint: str | Path, *, model_name: str | None = None,
         opts["num_replicas"] = replicas
     engine = GenerationEngine.options(**opts).bind(str(path), cfg)
     grpc_address = f"{host}:{grpc_port}" if grpc_port else None
-    return OpenAIIngress.bind(engine, str(path), model_name or path.name, cfg, grpc_address,
+    return OpenAIIngress.bind(engine, str(path), model_name or checkpoint_name(path), cfg, grpc_address,
                               dataclasses.asdict(frontend_config or FrontendConfig()))
 
 

@@ -52,6 +52,9 @@ from opt_ray.errors import UserError
 from opt_ray.logbook import LOGBOOK, METRICS
 
 STAGING_ENV = "OPT_RAY_STAGING_DIR"
+#: Where a node keeps what it fetched from a bucket to read as files (a served export, a
+#: tokenizer): ``artifact_io.fetch_prefix``.
+FETCH_ENV = "OPT_RAY_FETCH_DIR"
 MARK = ".mirror.json"
 #: Files of a run directory that live in the bucket, besides the checkpoints. The other
 #: entries of a staging directory (pids, chaos state, Ray Train's, attempt counters) are
@@ -77,6 +80,10 @@ def is_url(path: str | os.PathLike | None) -> bool:
 
 def staging_root() -> Path:
     return Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "opt-ray" / "runs")
+
+
+def fetch_root() -> Path:
+    return Path(os.environ.get(FETCH_ENV) or Path.home() / ".cache" / "opt-ray" / "fetched")
 
 
 def local_run_dir(output: str | os.PathLike) -> Path:

@@ -16,7 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="RUN_DIR|CKPT",
                    help="run directory or checkpoint directory (local, or an s3://... URL with "
                         "the standard AWS environment variables)")
-    p.add_argument("--output", required=True, help="HF checkpoint directory to write")
+    p.add_argument("--output", required=True,
+                   help="HF checkpoint to write: a directory, or a bucket prefix (s3://bucket/"
+                        "exports/NAME; written on this node, then uploaded with a manifest "
+                        "last) that `opt-ray serve --checkpoint` and `eval` read from any node")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype to write (default fp32, the master weights)")
     p.add_argument("--tokenizer", default=None,
@@ -32,12 +35,26 @@ def run(args: argparse.Namespace) -> int:
     from opt_ray.model.hf import to_hf
     from opt_ray.train.checkpoint import load_model, read_train_state, resolve
 
+    from opt_ray.run_dir import is_url
+
+    to_bucket = is_url(args.output)
+    if to_bucket:   # before the weights are read: the bucket takes writes, the prefix is new
+        from opt_ray.data.readers import check_output_dir
+        check_output_dir(args.output, overwrite=args.overwrite)
     ckpt = resolve(args.checkpoint)
     tok = _find_tokenizer(args.tokenizer, ckpt)  # before writing: a bad --tokenizer loses nothing
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = load_model(ckpt, dtype=dtype)
-    out = to_hf(model, args.output, overwrite=args.overwrite)
     step = read_train_state(ckpt)["step"]
+    if to_bucket:
+        out = _to_bucket(model, tok, args.output, source={"checkpoint": str(ckpt), "step": step},
+                         overwrite=args.overwrite)
+        print(f"exported {ckpt} (step {step}){' with its tokenizer' if tok else ''} to {out}")
+        if tok is None:
+            print("no tokenizer was found for this run: pass --tokenizer so that `opt-ray "
+                  "serve` can load the export", file=sys.stderr)
+        return 0
+    out = to_hf(model, args.output, overwrite=args.overwrite)
     if tok is not None:
         # The weights are already committed atomically; the tokenizer goes in through a
         # temporary name so a reader never sees half a file.
@@ -50,6 +67,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_bucket(model, tok, url: str, *, source: dict, overwrite: bool) -> str:
+    """The HF checkpoint written in this node's staging directory as an artifact of kind
+    ``hf`` (a manifest with every file's sha256), then uploaded, manifest last: a reader
+    (``artifact_io.fetch_prefix``) never takes a partial upload for the export."""
+    import tempfile
+
+    from opt_ray.artifacts import ArtifactWriter
+    from opt_ray.data.artifact_io import publish_dir
+    from opt_ray.data.tokenizer import save_tokenizer_files
+    from opt_ray.model.hf import to_hf
+    from opt_ray.run_dir import staging_root
+
+    staging_root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging_root(), prefix=".export-") as d:
+        with ArtifactWriter(Path(d) / "hf", kind="hf") as w:
+            to_hf(model, w.path, overwrite=True)
+            if tok is not None:
+                save_tokenizer_files(tok, w.path)
+            w.manifest["source"] = source
+        publish_dir(w.out, url, kind="hf", overwrite=overwrite, progress=sys.stderr.isatty())
+    return url.rstrip("/")
+
+
 def _find_tokenizer(explicit: str | None, ckpt):
     from opt_ray.data.tokenizer import load_tokenizer
 
@@ -60,11 +100,5 @@ def _find_tokenizer(explicit: str | None, ckpt):
     run_tok = Loc(ckpt).parent().parent().child("tokenizer.json")  # RUN_DIR/checkpoints/step_N
     if not run_tok.isfile():
         return None
-    if run_tok.local:
-        return load_tokenizer(run_tok.path)
-    # Object storage (`--output s3://bucket/run`): the tokenizer is mirrored beside the
-    # checkpoints; the loader reads files, so through a temporary one.
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "tokenizer.json").write_bytes(run_tok.read_bytes())
-        return load_tokenizer(Path(d) / "tokenizer.json")
+    # A bucket run (`--output s3://bucket/run`) mirrors it beside the checkpoints.
+    return load_tokenizer(run_tok.ref())

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "is generated.")
     p.add_argument("--checkpoint", required=True,
                    help="HF-format checkpoint dir (config.json + weights + tokenizer), or a "
-                        "training run dir holding an export")
+                        "training run dir holding an export; or a bucket prefix (s3://..., "
+                        "fetched to this machine once)")
     p.add_argument("prompt", help="the prompt text")
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

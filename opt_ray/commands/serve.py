@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "until Ctrl-C, then shuts the app down. With --no-ray, the same "
                                    "API from one engine in this process.")
     p.add_argument("--checkpoint", required=True,
-                   help="HF-format checkpoint dir, or a training run dir holding an export")
+                   help="HF-format checkpoint dir, or a training run dir holding an export; "
+                        "or a bucket prefix (s3://...: each replica fetches it to its node once)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: dir name)")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
     p.add_argument("--max-replicas", type=int, default=None,

@@ -12,6 +12,10 @@ import argparse
 from opt_ray.errors import UserError
 
 
+OUTPUT_HELP = ("tokenizer artifact to write: a directory, or a bucket prefix (s3://bucket/tok; "
+               "the standard AWS environment variables), uploaded with its manifest last")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="load (GPT-2 vocab/merges or tokenizer.json) or train a byte-level BPE tokenizer",
                        description="Load a GPT-2/OPT tokenizer (vocab.json + merges.txt or "
@@ -22,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     load = actions.add_parser("load", help="import an existing tokenizer",
                               description="Import vocab.json + merges.txt or tokenizer.json (a file "
                                           "or a directory holding them) as a tokenizer artifact.")
-    load.add_argument("path", metavar="PATH", help="tokenizer.json, vocab.json, or a directory with either")
-    load.add_argument("--output", required=True, help="tokenizer artifact directory to write")
+    load.add_argument("path", metavar="PATH", help="tokenizer.json, vocab.json, or a directory with "
+                                                   "either; local or a bucket URL (s3://...)")
+    load.add_argument("--output", required=True, help=OUTPUT_HELP)
     load.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     train = actions.add_parser("train", help="train a byte-level BPE on a corpus",
@@ -33,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="jsonl[.gz|.zst], parquet, txt files or directories (a dedup output too)")
     train.add_argument("--vocab-size", type=int, required=True,
                        help="vocabulary size including the 4 special tokens (OPT: 50265)")
-    train.add_argument("--output", required=True, help="tokenizer artifact directory to write")
+    train.add_argument("--output", required=True, help=OUTPUT_HELP)
     train.add_argument("--min-frequency", type=int, default=2,
                        help="minimum pair count for a merge (default: 2)")
     train.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
@@ -51,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.output, overwrite=args.overwrite)   # before any work
     if args.action == "load":
         tok = load_tokenizer(args.path)
-        source = {"from": "load", "path": str(Path(args.path).absolute())}
+        from opt_ray.run_dir import is_url
+        source = {"from": "load",
+                  "path": args.path if is_url(args.path) else str(Path(args.path).absolute())}
     elif args.action == "train":
         from opt_ray.data.readers import InputErrors, iter_records
         from opt_ray.data.shards import source_info

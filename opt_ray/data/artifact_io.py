@@ -95,11 +95,131 @@ def upload_artifact(local: str | os.PathLike, url: str, *, kind: str, progress: 
             bar.close()
 
 
-def check_artifact_url(url: str, work: str, *, overwrite: bool = False) -> None:
+def publish_dir(local: str | os.PathLike, url: str, *, kind: str, overwrite: bool = False,
+                progress: bool = False) -> None:
+    """A finished artifact written on this node (a tokenizer, an HF export) into the bucket
+    prefix ``url``, manifest last (``upload_artifact``). A prefix that holds an artifact
+    or other objects is refused (UserError) unless ``overwrite``, which removes its
+    manifest first (no reader takes it from then on), then the rest."""
+    from opt_ray.artifacts import MANIFEST
+    from opt_ray.run_dir import store_errors
+
+    out = Loc(url)
+    with store_errors(f"--output {url}", "a listing", "the bucket exists"):
+        if overwrite:
+            if out.child(MANIFEST).exists():
+                out.child(MANIFEST).rm()
+            out.rm()
+    check_artifact_url(url, overwrite=overwrite)
+    upload_artifact(local, url, kind=kind, progress=progress)
+
+
+def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
+                 progress: bool = False) -> Path:
+    """A local copy of the objects under the bucket prefix ``url`` (those of ``names``
+    only, when given), for code that reads files (the tokenizer, the served weights).
+
+    Kept in this node's fetch directory (``run_dir.fetch_root``) under a name made of the
+    URL and every fetched object's size and ETag: another call on the node (a second
+    replica, a restart) reuses it without a download, and objects replaced in the bucket
+    (a new export to the same URL) are fetched anew. The copy is made in a temporary
+    directory and renamed into place, so a process that dies mid-download leaves nothing
+    that is taken for a copy. A prefix with a manifest (what ``upload_artifact`` writes)
+    must hold every file it lists with the listed size and ETag: an upload that has not
+    finished is refused, naming the file. ``what`` names the input in errors."""
+    import hashlib
+    import shutil
+    import uuid
+
+    from fsspec.core import url_to_fs
+
+    from opt_ray.artifacts import MANIFEST, ArtifactError
+    from opt_ray.errors import UserError
+    from opt_ray.run_dir import fetch_root, store_errors
+
+    url = url.rstrip("/")
+    with store_errors(f"{what} {url}", "a read", "the bucket exists"):
+        fs, root = url_to_fs(url)
+        root = root.rstrip("/")
+        fs.invalidate_cache()
+        listing = {p[len(root) + 1:]: i for p, i in fs.find(root, detail=True).items()
+                   if p.startswith(root + "/")}
+        # Hidden names are the stages' own (work prefixes, probes), never the artifact's.
+        listing = {n: i for n, i in listing.items()
+                   if not any(seg.startswith(".") for seg in n.split("/"))}
+        manifest = None
+        if MANIFEST in listing:
+            manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+            if not isinstance(manifest.get("files"), dict):
+                manifest = None      # not an artifact's (a run directory's own manifest)
+    if not listing:
+        raise UserError(f"{what} {url}: no objects under this prefix; check the URL (it "
+                        f"names a prefix, e.g. s3://bucket/exports/opt-125m)")
+    want = sorted(listing) if names is None else sorted(n for n in names if n in listing)
+    if manifest is not None and names is None:   # the artifact's files, not strays
+        want = [n for n in want if n in manifest["files"] or n == MANIFEST]
+    if not want:
+        raise UserError(f"{what} {url}: none of {', '.join(names or [])} is there; check the "
+                        f"URL")
+    if manifest is not None:
+        # The whole artifact is checked, whatever part is fetched: its listing has it all.
+        files = manifest["files"]
+        missing = [n for n in files if n not in listing]
+        if missing:
+            raise ArtifactError(f"{what} {url}: {missing[0]} is listed in its {MANIFEST} but "
+                                f"missing ({len(missing)} file(s)); upload the artifact again")
+        for name, info in files.items():
+            got = listing[name]
+            if int(got.get("size", -1)) != int(info["bytes"]) or (
+                    info.get("etag") and got.get("ETag") and info["etag"] != got["ETag"]):
+                raise ArtifactError(f"{what} {url}: {name} is not the file its {MANIFEST} lists "
+                                    f"(an upload under way or a replaced file); upload the "
+                                    f"artifact again")
+    version = hashlib.sha256(json.dumps(
+        [url, [(n, int(listing[n].get("size", 0)), listing[n].get("ETag", "")) for n in want]]
+    ).encode()).hexdigest()[:16]
+    name = url.rsplit("/", 1)[-1][:40] or "fetched"
+    dest = fetch_root() / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}" / version
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
+    bar = None
+    try:
+        for n in want:
+            (tmp / n).parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=sum(int(listing[n].get("size", 0)) for n in want), unit="B",
+                       unit_scale=True, desc=f"fetch {name}", mininterval=1.0)
+        with store_errors(f"{what} {url}", "a download", "the bucket exists"):
+            # Large files first: the transfers run concurrently, so the longest start first.
+            order = sorted(want, key=lambda n: -int(listing[n].get("size", 0)))
+            fs.get([f"{root}/{n}" for n in order], [str(tmp / n) for n in order])
+        for n in want:
+            size = (tmp / n).stat().st_size
+            if size != int(listing[n].get("size", size)):
+                raise ArtifactError(f"{what} {url}: {n} arrived with {size} of "
+                                    f"{listing[n]['size']} bytes; run the command again")
+            if bar is not None:
+                bar.update(size)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():    # not another process's finished copy: a real error
+                raise
+    finally:
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def check_artifact_url(url: str, work: str | None = None, *, overwrite: bool = False) -> None:
     """A stage's ``--output URL``, before any work: the bucket takes writes, and, unless
     ``overwrite``, the prefix holds no artifact and nothing else than an interrupted run
-    of the stage left (its work prefix ``work`` has a plan): a run would replace what is
-    there. Raises ``UserError`` naming the URL and the fix."""
+    of the stage left (its work prefix ``work``, if it has one, has a plan): a run would
+    replace what is there. Raises ``UserError`` naming the URL and the fix."""
     from fsspec.core import url_to_fs
 
     from opt_ray.artifacts import MANIFEST
@@ -114,7 +234,7 @@ def check_artifact_url(url: str, work: str, *, overwrite: bool = False) -> None:
         other = not there and not overwrite and any(
             p.rstrip("/") != root and "/.write-test-" not in p
             for p in (fs.find(root) if fs.exists(root) else []))
-        ours = other and fs.exists(f"{url_to_fs(work)[1].rstrip('/')}/plan.json")
+        ours = other and work is not None and fs.exists(f"{url_to_fs(work)[1].rstrip('/')}/plan.json")
         probe_write(fs, root)
     if there and not overwrite:
         raise UserError(f"--output {url} already holds an artifact ({MANIFEST}); choose another "

@@ -369,7 +369,14 @@ def _distinct_names(files: list[InputFile]) -> list[InputFile]:
 def check_output_dir(output: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Refuse an ``--output`` that cannot be written, before any work starts: one that
     exists (without ``overwrite``), is a file, or whose nearest existing parent is not a
-    writable directory. Raises ``UserError`` naming the path and the fix."""
+    writable directory. A bucket prefix (for a stage that writes its artifact on this
+    node and uploads it) must take writes and hold nothing yet (``check_artifact_url``).
+    Raises ``UserError`` naming the path and the fix."""
+    from opt_ray.run_dir import is_url
+    if is_url(output):
+        from opt_ray.data.artifact_io import check_artifact_url
+        check_artifact_url(str(output).rstrip("/"), overwrite=overwrite)
+        return
     out = Path(output).absolute()
     if out.exists():
         if not out.is_dir():

@@ -86,8 +86,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     Accepts a ``tokenizer.json`` file, a ``vocab.json`` file (``merges.txt`` beside it), or
     a directory holding either (an ``opt-ray tokenizer`` output, an HF OPT checkpoint);
-    ``tokenizer.json`` wins when both are present. Raises ``UserError`` naming the path.
+    ``tokenizer.json`` wins when both are present; any of these may be in a bucket
+    (``s3://bucket/tokenizer``: the files are fetched to this node once, then loaded).
+    Raises ``UserError`` naming the path.
     """
+    from opt_ray.run_dir import is_url
+    if is_url(path):
+        return _load_url(str(path))
     p = Path(path)
     if not p.exists():
         raise UserError(f"tokenizer {p} does not exist; pass a tokenizer directory (from "
@@ -114,6 +119,29 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"cannot load tokenizer {p}: {e}; expected a tokenizers "
                         f"tokenizer.json") from e
     return _register_specials(tok)
+
+
+#: The files a tokenizer is loaded from, in a directory or a bucket prefix.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+
+
+def _load_url(url: str) -> Tokenizer:
+    """``load_tokenizer`` of a bucket object (tokenizer.json, vocab.json with merges.txt
+    beside it) or prefix holding them: fetched with ``artifact_io.fetch_prefix``, which
+    checks them against the prefix's manifest when there is one."""
+    from opt_ray.artifacts import MANIFEST
+    from opt_ray.data.artifact_io import fetch_prefix
+    from opt_ray.run_dir import store_errors
+    from opt_ray.storage import Loc
+
+    loc = Loc(url.rstrip("/"))
+    with store_errors(f"tokenizer {url}", "a read", "the bucket exists"):
+        is_file = loc.isfile()
+    if is_file:
+        names = [loc.name] + (["merges.txt"] if loc.name == "vocab.json" else [])
+        return load_tokenizer(fetch_prefix(str(loc.parent()), "tokenizer", names=names) / loc.name)
+    local = fetch_prefix(str(loc), "tokenizer", names=[*TOKENIZER_FILES, MANIFEST])
+    return load_tokenizer(local)
 
 
 def _looks_like_vocab(p: Path) -> bool:
@@ -209,10 +237,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, *, source: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False) -> Path | str:
     """Write ``tokenizer.json`` (plus GPT-2 style ``vocab.json`` / ``merges.txt`` for HF
-    interchange) and a manifest of kind ``tokenizer`` atomically; returns the directory."""
+    interchange) and a manifest of kind ``tokenizer`` atomically; returns the directory.
+    ``out_dir`` may be a bucket prefix (``s3://bucket/tokenizer``): written on this node,
+    then uploaded with the manifest last (``artifact_io.publish_dir``); returns the URL."""
     from opt_ray.artifacts import ArtifactWriter
+    from opt_ray.run_dir import is_url
+    if is_url(out_dir):
+        import tempfile
+
+        from opt_ray.data.artifact_io import publish_dir
+        from opt_ray.run_dir import staging_root
+        staging_root().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging_root(), prefix=".tokenizer-") as d:
+            local = save_tokenizer(tok, Path(d) / "tokenizer", source=source)
+            publish_dir(local, str(out_dir), kind="tokenizer", overwrite=overwrite)
+        return str(out_dir).rstrip("/")
 
     with ArtifactWriter(out_dir, kind="tokenizer", overwrite=overwrite) as w:
         save_tokenizer_files(tok, w.path)

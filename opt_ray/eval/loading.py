@@ -9,9 +9,12 @@ Three layouts are accepted, as ``opt-ray export`` / ``opt-ray train`` write them
 - one checkpoint of a run, ``RUN_DIR/checkpoints/step_N``.
 
 A training run in object storage (``opt-ray train --output s3://bucket/run``) is given
-by its URL, or a checkpoint's (``s3://bucket/run/checkpoints/step_N``): the weights are
-read from the bucket, the tokenizer and the logbook from this node's staging copy of the
-run directory (``run_dir.RunMirror``), pulled first.
+by its URL, or a checkpoint's (``s3://bucket/run/checkpoints/step_N``): the weights and
+the tokenizer are read from the bucket (by each worker, on whichever node it runs), the
+logbook from this node's staging copy of the run directory (``run_dir.RunMirror``),
+pulled first. An HF export in a bucket (``opt-ray export --output s3://...``) is fetched
+to each worker's node (``artifact_io.fetch_prefix``: once per node, checked against its
+manifest).
 
 Log-likelihoods are only meaningful with the tokenizer the model was trained with, so a
 checkpoint without one is refused before the weights are read.
@@ -33,7 +36,7 @@ class EvalCheckpoint:
     path: Path | str           # as given (a URL stays a str)
     kind: str                  # "hf" or "run"
     weights: Path | str        # the HF dir, or the resolved checkpoints/step_N (or its URL)
-    tokenizer: Path            # file or directory for ``load_tokenizer``
+    tokenizer: Path | str      # file or directory (or its URL) for ``load_tokenizer``
     run_dir: Path | None       # the training run the checkpoint belongs to, if any (for a
                                # bucket run: this node's staging copy of it)
     step: int | None           # its training step, if known
@@ -78,9 +81,22 @@ def locate(path: str | os.PathLike) -> EvalCheckpoint:
 
 
 def _locate_url(url: str) -> EvalCheckpoint:
-    """A bucket run (its newest valid checkpoint) or one of its checkpoints."""
+    """A bucket run (its newest valid checkpoint) or one of its checkpoints, or an HF
+    export in a bucket."""
     from opt_ray.run_dir import RunMirror, store_errors
     from opt_ray.train.checkpoint import Loc, read_train_state, resolve
+
+    with store_errors(f"checkpoint {url}", "a read"):
+        hf = Loc(url).child("config.json").isfile()
+        tok_url = next((Loc(url).child(n).ref() for n in ("tokenizer.json", "vocab.json")
+                        if Loc(url).child(n).isfile()), None) if hf else None
+    if hf:
+        if tok_url is None:
+            raise UserError(f"checkpoint {url} has no tokenizer (expected tokenizer.json, or "
+                            f"vocab.json + merges.txt, beside its config.json); export it again "
+                            f"with --tokenizer TOK")
+        return EvalCheckpoint(path=url, kind="hf", weights=url, tokenizer=tok_url, run_dir=None,
+                              step=None)
 
     with store_errors(f"checkpoint {url}", "a read"):
         weights = str(resolve(url))
@@ -92,7 +108,9 @@ def _locate_url(url: str) -> EvalCheckpoint:
             mirror = RunMirror(run_url)
             mirror.pull()
             run_dir = mirror.local
-    tok = run_dir / "tokenizer.json" if run_dir and (run_dir / "tokenizer.json").is_file() else None
+    # The bucket's copy: eval workers on other nodes read it from there, not this node's.
+    tok = (f"{run_url}/tokenizer.json"
+           if run_dir and (run_dir / "tokenizer.json").is_file() else None)
     if tok is None:
         raise UserError(f"checkpoint {url} has no tokenizer (expected {run_url or url}/tokenizer.json, "
                         f"which `opt-ray train --output URL` keeps); scores need the tokenizer the "
@@ -114,7 +132,12 @@ def load_model(ckpt: EvalCheckpoint, *, dtype: Any = None):
     """The project's ``OPT`` (eval mode) with the checkpoint's weights."""
     if ckpt.kind == "hf":
         from opt_ray.model.hf import from_hf
-        return from_hf(ckpt.weights, dtype=dtype)
+        from opt_ray.run_dir import is_url
+        weights = ckpt.weights
+        if is_url(weights):     # an export in a bucket: fetched to this node once
+            from opt_ray.data.artifact_io import fetch_prefix
+            weights = fetch_prefix(str(weights), "checkpoint")
+        return from_hf(weights, dtype=dtype)
     from opt_ray.train.checkpoint import load_model as load_run_model
     return load_run_model(ckpt.weights, dtype=dtype)
 

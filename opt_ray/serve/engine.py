@@ -806,16 +806,27 @@ class EngineLoop:
 # Loading
 # --------------------------------------------------------------------------------------
 
-def resolve_checkpoint(path: str | Path) -> Path:
+#: The files of an HF checkpoint that are not weights: what a front end needs of it.
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "vocab.json",
+               "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "manifest.json")
+_EXPORT_SUBDIRS = ("hf", "export", "export/hf")
+
+
+def resolve_checkpoint(path: str | Path) -> Path | str:
     """The HF-format directory to serve, from what the user passed: an HF dir (has
     config.json), or a training run / checkpoint dir that holds an export (``hf/`` or
-    ``export/``), as written by ``opt-ray export``."""
+    ``export/``), as written by ``opt-ray export``. Either may be a bucket prefix
+    (``s3://bucket/exports/opt-125m``): its URL is returned, and each process that loads
+    it fetches it to its own node (``local_checkpoint``)."""
+    from opt_ray.run_dir import is_url
+    if is_url(path):
+        return _resolve_url(str(path).rstrip("/"))
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"--checkpoint {p}: no such directory")
     if (p / "config.json").is_file():
         return p
-    for sub in ("hf", "export", "export/hf"):
+    for sub in _EXPORT_SUBDIRS:
         if (p / sub / "config.json").is_file():
             return p / sub
     raise UserError(f"--checkpoint {p}: not an HF-format checkpoint (no config.json) and no "
@@ -823,10 +834,41 @@ def resolve_checkpoint(path: str | Path) -> Path:
                     f"opt-ray export {p} --output {p / 'hf'}")
 
 
+def _resolve_url(url: str) -> str:
+    from opt_ray.run_dir import store_errors
+    from opt_ray.storage import Loc
+    with store_errors(f"--checkpoint {url}", "a read", "the bucket exists"):
+        for sub in ("", *_EXPORT_SUBDIRS):
+            where = f"{url}/{sub}" if sub else url
+            if Loc(where).child("config.json").isfile():
+                return where
+    raise UserError(f"--checkpoint {url}: no HF-format checkpoint there (no config.json, nor in "
+                    f"hf/ or export/); export one: opt-ray export RUN --output {url}")
+
+
+def checkpoint_name(ref: str | Path) -> str:
+    """The default model id of a resolved checkpoint: its directory's (or prefix's) name."""
+    return str(ref).rstrip("/").rsplit("/", 1)[-1]
+
+
+def local_checkpoint(path: str | Path, *, weights: bool = True) -> Path:
+    """A local directory holding the checkpoint ``path`` (``resolve_checkpoint``): itself,
+    or this node's copy of a bucket export, with the weights or (``weights=False``, for a
+    front end) only its small files (``SMALL_FILES``)."""
+    from opt_ray.run_dir import is_url
+    ref = resolve_checkpoint(path)
+    if not is_url(ref):
+        return ref
+    from opt_ray.data.artifact_io import fetch_prefix
+    return fetch_prefix(str(ref), "--checkpoint", names=None if weights else SMALL_FILES,
+                        progress=weights)
+
+
 def load_model_and_tokenizer(path: str | Path):
-    """(model, tokenizer, eos_token_id) from an HF-format dir with its tokenizer beside it."""
+    """(model, tokenizer, eos_token_id) from an HF-format dir with its tokenizer beside it
+    (a bucket one is fetched to this node first)."""
     from opt_ray.serve.loading import load_hf_model, load_tokenizer_dir
-    p = resolve_checkpoint(path)
+    p = local_checkpoint(path)
     model = load_hf_model(p)
     tok = load_tokenizer_dir(p)
     cfg = json.loads((p / "config.json").read_text())

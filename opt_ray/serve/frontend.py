@@ -159,13 +159,15 @@ class Frontend:
     @classmethod
     def for_checkpoint(cls, handle: EngineHandle, checkpoint: str | Path, *, model_name: str | None,
                        max_model_len: int | None = None, config: FrontendConfig | None = None) -> "Frontend":
-        """A front end for an HF-format checkpoint dir: its tokenizer and context."""
-        from opt_ray.serve.engine import resolve_checkpoint
+        """A front end for an HF-format checkpoint dir: its tokenizer and context (of a
+        bucket export, only those files are fetched: the weights stay with the replicas)."""
+        from opt_ray.serve.engine import checkpoint_name, local_checkpoint, resolve_checkpoint
         from opt_ray.serve.loading import load_tokenizer_dir
-        path = resolve_checkpoint(checkpoint)
+        ref = resolve_checkpoint(checkpoint)
+        path = local_checkpoint(ref, weights=False)
         cfg = json.loads((path / "config.json").read_text())
         ctx = int(cfg["max_position_embeddings"])
-        return cls(handle, load_tokenizer_dir(path), model_name=model_name or path.name,
+        return cls(handle, load_tokenizer_dir(path), model_name=model_name or checkpoint_name(ref),
                    max_model_len=min(max_model_len or ctx, ctx), vocab_size=int(cfg["vocab_size"]),
                    config=config)
 

@@ -33,22 +33,27 @@ def load_tokenizer_dir(path: Path):
 def _check_safetensors(f: Path) -> None:
     """A safetensors file is an 8-byte header length, a JSON header giving every tensor's
     byte range, then the data: the file must be long enough for all of it."""
-    size = f.stat().st_size
     with f.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise UserError(f"{f}: cut off ({size} bytes; not even a safetensors header); "
-                            f"copy or download the checkpoint again")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise UserError(f"{f}: cut off ({size} bytes, but its header alone needs {8 + n}); "
-                            f"copy or download the checkpoint again")
-        try:
-            header = json.loads(fh.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-                      default=0)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise UserError(f"{f}: not a safetensors file (unreadable header: {e})") from e
+        _check_safetensors_head(str(f), f.stat().st_size, fh)
+
+
+def _check_safetensors_head(f: str, size: int, fh) -> None:
+    """``_check_safetensors`` of a file ``f`` of ``size`` bytes open as ``fh`` (a local
+    file, or a bucket object read by range: only its header is read)."""
+    head = fh.read(8)
+    if len(head) < 8:
+        raise UserError(f"{f}: cut off ({size} bytes; not even a safetensors header); "
+                        f"copy or download the checkpoint again")
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+        raise UserError(f"{f}: cut off ({size} bytes, but its header alone needs {8 + n}); "
+                        f"copy or download the checkpoint again")
+    try:
+        header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{f}: not a safetensors file (unreadable header: {e})") from e
     if 8 + n + end > size:
         raise UserError(f"{f}: cut off: holds {size} bytes of the {8 + n + end} its header "
                         f"describes; copy or download the checkpoint again")
@@ -67,10 +72,15 @@ def _check_torch_zip(f: Path) -> None:
         raise UserError(f"{f}: cut off or damaged ({e}); copy or download the checkpoint again") from e
 
 
-def check_checkpoint(path: Path) -> None:
+def check_checkpoint(path: Path | str) -> None:
     """Raise ``UserError`` naming the file when an HF-format dir cannot be served: its
     config.json is not an OPT config, its tokenizer is missing, or a weight file is cut
-    off. Reads headers only (milliseconds, whatever the model size)."""
+    off. Reads headers only (milliseconds, whatever the model size). A bucket export
+    (a URL) is checked where it is: its small files are fetched to this node, the weights'
+    headers read by range, and its manifest, if any, matched (``fetch_prefix``)."""
+    from opt_ray.run_dir import is_url
+    if is_url(path):
+        return _check_url(str(path).rstrip("/"))
     from opt_ray.model.hf import config_from_hf
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -87,3 +97,35 @@ def check_checkpoint(path: Path) -> None:
             _check_safetensors(f)
         else:
             _check_torch_zip(f)
+
+
+def _check_url(url: str) -> None:
+    from opt_ray.data.artifact_io import fetch_prefix
+    from opt_ray.model.hf import config_from_hf
+    from opt_ray.run_dir import store_errors
+    from opt_ray.serve.engine import SMALL_FILES
+    from opt_ray.storage import Loc
+
+    small = fetch_prefix(url, "--checkpoint", names=SMALL_FILES)
+    try:
+        cfg = json.loads((small / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{url}/config.json: not readable JSON ({e})") from e
+    config_from_hf(cfg, source=f"{url}/config.json")
+    try:
+        load_tokenizer_dir(small)
+    except UserError as e:
+        raise UserError(f"--checkpoint {url}: no usable tokenizer ({e})") from e
+    loc = Loc(url)
+    with store_errors(f"--checkpoint {url}", "a read", "the bucket exists"):
+        names = loc.names()
+        weights = sorted(n for n in names if n.endswith(".safetensors")) + \
+            sorted(n for n in names if n.endswith(".bin"))
+        for n in weights:
+            if n.endswith(".safetensors"):
+                f = loc.child(n)
+                with f.fs.open(f.path, "rb", block_size=1 << 20) as fh:
+                    _check_safetensors_head(f"{url}/{n}", f.size(), fh)
+    if not weights:
+        raise UserError(f"{url}: no weights (model.safetensors or pytorch_model.bin); export the "
+                        f"checkpoint again")

@@ -1009,3 +1009,118 @@ def test_dedup_from_the_bucket_into_the_bucket_on_ray_tasks(s3, tmp_path):
     sm = read_shards_manifest(shards)
     assert sm["source"]["inputs"][0]["kind"] == "dedup" and sm["splits"]["train"]["docs"] + \
         sm["splits"]["valid"]["docs"] == got["counts"]["docs_kept"]
+
+
+def test_tokenizer_export_serving_and_eval_from_the_bucket(s3, shards, tmp_path, monkeypatch, capsys):
+    """A cluster whose only shared storage is a bucket, past training: `opt-ray tokenizer
+    train --output s3://...` and `opt-ray export RUN --output s3://...` upload their
+    artifacts manifest last; `generate`, `serve` (its CLI check, the front end) and `eval`
+    read an export from the bucket on another machine, fetching it to that node once
+    (a re-export is fetched anew) and giving what the local export gives; an upload that
+    has not finished, or a cut-off weight file, is one line, exit 2."""
+    import fsspec
+
+    from opt_ray.cli import main
+    from opt_ray.data.tokenizer import describe, load_tokenizer
+    from opt_ray.run_dir import FETCH_ENV, STAGING_ENV
+    from opt_ray.serve.frontend import Frontend
+    from opt_ray.train.loop import train
+    from tests.integration.test_train_gang import WORDS
+
+    fs = fsspec.filesystem("s3")
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "driver-node"))
+    # 1. The tokenizer: the same artifact as a local run's, read back from the bucket.
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(WORDS[i % len(WORDS):] + WORDS[:i])}) + "\n"
+                              for i in range(200)))
+    tok_url = s3.url("data", "tok")
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--output", tok_url]) == 0
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300",
+                 "--output", str(tmp_path / "tok")]) == 0
+    manifest = json.loads(fs.cat_file(f"{tok_url}/manifest.json"))
+    assert manifest["kind"] == "tokenizer" and all("etag" in f for f in manifest["files"].values())
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "node-b"))
+    assert describe(load_tokenizer(tok_url)) == describe(load_tokenizer(tmp_path / "tok"))
+    assert describe(load_tokenizer(f"{tok_url}/vocab.json")) == describe(load_tokenizer(tmp_path / "tok"))
+    capsys.readouterr()
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--output", tok_url]) == 2
+    assert "already holds an artifact" in capsys.readouterr().err
+
+    # 2. A bucket run exported into the bucket and to a local directory.
+    run = s3.url("runs", "to-export")
+    train(tiny_cfg(shards, run, steps=2, checkpoint_every=2))
+    exp = s3.url("exports", "tiny-a")
+    assert main(["export", run, "--output", exp]) == 0
+    assert main(["export", run, "--output", str(tmp_path / "hf")]) == 0
+    manifest = json.loads(fs.cat_file(f"{exp}/manifest.json"))
+    assert manifest["kind"] == "hf" and manifest["source"]["step"] == 2
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
+
+    # 3. Another machine generates from it: the same text as from the local export.
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "node-c"))
+    capsys.readouterr()
+
+    def generate(ckpt: str) -> dict:
+        assert main(["generate", "--checkpoint", ckpt, "the cat", "--max-tokens", "8",
+                     "--temperature", "0", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return out["choices"][0]["text"]
+
+    local = generate(str(tmp_path / "hf"))
+    assert generate(exp) == local
+    fetched = sorted((tmp_path / "node-c").rglob("model.safetensors"))
+    assert len(fetched) == 1
+    mtime = fetched[0].stat().st_mtime_ns
+    assert generate(exp) == local            # a second load on the node: no new download
+    assert sorted((tmp_path / "node-c").rglob("model.safetensors")) == fetched
+    assert fetched[0].stat().st_mtime_ns == mtime
+
+    # The front end (the ingress of `opt-ray serve`) takes only the small files.
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "head-node"))
+    fe = Frontend.for_checkpoint(None, exp, model_name=None)
+    ctx = json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"]
+    assert fe.model_name == "tiny-a" and fe.max_model_len == ctx
+    assert not list((tmp_path / "head-node").rglob("*.safetensors"))
+    assert list((tmp_path / "head-node").rglob("tokenizer.json"))
+
+    # 4. eval of the bucket export: the local export's perplexity.
+    def ppl(model: str) -> float:
+        assert main(["eval", model, "--data", str(shards), "--max-rows", "8"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+
+    assert ppl(exp) == ppl(str(tmp_path / "hf"))
+
+    # 5. A re-export to the same URL (bf16 now) is fetched anew on the node.
+    assert main(["export", run, "--output", exp, "--dtype", "bf16"]) == 2
+    assert "already holds an artifact" in capsys.readouterr().err
+    assert main(["export", run, "--output", exp, "--dtype", "bf16", "--overwrite"]) == 0
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "node-c"))
+    assert generate(exp)                     # loads
+    assert len(sorted((tmp_path / "node-c").rglob("model.safetensors"))) == 2
+    newest = max((tmp_path / "node-c").rglob("config.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert json.loads(newest.read_text())["torch_dtype"] == "bfloat16"
+
+    # 6. An upload under way (a listed file not there yet) and a cut-off weight file.
+    torn = s3.url("exports", "torn")
+    fs.get(exp, str(tmp_path / "exp-copy"), recursive=True)
+    fs.put(str(tmp_path / "exp-copy"), torn, recursive=True)
+    fs.rm_file(f"{torn}/model.safetensors")
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "node-d"))
+    capsys.readouterr()
+    assert main(["serve", "--checkpoint", torn, "--no-ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.safetensors is listed in its manifest.json but missing" in err
+    fs.put_file(str(tmp_path / "exp-copy" / "model.safetensors"), f"{torn}/model.safetensors")
+    fs.put_file(str(tmp_path / "hf" / "config.json"), f"{torn}/config.json")   # another export's
+    assert main(["serve", "--checkpoint", torn, "--no-ray"]) == 2
+    assert "config.json is not the file its manifest.json lists" in capsys.readouterr().err
+    cut = s3.url("exports", "cut")        # an HF dir copied in by hand: no manifest
+    fs.put(str(tmp_path / "hf"), cut, recursive=True)
+    data = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    fs.pipe_file(f"{cut}/model.safetensors", data[:len(data) // 2])
+    assert main(["serve", "--checkpoint", cut, "--no-ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors: cut off" in err and cut in err
+    assert not list((tmp_path / "node-d").rglob("*.safetensors"))   # refused before any download
+    assert main(["generate", "--checkpoint", s3.url("exports", "nothing-here"), "x"]) == 2
+    assert "no HF-format checkpoint there" in capsys.readouterr().err
