@@ -93,12 +93,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "outputs under --work-dir")
     k.add_argument("inputs", nargs="+", help="corpus files or directories")
     k.add_argument("--work-dir", required=True,
-                   help="every stage writes WORK_DIR/<stage>; a bucket prefix "
-                        "(s3://bucket/p1: dedup, shards and the run go there, under one of the "
-                        "server's URL --allowed-root prefixes) needs --local-dir")
+                   help="every stage writes WORK_DIR/<stage>: a directory, or a bucket prefix "
+                        "(s3://bucket/p1, under one of the server's URL --allowed-root "
+                        "prefixes; no stage then needs a disk the nodes share)")
     k.add_argument("--local-dir", default="",
-                   help="with a bucket --work-dir: the directory for the stages that write "
-                        "directories (the tokenizer, the HF export): LOCAL_DIR/<stage>")
+                   help="with a bucket --work-dir: put the tokenizer and the HF export in "
+                        "LOCAL_DIR/<stage> instead (default: the bucket too)")
     k.add_argument("--stages", default=",".join(STAGE_ORDER),
                    help=f"comma-separated subset, in order (default: {','.join(STAGE_ORDER)})")
     k.add_argument("--tokenizer", default="", help="use this tokenizer (skips the tokenizer stage)")
@@ -267,19 +267,16 @@ def pipeline_spec(a: argparse.Namespace):
     if a.tokenizer and "tokenizer" in wanted:
         wanted.remove("tokenizer")
     work = _abs(a.work_dir)
-    local = _abs(a.local_dir) or work
+    local = _abs(a.local_dir) or work.rstrip("/")
     if is_url(work):
         work = work.rstrip("/")
-        needs = [s for s in wanted if s in ("tokenizer", "export")]
-        if needs and not a.local_dir:
-            raise UserError(f"--work-dir {work} is a bucket prefix, and the {' and '.join(needs)} "
-                            f"stage writes a directory: pass --local-dir DIR for it")
     elif a.local_dir:
         raise UserError("--local-dir goes with a bucket --work-dir (s3://...); with a directory "
                         "--work-dir every stage writes there")
     d = {n: f"{work}/{n}" if is_url(work) else os.path.join(work, n)
          for n in ("dedup", "shards", "run")}
-    d.update({n: os.path.join(local, n) for n in ("tokenizer", "hf")})
+    d.update({n: f"{local}/{n}" if is_url(local) else os.path.join(local, n)
+              for n in ("tokenizer", "hf")})
     tokenizer = _abs(a.tokenizer) or d["tokenizer"]
     stages = []
     for name in wanted:

@@ -170,10 +170,10 @@ class SpecValidator:
         return url, local_run_dir(url)
 
     def new_output(self, name: str, value: str) -> Path | str:
-        """A data stage's new artifact (dedup's, tokenize's): a path inside an allowed
-        root, or a bucket prefix under an allowed URL root (the stage's tasks put their
-        own files there, the manifest goes last: a cluster needs no shared disk), that
-        does not exist yet."""
+        """A stage's new artifact (dedup's, the tokenizer's, tokenize's, an HF export): a
+        path inside an allowed root, or a bucket prefix under an allowed URL root (the
+        stage puts its files there, the manifest last: a cluster needs no shared disk),
+        that does not exist yet."""
         if not is_url(value):
             return self.path(name, value, must_not_exist=True)
         out, _ = self.run_location(name, value)
@@ -211,9 +211,9 @@ class SpecValidator:
             raise SpecError(f"{name} is required: give an absolute path inside "
                             f"{self._roots_text()}")
         if is_url(value):
-            raise SpecError(f"{name}={value!r}: only a training run (its output, or what "
-                            f"eval and export read), token shards and a corpus to read may be "
-                            f"a bucket URL; give an absolute path inside {self._roots_text()}")
+            raise SpecError(f"{name}={value!r}: this field is a local path (the stages' inputs "
+                            f"and artifacts, a training run and a served checkpoint may be "
+                            f"bucket URLs); give an absolute path inside {self._roots_text()}")
         self._plain(name, value)
         seg = next((x for x in value.split("/") if len(x.encode()) > self.bounds.max_segment_bytes),
                    None)
@@ -310,13 +310,13 @@ class SpecValidator:
         corpus = self.run_or_path(f"{name}.corpus", s.corpus, produced)
         self._int(f"{name}.vocab_size", s.vocab_size, self.bounds.min_vocab_size,
                   self.bounds.max_vocab_size)
-        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        out = self.new_output(f"{name}.output", s.output)
         return Stage("tokenizer", ["tokenizer", "train", str(corpus), "--vocab-size",
                                    str(s.vocab_size), "--output", str(out)], [out])
 
     def tokenize(self, s: pb.TokenizeSpec, name: str = "spec.tokenize", produced=()) -> Stage:
         inp = self.run_or_path(f"{name}.input", s.input, produced)
-        tok = self.path(f"{name}.tokenizer", s.tokenizer, must_exist=True, produced=produced)
+        tok = self.run_or_path(f"{name}.tokenizer", s.tokenizer, produced)
         self._int(f"{name}.seq_len", s.seq_len, self.bounds.min_seq_len, self.bounds.max_seq_len)
         out = self.new_output(f"{name}.output", s.output)
         argv = ["tokenize", str(inp), "--tokenizer", str(tok), "--seq-len", str(s.seq_len),
@@ -438,7 +438,7 @@ class SpecValidator:
 
     def export(self, s: pb.ExportSpec, name: str = "spec.export", produced=()) -> Stage:
         run = self.run_or_path(f"{name}.run_dir", s.run_dir, produced)
-        out = self.path(f"{name}.output", s.output, must_not_exist=True)
+        out = self.new_output(f"{name}.output", s.output)
         if s.step < 0:
             raise SpecError(f"{name}.step={s.step} must be >= 0 (0: the newest checkpoint)")
         if not s.step:
@@ -458,7 +458,7 @@ class SpecValidator:
         if not s.name or not s.name.replace("-", "").replace("_", "").replace(".", "").isalnum() \
                 or len(s.name) > 64:
             raise SpecError(f"{name}.name={s.name!r} must be 1-64 letters, digits, '-', '_' or '.'")
-        ckpt = self.path(f"{name}.checkpoint", s.checkpoint, must_exist=True)
+        ckpt = self.run_or_path(f"{name}.checkpoint", s.checkpoint)
         argv = ["serve", "--checkpoint", str(ckpt), "--model-name", s.name]
         if self._int(f"{name}.replicas", s.replicas, 1, self.bounds.max_replicas, zero_ok=True):
             argv += ["--replicas", str(s.replicas)]

@@ -239,11 +239,10 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         fsspec.filesystem("s3").pipe_file(f"{shards_url}/manifest.json", b'{"kind": "shards"}')
         client.submit(spec(str(root / "run"), data=shards_url + "/"))
         assert f"--data {shards_url} " in backend.jobs[backend.last()]["entrypoint"]
-        with pytest.raises(grpc.RpcError) as ei:
-            client.submit(pb.JobSpec(tokenize=pb.TokenizeSpec(
-                input=str(root / "shards"), tokenizer=shards_url, seq_len=32, output=str(root / "t"))))
-        assert "only a training run (its output, or what eval and export read), token " \
-               "shards and a corpus to read may be a bucket URL" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:   # an eval's results file stays local
+            client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=str(root / "shards"),
+                                                      tasks=["pick"], output=shards_url + "/r.json")))
+        assert "spec.eval.output" in ei.value.details() and "this field is a local path" in ei.value.details()
         # The tokenize stage writes shards into a bucket prefix root; a pipeline trains on them.
         def tokenize(out: str) -> pb.TokenizeSpec:
             return pb.TokenizeSpec(input=str(root / "shards"), tokenizer=str(root / "shards"),
@@ -273,32 +272,51 @@ def test_control_plane_trains_into_an_allowed_bucket_prefix(s3, tmp_path, monkey
         with pytest.raises(grpc.RpcError) as ei:    # an existing bucket prefix as dedup's output
             client.submit(pb.JobSpec(dedup=pb.DedupSpec(inputs=[str(root / "shards")], output=corpus_url)))
         assert "spec.dedup.output" in ei.value.details() and "already exists" in ei.value.details()
-        # From the bucket, into the bucket, all the way: dedup, tokenizer, tokenize, train.
+        # From the bucket, into the bucket, all the way: dedup, tokenizer, tokenize, train,
+        # export, and serving the export.
         dedup_url, shards3 = s3.url("teams", "a", "dedup"), s3.url("teams", "a", "s3")
+        tok_url, hf_url = s3.url("teams", "a", "tok"), s3.url("teams", "a", "hf")
         pipe = client.submit(pb.JobSpec(pipeline=pb.PipelineSpec(stages=[
             pb.StageSpec(dedup=pb.DedupSpec(inputs=[corpus_url], output=dedup_url)),
             pb.StageSpec(tokenizer=pb.TokenizerSpec(corpus=dedup_url, vocab_size=300,
-                                                    output=str(root / "tok"))),
-            pb.StageSpec(tokenize=pb.TokenizeSpec(input=dedup_url, tokenizer=str(root / "tok"),
+                                                    output=tok_url)),
+            pb.StageSpec(tokenize=pb.TokenizeSpec(input=dedup_url, tokenizer=tok_url,
                                                   seq_len=32, output=shards3)),
-            pb.StageSpec(train=spec(str(root / "run-c"), data=shards3).train)])))
-        assert [p.argv[1] for p in pipe.plan] == [corpus_url, "train", dedup_url, "--preset"]
-        argv0 = list(pipe.plan[0].argv)
-        assert argv0[argv0.index("--output") + 1] == dedup_url
-        # `opt-ray ctl submit pipeline` with a bucket --work-dir: the stages that write
-        # directories (tokenizer, export) go to --local-dir, the others to the bucket.
+            pb.StageSpec(train=spec(str(root / "run-c"), data=shards3).train),
+            pb.StageSpec(export=pb.ExportSpec(run_dir=str(root / "run-c"), output=hf_url))])))
+        assert [p.argv[1] for p in pipe.plan] == [corpus_url, "train", dedup_url, "--preset",
+                                                  str(root / "run-c")]
+        outs = [a[a.index("--output") + 1] for a in (list(p.argv) for p in pipe.plan)]
+        assert outs == [dedup_url, tok_url, shards3, str(root / "run-c"), hf_url]
+        for field, stage in [("spec.tokenizer.output", pb.JobSpec(tokenizer=pb.TokenizerSpec(
+                                 corpus=corpus_url, vocab_size=300, output=corpus_url))),
+                             ("spec.export.output", pb.JobSpec(export=pb.ExportSpec(
+                                 run_dir=str(root / "shards"), output=corpus_url)))]:
+            with pytest.raises(grpc.RpcError) as ei:   # an existing prefix is never replaced
+                client.submit(stage)
+            assert field in ei.value.details() and "already exists" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            client.deploy_serve(pb.ServeSpec(name="m", checkpoint=s3.url("teams", "a", "no-export")))
+        assert "spec.checkpoint" in ei.value.details() and "does not exist" in ei.value.details()
+        # `opt-ray ctl submit pipeline` with a bucket --work-dir: every stage writes into
+        # the bucket; --local-dir puts the tokenizer and the export in a directory instead.
         from opt_ray.cli import main
         monkeypatch.setenv("OPT_RAY_TOKEN", TOKEN)
         ctl = ["ctl", "--target", f"127.0.0.1:{port}", "--json", "submit", "pipeline", corpus_url,
                "--work-dir", s3.url("teams", "a", "p1"), "--preset", "tiny", "--steps", "2"]
-        assert main(ctl) == 2
-        assert "pass --local-dir DIR" in capsys.readouterr().err
-        assert main([*ctl, "--local-dir", str(root / "p1")]) == 0
+        assert main(ctl) == 0
         job = json.loads(capsys.readouterr().out)
         outs = [a[a.index("--output") + 1] for a in (p["argv"] for p in job["plan"])]
-        assert outs == [s3.url("teams", "a", "p1", "dedup"), str(root / "p1" / "tokenizer"),
-                        s3.url("teams", "a", "p1", "shards"), s3.url("teams", "a", "p1", "run"),
-                        str(root / "p1" / "hf")]
+        assert outs == [s3.url("teams", "a", "p1", n) for n in ("dedup", "tokenizer", "shards", "run", "hf")]
+        tokenize_argv = job["plan"][2]["argv"]
+        assert tokenize_argv[tokenize_argv.index("--tokenizer") + 1] == s3.url("teams", "a", "p1", "tokenizer")
+        assert main([*ctl[:-4], "--work-dir", s3.url("teams", "a", "p2"), "--preset", "tiny",
+                     "--steps", "2", "--local-dir", str(root / "p2")]) == 0
+        job = json.loads(capsys.readouterr().out)
+        outs = [a[a.index("--output") + 1] for a in (p["argv"] for p in job["plan"])]
+        assert outs == [s3.url("teams", "a", "p2", "dedup"), str(root / "p2" / "tokenizer"),
+                        s3.url("teams", "a", "p2", "shards"), s3.url("teams", "a", "p2", "run"),
+                        str(root / "p2" / "hf")]
 
         job = client.submit(spec(url + "/"))
         sid = backend.last()
