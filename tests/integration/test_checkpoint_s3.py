@@ -1142,3 +1142,71 @@ def test_tokenizer_export_serving_and_eval_from_the_bucket(s3, shards, tmp_path,
     assert not list((tmp_path / "node-d").rglob("*.safetensors"))   # refused before any download
     assert main(["generate", "--checkpoint", s3.url("exports", "nothing-here"), "x"]) == 2
     assert "no HF-format checkpoint there" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_serve_replicas_on_two_nodes_fetch_the_export_from_the_bucket(s3, tmp_path):
+    """`opt-ray serve --checkpoint s3://... --replicas 2` on a two-node Ray cluster (one
+    machine, each node with its own fetch directory and one CPU, so one replica each): each
+    replica fetches the export to its own node, the driver's node fetches only the small
+    files, and greedy completions equal the local engine's on the same files."""
+    import signal
+    import subprocess
+
+    import fsspec
+    import httpx
+
+    from opt_ray.run_dir import FETCH_ENV
+    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from opt_ray.serve.sampling import SamplingParams
+    from tests.conftest import free_port
+    from tests.integration.test_control_ray import OPT_RAY, Cluster
+    from tests.serve_helpers import build_checkpoint
+
+    hf = build_checkpoint(tmp_path / "hf")
+    url = s3.url("exports", "served")
+    fsspec.filesystem("s3").put(str(hf), url, recursive=True)   # as `aws s3 sync` would
+    nodes = {n: tmp_path / n for n in ("node-a", "node-b", "driver")}
+    cluster = Cluster(num_cpus=1, node_env={FETCH_ENV: str(nodes["node-a"])})
+    proc = None
+    try:
+        cluster.add_node(num_cpus=1, node_env={FETCH_ENV: str(nodes["node-b"])})
+        port = free_port()
+        log = open(tmp_path / "serve.log", "w")
+        proc = subprocess.Popen([OPT_RAY, "serve", "--checkpoint", url, "--replicas", "2",
+                                 "--address", cluster.address, "--http-port", str(port),
+                                 "--grpc-port", "0", "--max-num-seqs", "4"],
+                                env={**cluster.env, FETCH_ENV: str(nodes["driver"])},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        models = httpx.get(f"{base}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["served"]
+        engine = engine_from_checkpoint(hf, EngineConfig(max_num_seqs=4))
+        for prompt in ("The quick brown fox", "Ray Serve runs replicas"):
+            ids = engine.tokenizer.encode(prompt).ids
+            want = engine.generate(ids, SamplingParams(max_tokens=8, temperature=0.0))[0].text
+            got = httpx.post(f"{base}/v1/completions", timeout=60, json={
+                "model": "served", "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+            assert got["choices"][0]["text"] == want
+        for n in ("node-a", "node-b"):          # each replica's node has its own copy
+            assert len(list(nodes[n].rglob("model.safetensors"))) == 1, n
+        assert not list(nodes["driver"].rglob("*.safetensors"))
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)      # the CLI shuts its app down, then exits
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        cluster.stop()

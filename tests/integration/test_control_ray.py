@@ -81,7 +81,9 @@ def _kill_tree(sid: int, marker: str) -> None:
 
 
 class Cluster:
-    def __init__(self):
+    def __init__(self, *, num_cpus: int = 2, node_env: dict[str, str] | None = None):
+        """``node_env``: environment of the head node's own processes (its raylet and
+        workers), on top of the cluster's."""
         # Ray's unix socket paths must stay short: a temp dir under /tmp, not tmp_path.
         self.temp_dir = tempfile.mkdtemp(prefix="ort-ctl-", dir="/tmp")
         self.gcs_port, self.dash_port, self.metrics_port = free_port(), free_port(), free_port()
@@ -96,7 +98,7 @@ class Cluster:
         cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1",
                "--port", str(self.gcs_port), "--dashboard-port", str(self.dash_port),
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
-               "--num-cpus", "2", "--temp-dir", self.temp_dir,
+               "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir,
                "--metrics-export-port", str(self.metrics_port),
                # Every fixed default port too: other people's clusters on this machine
                # hold the defaults (52365 for the dashboard agent, ...), and an agent
@@ -111,18 +113,38 @@ class Cluster:
                "--disable-usage-stats"]
         # A new session: every daemon `ray start` leaves behind keeps this session id,
         # which is how teardown finds exactly this cluster's processes.
-        p = subprocess.Popen(cmd, env=self.env, start_new_session=True,
+        self.sids: list[int] = []
+        self._start(cmd, {**self.env, **(node_env or {})})
+        self.sid = self.sids[0]
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+
+    def _start(self, cmd: list[str], env: dict[str, str]) -> None:
+        p = subprocess.Popen(cmd, env=env, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.sid = p.pid
+        self.sids.append(p.pid)
         out, _ = p.communicate(timeout=180)
         if p.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{out}")
-        self.address = f"127.0.0.1:{self.gcs_port}"
-        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+
+    def add_node(self, *, num_cpus: int = 1, node_env: dict[str, str] | None = None) -> None:
+        """Another node on this machine (its own raylet, ports and environment), in its
+        own session, stopped with the head by ``stop``."""
+        self._start([RAY, "start", "--address", f"127.0.0.1:{self.gcs_port}",
+                     "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+                     "--temp-dir", self.temp_dir,
+                     "--metrics-export-port", str(free_port()),
+                     "--dashboard-agent-listen-port", str(free_port()),
+                     "--dashboard-agent-grpc-port", str(free_port()),
+                     "--runtime-env-agent-port", str(free_port()),
+                     "--node-manager-port", str(free_port()),
+                     "--object-manager-port", str(free_port()),
+                     "--disable-usage-stats"], {**self.env, **(node_env or {})})
 
     def stop(self) -> None:
-        _kill_tree(self.sid, self.temp_dir)
+        for sid in reversed(self.sids):
+            _kill_tree(sid, self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
