@@ -124,7 +124,8 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     replica, a restart) reuses it without a download, and objects replaced in the bucket
     (a new export to the same URL) are fetched anew. The copy is made in a temporary
     directory and renamed into place, so a process that dies mid-download leaves nothing
-    that is taken for a copy. A prefix with a manifest (what ``upload_artifact`` writes)
+    that is taken for a copy; once it is in place, the node's older copies of the URL
+    are removed. A prefix with a manifest (what ``upload_artifact`` writes)
     must hold every file it lists with the listed size and ETag: an upload that has not
     finished is refused, naming the file. ``what`` names the input in errors."""
     import hashlib
@@ -179,7 +180,10 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
         [url, [(n, int(listing[n].get("size", 0)), listing[n].get("ETag", "")) for n in want]]
     ).encode()).hexdigest()[:16]
     name = url.rsplit("/", 1)[-1][:40] or "fetched"
-    dest = fetch_root() / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}" / version
+    # One directory per URL and part asked for (the small files a front end reads are
+    # another copy than the whole export), holding the newest version fetched.
+    part = json.dumps([url, None if names is None else sorted(names)])
+    dest = fetch_root() / f"{name}-{hashlib.sha256(part.encode()).hexdigest()[:12]}" / version
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +216,12 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
         except OSError:
             if not dest.is_dir():    # not another process's finished copy: a real error
                 raise
+        # Older copies of this URL go: a re-export must not leave a node holding every
+        # version (350 GB each at 175b). A process that loaded one has its tensors in
+        # memory; one still fetching works in its own hidden directory, left alone.
+        for old in dest.parent.iterdir():
+            if old.name != version and not old.name.startswith(".") and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if bar is not None:
             bar.close()

@@ -1114,9 +1114,9 @@ def test_tokenizer_export_serving_and_eval_from_the_bucket(s3, shards, tmp_path,
     assert main(["export", run, "--output", exp, "--dtype", "bf16", "--overwrite"]) == 0
     monkeypatch.setenv(FETCH_ENV, str(tmp_path / "node-c"))
     assert generate(exp)                     # loads
-    assert len(sorted((tmp_path / "node-c").rglob("model.safetensors"))) == 2
-    newest = max((tmp_path / "node-c").rglob("config.json"), key=lambda p: p.stat().st_mtime_ns)
-    assert json.loads(newest.read_text())["torch_dtype"] == "bfloat16"
+    (copy,) = (tmp_path / "node-c").rglob("model.safetensors")   # the old copy is gone
+    assert copy != fetched[0]
+    assert json.loads((copy.parent / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
     # 6. An upload under way (a listed file not there yet) and a cut-off weight file.
     torn = s3.url("exports", "torn")
