@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to ship with the weights (file or dir for `opt-ray tokenizer "
                         "load`); default: the one the run was trained with (RUN_DIR/tokenizer.json)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split the weights into files of at most SIZE (e.g. 5GB, 500MB; "
+                        "default 5GB, as HF's save_pretrained) with an index; the export holds "
+                        "one file's tensors in memory at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=run)
 
@@ -32,11 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from opt_ray.model.hf import to_hf
-    from opt_ray.train.checkpoint import load_model, read_train_state, resolve
-
+    from opt_ray.config import ModelConfig
+    from opt_ray.model.hf import parse_size, write_hf
     from opt_ray.run_dir import is_url
+    from opt_ray.train.checkpoint import ModelStateReader, read_train_state, resolve
 
+    max_shard = parse_size(args.max_shard_size, "--max-shard-size")
     to_bucket = is_url(args.output)
     if to_bucket:   # before the weights are read: the bucket takes writes, the prefix is new
         from opt_ray.data.readers import check_output_dir
@@ -44,50 +49,89 @@ def run(args: argparse.Namespace) -> int:
     ckpt = resolve(args.checkpoint)
     tok = _find_tokenizer(args.tokenizer, ckpt)  # before writing: a bad --tokenizer loses nothing
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = load_model(ckpt, dtype=dtype)
-    step = read_train_state(ckpt)["step"]
+    state = read_train_state(ckpt)
+    cfg, step = ModelConfig.from_dict(state["model"]), state["step"]
+    weights = ModelStateReader(ckpt)    # one weight file's tensors in memory at a time
+    progress = _Progress(cfg, dtype) if sys.stderr.isatty() else None
     if to_bucket:
-        out = _to_bucket(model, tok, args.output, source={"checkpoint": str(ckpt), "step": step},
-                         overwrite=args.overwrite)
-        print(f"exported {ckpt} (step {step}){' with its tokenizer' if tok else ''} to {out}")
-        if tok is None:
-            print("no tokenizer was found for this run: pass --tokenizer so that `opt-ray "
-                  "serve` can load the export", file=sys.stderr)
-        return 0
-    out = to_hf(model, args.output, overwrite=args.overwrite)
-    if tok is not None:
-        # The weights are already committed atomically; the tokenizer goes in through a
-        # temporary name so a reader never sees half a file.
-        from opt_ray.data.tokenizer import save_tokenizer_files
-        save_tokenizer_files(tok, out)
-        print(f"exported {ckpt} (step {step}) with its tokenizer to {out}")
+        out = _to_bucket(cfg, weights.read, tok, args.output, dtype=dtype, max_shard=max_shard,
+                         source={"checkpoint": str(ckpt), "step": step},
+                         overwrite=args.overwrite, progress=progress)
     else:
-        print(f"exported {ckpt} (step {step}) to {out}; no tokenizer was found for this run: "
-              f"pass --tokenizer so that `opt-ray serve` can load the export", file=sys.stderr)
+        out = write_hf(cfg, weights.read, args.output, dtype=dtype, overwrite=args.overwrite,
+                       max_shard_bytes=max_shard, on_file=progress)
+        if tok is not None:
+            # The weights are already committed atomically; the tokenizer goes in through
+            # a temporary name so a reader never sees half a file.
+            from opt_ray.data.tokenizer import save_tokenizer_files
+            save_tokenizer_files(tok, out)
+    if progress is not None:
+        progress.close()
+    print(f"exported {ckpt} (step {step}){' with its tokenizer' if tok else ''} to {out}")
+    if tok is None:
+        print("no tokenizer was found for this run: pass --tokenizer so that `opt-ray serve` "
+              "can load the export", file=sys.stderr)
     return 0
 
 
-def _to_bucket(model, tok, url: str, *, source: dict, overwrite: bool) -> str:
-    """The HF checkpoint written in this node's staging directory as an artifact of kind
-    ``hf`` (a manifest with every file's sha256), then uploaded, manifest last: a reader
+class _Progress:
+    """A bar over the weight files' bytes, advanced as each file is written."""
+
+    def __init__(self, cfg, dtype):
+        import torch
+        from tqdm import tqdm
+
+        from opt_ray.config import num_params
+        total = num_params(cfg) * torch.empty((), dtype=dtype).element_size()
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", mininterval=1.0)
+
+    def __call__(self, name: str, path: Path) -> None:
+        self.bar.update(path.stat().st_size)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _to_bucket(cfg, read, tok, url: str, *, dtype, max_shard: int, source: dict,
+               overwrite: bool, progress=None) -> str:
+    """The HF checkpoint into the bucket prefix ``url`` as an artifact of kind ``hf``:
+    each weight file is uploaded as soon as it is written, then removed from this node
+    (the staging disk holds one at a time), its sha256 recorded; the config and the
+    tokenizer follow, and the manifest goes last (``upload_artifact``, which checks every
+    file's size in one listing and records its ETag): a reader
     (``artifact_io.fetch_prefix``) never takes a partial upload for the export."""
     import tempfile
 
-    from opt_ray.artifacts import ArtifactWriter
-    from opt_ray.data.artifact_io import publish_dir
-    from opt_ray.data.tokenizer import save_tokenizer_files
-    from opt_ray.model.hf import to_hf
-    from opt_ray.run_dir import staging_root
+    from fsspec.core import url_to_fs
 
+    from opt_ray.artifacts import sha256_file
+    from opt_ray.data.artifact_io import PrehashedArtifactWriter, clear_prefix, upload_artifact
+    from opt_ray.data.tokenizer import save_tokenizer_files
+    from opt_ray.model.hf import write_hf
+    from opt_ray.run_dir import staging_root, store_errors
+
+    url = url.rstrip("/")
+    clear_prefix(url, overwrite=overwrite)
+    fs, root = url_to_fs(url)
     staging_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=staging_root(), prefix=".export-") as d:
-        with ArtifactWriter(Path(d) / "hf", kind="hf") as w:
-            to_hf(model, w.path, overwrite=True)
+        with PrehashedArtifactWriter(Path(d) / "hf", kind="hf") as w:
+            def upload(name: str, path: Path) -> None:
+                info = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+                with store_errors(f"--output {url}", "an upload", "the bucket exists"):
+                    fs.put_file(str(path), f"{root.rstrip('/')}/{name}")
+                w.elsewhere[name] = info
+                if progress is not None:
+                    progress(name, path)
+                path.unlink()
+
+            write_hf(cfg, read, w.path, dtype=dtype, overwrite=True, max_shard_bytes=max_shard,
+                     on_file=upload)
             if tok is not None:
                 save_tokenizer_files(tok, w.path)
             w.manifest["source"] = source
-        publish_dir(w.out, url, kind="hf", overwrite=overwrite, progress=sys.stderr.isatty())
-    return url.rstrip("/")
+        upload_artifact(w.out, url, kind="hf")
+    return url
 
 
 def _find_tokenizer(explicit: str | None, ckpt):

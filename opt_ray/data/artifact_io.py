@@ -101,17 +101,24 @@ def publish_dir(local: str | os.PathLike, url: str, *, kind: str, overwrite: boo
     prefix ``url``, manifest last (``upload_artifact``). A prefix that holds an artifact
     or other objects is refused (UserError) unless ``overwrite``, which removes its
     manifest first (no reader takes it from then on), then the rest."""
+    clear_prefix(url, overwrite=overwrite)
+    upload_artifact(local, url, kind=kind, progress=progress)
+
+
+def clear_prefix(url: str, *, overwrite: bool) -> None:
+    """Make the bucket prefix ``url`` ready for a new artifact written from this node:
+    with ``overwrite``, its manifest goes first (no reader takes it from then on), then
+    the rest; without, one that holds anything is refused (``check_artifact_url``)."""
     from opt_ray.artifacts import MANIFEST
     from opt_ray.run_dir import store_errors
 
     out = Loc(url)
-    with store_errors(f"--output {url}", "a listing", "the bucket exists"):
-        if overwrite:
+    if overwrite:
+        with store_errors(f"--output {url}", "a removal", "the bucket exists"):
             if out.child(MANIFEST).exists():
                 out.child(MANIFEST).rm()
             out.rm()
     check_artifact_url(url, overwrite=overwrite)
-    upload_artifact(local, url, kind=kind, progress=progress)
 
 
 def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,

@@ -186,32 +186,78 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT
     return model.eval()
 
 
-def to_hf(model: OPT, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``model`` as an HF-format checkpoint directory (config.json + model.safetensors)
-    that ``transformers.OPTForCausalLM.from_pretrained`` loads. Written to a temporary
-    directory and renamed into place, so ``path`` is either complete or absent. An existing
-    non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path."""
+#: HF's ``save_pretrained`` default: a model larger than this is split into files of at
+#: most this size (one tensor larger than it gets a file of its own) with an index.
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+def to_hf(model: OPT, path: str | os.PathLike, *, overwrite: bool = False,
+          max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` as an HF-format checkpoint directory (config.json +
+    model.safetensors, or ``model-0000i-of-0000n.safetensors`` files and their index past
+    ``max_shard_bytes``) that ``transformers.OPTForCausalLM.from_pretrained`` loads.
+    Written to a temporary directory and renamed into place, so ``path`` is either
+    complete or absent. An existing non-empty ``path`` is replaced only with
+    ``overwrite=True``. Returns the path."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd.pop("lm_head.weight", None)
+    # A tensor-parallel or sharded model would write slices under full names: refuse.
+    shapes = expected_shapes(model.config)
+    shapes.pop("lm_head.weight")
+    _check_weights(sd, shapes, "to_hf(model)")
+    dtype = sd["model.decoder.embed_tokens.weight"].dtype
+    return write_hf(model.config, lambda keys: {k: sd[k] for k in keys}, path, dtype=dtype,
+                    overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def write_hf(cfg: ModelConfig, read, path: str | os.PathLike, *, dtype: torch.dtype,
+             overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+             on_file=None) -> Path:
+    """``to_hf`` from a reader of tensors instead of a model in memory: ``read(keys)``
+    returns those tensors (HF names, full shapes), called once per weight file with that
+    file's tensors, which are cast to ``dtype``, written and dropped; so an export holds
+    one file's worth of weights at a time (<= ``max_shard_bytes``), whatever the model's
+    size. The files are planned from the config's shapes, HF's way (in state-dict order,
+    a new file when the next tensor would pass the limit). ``on_file(name, path)`` is
+    called after each weight file is written (an uploader may move it away: it is not
+    needed again). Returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    cfg = model.config
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise HFCheckpointError(f"{path} exists and is not empty; choose a new directory or pass overwrite=True")
-
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    # The tied head is the embedding; HF omits it (and safetensors refuses shared storage).
-    sd.pop("lm_head.weight", None)
     shapes = expected_shapes(cfg)
-    shapes.pop("lm_head.weight")
-    # A tensor-parallel or sharded model would write slices under full names: refuse.
-    _check_weights(sd, shapes, "to_hf(model)")
-    sd = {k: v.to("cpu").contiguous() for k, v in sd.items()}
-    dtype = sd["model.decoder.embed_tokens.weight"].dtype
+    shapes.pop("lm_head.weight")       # tied to the embedding; HF omits it
+    item = torch.empty((), dtype=dtype).element_size()
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, shape in shapes.items():
+        n = item * int(torch.Size(shape).numel())
+        if groups[-1] and size + n > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    names = ([SAFETENSORS_NAME] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(sd, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        total = 0
+        for keys, name in zip(groups, names):
+            got = read(keys)
+            _check_weights(got, {k: shapes[k] for k in keys}, f"export to {path}")
+            part = {k: got.pop(k).to("cpu", dtype).contiguous() for k in keys}
+            total += sum(t.numel() * t.element_size() for t in part.values())
+            save_file(part, str(tmp / name), metadata={"format": "pt"})
+            del part
+            if on_file is not None:
+                on_file(name, tmp / name)
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: name for keys, name in zip(groups, names) for k in keys}}
+            (tmp / (SAFETENSORS_NAME + ".index.json")).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(config_to_hf(cfg, dtype=dtype), indent=2) + "\n")
         os.chmod(tmp, 0o755)
         if path.exists():
@@ -225,3 +271,18 @@ def to_hf(model: OPT, path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def parse_size(text: str, what: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB``, ``1e9`` -> bytes; ``HFCheckpointError`` naming ``what``."""
+    import re
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text or "", re.IGNORECASE)
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    try:
+        n = int(float(m.group(1)) * units[(m.group(2) or "B").lower()]) if m else 0
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise HFCheckpointError(f"{what} {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    return n

@@ -50,7 +50,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -534,15 +534,59 @@ def _section(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
+class ModelStateReader:
+    """The model weights of a training checkpoint, whole (data-parallel shards gathered,
+    tensor-parallel slices merged), read some tensors at a time: never the optimizer's
+    state (twice the weights again, in fp32), and never more of the model than the
+    tensors asked for. ``shapes`` gives every tensor's full shape and dtype (from the
+    checkpoint's metadata, nothing read), so an exporter can plan its files before it
+    reads. Keys as in ``OPT(cfg).state_dict()``. Local, no process group."""
+
+    def __init__(self, ckpt: str | os.PathLike):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from opt_ray.model.parallel import _tp_dim
+        from opt_ray.train.safe_pickle import reader
+
+        self.loc = _loc(ckpt)
+        self.tp = int(read_train_state(self.loc).get("tp_size", 1))
+        self._parts = [self.loc.child(f"tp{j}").ref() for j in range(self.tp)]
+        metas = [reader(str(p)).read_metadata().state_dict_metadata for p in self._parts]
+        self._slices: list[dict[str, Any]] = [
+            {k[len("model."):]: m for k, m in meta.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)} for meta in metas]
+        self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for k, m in self._slices[0].items():
+            shape, dim = list(m.size), _tp_dim(k)
+            if dim is not None and self.tp > 1:
+                shape[dim] = sum(s[k].size[dim] for s in self._slices)
+            self.shapes[k] = (tuple(shape), m.properties.dtype)
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``keys``, whole: one partial DCP load per tensor-parallel part,
+        each reading only the byte ranges of those tensors."""
+        from opt_ray.model.parallel import merge_tp_shards
+        from opt_ray.train.safe_pickle import dcp_load, reader
+
+        keys = list(keys)
+        unknown = [k for k in keys if k not in self.shapes]
+        if unknown:
+            raise CheckpointError(f"checkpoint {self.loc} has no tensor {unknown[0]!r}")
+        parts = []
+        for part, slices in zip(self._parts, self._slices):
+            sd = {f"model.{k}": torch.empty(slices[k].size, dtype=slices[k].properties.dtype)
+                  for k in keys}
+            if sd:
+                dcp_load(sd, storage_reader=reader(str(part)), no_dist=True)
+            parts.append(_section(sd, "model."))
+        return merge_tp_shards(parts) if self.tp > 1 else parts[0]
+
+
 def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The full (unsharded, TP-merged) model state dict of a checkpoint, for export, eval
-    and tests. Keys as in ``OPT(cfg).state_dict()``."""
-    from opt_ray.model.parallel import merge_tp_shards
-
-    loc = _loc(ckpt)
-    tp = int(read_train_state(loc).get("tp_size", 1))
-    shards = [_section(read_full_tensors(loc.child(f"tp{j}").ref()), "model.") for j in range(tp)]
-    return merge_tp_shards(shards) if tp > 1 else shards[0]
+    and tests. Keys as in ``OPT(cfg).state_dict()``. The optimizer's state is not read."""
+    r = ModelStateReader(ckpt)
+    return r.read(r.shapes)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1086,6 +1086,14 @@ def test_tokenizer_export_serving_and_eval_from_the_bucket(s3, shards, tmp_path,
 
     local = generate(str(tmp_path / "hf"))
     assert generate(exp) == local
+    # Past --max-shard-size: each weight file goes up as soon as it is written.
+    sharded = s3.url("exports", "tiny-sharded")
+    assert main(["export", run, "--output", sharded, "--max-shard-size", "200KB"]) == 0
+    files = json.loads(fs.cat_file(f"{sharded}/manifest.json"))["files"]
+    parts = [n for n in files if n.startswith("model-0")]
+    assert len(parts) >= 3 and "model.safetensors.index.json" in files
+    assert all(files[n].get("etag") and files[n]["sha256"] for n in parts)
+    assert generate(sharded) == local
     fetched = sorted((tmp_path / "node-c").rglob("model.safetensors"))
     assert len(fetched) == 1
     mtime = fetched[0].stat().st_mtime_ns

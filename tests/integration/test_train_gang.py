@@ -214,6 +214,45 @@ def test_export_and_eval(shards, tmp_path, capsys):
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
     assert results[0]["rows"] == 16 and results[0]["loss"] < 6.0
 
+    # Past --max-shard-size the weights go into several files and an index, written one
+    # file's tensors at a time; transformers and eval load them as the single file.
+    from transformers import OPTForCausalLM
+
+    from opt_ray.config import ModelConfig
+    from opt_ray.model.hf import write_hf
+    from opt_ray.train.checkpoint import ModelStateReader, read_train_state, resolve
+    limit = 200_000
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "hf-sharded"),
+                 "--max-shard-size", "200KB"]) == 0
+    index = json.loads((tmp_path / "hf-sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "hf-sharded" / "model.safetensors").exists()
+    ids = torch.tensor([[2, 5, 9, 11, 4, 7]])
+    with torch.no_grad():
+        want = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
+        got = OPTForCausalLM.from_pretrained(tmp_path / "hf-sharded").eval()(ids).logits
+    assert torch.equal(want, got)
+    assert main(["eval", str(tmp_path / "hf-sharded"), "--data", str(shards), "--max-rows", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == results[1]["loss"]
+    # Each weight file's tensors are read when that file is written, and only they.
+    ckpt = resolve(tmp_path / "run")
+    reader, reads = ModelStateReader(ckpt), []
+
+    def read(keys):
+        got = reader.read(keys)
+        reads.append(sum(t.numel() * t.element_size() for t in got.values()))
+        return got
+
+    write_hf(ModelConfig.from_dict(read_train_state(ckpt)["model"]), read, tmp_path / "hf-spy",
+             dtype=torch.float32, max_shard_bytes=limit)
+    biggest = max(4 * torch.Size(shape).numel() for shape, _ in reader.shapes.values())
+    assert len(reads) == len(files) and max(reads) <= max(limit, biggest)
+    assert sum(reads) == index["metadata"]["total_size"]
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "x"),
+                 "--max-shard-size", "lots"]) == 2
+    assert "--max-shard-size 'lots' is not a size" in capsys.readouterr().err
+
 
 def test_resume_from_rolls_back_to_a_chosen_checkpoint(shards, tmp_path):
     """`--resume-from 2` (what `opt-ray ctl rollback` submits): newer checkpoints are moved
