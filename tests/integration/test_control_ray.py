@@ -80,6 +80,16 @@ def _kill_tree(sid: int, marker: str) -> None:
             time.sleep(0.2)
 
 
+def _node_ports() -> list[str]:
+    """Every fixed default port of a node, free ones instead: other people's clusters on
+    this machine hold the defaults (52365 for the dashboard agent, ...), and an agent that
+    cannot bind leaves the job server with "No available agent"."""
+    return [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                             "--runtime-env-agent-port", "--node-manager-port",
+                             "--object-manager-port")
+            for arg in (flag, str(free_port()))]
+
+
 class Cluster:
     def __init__(self, *, num_cpus: int = 2, node_env: dict[str, str] | None = None):
         """``node_env``: environment of the head node's own processes (its raylet and
@@ -99,16 +109,8 @@ class Cluster:
                "--port", str(self.gcs_port), "--dashboard-port", str(self.dash_port),
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
                "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir,
-               "--metrics-export-port", str(self.metrics_port),
-               # Every fixed default port too: other people's clusters on this machine
-               # hold the defaults (52365 for the dashboard agent, ...), and an agent
-               # that cannot bind leaves the job server with "No available agent".
-               "--dashboard-agent-listen-port", str(free_port()),
-               "--dashboard-agent-grpc-port", str(free_port()),
-               "--runtime-env-agent-port", str(free_port()),
+               "--metrics-export-port", str(self.metrics_port), *_node_ports(),
                "--ray-client-server-port", str(free_port()),
-               "--node-manager-port", str(free_port()),
-               "--object-manager-port", str(free_port()),
                "--system-config", json.dumps({"metrics_report_interval_ms": 1000}),
                "--disable-usage-stats"]
         # A new session: every daemon `ray start` leaves behind keeps this session id,
@@ -134,12 +136,7 @@ class Cluster:
         self._start([RAY, "start", "--address", f"127.0.0.1:{self.gcs_port}",
                      "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                      "--temp-dir", self.temp_dir,
-                     "--metrics-export-port", str(free_port()),
-                     "--dashboard-agent-listen-port", str(free_port()),
-                     "--dashboard-agent-grpc-port", str(free_port()),
-                     "--runtime-env-agent-port", str(free_port()),
-                     "--node-manager-port", str(free_port()),
-                     "--object-manager-port", str(free_port()),
+                     "--metrics-export-port", str(free_port()), *_node_ports(),
                      "--disable-usage-stats"], {**self.env, **(node_env or {})})
 
     def stop(self) -> None:
