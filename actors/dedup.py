@@ -2,10 +2,13 @@
 live in ``opt_ray.data.dedup``).
 
 ``RayExecutor.map`` runs each task as a ``num_cpus=1`` Ray task with ``max_retries``: a
-task reads its own split or partition from the shared filesystem and writes its result
-under the work dir, so only small summaries reach the driver. A killed worker's task is
-re-run by Ray in a fresh temporary directory; a completed task's directory is never
-rewritten, so the retry cannot change the output.
+task reads its own split or partition from the shared filesystem or the bucket and writes
+its result under the work dir (or prefix), so only small summaries reach the driver. A
+killed worker's task is re-run by Ray in a fresh temporary directory, and so is a task
+whose I/O failed (an ``OSError``, or the object store's client giving up after its own
+retries: ``transient``); a completed task's directory is never rewritten, so the retry
+cannot change the output. Bad input (``UserError``) stops the stage at once with its one
+line; any other exception (a bug) fails it without retries.
 """
 
 from __future__ import annotations
@@ -17,11 +20,35 @@ import ray
 from opt_ray.errors import UserError
 
 RETRIES = 5
+#: Where an exception comes from, for the object store's clients (fsspec's s3fs over
+#: aiobotocore): theirs are raised after their own retries and may pass, as a 503
+#: SlowDown under load or a dropped connection do.
+_STORE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "fsspec")
 
 
-@ray.remote(num_cpus=1, max_retries=RETRIES)
+class TransientTaskError(OSError):
+    """A task's I/O failed (an ``OSError``, or the object store's client gave up): Ray
+    runs the task again, up to ``RETRIES`` times. A task never leaves half its output
+    behind (it writes in a temporary place, ``done.json`` last), so a rerun is safe."""
+
+
+def transient(e: BaseException) -> bool:
+    """An I/O failure a rerun may not meet: an ``OSError`` (``StoreUnavailable`` among
+    them) or an exception of the object store's client; never bad input (``UserError``)
+    nor a bug in the task (any other exception), which a rerun would only repeat."""
+    if isinstance(e, UserError):
+        return False
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in _STORE_MODULES
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=[TransientTaskError])
 def _run(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:
+        if transient(e):
+            raise TransientTaskError(f"{type(e).__name__}: {e}") from e
+        raise
 
 
 class RayExecutor:

@@ -99,6 +99,12 @@ def local_run_dir(output: str | os.PathLike) -> Path:
 AWS_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL"
 
 
+class StoreUnavailable(OSError):
+    """An object-store request that failed, after the client's own retries, in the middle
+    of a stage's work (a task's upload): not bad input, so the stage's executor runs the
+    task again (``actors.dedup.RayExecutor``) instead of stopping the stage."""
+
+
 @contextlib.contextmanager
 def store_errors(what: str, doing: str, check: str = "the URL",
                  error: type[Exception] = UserError) -> Iterator[None]:

@@ -334,13 +334,15 @@ def put_files(local: Path, dest: Loc, what: str, names: Sequence[str] | None = N
     the bucket prefix ``dest``: concurrently, then ``done.json`` last (a task counts as
     done only then). A PUT is whole or absent; sizes and ETags are checked once, by the
     upload of the artifact's manifest (``upload_artifact``: one listing), not here, a
-    round trip per file. ``what`` names the destination in a store error."""
-    from opt_ray.run_dir import store_errors
+    round trip per file. ``what`` names the destination in a store error, which is a
+    ``StoreUnavailable`` (the bucket took a test write before the work began: a failure
+    now is the store's, and the task is run again)."""
+    from opt_ray.run_dir import StoreUnavailable, store_errors
 
     if names is None:
         names = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
     files = sorted(n for n in names if n != "done.json")
-    with store_errors(what, "an upload", "the bucket exists"):
+    with store_errors(what, "an upload", "the bucket exists", error=StoreUnavailable):
         if files:
             dest.fs.put([str(local / n) for n in files], [dest.child(n).path for n in files])
         if "done.json" in names:

@@ -39,6 +39,45 @@ def test_ray_executor_matches_local(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_ray_executor_reruns_io_failures_only(ray_local, tmp_path):
+    """A task whose I/O failed (a dropped connection, the store giving up) runs again and
+    the stage goes on; bad input stops the stage at once with its own error; a bug fails
+    it without reruns (a rerun would only repeat it)."""
+    from actors.dedup import RayExecutor
+    from opt_ray.errors import UserError
+
+    # Defined here so that Ray ships it by value (this module is not importable there).
+    def _fails_once(marker_dir: str, kind: str, x: int) -> int:
+        """A task whose first run fails with ``kind``'s exception; counts its runs."""
+        from opt_ray.errors import UserError
+        from opt_ray.run_dir import StoreUnavailable
+    
+        m = Path(marker_dir) / f"{kind}-{x}"
+        runs = int(m.read_text()) if m.exists() else 0
+        m.write_text(str(runs + 1))
+        if runs == 0:
+            if kind == "reset":
+                raise ConnectionResetError("connection reset by peer")
+            if kind == "store":
+                raise StoreUnavailable("--output s3://b/out: the object store refused an upload (503 SlowDown)")
+            if kind == "bad":
+                raise UserError("input x.jsonl: bad input")
+            if kind == "bug":
+                raise KeyError("a bug")
+        return 2 * x
+
+    d = str(tmp_path)
+    assert sorted(RayExecutor(2).map(_fails_once, [(d, "reset", 1), (d, "store", 2), (d, "ok", 3)])) == [2, 4, 6]
+    assert [(tmp_path / n).read_text() for n in ("reset-1", "store-2", "ok-3")] == ["2", "2", "1"]
+    with pytest.raises(UserError, match="bad input"):
+        list(RayExecutor(2).map(_fails_once, [(d, "bad", 4)]))
+    with pytest.raises(Exception) as ei:
+        list(RayExecutor(2).map(_fails_once, [(d, "bug", 5)]))
+    assert "KeyError" in str(ei.value)
+    assert [(tmp_path / n).read_text() for n in ("bad-4", "bug-5")] == ["1", "1"]
+
+
+@pytest.mark.slow
 def test_cli_end_to_end(ray_local, tmp_path, capsys):
     recs = planted_corpus(seed=2)
     write_jsonl(tmp_path / "in.jsonl", recs)
