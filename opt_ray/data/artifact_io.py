@@ -132,7 +132,8 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     (a new export to the same URL) are fetched anew. The copy is made in a temporary
     directory and renamed into place, so a process that dies mid-download leaves nothing
     that is taken for a copy; once it is in place, the node's older copies of the URL
-    are removed. A prefix with a manifest (what ``upload_artifact`` writes)
+    are removed. Processes of one node fetching the same part at once download it once
+    (a file lock; the others wait and take the copy). A prefix with a manifest (what ``upload_artifact`` writes)
     must hold every file it lists with the listed size and ETag: an upload that has not
     finished is refused, naming the file. ``what`` names the input in errors."""
     import hashlib
@@ -193,46 +194,59 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     dest = fetch_root() / f"{name}-{hashlib.sha256(part.encode()).hexdigest()[:12]}" / version
     if dest.is_dir():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
-    bar = None
-    try:
-        for n in want:
-            (tmp / n).parent.mkdir(parents=True, exist_ok=True)
-        if progress:
-            import sys
+    import fcntl
+    import sys
+    import time
 
-            from tqdm import tqdm
-            # A replica's log is a file: a line every 30 s there, not every second.
-            bar = tqdm(total=sum(int(listing[n].get("size", 0)) for n in want), unit="B",
-                       unit_scale=True, desc=f"fetch {name}",
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        with store_errors(f"{what} {url}", "a download", "the bucket exists"):
-            # Large files first: the transfers run concurrently, so the longest start first.
-            order = sorted(want, key=lambda n: -int(listing[n].get("size", 0)))
-            fs.get([f"{root}/{n}" for n in order], [str(tmp / n) for n in order])
-        for n in want:
-            size = (tmp / n).stat().st_size
-            if size != int(listing[n].get("size", size)):
-                raise ArtifactError(f"{what} {url}: {n} arrived with {size} of "
-                                    f"{listing[n]['size']} bytes; run the command again")
-            if bar is not None:
-                bar.update(size)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # One download per node: the replicas of a node (8 on a node of 8 GPUs) start at once,
+    # and each would otherwise fetch the whole export. The others wait here, then take it.
+    with open(dest.parent / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if dest.is_dir():
+            return dest
+        for stale in dest.parent.glob(".*.tmp-*"):    # a killed fetch's, nobody's now
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = dest.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
+        total = sum(int(listing[n].get("size", 0)) for n in want)
+        bar = None
+        t0 = time.monotonic()
         try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.is_dir():    # not another process's finished copy: a real error
-                raise
+            for n in want:
+                (tmp / n).parent.mkdir(parents=True, exist_ok=True)
+            if progress:
+                from tqdm import tqdm
+                # A replica's log is a file: a line every 30 s there, not every second.
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {name}",
+                           mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            with store_errors(f"{what} {url}", "a download", "the bucket exists"):
+                # Large files first: they run concurrently, so the longest start first.
+                order = sorted(want, key=lambda n: -int(listing[n].get("size", 0)))
+                fs.get([f"{root}/{n}" for n in order], [str(tmp / n) for n in order])
+            for n in want:
+                size = (tmp / n).stat().st_size
+                if size != int(listing[n].get("size", size)):
+                    raise ArtifactError(f"{what} {url}: {n} arrived with {size} of "
+                                        f"{listing[n]['size']} bytes; run the command again")
+                if bar is not None:
+                    bar.update(size)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.is_dir():   # not a copy by a process the lock missed: an error
+                    raise
+        finally:
+            if bar is not None:
+                bar.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"fetched {url} ({len(want)} files, {total / 1e6:.1f} MB in "
+              f"{time.monotonic() - t0:.1f} s) to {dest}", file=sys.stderr, flush=True)
         # Older copies of this URL go: a re-export must not leave a node holding every
         # version (350 GB each at 175b). A process that loaded one has its tensors in
-        # memory; one still fetching works in its own hidden directory, left alone.
+        # memory; none is being fetched (the lock is held).
         for old in dest.parent.iterdir():
             if old.name != version and not old.name.startswith(".") and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if bar is not None:
-            bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

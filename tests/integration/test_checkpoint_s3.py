@@ -1152,6 +1152,48 @@ def test_tokenizer_export_serving_and_eval_from_the_bucket(s3, shards, tmp_path,
     assert "no HF-format checkpoint there" in capsys.readouterr().err
 
 
+def test_replicas_of_one_node_fetch_an_export_once(s3, tmp_path):
+    """Three processes of one node (replicas starting together) fetch the same export at
+    once: one downloads it, the others wait for its copy and take it; a copy left half
+    done by a killed process is never taken and is cleared by the next fetch."""
+    import subprocess
+    import sys
+
+    import fsspec
+
+    from opt_ray.run_dir import FETCH_ENV
+    from tests.serve_helpers import build_checkpoint
+
+    hf = build_checkpoint(tmp_path / "hf", hidden=256, layers=8)    # ~25 MB
+    url = s3.url("exports", "shared")
+    fsspec.filesystem("s3").put(str(hf), url, recursive=True)
+    env = {**os.environ, FETCH_ENV: str(tmp_path / "node")}
+    go = tmp_path / "go"      # all three call fetch_prefix at the same moment
+    code = ("import os, sys, time, fsspec; from opt_ray.data.artifact_io import fetch_prefix\n"
+            "fsspec.filesystem('s3').ls(sys.argv[1])\n"
+            "while len(sys.argv) > 2 and not os.path.exists(sys.argv[2]): time.sleep(0.005)\n"
+            "print(fetch_prefix(sys.argv[1], 'checkpoint'))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(go)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    time.sleep(8)             # past their imports
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len({out.strip() for out, _ in outs}) == 1              # one copy for all
+    assert sum(err.count(f"fetched {url} ") for _, err in outs) == 1, outs
+    copy = Path(outs[0][0].strip())
+    assert (copy / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    stale = copy.parent / ".deadbeef.tmp-0000"                      # a killed fetch's
+    (stale / "model.safetensors").parent.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    fsspec.filesystem("s3").pipe_file(f"{url}/config.json",
+                                      (hf / "config.json").read_bytes() + b"\n")   # a new version
+    r = subprocess.run([sys.executable, "-c", code, url], env=env, text=True, capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0 and f"fetched {url} " in r.stderr
+    assert sorted(p.name for p in copy.parent.iterdir()) == [".lock", Path(r.stdout.strip()).name]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_serve_replicas_on_two_nodes_fetch_the_export_from_the_bucket(s3, tmp_path):
