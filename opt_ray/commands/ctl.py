@@ -146,7 +146,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for name in ("deploy", "update"):
         k = sa.add_parser(name)
         k.add_argument("name")
-        k.add_argument("--checkpoint", required=True, help="HF-format directory (opt-ray export)")
+        k.add_argument("--checkpoint", required=True,
+                       help="HF-format directory (opt-ray export), or its bucket prefix "
+                            "(s3://... under a URL --allowed-root: each replica fetches it)")
         k.add_argument("--replicas", type=int, default=0)
         k.add_argument("--max-replicas", type=int, default=0)
         k.add_argument("--http-port", type=int, default=0)
