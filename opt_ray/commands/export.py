@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the standard AWS environment variables)")
     p.add_argument("--output", required=True,
                    help="HF checkpoint to write: a directory, or a bucket prefix (s3://bucket/"
-                        "exports/NAME; written on this node, then uploaded with a manifest "
+                        "exports/NAME; each weight file uploaded as it is written, a manifest "
                         "last) that `opt-ray serve --checkpoint` and `eval` read from any node")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype to write (default fp32, the master weights)")
