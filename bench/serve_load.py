@@ -15,7 +15,15 @@ weights, ``--dtype``, written with ``opt-ray export``'s own ``to_hf``):
 Trials interleaved; best of ``--trials`` per side, and the local / bucket time ratios
 (1.0 = as fast as local). The bucket server shares the machine's cores with the loader.
 
-Run: ``python -m bench.serve_load [--preset 125m] [--dtype fp16] [--trials 3]``.
+``--memory``: instead, the host memory a replica's load takes before the engine moves the
+model to its device (peak RSS, the child's ``VmHWM``, each side in its own process), for
+an engine in ``--serve-dtype`` (default bfloat16) from the fp16 export:
+``load_model_and_tokenizer(path, dtype)`` as the engine now calls it (the weights read in
+the engine's dtype), the same in fp32 (what it did before: the engine cast afterwards),
+and the reference, transformers' ``OPTForCausalLM.from_pretrained(path, torch_dtype=...)``.
+
+Run: ``python -m bench.serve_load [--preset 125m] [--dtype fp16] [--trials 3]`` or
+``python -m bench.serve_load --memory [--preset 350m]``.
 """
 
 from __future__ import annotations
@@ -54,13 +62,70 @@ def export(preset: str, dtype: str, out: Path) -> Path:
     return out
 
 
+MEMORY_CHILD = r"""
+import json, sys, time
+side, path, dtype = sys.argv[1:4]
+import torch
+t = getattr(torch, dtype)
+t0 = time.perf_counter()
+if side == "baseline":
+    import opt_ray.serve.engine, transformers  # noqa: F401
+elif side == "transformers":
+    from transformers import OPTForCausalLM
+    OPTForCausalLM.from_pretrained(path, torch_dtype=t)
+else:
+    from opt_ray.serve.engine import load_model_and_tokenizer
+    load_model_and_tokenizer(path, t if side == "opt_ray" else None)
+dt = time.perf_counter() - t0
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": round(hwm / 1024, 1), "seconds": round(dt, 2)}))
+"""
+
+
+def memory(args, work: Path) -> dict:
+    import subprocess
+    import sys
+
+    local = export(args.preset, args.dtype, work / "hf")
+    sides = ["baseline", "opt_ray", "opt_ray_fp32_then_cast", "transformers"]
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for t in range(args.trials):
+        for side in (sides if t % 2 == 0 else sides[::-1]):
+            r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, side, str(local), args.serve_dtype],
+                               capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+            if r.returncode != 0:
+                raise SystemExit(f"{side} failed:\n{r.stderr[-3000:]}")
+            runs[side].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    best = {s: min(v, key=lambda r: r["peak_rss_mb"]) for s, v in runs.items()}
+    ref = best["transformers"]["peak_rss_mb"]
+    return {"bench": "serve_load --memory", "preset": args.preset, "export_dtype": args.dtype,
+            "serve_dtype": args.serve_dtype,
+            "export_mb": round(sum(p.stat().st_size for p in local.iterdir()) / 1e6, 1),
+            "trials": args.trials,
+            "sides": {s: {**r, "peak_vs_transformers": round(r["peak_rss_mb"] / ref, 3)}
+                      for s, r in best.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="125m", help="model shape (default 125m)")
     ap.add_argument("--dtype", default="fp16", choices=["fp32", "bf16", "fp16"],
                     help="weights as exported (default fp16, OPT's released dtype)")
     ap.add_argument("--trials", type=int, default=3, help="trials per side (default 3)")
+    ap.add_argument("--memory", action="store_true",
+                    help="the host memory of a replica's load instead (see the module doc)")
+    ap.add_argument("--serve-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="with --memory: the engine's dtype (default bfloat16)")
     args = ap.parse_args()
+    if args.memory:
+        work = Path(tempfile.mkdtemp(prefix="bench-serve-mem-"))
+        try:
+            res = memory(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps({**res, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                          "load_1m_end": round(os.getloadavg()[0], 2)}, indent=1))
+        return
 
     from opt_ray.data.artifact_io import publish_dir
     from opt_ray.run_dir import FETCH_ENV

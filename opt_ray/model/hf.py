@@ -108,22 +108,29 @@ def _normalise_key(key: str) -> str:
     return "model." + key if key.startswith("decoder.") else key
 
 
-def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
+def _read_weight_file(f: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A weight file's tensors, each cast to ``dtype`` as it is read (a safetensors file
+    is never held whole in its own dtype beside the cast copy)."""
     try:
         if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(f))
-        return torch.load(f, map_location="cpu", weights_only=True)
+            from safetensors import safe_open
+            with safe_open(str(f), framework="pt") as fh:
+                return {k: fh.get_tensor(k) if dtype is None else fh.get_tensor(k).to(dtype)
+                        for k in fh.keys()}
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
     except Exception as e:
         raise HFCheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e}); "
                                 "is the file complete and a safetensors / torch state dict?") from e
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's weight files, cast to ``dtype`` tensor by tensor
+    as they are read: the model is held once, in ``dtype``."""
     for single, index in ((SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json"),
                           (BIN_NAME, BIN_NAME + ".index.json")):
         if (path / single).is_file():
-            return _read_weight_file(path / single)
+            return _read_weight_file(path / single, dtype)
         if (path / index).is_file():
             try:
                 weight_map = json.loads((path / index).read_text())["weight_map"]
@@ -131,7 +138,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                 raise HFCheckpointError(f"{path / index}: not a readable shard index ({e})") from e
             out: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
-                out.update(_read_weight_file(path / shard))
+                out.update(_read_weight_file(path / shard, dtype))
             return out
     raise HFCheckpointError(f"{path}: no weights found; expected {SAFETENSORS_NAME} or {BIN_NAME} "
                             "(or a sharded *.index.json)")
@@ -167,7 +174,8 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT
         raise HFCheckpointError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from e
     cfg = config_from_hf(raw, source=str(path / CONFIG_NAME))
 
-    sd = {_normalise_key(k): v for k, v in _read_weights(path).items()}
+    dtype = dtype or torch.float32
+    sd = {_normalise_key(k): v for k, v in _read_weights(path, dtype).items()}
     _check_weights(sd, expected_shapes(cfg), str(path))
     emb = sd["model.decoder.embed_tokens.weight"]
     head = sd.pop("lm_head.weight", None)
@@ -175,10 +183,9 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT
         raise HFCheckpointError(f"{path}: 'lm_head.weight' differs from 'model.decoder.embed_tokens.weight'; "
                                 "OPT ties them, an untied LM head is not supported")
 
-    dtype = dtype or torch.float32
     with torch.device("meta"):
         model = OPT(cfg)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    model.load_state_dict(sd, strict=False, assign=True)
     # assign=True put a new tensor in embed_tokens only; tie the head to it again.
     model.lm_head.weight = model.decoder.embed_tokens.weight
     leftover = [n for n, p in model.named_parameters() if p.is_meta]

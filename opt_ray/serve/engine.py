@@ -864,17 +864,19 @@ def local_checkpoint(path: str | Path, *, weights: bool = True) -> Path:
                         progress=weights)
 
 
-def load_model_and_tokenizer(path: str | Path):
+def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer, eos_token_id) from an HF-format dir with its tokenizer beside it
-    (a bucket one is fetched to this node first)."""
+    (a bucket one is fetched to this node first); the weights in ``dtype`` (default fp32)."""
     from opt_ray.serve.loading import load_hf_model, load_tokenizer_dir
     p = local_checkpoint(path)
-    model = load_hf_model(p)
+    model = load_hf_model(p, dtype)
     tok = load_tokenizer_dir(p)
     cfg = json.loads((p / "config.json").read_text())
     return model, tok, int(cfg.get("eos_token_id", model.config.eos_token_id))
 
 
 def engine_from_checkpoint(path: str | Path, config: EngineConfig | None = None) -> Engine:
-    model, tok, eos = load_model_and_tokenizer(path)
+    # Read in the engine's dtype: the engine rounds to it anyway, and a half-precision
+    # replica then never holds the model in fp32.
+    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[(config or EngineConfig()).dtype])
     return Engine(model, tok, config, eos_token_id=eos)

@@ -20,9 +20,11 @@ from pathlib import Path
 from opt_ray.errors import UserError
 
 
-def load_hf_model(path: Path):
+def load_hf_model(path: Path, dtype=None):
+    """The model of an HF dir, its weights in ``dtype`` as they are read (a replica that
+    serves bf16 never holds the fp32 model: 52 GB of host memory at 13b, per replica)."""
     from opt_ray.model.hf import from_hf
-    return from_hf(path)
+    return from_hf(path, dtype=dtype)
 
 
 def load_tokenizer_dir(path: Path):
