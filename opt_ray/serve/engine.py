@@ -808,7 +808,8 @@ class EngineLoop:
 
 #: The files of an HF checkpoint that are not weights: what a front end needs of it.
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "vocab.json",
-               "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "manifest.json")
+               "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "manifest.json",
+               "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _EXPORT_SUBDIRS = ("hf", "export", "export/hf")
 
 

@@ -94,11 +94,33 @@ def check_checkpoint(path: Path | str) -> None:
     if not weights:
         raise UserError(f"{path}: no weights (model.safetensors or pytorch_model.bin); export the "
                         f"checkpoint again")
+    _check_index(str(path), path, {f.name for f in weights})
     for f in weights:
         if f.suffix == ".safetensors":
             _check_safetensors(f)
         else:
             _check_torch_zip(f)
+
+
+#: HF's shard indexes: a sharded checkpoint lists its weight files in one of these.
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_index(where: str, small: Path, present: set[str]) -> None:
+    """Every weight file a shard index (in ``small``, the checkpoint's small files) lists
+    is among ``present``: a copy or upload still under way has only some."""
+    for name in INDEXES:
+        if not (small / name).is_file():
+            continue
+        try:
+            files = set(json.loads((small / name).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{where}/{name}: not a readable shard index ({e})") from e
+        missing = sorted(files - present)
+        if missing:
+            raise UserError(f"{where}: {missing[0]} is listed in {name} but missing "
+                            f"({len(missing)} of {len(files)} weight files); copy or upload the "
+                            f"checkpoint again")
 
 
 def _check_url(url: str) -> None:
@@ -123,6 +145,7 @@ def _check_url(url: str) -> None:
         names = loc.names()
         weights = sorted(n for n in names if n.endswith(".safetensors")) + \
             sorted(n for n in names if n.endswith(".bin"))
+        _check_index(url, small, set(weights))
         for n in weights:
             if n.endswith(".safetensors"):
                 f = loc.child(n)

@@ -131,3 +131,29 @@ def test_cut_off_torch_bin_and_missing_tokenizer_are_named(ckpt, tmp_path):
         shutil.copy(ckpt / name, ckpt_copy / name)
     with pytest.raises(UserError, match="tokenizer"):
         check_checkpoint(ckpt_copy)
+
+
+def test_sharded_checkpoint_with_a_missing_weight_file_is_named(ckpt, tmp_path):
+    """A sharded HF checkpoint (transformers' save_pretrained past max_shard_size) is
+    checked and served like one file; one whose index lists a file that is not there (a
+    copy still under way) is one error naming it, before anything is deployed."""
+    from transformers import OPTForCausalLM
+
+    from opt_ray.errors import UserError
+    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from opt_ray.serve.loading import check_checkpoint
+    from opt_ray.serve.sampling import SamplingParams
+    d = tmp_path / "sharded"
+    OPTForCausalLM.from_pretrained(ckpt).save_pretrained(d, max_shard_size="100KB")
+    for name in ("tokenizer.json",):
+        shutil.copy(ckpt / name, d / name)
+    parts = sorted(d.glob("model-*.safetensors"))
+    assert len(parts) >= 2 and (d / "model.safetensors.index.json").is_file()
+    check_checkpoint(d)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    want = engine_from_checkpoint(ckpt, EngineConfig()).generate([2, 5, 7], params)[0].token_ids
+    assert engine_from_checkpoint(d, EngineConfig()).generate([2, 5, 7], params)[0].token_ids == want
+    parts[-1].unlink()
+    with pytest.raises(UserError, match=f"{parts[-1].name} is listed in "
+                                        f"model.safetensors.index.json but missing"):
+        check_checkpoint(d)
