@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from opt_ray.artifacts import ArtifactWriter
+from opt_ray.artifacts import MANIFEST, ArtifactWriter
 from opt_ray.storage import Loc
 
 
@@ -54,7 +54,7 @@ def upload_artifact(local: str | os.PathLike, url: str, *, kind: str, progress: 
 
     from fsspec.core import url_to_fs
 
-    from opt_ray.artifacts import MANIFEST, ArtifactError, json_text, read_manifest
+    from opt_ray.artifacts import ArtifactError, json_text, read_manifest
     from opt_ray.run_dir import store_errors
 
     local = Path(local)
@@ -109,7 +109,6 @@ def clear_prefix(url: str, *, overwrite: bool) -> None:
     """Make the bucket prefix ``url`` ready for a new artifact written from this node:
     with ``overwrite``, its manifest goes first (no reader takes it from then on), then
     the rest; without, one that holds anything is refused (``check_artifact_url``)."""
-    from opt_ray.artifacts import MANIFEST
     from opt_ray.run_dir import store_errors
 
     out = Loc(url)
@@ -129,31 +128,53 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     Kept in this node's fetch directory (``run_dir.fetch_root``) under a name made of the
     URL and every fetched object's size and ETag: another call on the node (a second
     replica, a restart) reuses it without a download, and objects replaced in the bucket
-    (a new export to the same URL) are fetched anew. The copy is made in a temporary
-    directory and renamed into place, so a process that dies mid-download leaves nothing
-    that is taken for a copy; once it is in place, the node's older copies of the URL
-    are removed. Processes of one node fetching the same part at once download it once
-    (a file lock; the others wait and take the copy). A prefix with a manifest (what ``upload_artifact`` writes)
-    must hold every file it lists with the listed size and ETag: an upload that has not
-    finished is refused, naming the file. ``what`` names the input in errors."""
+    (a new export to the same URL) are fetched anew. A prefix with a manifest (what
+    ``upload_artifact`` writes) must hold every file it lists with the listed size and
+    ETag: an upload that has not finished is refused, naming the file. ``what`` names the
+    input in errors. The download: ``_download``."""
     import hashlib
-    import shutil
-    import uuid
 
-    from fsspec.core import url_to_fs
-
-    from opt_ray.artifacts import MANIFEST, ArtifactError
     from opt_ray.errors import UserError
-    from opt_ray.run_dir import fetch_root, store_errors
+    from opt_ray.run_dir import fetch_root
 
     url = url.rstrip("/")
+    fs, root, listing, manifest = _list_artifact(url, what)
+    want = sorted(listing) if names is None else sorted(n for n in names if n in listing)
+    if manifest is not None and names is None:   # the artifact's files, not strays
+        want = [n for n in want if n in manifest["files"] or n == MANIFEST]
+    if not want:
+        raise UserError(f"{what} {url}: none of {', '.join(names or [])} is there; check the "
+                        f"URL")
+    version = hashlib.sha256(json.dumps(
+        [url, [(n, int(listing[n].get("size", 0)), listing[n].get("ETag", "")) for n in want]]
+    ).encode()).hexdigest()[:16]
+    name = url.rsplit("/", 1)[-1][:40] or "fetched"
+    # One directory per URL and part asked for (the small files a front end reads are
+    # another copy than the whole export), holding the newest version fetched.
+    part = json.dumps([url, None if names is None else sorted(names)])
+    dest = fetch_root() / f"{name}-{hashlib.sha256(part.encode()).hexdigest()[:12]}" / version
+    if not dest.is_dir():
+        _download(fs, root, {n: int(listing[n].get("size", 0)) for n in want}, dest,
+                  f"{what} {url}", progress=progress)
+    return dest
+
+
+def _list_artifact(url: str, what: str):
+    """(fs, root, {name: listing entry}, manifest or None) of a bucket prefix: one listing
+    (hidden names, the stages' own work prefixes and probes, left out), and the whole
+    artifact checked against its manifest when it has one."""
+    from fsspec.core import url_to_fs
+
+    from opt_ray.artifacts import ArtifactError
+    from opt_ray.errors import UserError
+    from opt_ray.run_dir import store_errors
+
     with store_errors(f"{what} {url}", "a read", "the bucket exists"):
         fs, root = url_to_fs(url)
         root = root.rstrip("/")
         fs.invalidate_cache()
         listing = {p[len(root) + 1:]: i for p, i in fs.find(root, detail=True).items()
                    if p.startswith(root + "/")}
-        # Hidden names are the stages' own (work prefixes, probes), never the artifact's.
         listing = {n: i for n, i in listing.items()
                    if not any(seg.startswith(".") for seg in n.split("/"))}
         manifest = None
@@ -164,12 +185,6 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     if not listing:
         raise UserError(f"{what} {url}: no objects under this prefix; check the URL (it "
                         f"names a prefix, e.g. s3://bucket/exports/opt-125m)")
-    want = sorted(listing) if names is None else sorted(n for n in names if n in listing)
-    if manifest is not None and names is None:   # the artifact's files, not strays
-        want = [n for n in want if n in manifest["files"] or n == MANIFEST]
-    if not want:
-        raise UserError(f"{what} {url}: none of {', '.join(names or [])} is there; check the "
-                        f"URL")
     if manifest is not None:
         # The whole artifact is checked, whatever part is fetched: its listing has it all.
         files = manifest["files"]
@@ -184,50 +199,52 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
                 raise ArtifactError(f"{what} {url}: {name} is not the file its {MANIFEST} lists "
                                     f"(an upload under way or a replaced file); upload the "
                                     f"artifact again")
-    version = hashlib.sha256(json.dumps(
-        [url, [(n, int(listing[n].get("size", 0)), listing[n].get("ETag", "")) for n in want]]
-    ).encode()).hexdigest()[:16]
-    name = url.rsplit("/", 1)[-1][:40] or "fetched"
-    # One directory per URL and part asked for (the small files a front end reads are
-    # another copy than the whole export), holding the newest version fetched.
-    part = json.dumps([url, None if names is None else sorted(names)])
-    dest = fetch_root() / f"{name}-{hashlib.sha256(part.encode()).hexdigest()[:12]}" / version
-    if dest.is_dir():
-        return dest
+    return fs, root, listing, manifest
+
+
+def _download(fs, root: str, sizes: dict[str, int], dest: Path, what: str, *,
+              progress: bool) -> None:
+    """The objects ``sizes`` names under ``root`` into ``dest``, a version directory of
+    ``fetch_prefix``. Made in a temporary directory and renamed into place, so a process
+    that dies mid-download leaves nothing that is taken for a copy (the next fetch clears
+    it). One download per node: processes fetching the same part at once (the replicas of
+    a node of 8 GPUs start together) wait on a file lock and take the first one's copy.
+    Once it is in place, the node's older versions of the part are removed."""
     import fcntl
+    import shutil
     import sys
     import time
+    import uuid
+
+    from opt_ray.artifacts import ArtifactError
+    from opt_ray.run_dir import store_errors
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # One download per node: the replicas of a node (8 on a node of 8 GPUs) start at once,
-    # and each would otherwise fetch the whole export. The others wait here, then take it.
     with open(dest.parent / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if dest.is_dir():
-            return dest
+            return
         for stale in dest.parent.glob(".*.tmp-*"):    # a killed fetch's, nobody's now
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = dest.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
-        total = sum(int(listing[n].get("size", 0)) for n in want)
-        bar = None
-        t0 = time.monotonic()
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        total, bar, t0 = sum(sizes.values()), None, time.monotonic()
         try:
-            for n in want:
+            for n in sizes:
                 (tmp / n).parent.mkdir(parents=True, exist_ok=True)
             if progress:
                 from tqdm import tqdm
                 # A replica's log is a file: a line every 30 s there, not every second.
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {name}",
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {dest.parent.name}",
                            mininterval=1.0 if sys.stderr.isatty() else 30.0)
-            with store_errors(f"{what} {url}", "a download", "the bucket exists"):
+            with store_errors(what, "a download", "the bucket exists"):
                 # Large files first: they run concurrently, so the longest start first.
-                order = sorted(want, key=lambda n: -int(listing[n].get("size", 0)))
+                order = sorted(sizes, key=lambda n: -sizes[n])
                 fs.get([f"{root}/{n}" for n in order], [str(tmp / n) for n in order])
-            for n in want:
+            for n, want in sizes.items():
                 size = (tmp / n).stat().st_size
-                if size != int(listing[n].get("size", size)):
-                    raise ArtifactError(f"{what} {url}: {n} arrived with {size} of "
-                                        f"{listing[n]['size']} bytes; run the command again")
+                if size != want:
+                    raise ArtifactError(f"{what}: {n} arrived with {size} of {want} bytes; run "
+                                        f"the command again")
                 if bar is not None:
                     bar.update(size)
             try:
@@ -239,15 +256,13 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
             if bar is not None:
                 bar.close()
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"fetched {url} ({len(want)} files, {total / 1e6:.1f} MB in "
+        print(f"fetched {what} ({len(sizes)} files, {total / 1e6:.1f} MB in "
               f"{time.monotonic() - t0:.1f} s) to {dest}", file=sys.stderr, flush=True)
-        # Older copies of this URL go: a re-export must not leave a node holding every
-        # version (350 GB each at 175b). A process that loaded one has its tensors in
-        # memory; none is being fetched (the lock is held).
+        # A re-export must not leave a node holding every version (350 GB each at 175b).
+        # A process that loaded one has its tensors in memory; none is being fetched now.
         for old in dest.parent.iterdir():
-            if old.name != version and not old.name.startswith(".") and old.is_dir():
+            if old.name != dest.name and not old.name.startswith(".") and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
-    return dest
 
 
 def check_artifact_url(url: str, work: str | None = None, *, overwrite: bool = False) -> None:
@@ -257,7 +272,6 @@ def check_artifact_url(url: str, work: str | None = None, *, overwrite: bool = F
     replace what is there. Raises ``UserError`` naming the URL and the fix."""
     from fsspec.core import url_to_fs
 
-    from opt_ray.artifacts import MANIFEST
     from opt_ray.errors import UserError
     from opt_ray.run_dir import probe_write, store_errors
 
@@ -297,7 +311,7 @@ def prepare_work(work: Loc, fingerprint: dict[str, Any], output: Loc | None = No
     a bucket ``output``'s objects: an unfinished other run's, which has no manifest. With
     ``overwrite``, a whole artifact at ``output`` is replaced: its manifest goes first (no
     reader takes it from then on), then the rest."""
-    from opt_ray.artifacts import MANIFEST, json_text
+    from opt_ray.artifacts import json_text
     if output is not None and overwrite and output.child(MANIFEST).exists():
         output.child(MANIFEST).rm()
         output.rm()

@@ -1180,7 +1180,7 @@ def test_replicas_of_one_node_fetch_an_export_once(s3, tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len({out.strip() for out, _ in outs}) == 1              # one copy for all
-    assert sum(err.count(f"fetched {url} ") for _, err in outs) == 1, outs
+    assert sum(err.count(f"fetched checkpoint {url} ") for _, err in outs) == 1, outs
     copy = Path(outs[0][0].strip())
     assert (copy / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
     stale = copy.parent / ".deadbeef.tmp-0000"                      # a killed fetch's
@@ -1190,7 +1190,7 @@ def test_replicas_of_one_node_fetch_an_export_once(s3, tmp_path):
                                       (hf / "config.json").read_bytes() + b"\n")   # a new version
     r = subprocess.run([sys.executable, "-c", code, url], env=env, text=True, capture_output=True,
                        timeout=120)
-    assert r.returncode == 0 and f"fetched {url} " in r.stderr
+    assert r.returncode == 0 and f"fetched checkpoint {url} " in r.stderr
     assert sorted(p.name for p in copy.parent.iterdir()) == [".lock", Path(r.stdout.strip()).name]
 
 
