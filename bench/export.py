@@ -1,7 +1,8 @@
 """`opt-ray export`'s peak memory: the streaming export against a whole-state load.
 
-A training checkpoint of the ``--preset`` shape (one step of the real trainer, so it holds
-the fp32 weights and AdamW's two moments, as every checkpoint does) is exported to an HF
+A training checkpoint of the ``--preset`` shape (one step of `opt-ray train --workers
+2`, so it holds the fp32 weights and AdamW's two moments, as every checkpoint does, in a
+file per rank) is exported to an HF
 directory in fp16, each side in its own process, trials
 interleaved (peak RSS is the child's ``VmHWM``):
 
@@ -13,6 +14,10 @@ interleaved (peak RSS is the child's ``VmHWM``):
   model this small: the whole fp32 weights pass through memory once);
 * ``export_sharded``: the CLI with ``--max-shard-size`` ``--shard`` (files of that size,
   one in memory at a time: what bounds a 175b export).
+
+Also timed, in this process: ``checkpoint.verify`` of the checkpoint (every file's
+sha256, what export and eval run first) hashing its files one at a time against
+concurrently (``VERIFY_THREADS``).
 
 Reported: peak RSS per side, its ratio to the reference, seconds, and the bytes written
 (equal on every side: the same tensors). A process that only imports torch and the
@@ -68,17 +73,43 @@ print(json.dumps({"peak_rss_mb": hwm / 1024, "seconds": dt}))
 """
 
 
-def make_checkpoint(preset: str, work: Path) -> str:
-    """One step of the real trainer at ``preset``'s shape on a small corpus; the checkpoint."""
-    from opt_ray.train.checkpoint import resolve
-    from opt_ray.train.loop import TrainConfig, train
+def make_checkpoint(preset: str, work: Path, workers: int) -> str:
+    """One step of the real trainer at ``preset``'s shape on a small corpus, as `opt-ray
+    train --workers N` runs it (its own embedded Ray; N ranks write N files); the
+    checkpoint."""
+    from opt_ray.train.checkpoint import committed
     from tests.integration.test_train_gang import make_shards
 
     shards = make_shards(work / "shards", docs=200, seq_len=32)
-    train(TrainConfig(data=str(shards), output=str(work / "run"), preset=preset, steps=1,
-                      batch_tokens=2 * 32, micro_batch=2, checkpoint_every=1, guard=False,
-                      warmup_steps=1))
-    return str(resolve(work / "run"))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    subprocess.run([str(Path(sys.executable).parent / "opt-ray"), "train", "--data", str(shards),
+                    "--output", str(work / "run"), "--preset", preset, "--steps", "1",
+                    "--workers", str(workers), "--batch-tokens", str(2 * 32 * workers),
+                    "--micro-batch", "2", "--checkpoint-every", "1", "--warmup-steps", "1",
+                    "--no-guard", "--no-progress", "--num-cpus", str(max(2, workers))],
+                   check=True, env=env, capture_output=True)
+    return str(committed(work / "run" / "checkpoints")[-1][1])
+
+
+def _verify_times(ckpt: str, trials: int) -> dict:
+    """``checkpoint.verify`` (every file's sha256, what export and eval run first) with its
+    files hashed one at a time against concurrently (``VERIFY_THREADS``), interleaved;
+    the page cache is warm for both (the checkpoint was just written and read)."""
+    from opt_ray.train import checkpoint
+
+    threads, best = checkpoint.VERIFY_THREADS, {"serial": 1e9, "threads": 1e9}
+    try:
+        for t in range(trials + 1):
+            for side in (("serial", "threads") if t % 2 == 0 else ("threads", "serial")):
+                checkpoint.VERIFY_THREADS = 1 if side == "serial" else threads
+                t0 = time.perf_counter()
+                assert checkpoint.verify(ckpt) is None
+                if t:             # the first round warms the page cache
+                    best[side] = min(best[side], time.perf_counter() - t0)
+    finally:
+        checkpoint.VERIFY_THREADS = threads
+    return {k: round(v, 3) for k, v in best.items()} | {"threads": threads}
 
 
 def main() -> None:
@@ -86,14 +117,17 @@ def main() -> None:
     ap.add_argument("--preset", default="125m", help="model shape (default 125m)")
     ap.add_argument("--shard", default="20MB", help="--max-shard-size of the sharded side")
     ap.add_argument("--trials", type=int, default=2, help="trials per side (default 2)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="ranks of the run that writes the checkpoint (one file each; default 2)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         t0 = time.perf_counter()
-        ckpt = make_checkpoint(args.preset, work)
+        ckpt = make_checkpoint(args.preset, work, args.workers)
         ckpt_mb = sum(p.stat().st_size for p in Path(ckpt).rglob("*") if p.is_file()) / 1e6
         build_s = time.perf_counter() - t0
+        verify_s = _verify_times(ckpt, args.trials)
         sides = ["baseline", "whole_state", "export", "export_sharded"]
         runs: dict[str, list[dict]] = {s: [] for s in sides}
         for t in range(args.trials):
@@ -114,6 +148,8 @@ def main() -> None:
         print(json.dumps({
             "bench": "export", "preset": args.preset, "checkpoint_mb": round(ckpt_mb, 1),
             "checkpoint_build_s": round(build_s, 1), "shard": args.shard, "trials": args.trials,
+            "verify_s": verify_s,
+            "verify_threads_vs_serial": round(verify_s["serial"] / verify_s["threads"], 3),
             "sides": {s: {**{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
                           "peak_vs_whole_state": round(r["peak_rss_mb"] / ref, 3)}
                       for s, r in best.items()},
