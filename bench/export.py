@@ -109,7 +109,8 @@ def _verify_times(ckpt: str, trials: int) -> dict:
                     best[side] = min(best[side], time.perf_counter() - t0)
     finally:
         checkpoint.VERIFY_THREADS = threads
-    return {k: round(v, 3) for k, v in best.items()} | {"threads": threads}
+    files = len(json.loads((Path(ckpt) / "manifest.json").read_text())["files"])
+    return {f"{k}_s": round(v, 3) for k, v in best.items()} | {"threads": threads, "files": files}
 
 
 def main() -> None:
@@ -149,7 +150,7 @@ def main() -> None:
             "bench": "export", "preset": args.preset, "checkpoint_mb": round(ckpt_mb, 1),
             "checkpoint_build_s": round(build_s, 1), "shard": args.shard, "trials": args.trials,
             "verify_s": verify_s,
-            "verify_threads_vs_serial": round(verify_s["serial"] / verify_s["threads"], 3),
+            "verify_threads_vs_serial": round(verify_s["serial_s"] / verify_s["threads_s"], 3),
             "sides": {s: {**{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
                           "peak_vs_whole_state": round(r["peak_rss_mb"] / ref, 3)}
                       for s, r in best.items()},
