@@ -1212,6 +1212,7 @@ def test_serve_replicas_on_two_nodes_fetch_the_export_from_the_bucket(s3, tmp_pa
     from opt_ray.serve.sampling import SamplingParams
     from tests.conftest import free_port
     from tests.integration.test_control_ray import OPT_RAY, Cluster
+    from tests.integration.test_serve_ray import _wait_ready
     from tests.serve_helpers import build_checkpoint
 
     hf = build_checkpoint(tmp_path / "hf")
@@ -1230,27 +1231,30 @@ def test_serve_replicas_on_two_nodes_fetch_the_export_from_the_bucket(s3, tmp_pa
                                 env={**cluster.env, FETCH_ENV: str(nodes["driver"])},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while True:
+
+        def alive() -> None:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        _wait_ready(base, 240, alive)
         models = httpx.get(f"{base}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["served"]
+        # Each replica's node has its own copy. /v1/models answers (the ingress) before
+        # every replica is up: wait for both copies (the second replica may still be
+        # fetching on a loaded machine), then ask each prompt three times (Serve spreads
+        # the requests over the replicas that are up).
+        deadline = time.time() + 180
+        while time.time() < deadline and not all(
+                list(nodes[n].rglob("model.safetensors")) for n in ("node-a", "node-b")):
+            alive()
+            time.sleep(1)
+        for n in ("node-a", "node-b"):
+            assert len(list(nodes[n].rglob("model.safetensors"))) == 1, n
         engine = engine_from_checkpoint(hf, EngineConfig(max_num_seqs=4))
-        for prompt in ("The quick brown fox", "Ray Serve runs replicas"):
+        for prompt in ("The quick brown fox", "Ray Serve runs replicas") * 3:
             ids = engine.tokenizer.encode(prompt).ids
             want = engine.generate(ids, SamplingParams(max_tokens=8, temperature=0.0))[0].text
             got = httpx.post(f"{base}/v1/completions", timeout=60, json={
                 "model": "served", "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
             assert got["choices"][0]["text"] == want
-        for n in ("node-a", "node-b"):          # each replica's node has its own copy
-            assert len(list(nodes[n].rglob("model.safetensors"))) == 1, n
         assert not list(nodes["driver"].rglob("*.safetensors"))
     finally:
         if proc is not None and proc.poll() is None:

@@ -40,10 +40,13 @@ def server(ray_local, tmp_path_factory):
         serve.shutdown()
 
 
-def _wait_ready(base: str, timeout: float = 60) -> None:
+def _wait_ready(base: str, timeout: float = 60, alive=lambda: None) -> None:
+    """Until ``base``/v1/models answers; ``alive()`` is called each round (it raises when
+    the process that should come up has died)."""
     import httpx
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        alive()
         try:
             if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
                 return
