@@ -58,13 +58,11 @@ def run(args: argparse.Namespace) -> int:
                          source={"checkpoint": str(ckpt), "step": step},
                          overwrite=args.overwrite, progress=progress)
     else:
+        from opt_ray.data.tokenizer import save_tokenizer_files
+        # The tokenizer goes in before the directory is renamed into place.
         out = write_hf(cfg, weights.read, args.output, dtype=dtype, overwrite=args.overwrite,
-                       max_shard_bytes=max_shard, on_file=progress)
-        if tok is not None:
-            # The weights are already committed atomically; the tokenizer goes in through
-            # a temporary name so a reader never sees half a file.
-            from opt_ray.data.tokenizer import save_tokenizer_files
-            save_tokenizer_files(tok, out)
+                       max_shard_bytes=max_shard, on_file=progress,
+                       extra=None if tok is None else lambda d: save_tokenizer_files(tok, d))
     if progress is not None:
         progress.close()
     print(f"exported {ckpt} (step {step}){' with its tokenizer' if tok else ''} to {out}")

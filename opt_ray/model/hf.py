@@ -219,7 +219,7 @@ def to_hf(model: OPT, path: str | os.PathLike, *, overwrite: bool = False,
 
 def write_hf(cfg: ModelConfig, read, path: str | os.PathLike, *, dtype: torch.dtype,
              overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-             on_file=None) -> Path:
+             on_file=None, extra=None) -> Path:
     """``to_hf`` from a reader of tensors instead of a model in memory: ``read(keys)``
     returns those tensors (HF names, full shapes), called once per weight file with that
     file's tensors, which are cast to ``dtype``, written and dropped; so an export holds
@@ -227,7 +227,9 @@ def write_hf(cfg: ModelConfig, read, path: str | os.PathLike, *, dtype: torch.dt
     size. The files are planned from the config's shapes, HF's way (in state-dict order,
     a new file when the next tensor would pass the limit). ``on_file(name, path)`` is
     called after each weight file is written (an uploader may move it away: it is not
-    needed again). Returns the path."""
+    needed again); ``extra(dir)`` writes more files (the tokenizer) into the directory
+    before it is renamed into place, so no reader sees the export without them. Returns
+    the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -266,6 +268,8 @@ def write_hf(cfg: ModelConfig, read, path: str | os.PathLike, *, dtype: torch.dt
                      "weight_map": {k: name for keys, name in zip(groups, names) for k in keys}}
             (tmp / (SAFETENSORS_NAME + ".index.json")).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(config_to_hf(cfg, dtype=dtype), indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
         os.chmod(tmp, 0o755)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
