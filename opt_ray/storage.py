@@ -149,6 +149,13 @@ class Loc:
         except FileNotFoundError:
             pass
 
+    def rm_artifact(self) -> None:
+        """Remove an artifact (a directory or prefix committed by its manifest): the
+        manifest first, so that no reader takes what is left for a whole one while the
+        rest goes."""
+        self.child(MANIFEST).rm()
+        self.rm()
+
     def move_to(self, dest: "Loc") -> None:
         if self.local:
             os.makedirs(os.path.dirname(dest.path), exist_ok=True)
@@ -158,8 +165,7 @@ class Loc:
             files = self.files()
             for rel in sorted(files, key=lambda r: r == MANIFEST):
                 self.fs.copy(self.child(rel).path, dest.child(rel).path)
-            self.child(MANIFEST).rm()
-            self.rm()
+            self.rm_artifact()
 
 
 def _loc(ref: str | os.PathLike | Loc) -> Loc:

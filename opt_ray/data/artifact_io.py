@@ -114,9 +114,7 @@ def clear_prefix(url: str, *, overwrite: bool) -> None:
     out = Loc(url)
     if overwrite:
         with store_errors(f"--output {url}", "a removal", "the bucket exists"):
-            if out.child(MANIFEST).exists():
-                out.child(MANIFEST).rm()
-            out.rm()
+            out.rm_artifact()
     check_artifact_url(url, overwrite=overwrite)
 
 
@@ -313,8 +311,7 @@ def prepare_work(work: Loc, fingerprint: dict[str, Any], output: Loc | None = No
     reader takes it from then on), then the rest."""
     from opt_ray.artifacts import json_text
     if output is not None and overwrite and output.child(MANIFEST).exists():
-        output.child(MANIFEST).rm()
-        output.rm()
+        output.rm_artifact()
         work.rm()
     try:
         if json.loads(work.child("plan.json").read_text()) == fingerprint:

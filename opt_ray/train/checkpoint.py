@@ -325,8 +325,7 @@ class Checkpointer:
         d = self.loc.child(step_name(step))
         if self.rank == 0:
             # A re-save of a step (after a rollback): un-commit it before touching its files.
-            d.child(MANIFEST).rm()
-            d.rm()
+            d.rm_artifact()
             d.child("rng").mkdirs()
         self._barrier()
 
@@ -409,8 +408,7 @@ class Checkpointer:
             except (OSError, json.JSONDecodeError):
                 milestone = False
             if not milestone and not loc.child(PIN).exists():
-                loc.child(MANIFEST).rm()  # un-commit first: a half-deleted dir is not a checkpoint
-                loc.rm()
+                loc.rm_artifact()  # un-committed first: a half-deleted dir is not a checkpoint
 
     def discard(self, steps: list[int]) -> None:
         """Delete checkpoints (the divergence guard's invalidated trajectory); rank 0."""
