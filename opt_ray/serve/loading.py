@@ -32,16 +32,11 @@ def load_tokenizer_dir(path: Path):
     return load_tokenizer(path)
 
 
-def _check_safetensors(f: Path) -> None:
+def _check_safetensors(f: str, size: int, fh) -> None:
     """A safetensors file is an 8-byte header length, a JSON header giving every tensor's
-    byte range, then the data: the file must be long enough for all of it."""
-    with f.open("rb") as fh:
-        _check_safetensors_head(str(f), f.stat().st_size, fh)
-
-
-def _check_safetensors_head(f: str, size: int, fh) -> None:
-    """``_check_safetensors`` of a file ``f`` of ``size`` bytes open as ``fh`` (a local
-    file, or a bucket object read by range: only its header is read)."""
+    byte range, then the data: the file (``f``, ``size`` bytes, open as ``fh``: a local
+    file, or a bucket object read by range) must be long enough for all of it. Reads the
+    header only."""
     head = fh.read(8)
     if len(head) < 8:
         raise UserError(f"{f}: cut off ({size} bytes; not even a safetensors header); "
@@ -61,14 +56,13 @@ def _check_safetensors_head(f: str, size: int, fh) -> None:
                         f"describes; copy or download the checkpoint again")
 
 
-def _check_torch_zip(f: Path) -> None:
+def _check_torch_zip(f: str, size: int, fh) -> None:
     """torch.save's zip format keeps its directory at the end: a cut-off file has none."""
-    with f.open("rb") as fh:
-        magic = fh.read(4)
-    if magic[:2] != b"PK":
+    if fh.read(4)[:2] != b"PK":
         return                         # the legacy format: left to the loader
     try:
-        with zipfile.ZipFile(f) as z:
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as z:
             z.infolist()
     except (zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{f}: cut off or damaged ({e}); copy or download the checkpoint again") from e
@@ -76,30 +70,60 @@ def _check_torch_zip(f: Path) -> None:
 
 def check_checkpoint(path: Path | str) -> None:
     """Raise ``UserError`` naming the file when an HF-format dir cannot be served: its
-    config.json is not an OPT config, its tokenizer is missing, or a weight file is cut
-    off. Reads headers only (milliseconds, whatever the model size). A bucket export
-    (a URL) is checked where it is: its small files are fetched to this node, the weights'
-    headers read by range, and its manifest, if any, matched (``fetch_prefix``)."""
+    config.json is not an OPT config, its tokenizer is missing, a weight file its shard
+    index lists is not there, or a weight file is cut off. Reads headers only
+    (milliseconds, whatever the model size). A bucket export (a URL) is checked where it
+    is: its small files are fetched to this node (and its manifest, if any, matched:
+    ``fetch_prefix``), the objects' sizes come from one listing and the weights' headers
+    are read by range."""
     from opt_ray.run_dir import is_url
-    if is_url(path):
-        return _check_url(str(path).rstrip("/"))
+    if not is_url(path):
+        path = Path(path)
+        sizes = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+        return _check_dir(str(path), path, sizes, lambda n: (path / n).open("rb"))
+    from fsspec.core import url_to_fs
+
+    from opt_ray.data.artifact_io import fetch_prefix
+    from opt_ray.run_dir import store_errors
+    from opt_ray.serve.engine import SMALL_FILES
+
+    url = str(path).rstrip("/")
+    small = fetch_prefix(url, "--checkpoint", names=SMALL_FILES)
+    with store_errors(f"--checkpoint {url}", "a read", "the bucket exists"):
+        fs, root = url_to_fs(url)
+        sizes = {e["name"].rsplit("/", 1)[-1]: int(e["size"])
+                 for e in fs.ls(root, detail=True) if e.get("type") == "file"}
+        _check_dir(url, small, sizes,
+                   lambda n: fs.open(f"{root.rstrip('/')}/{n}", "rb", block_size=1 << 20))
+
+
+def _check_dir(where: str, small: Path, sizes: dict[str, int], open_file) -> None:
+    """``check_checkpoint`` of the checkpoint ``where``, whose config, tokenizer and shard
+    index are in the local directory ``small`` and whose files are ``sizes`` (name ->
+    bytes), each opened by ``open_file(name)``."""
     from opt_ray.model.hf import config_from_hf
     try:
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = json.loads((small / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path / 'config.json'}: not readable JSON ({e})") from e
-    config_from_hf(cfg, source=str(path / "config.json"))
-    load_tokenizer_dir(path)
-    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        raise UserError(f"{where}/config.json: not readable JSON ({e})") from e
+    config_from_hf(cfg, source=f"{where}/config.json")
+    try:
+        load_tokenizer_dir(small)
+    except UserError as e:
+        if str(small) == where:
+            raise
+        # The message names this node's copy of a bucket checkpoint: name the bucket's.
+        raise UserError(f"--checkpoint {where}: no usable tokenizer ({e})") from e
+    weights = sorted(n for n in sizes if n.endswith(".safetensors")) + \
+        sorted(n for n in sizes if n.endswith(".bin"))
     if not weights:
-        raise UserError(f"{path}: no weights (model.safetensors or pytorch_model.bin); export the "
-                        f"checkpoint again")
-    _check_index(str(path), path, {f.name for f in weights})
-    for f in weights:
-        if f.suffix == ".safetensors":
-            _check_safetensors(f)
-        else:
-            _check_torch_zip(f)
+        raise UserError(f"{where}: no weights (model.safetensors or pytorch_model.bin); export "
+                        f"the checkpoint again")
+    _check_index(where, small, set(weights))
+    for n in weights:
+        check = _check_safetensors if n.endswith(".safetensors") else _check_torch_zip
+        with open_file(n) as fh:
+            check(f"{where}/{n}", sizes[n], fh)
 
 
 #: HF's shard indexes: a sharded checkpoint lists its weight files in one of these.
@@ -121,36 +145,3 @@ def _check_index(where: str, small: Path, present: set[str]) -> None:
             raise UserError(f"{where}: {missing[0]} is listed in {name} but missing "
                             f"({len(missing)} of {len(files)} weight files); copy or upload the "
                             f"checkpoint again")
-
-
-def _check_url(url: str) -> None:
-    from opt_ray.data.artifact_io import fetch_prefix
-    from opt_ray.model.hf import config_from_hf
-    from opt_ray.run_dir import store_errors
-    from opt_ray.serve.engine import SMALL_FILES
-    from opt_ray.storage import Loc
-
-    small = fetch_prefix(url, "--checkpoint", names=SMALL_FILES)
-    try:
-        cfg = json.loads((small / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{url}/config.json: not readable JSON ({e})") from e
-    config_from_hf(cfg, source=f"{url}/config.json")
-    try:
-        load_tokenizer_dir(small)
-    except UserError as e:
-        raise UserError(f"--checkpoint {url}: no usable tokenizer ({e})") from e
-    loc = Loc(url)
-    with store_errors(f"--checkpoint {url}", "a read", "the bucket exists"):
-        names = loc.names()
-        weights = sorted(n for n in names if n.endswith(".safetensors")) + \
-            sorted(n for n in names if n.endswith(".bin"))
-        _check_index(url, small, set(weights))
-        for n in weights:
-            if n.endswith(".safetensors"):
-                f = loc.child(n)
-                with f.fs.open(f.path, "rb", block_size=1 << 20) as fh:
-                    _check_safetensors_head(f"{url}/{n}", f.size(), fh)
-    if not weights:
-        raise UserError(f"{url}: no weights (model.safetensors or pytorch_model.bin); export the "
-                        f"checkpoint again")
