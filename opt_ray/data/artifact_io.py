@@ -136,7 +136,10 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     from opt_ray.run_dir import fetch_root
 
     url = url.rstrip("/")
-    fs, root, listing, manifest = _list_artifact(url, what)
+    # Named files at the top of the prefix need its top level only (a tokenizer beside a
+    # run's thousands of checkpoint objects).
+    fs, root, listing, manifest = _list_artifact(
+        url, what, deep=names is None or any("/" in n for n in names))
     want = sorted(listing) if names is None else sorted(n for n in names if n in listing)
     if manifest is not None and names is None:   # the artifact's files, not strays
         want = [n for n in want if n in manifest["files"] or n == MANIFEST]
@@ -157,10 +160,11 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     return dest
 
 
-def _list_artifact(url: str, what: str):
+def _list_artifact(url: str, what: str, *, deep: bool = True):
     """(fs, root, {name: listing entry}, manifest or None) of a bucket prefix: one listing
-    (hidden names, the stages' own work prefixes and probes, left out), and the whole
-    artifact checked against its manifest when it has one."""
+    (hidden names, the stages' own work prefixes and probes, left out; only the top level
+    unless ``deep``, or the manifest lists deeper files), and the whole artifact checked
+    against its manifest when it has one."""
     from fsspec.core import url_to_fs
 
     from opt_ray.artifacts import ArtifactError
@@ -171,15 +175,22 @@ def _list_artifact(url: str, what: str):
         fs, root = url_to_fs(url)
         root = root.rstrip("/")
         fs.invalidate_cache()
-        listing = {p[len(root) + 1:]: i for p, i in fs.find(root, detail=True).items()
-                   if p.startswith(root + "/")}
-        listing = {n: i for n, i in listing.items()
-                   if not any(seg.startswith(".") for seg in n.split("/"))}
+
+        def list_files(deep: bool) -> dict[str, dict[str, Any]]:
+            found = (fs.find(root, detail=True) if deep else
+                     {e["name"]: e for e in fs.ls(root, detail=True) if e.get("type") == "file"})
+            return {p[len(root) + 1:]: i for p, i in found.items()
+                    if p.startswith(root + "/") and not any(
+                        seg.startswith(".") for seg in p[len(root) + 1:].split("/"))}
+
+        listing = list_files(deep)
         manifest = None
         if MANIFEST in listing:
             manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
             if not isinstance(manifest.get("files"), dict):
                 manifest = None      # not an artifact's (a run directory's own manifest)
+            elif not deep and any("/" in n for n in manifest["files"]):
+                listing = list_files(True)
     if not listing:
         raise UserError(f"{what} {url}: no objects under this prefix; check the URL (it "
                         f"names a prefix, e.g. s3://bucket/exports/opt-125m)")
