@@ -269,16 +269,15 @@ def pipeline_spec(a: argparse.Namespace):
     if a.tokenizer and "tokenizer" in wanted:
         wanted.remove("tokenizer")
     work = _abs(a.work_dir)
-    local = _abs(a.local_dir) or work.rstrip("/")
-    if is_url(work):
-        work = work.rstrip("/")
-    elif a.local_dir:
+    if a.local_dir and not is_url(work):
         raise UserError("--local-dir goes with a bucket --work-dir (s3://...); with a directory "
                         "--work-dir every stage writes there")
-    d = {n: f"{work}/{n}" if is_url(work) else os.path.join(work, n)
-         for n in ("dedup", "shards", "run")}
-    d.update({n: f"{local}/{n}" if is_url(local) else os.path.join(local, n)
-              for n in ("tokenizer", "hf")})
+    local = _abs(a.local_dir) or work
+
+    def under(base: str, name: str) -> str:
+        return f"{base.rstrip('/')}/{name}" if is_url(base) else os.path.join(base, name)
+    d = {n: under(local if n in ("tokenizer", "hf") else work, n)
+         for n in ("dedup", "tokenizer", "shards", "run", "hf")}
     tokenizer = _abs(a.tokenizer) or d["tokenizer"]
     stages = []
     for name in wanted:
