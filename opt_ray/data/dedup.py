@@ -27,8 +27,12 @@ split), which orders them as the inputs do. The phases and the data between them
    as its member list (linear in its size, never its pairs). Bands and rows default to the
    largest ``rows`` whose candidate probability ``1 - (1 - s**rows)**bands`` at the
    threshold is >= 0.99 (``choose_bands``).
-4. **fetch** (per split): re-read the split and write, for each document in a group, its
-   shingle set as sorted 64-bit shingle hashes, to the partitions whose groups hold it.
+4. **fetch** (per split): re-read the split (its second and last read) and write, for
+   each document in a group, its shingle set as sorted 64-bit shingle hashes, to the
+   partitions whose groups hold it. Every document is then decided or not: one in no
+   group and no exact-duplicate pair is kept for certain and goes straight into output
+   shards; one in a group or a pair (components decides it) goes, all fields, into the
+   split's stash (``cand-*``, with its uids); a duplicate id is dropped.
 5. **verify** (per partition): within each group, members in uid order join the local
    components they are similar to: a member is compared with the members of each
    component it is not yet connected to until one has Jaccard >= threshold (exact, on the
@@ -40,12 +44,16 @@ split), which orders them as the inputs do. The phases and the data between them
    with pointer jumping in numpy); each keeps its lowest id (natural order: ``doc9`` <
    ``doc10``); written as ``clusters.parquet`` and one ``removed`` array per split.
    In a chain A~B~C with A, C below threshold, C goes because of its verified partner B.
-7. **filter** (per split): re-read the split; write the kept records (all input fields)
-   as Parquet shards sized by text bytes.
+7. **filter** (per split): the stashed records components kept, as Parquet shards
+   numbered after fetch's. The input is not read a third time: at the 0.95 rule the
+   stash is the small part of a corpus (the candidates), so 800 GB of input cost ~1.6 TB
+   of reads, not 2.4 TB. Output order: per split, the certain documents in input
+   order, then the kept candidates in input order (splits in input order).
 8. **finish** (driver): the shards, ``clusters.parquet``, ``dedup_report.json`` (counts,
    bad records, parameters, timings, the first ``report_clusters`` clusters),
    ``metrics.jsonl`` and ``manifest.json`` into the artifact directory, atomically.
 
+Output shards are sized by text bytes (``shard_bytes``) and records (``shard_rows``).
 Shingle hashes are 64-bit: the Jaccard is exact up to a hash collision between two
 different shingles of one pair (probability ~ n^2 / 2^64, < 1e-9 below 10^5 shingles).
 """
@@ -77,7 +85,7 @@ from opt_ray.storage import Loc
 
 REPORT = "dedup_report.json"
 CLUSTERS = "clusters.parquet"
-WORK_VERSION = 1     # bump when the work-dir layout changes: old work dirs are discarded
+WORK_VERSION = 2     # bump when the work-dir layout changes: old work dirs are discarded
 _U64 = np.uint64
 
 
@@ -557,49 +565,79 @@ def _ranges(sizes: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
+def _in_split(arr: np.ndarray, s: int) -> np.ndarray:
+    return arr[(arr >= s << 32) & (arr < (s + 1) << 32)]
+
+
 def fetch_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]:
-    """Phase 4 on split ``s``: shingle hashes (or signatures, without exact verification)
-    of its documents that are in a group, to each partition whose groups hold them."""
+    """Phase 4 on split ``s``, the split's second and last read.
+
+    - Documents in a group: their shingle hashes (or signatures, without exact
+      verification) to each partition whose groups hold them.
+    - Documents whose fate components decides (in a group, or in an exact-duplicate
+      pair): their records into the split's stash (``cand-*``), for filter.
+    - Every other good record is kept for certain: straight into output shards.
+    - Duplicate ids (bad records): dropped.
+    """
     out = plan.split_dir("fetch", s)
     if (info := _done(out)) is not None:
         return info
     _started(out)
     c0 = time.process_time()
     cfg = plan.cfg
-    lo, hi = s << 32, (s + 1) << 32
     need = []
+    undecided = []
+    dropped = []
     for p in range(plan.parts):
-        n = _load_npy(plan.part_dir("buckets", p) / "need.npy")
-        need.append(n[(n >= lo) & (n < hi)])
+        n = _in_split(_load_npy(plan.part_dir("buckets", p) / "need.npy"), s)
+        need.append(n)
+        undecided.append(_in_split(_load_npy(plan.part_dir("keys", p) / "exact.npy").ravel(), s))
+        u = _read_tables([plan.part_dir("keys", p) / "dup_ids.parquet"], ["uid"])
+        dropped.append(_in_split(u.column("uid").to_numpy(), s))
     in_part = [set(x.tolist()) for x in need]
     wanted = set().union(*in_part)
+    stash_uids = wanted.union(*(set(x.tolist()) for x in undecided))
+    dup_ids = set(np.concatenate(dropped).tolist())
     rows: list[list[int]] = [[] for _ in range(plan.parts)]
     vals: list[list[np.ndarray]] = [[] for _ in range(plan.parts)]
     ids_hash = hashlib.blake2b(digest_size=16)
     count = 0
-    for uid, rec in plan.records(s, InputErrors()):
-        count += 1
-        _ids_digest(ids_hash, rec[ID_KEY])
-        if uid not in wanted:
-            continue
-        text = rec[plan.text_field]
-        if cfg.verify:
-            v = shingle_hashes(text, cfg.ngram)
-        else:
-            v = minhash.signatures([text], cfg.num_perm, cfg.seed, cfg.ngram)[0]
-        for p in range(plan.parts):
-            if uid in in_part[p]:
-                rows[p].append(uid)
-                vals[p].append(v)
-    if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
-        raise _changed(plan.files[s])
-    import pyarrow as pa
     with _Task(out) as tmp:
+        kept = _ShardWriter(tmp, f"part-{s:05d}", plan)
+        stash = _ShardWriter(tmp, "cand", plan, uids=True)
+        for uid, rec in plan.records(s, InputErrors()):
+            count += 1
+            _ids_digest(ids_hash, rec[ID_KEY])
+            if uid in dup_ids:
+                continue
+            if uid not in stash_uids:
+                kept.add(rec)
+                continue
+            stash.add(rec, uid)
+            if uid not in wanted:
+                continue
+            text = rec[plan.text_field]
+            if cfg.verify:
+                v = shingle_hashes(text, cfg.ngram)
+            else:
+                v = minhash.signatures([text], cfg.num_perm, cfg.seed, cfg.ngram)[0]
+            for p in range(plan.parts):
+                if uid in in_part[p]:
+                    rows[p].append(uid)
+                    vals[p].append(v)
+        shards, stashed = kept.close(), stash.close()
+        if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
+            raise _changed(plan.files[s])
+        import pyarrow as pa
         for p in range(plan.parts):
             _write_table(tmp / f"p{p:04d}.parquet",
                          {"uid": np.asarray(rows[p], np.int64),
                           "v": pa.array([x for x in vals[p]], pa.list_(pa.uint64()))})
-        return _finish_task(tmp, c0, {"split": s, "fetched": len(wanted)})
+        _put_shards(plan, tmp, shards)
+        return _finish_task(tmp, c0, {"split": s, "fetched": len(wanted), "shards": shards,
+                                      "kept": sum(sh["rows"] for sh in shards),
+                                      "stashed": sum(sh["rows"] for sh in stashed),
+                                      "stash": len(stashed)})
 
 
 def verify_partition(plan: Plan, p: int, n_splits: int) -> dict[str, Any]:
@@ -755,56 +793,83 @@ def _spanning_forest(u: np.ndarray, v: np.ndarray, sim: np.ndarray
     return u[keep], v[keep], sim[keep]
 
 
-def filter_split(plan: Plan, s: int, sign_info: dict[str, Any]) -> dict[str, Any]:
-    """Phase 7 on split ``s``: its kept records as Parquet shards (all input fields)."""
+def filter_split(plan: Plan, s: int, fetch_info: dict[str, Any]) -> dict[str, Any]:
+    """Phase 7 on split ``s``: the records of its stash that components kept, as output
+    shards numbered after fetch's (the input is not read again)."""
     out = plan.split_dir("filter", s)
     if (info := _done(out)) is not None:
         return info
     _started(out)
     c0 = time.process_time()
-    removed = set(_load_npy(plan.root / "components" / f"removed-s{s:05d}.npy").tolist())
-    dup_ids: set[int] = set()
-    for p in range(plan.parts):
-        u = _read_tables([plan.part_dir("keys", p) / "dup_ids.parquet"], ["uid"])
-        dup_ids.update(x for x in u.column("uid").to_numpy().tolist() if x >> 32 == s)
-    ids_hash = hashlib.blake2b(digest_size=16)
-    count = 0
+    removed = _load_npy(plan.root / "components" / f"removed-s{s:05d}.npy")
+    src = plan.split_dir("fetch", s)
+    first = len(fetch_info["shards"])
     with _Task(out) as tmp:
         shards: list[dict[str, Any]] = []
-        buf: list[dict] = []
-        nbytes = 0
-        for uid, rec in plan.records(s, InputErrors()):
-            count += 1
-            _ids_digest(ids_hash, rec[ID_KEY])
-            if uid in removed or uid in dup_ids:
-                continue
-            buf.append(rec)
-            nbytes += len(rec[plan.text_field])
-            if nbytes >= plan.cfg.shard_bytes or len(buf) >= plan.cfg.shard_rows:
-                shards.append(_write_shard(tmp, f"part-{s:05d}-{len(shards):04d}.parquet", buf))
-                buf, nbytes = [], 0
-        if buf:
-            shards.append(_write_shard(tmp, f"part-{s:05d}-{len(shards):04d}.parquet", buf))
-        if count != sign_info["docs"] or ids_hash.hexdigest() != sign_info["ids_hash"]:
-            raise _changed(plan.files[s])
-        if plan.output:   # a bucket output: the shards go straight to their final names
-            shard_dir = tmp / "shards"
-            shard_dir.mkdir()
-            for sh in shards:
-                os.replace(tmp / sh["file"], shard_dir / sh["file"])
-            from opt_ray.data.artifact_io import put_files
-            put_files(shard_dir, Loc(plan.output), f"--output {plan.output}")
-            shutil.rmtree(shard_dir)
-        return _finish_task(tmp, c0, {"split": s, "shards": shards})
+        for k in range(fetch_info["stash"]):
+            name = f"cand-{k:04d}"
+            table = _read_tables([src / f"{name}.parquet"])
+            keep = ~np.isin(_load_npy(src / f"{name}.uids.npy"), removed)
+            if keep.any():
+                shards.append(_save_shard(tmp, f"part-{s:05d}-{first + len(shards):04d}.parquet",
+                                          table.filter(keep)))
+        _put_shards(plan, tmp, shards)
+        return _finish_task(tmp, c0, {"split": s, "shards": shards,
+                                      "kept": sum(sh["rows"] for sh in shards)})
+
+
+class _ShardWriter:
+    """Records into Parquet shards ``{prefix}-0000.parquet``, ... of at most
+    ``cfg.shard_bytes`` text characters and ``cfg.shard_rows`` records; with ``uids``,
+    each shard's uids beside it (``{name}.uids.npy``)."""
+
+    def __init__(self, d: Path, prefix: str, plan: Plan, *, uids: bool = False):
+        self.d, self.prefix, self.plan = d, prefix, plan
+        self.uids: list[int] | None = [] if uids else None
+        self.buf: list[dict] = []
+        self.nbytes = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, rec: dict, uid: int | None = None) -> None:
+        self.buf.append(rec)
+        if self.uids is not None:
+            self.uids.append(uid)
+        self.nbytes += len(rec[self.plan.text_field])
+        if self.nbytes >= self.plan.cfg.shard_bytes or len(self.buf) >= self.plan.cfg.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):04d}"
+        if self.uids is not None:
+            np.save(self.d / f"{name}.uids.npy", np.asarray(self.uids, np.int64))
+            self.uids = []
+        self.shards.append(_write_shard(self.d, f"{name}.parquet", self.buf))
+        self.buf, self.nbytes = [], 0
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buf:
+            self._flush()
+        return self.shards
+
+
+def _put_shards(plan: Plan, tmp: Path, shards: list[dict[str, Any]]) -> None:
+    """A bucket output: a task's output shards go straight to their final names (the
+    artifact's manifest, written last by the driver, makes them part of it)."""
+    if not plan.output or not shards:
+        return
+    shard_dir = tmp / "shards"
+    shard_dir.mkdir()
+    for sh in shards:
+        os.replace(tmp / sh["file"], shard_dir / sh["file"])
+    from opt_ray.data.artifact_io import put_files
+    put_files(shard_dir, Loc(plan.output), f"--output {plan.output}")
+    shutil.rmtree(shard_dir)
 
 
 def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
     """One Parquet shard of records. A column whose values Arrow cannot type together
     (e.g. an int in one record and a string in another) is stored as JSON text."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from opt_ray.artifacts import sha256_file
     try:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -817,6 +882,13 @@ def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
         table = pa.table(arrays)
+    return _save_shard(d, name, table)
+
+
+def _save_shard(d: Path, name: str, table: Any) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from opt_ray.artifacts import sha256_file
     pq.write_table(table, d / name, compression="zstd")
     return {"file": name, "rows": table.num_rows, "bytes": (d / name).stat().st_size,
             "sha256": sha256_file(d / name)}
@@ -984,8 +1056,8 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path | str, overwrite: bool,
     links = sum(i["links"] for i in buckets)
     _M_PAIRS.inc(links)
     # 4. fetch, 5. verify ---------------------------------------------------------------
-    phase("fetch", fetch_split, [(plan, s, signed[s]) for s in range(n)], "split",
-          by_split["fetch"])
+    fetched = sorted(phase("fetch", fetch_split, [(plan, s, signed[s]) for s in range(n)],
+                           "split", by_split["fetch"]), key=lambda i: i["split"])
     verified = phase("verify", verify_partition, [(plan, p, n) for p in range(P)], "part",
                      by_part["verify"])
     # 6. components ---------------------------------------------------------------------
@@ -993,7 +1065,7 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path | str, overwrite: bool,
                    lambda a: plan.root / "components")
     _M_DUPS.inc(comp["removed"])
     # 7. filter -------------------------------------------------------------------------
-    filtered = sorted(phase("filter", filter_split, [(plan, s, signed[s]) for s in range(n)],
+    filtered = sorted(phase("filter", filter_split, [(plan, s, fetched[s]) for s in range(n)],
                             "split", by_split["filter"]), key=lambda i: i["split"])
     # 8. finish -------------------------------------------------------------------------
     usable = docs - dup_id_count
@@ -1026,7 +1098,9 @@ def _run_phases(plan: Plan, inputs: list[str], out: Path | str, overwrite: bool,
     }
     steps += [{"phase": k[:-2], "seconds": round(v, 4)} for k, v in timings.items()]
     steps.append({"phase": "done", **counts})
-    _finish_output(out, overwrite, work, filtered, report, steps)
+    _finish_output(out, overwrite, work, [(ph, i) for f in zip(fetched, filtered)
+                                          for ph, i in zip(("fetch", "filter"), f)],
+                   report, steps)
     return report
 
 
@@ -1085,7 +1159,7 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _finish_output(out: Path | str, overwrite: bool, work: Loc, filtered: list[dict],
+def _finish_output(out: Path | str, overwrite: bool, work: Loc, written: list[tuple[str, dict]],
                    report: dict[str, Any], steps: list[dict]) -> None:
     """Link the workers' shards into the artifact (hard links: no copy, and the work dir
     stays whole until the artifact is committed, should the driver die here) and write
@@ -1099,8 +1173,8 @@ def _finish_output(out: Path | str, overwrite: bool, work: Loc, filtered: list[d
     with PrehashedArtifactWriter(local_run_dir(url) if url else out, kind="dedup",
                                  overwrite=overwrite or bool(url)) as w:
         shards = []
-        for info in filtered:
-            src = work / "filter" / f"s{info['split']:05d}"
+        for phase, info in written:     # in output order: per split, fetch's then filter's
+            src = work / phase / f"s{info['split']:05d}"
             for sh in info["shards"]:
                 entry = {"sha256": sh["sha256"], "bytes": sh["bytes"]}
                 if url:

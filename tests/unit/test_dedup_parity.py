@@ -11,6 +11,7 @@ with itself.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -66,8 +67,8 @@ def _bucket_pairs(keys: np.ndarray, ords: np.ndarray, drop: np.ndarray) -> np.nd
     return np.unique(p, axis=0)
 
 
-def reference_clusters(ids: list[str], texts: list[str], cfg: DedupConfig) -> list[list[str]]:
-    """The previous algorithm's clusters (members sorted naturally; [0] is kept)."""
+def _reference_candidates(texts: list[str], cfg: DedupConfig):
+    """(exact-duplicate edges, candidate pairs) as the previous algorithm found them."""
     n = len(texts)
     sig, dig = minhash.signatures_and_digests(texts, cfg.num_perm, cfg.seed, cfg.ngram)
     keys = band_keys(sig, cfg.bands, cfg.rows).ravel()
@@ -77,7 +78,13 @@ def reference_clusters(ids: list[str], texts: list[str], cfg: DedupConfig) -> li
     rep = first[inverse.ravel()]
     dup = np.flatnonzero(rep != np.arange(n))
     edges = [(int(rep[o]), int(o)) for o in dup]
-    pairs = _bucket_pairs(keys, ords, dup.astype(np.int64))
+    return edges, _bucket_pairs(keys, ords, dup.astype(np.int64))
+
+
+def reference_clusters(ids: list[str], texts: list[str], cfg: DedupConfig) -> list[list[str]]:
+    """The previous algorithm's clusters (members sorted naturally; [0] is kept)."""
+    n = len(texts)
+    edges, pairs = _reference_candidates(texts, cfg)
     uf = _UnionFind(n)
     for i, j in edges:
         uf.union(i, j)
@@ -94,6 +101,17 @@ def reference_clusters(ids: list[str], texts: list[str], cfg: DedupConfig) -> li
         members.setdefault(uf.find(i), set()).update((ids[i], ids[j]))
     return sorted((sorted(m, key=natural_key) for m in members.values()),
                   key=lambda c: natural_key(c[0]))
+
+
+def reference_output_order(ids: list[str], texts: list[str], cfg: DedupConfig) -> list[str]:
+    """The kept ids of one split in the order the output holds them: the documents in no
+    candidate pair and no exact-duplicate pair first (fetch writes them), then the kept
+    rest (filter), each part in input order."""
+    edges, pairs = _reference_candidates(texts, cfg)
+    undecided = {i for e in edges for i in e} | set(pairs.ravel().tolist())
+    removed = {m for c in reference_clusters(ids, texts, cfg) for m in c[1:]}
+    return ([ids[i] for i in range(len(ids)) if i not in undecided]
+            + [ids[i] for i in sorted(undecided) if ids[i] not in removed])
 
 
 def _pipeline_clusters(report: dict) -> list[list[str]]:
@@ -141,8 +159,17 @@ def test_sample_corpus_same_kept_set_as_previous(tmp_path):
     ref = reference_clusters([r[ID_KEY] for r in recs], [r["text"] for r in recs], cfg)
     assert _pipeline_clusters(report) == ref and len(ref) > 10
     kept = [r[ID_KEY] for r in iter_records([str(tmp_path / "out")])]
-    removed = {m for c in ref for m in c[1:]}
-    assert kept == [r[ID_KEY] for r in recs if r[ID_KEY] not in removed]
+    expect = reference_output_order([r[ID_KEY] for r in recs], [r["text"] for r in recs], cfg)
+    assert kept == expect
+    # The input was read twice (sign, fetch); filter read only fetch's stash of the
+    # undecided documents.
+    edges, pairs = _reference_candidates([r["text"] for r in recs], cfg)
+    steps = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    [fetch] = [st for st in steps if st["phase"] == "fetch" and "kept" in st]
+    [filt] = [st for st in steps if st["phase"] == "filter" and "kept" in st]
+    undecided = len({i for e in edges for i in e} | set(pairs.ravel().tolist()))
+    assert fetch["stashed"] == undecided and fetch["kept"] == len(recs) - undecided
+    assert filt["kept"] == len(kept) - fetch["kept"] > 0
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
@@ -161,9 +188,11 @@ def test_large_files_split_same_output_as_whole_file(tmp_path, fmt):
     split = run_dedup([str(src)], str(tmp_path / "split"), DedupConfig(split_bytes=small))
     assert split["counts"] == whole["counts"]
     assert split["clusters"] == whole["clusters"] and len(whole["clusters"]) > 10
-    removed = {m for c in whole["clusters"] for m in c["members"][1:]}
-    expect = [r[ID_KEY] for r in iter_records([str(src)])
-              if r[ID_KEY] not in removed]
-    assert [r[ID_KEY] for r in iter_records([str(tmp_path / "split")])] == expect
+    recs = list(iter_records([str(src)]))
+    expect = reference_output_order([r[ID_KEY] for r in recs], [r["text"] for r in recs],
+                                    DedupConfig())
     assert [r[ID_KEY] for r in iter_records([str(tmp_path / "whole")])] == expect
+    # Split: the same records; the order is per split (undecided ones at each split's end).
+    got = [r[ID_KEY] for r in iter_records([str(tmp_path / "split")])]
+    assert sorted(got) == sorted(expect) and len(set(got)) == len(got)
     assert len(list((tmp_path / "split").glob("part-*.parquet"))) >= 5   # one per split
