@@ -867,22 +867,19 @@ def _put_shards(plan: Plan, tmp: Path, shards: list[dict[str, Any]]) -> None:
 
 
 def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
-    """One Parquet shard of records. A column whose values Arrow cannot type together
-    (e.g. an int in one record and a string in another) is stored as JSON text."""
+    """One Parquet shard of records: a column per field of any record (null where a
+    record lacks it; ``Table.from_pylist`` would take the first record's fields only). A
+    column whose values Arrow cannot type together (e.g. an int in one record and a
+    string in another) is stored as JSON text."""
     import pyarrow as pa
-    try:
-        table = pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-        arrays = {}
-        for c in cols:
-            vals = [r.get(c) for r in rows]
-            try:
-                arrays[c] = pa.array(vals)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
-        table = pa.table(arrays)
-    return _save_shard(d, name, table)
+    arrays = {}
+    for c in dict.fromkeys(k for r in rows for k in r):
+        vals = [r.get(c) for r in rows]
+        try:
+            arrays[c] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
+    return _save_shard(d, name, pa.table(arrays))
 
 
 def _save_shard(d: Path, name: str, table: Any) -> dict[str, Any]:

@@ -202,6 +202,18 @@ def test_duplicate_ids_are_bad_records_and_existing_output(tmp_path):
         run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), cfg)
 
 
+def test_a_field_only_later_records_have_is_kept(tmp_path):
+    # Arrow's from_pylist takes the first record's fields: "url" and "meta" were dropped.
+    recs = [{"text": "first record here"}, {"text": "second one", "url": "http://x"},
+            {"text": "third and last", "meta": {"lang": "en"}, "url": 7}]
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), DedupConfig())
+    out = list(iter_records([str(tmp_path / "out")]))
+    assert [r["text"] for r in out] == [r["text"] for r in recs]
+    assert [r.get("url") for r in out] == [None, '"http://x"', "7"]   # mixed types: JSON text
+    assert out[2]["meta"] == {"lang": "en"} and out[0]["meta"] is None
+
+
 def test_inputs_changing_mid_run_fail_cleanly(tmp_path):
     p = tmp_path / "in.jsonl"
     write_jsonl(p, [{"text": f"document number {i} with some words"} for i in range(10)])
