@@ -62,9 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2,
                    help="concurrent Ray tasks (1 CPU each; default 2); 0 runs every step in "
                         "this process, without Ray")
-    p.add_argument("--buckets", type=int, default=2,
-                   help="partitions of the LSH band keys, one task each (default 2; more "
-                        "for large corpora)")
+    p.add_argument("--buckets", type=int, default=None,
+                   help="partitions of the LSH band keys, digests and ids, one task each "
+                        "(default: one per 16 GB of text, estimated from the inputs' sizes, "
+                        "at least 2; 800 GB: 50)")
     p.add_argument("--batch-docs", type=int, default=512,
                    help="documents signed at a time in a worker (default 512)")
     p.add_argument("--text-field", default="text",

@@ -131,7 +131,8 @@ def _stamp(url: str, info: dict[str, Any] | None = None) -> tuple[int, str]:
     return int(info["size"]), str(info.get("ETag") or info.get("LastModified"))
 
 
-def _size(f: "InputFile") -> int:
+def input_size(f: "InputFile") -> int:
+    """The file's (or object's) size in bytes; an object's from its listing."""
     if _url(f.path):
         return (f.stamp or _stamp(f.path))[0]
     return f.path.stat().st_size
@@ -163,7 +164,7 @@ def split_jsonl(files: list[InputFile], max_bytes: int, chunk: int = 1 << 24) ->
     by counting newlines (a byte scan, no parsing); compressed files stay whole."""
     out: list[InputFile] = []
     for f in files:
-        size = _size(f)
+        size = input_size(f)
         if (f.kind != "jsonl" or f.byte_range is not None or size <= max_bytes
                 or _base(f.path).lower().endswith((".gz", ".zst"))):
             out.append(f)
@@ -199,7 +200,7 @@ def split_row_groups(files: list[InputFile], max_bytes: int) -> list[InputFile]:
     import pyarrow.parquet as pq
     out: list[InputFile] = []
     for f in files:
-        if f.kind != "parquet" or f.row_groups is not None or _size(f) <= max_bytes:
+        if f.kind != "parquet" or f.row_groups is not None or input_size(f) <= max_bytes:
             out.append(f)
             continue
         try:

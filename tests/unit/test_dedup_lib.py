@@ -226,3 +226,26 @@ def test_inputs_changing_mid_run_fail_cleanly(tmp_path):
     with pytest.raises(UserError, match="in.jsonl changed while dedup ran"):
         run_dedup([str(p)], str(tmp_path / "out"), cfg, on_progress=append_once)
     assert not (tmp_path / "out").exists()
+
+
+def test_partitions_follow_the_corpus_size(tmp_path):
+    # Two partitions (the old fixed default) of 800 GB would each sort ~13 GB of band keys
+    # on one core; the number now follows the text's size, estimated from the files'.
+    from opt_ray.data.dedup import BUCKET_TEXT_BYTES, auto_buckets
+    from opt_ray.data.readers import InputFile
+
+    def sparse(name: str, size: int, kind: str = "jsonl") -> InputFile:
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.truncate(size)
+        return InputFile(p, kind, name)
+
+    small = [sparse("a.jsonl", 1000)]
+    assert auto_buckets(small) == 2
+    big = [sparse(f"{i}.jsonl", 400 << 30) for i in range(2)]            # 800 GB of text
+    assert auto_buckets(big) == 50 == 800 * (1 << 30) // BUCKET_TEXT_BYTES
+    assert auto_buckets([sparse("p.jsonl.zst", 100 << 30)]) == 25       # ~x4 of text
+    assert auto_buckets([sparse("t.parquet", 100 << 30, "parquet")]) == 13
+    write_jsonl(tmp_path / "in.jsonl", planted_corpus())
+    report = run_dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), DedupConfig())
+    assert report["params"]["num_buckets"] == 2
