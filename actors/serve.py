@@ -242,7 +242,7 @@ def app_builder(args: dict[str, Any]):
     from opt_ray.errors import UserError
     args = dict(args)
     if "checkpoint" not in args:
-        raise UserError("app_builder needs checkpoint=PATH (an HF-format dir)")
+        raise UserError("app_builder needs checkpoint=PATH (an HF-format dir or a training run)")
     engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     engine_kw = {k: (v if k in ("dtype", "device") else int(v)) for k, v in args.items() if k in engine_fields}
     frontend_fields = {f.name for f in dataclasses.fields(FrontendConfig)}

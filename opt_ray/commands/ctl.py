@@ -17,6 +17,7 @@ from opt_ray.config import (DEVICES, PRECISIONS, PRESETS, TrainConfig, add_datac
                             field_default, field_help, from_args)
 from opt_ray.errors import UserError
 from opt_ray.run_dir import is_url
+from opt_ray.serve.engine_config import CHECKPOINT_HELP
 
 STAGE_ORDER = ("dedup", "tokenizer", "tokenize", "train", "export")
 
@@ -147,8 +148,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         k = sa.add_parser(name)
         k.add_argument("name")
         k.add_argument("--checkpoint", required=True,
-                       help="HF-format directory (opt-ray export), or its bucket prefix "
-                            "(s3://... under a URL --allowed-root: each replica fetches it)")
+                       help=f"{CHECKPOINT_HELP}; inside an --allowed-root of the server (a "
+                            f"bucket prefix under a URL root)")
         k.add_argument("--replicas", type=int, default=0)
         k.add_argument("--max-replicas", type=int, default=0)
         k.add_argument("--http-port", type=int, default=0)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from opt_ray.serve.engine_config import CHECKPOINT_HELP
+
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -24,10 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Generate text from a checkpoint on this machine with the same "
                                    "engine the Serve replicas run (no Ray). Streams the text as it "
                                    "is generated.")
-    p.add_argument("--checkpoint", required=True,
-                   help="HF-format checkpoint dir (config.json + weights + tokenizer), or a "
-                        "training run dir holding an export; or a bucket prefix (s3://..., "
-                        "fetched to this machine once)")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("prompt", help="the prompt text")
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -9,7 +9,7 @@ import threading
 
 from opt_ray.config import add_dataclass_args, from_args
 from opt_ray.ray_util import add_ray_args, init_ray
-from opt_ray.serve.engine_config import EngineConfig
+from opt_ray.serve.engine_config import CHECKPOINT_HELP, EngineConfig
 from opt_ray.serve.frontend_config import FrontendConfig, check_port_free
 
 
@@ -20,9 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "GET /v1/models, and gRPC opt_ray.v1.GenerationService. Blocks "
                                    "until Ctrl-C, then shuts the app down. With --no-ray, the same "
                                    "API from one engine in this process.")
-    p.add_argument("--checkpoint", required=True,
-                   help="HF-format checkpoint dir, or a training run dir holding an export; "
-                        "or a bucket prefix (s3://...: each replica fetches it to its node once)")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: dir name)")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
     p.add_argument("--max-replicas", type=int, default=None,
@@ -47,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {args.replicas}")
-    # Everything knowable is checked before Ray starts: one line each, exit 2.
-    check_checkpoint(resolve_checkpoint(args.checkpoint))
+    # Everything knowable is checked before Ray starts: one line each, exit 2. Resolved
+    # once: every replica serves this checkpoint (a run's newest now, while it trains on).
+    checkpoint = str(resolve_checkpoint(args.checkpoint))
+    check_checkpoint(checkpoint)
     engine_config = from_args(EngineConfig, args, dest="engine__")
     frontend_config = from_args(FrontendConfig, args, dest="frontend__")
     if args.grpc_port and args.grpc_port == args.http_port:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if args.grpc_port:
             check_port_free(args.host, args.grpc_port, "--grpc-port")
     if args.no_ray:
-        return serve_local(args, engine_config, frontend_config)
+        return serve_local(args, checkpoint, engine_config, frontend_config)
     from ray import serve
 
     from actors.serve import build_app, start
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     # during start-up is honoured once the app is up.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    app = build_app(args.checkpoint, model_name=args.model_name, engine_config=engine_config,
+    app = build_app(checkpoint, model_name=args.model_name, engine_config=engine_config,
                     replicas=args.replicas, max_replicas=args.max_replicas, host=args.host,
                     grpc_port=args.grpc_port or None, frontend_config=frontend_config)
     start(app, host=args.host, http_port=args.http_port)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         serve.shutdown()
 
 
-def serve_local(args: argparse.Namespace, engine_config, frontend_config) -> int:
+def serve_local(args: argparse.Namespace, checkpoint: str, engine_config, frontend_config) -> int:
     """``--no-ray``: the front end over an in-process engine, until SIGINT/SIGTERM."""
     import asyncio
 
@@ -99,11 +99,11 @@ def serve_local(args: argparse.Namespace, engine_config, frontend_config) -> int
     from opt_ray.serve.grpc_service import start_grpc_server
     from opt_ray.serve.http import HttpServer
 
-    engine = engine_from_checkpoint(args.checkpoint, engine_config)
+    engine = engine_from_checkpoint(checkpoint, engine_config)
 
     async def main() -> None:
         loop = EngineLoop(engine)
-        fe = Frontend.for_checkpoint(LocalEngineHandle(loop), args.checkpoint, model_name=args.model_name,
+        fe = Frontend.for_checkpoint(LocalEngineHandle(loop), checkpoint, model_name=args.model_name,
                                      max_model_len=engine.max_model_len, config=frontend_config)
         http = HttpServer(fe, args.host, args.http_port)
         grpc_server = None

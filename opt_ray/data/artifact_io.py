@@ -10,10 +10,11 @@ The manifest and the commit are ``ArtifactWriter``'s; only a file's entry differ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from opt_ray.artifacts import MANIFEST, ArtifactWriter
 from opt_ray.storage import Loc
@@ -120,20 +121,27 @@ def clear_prefix(url: str, *, overwrite: bool) -> None:
 
 def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
                  progress: bool = False) -> Path:
-    """A local copy of the objects under the bucket prefix ``url`` (those of ``names``
-    only, when given), for code that reads files (the tokenizer, the served weights).
+    """``fetched`` for files read at once (a tokenizer, a check's small files): the
+    directory is returned, no longer held as in use (see ``cached``)."""
+    with fetched(url, what, names=names, progress=progress) as d:
+        return d
 
-    Kept in this node's fetch directory (``run_dir.fetch_root``) under a name made of the
-    URL and every fetched object's size and ETag: another call on the node (a second
-    replica, a restart) reuses it without a download, and objects replaced in the bucket
-    (a new export to the same URL) are fetched anew. A prefix with a manifest (what
+
+@contextlib.contextmanager
+def fetched(url: str, what: str, *, names: Sequence[str] | None = None,
+            progress: bool = False) -> Iterator[Path]:
+    """A local copy of the objects under the bucket prefix ``url`` (those of ``names``
+    only, when given), for code that reads files (the tokenizer, the served weights),
+    held as in use while the ``with`` block runs.
+
+    Kept in this node's fetch cache (``cached``) under a name made of the URL and every
+    fetched object's size and ETag: another call on the node (a second replica, a
+    restart) reuses it without a download, and objects replaced in the bucket (a new
+    export to the same URL) are fetched anew. A prefix with a manifest (what
     ``upload_artifact`` writes) must hold every file it lists with the listed size and
     ETag: an upload that has not finished is refused, naming the file. ``what`` names the
     input in errors. The download: ``_download``."""
-    import hashlib
-
     from opt_ray.errors import UserError
-    from opt_ray.run_dir import fetch_root
 
     url = url.rstrip("/")
     # Named files at the top of the prefix need its top level only (a tokenizer beside a
@@ -146,18 +154,14 @@ def fetch_prefix(url: str, what: str, *, names: Sequence[str] | None = None,
     if not want:
         raise UserError(f"{what} {url}: none of {', '.join(names or [])} is there; check the "
                         f"URL")
-    version = hashlib.sha256(json.dumps(
-        [url, [(n, int(listing[n].get("size", 0)), listing[n].get("ETag", "")) for n in want]]
-    ).encode()).hexdigest()[:16]
-    name = url.rsplit("/", 1)[-1][:40] or "fetched"
+    version = _digest([url, [(n, int(listing[n].get("size", 0)), listing[n].get("ETag", ""))
+                             for n in want]], 16)
+    sizes = {n: int(listing[n].get("size", 0)) for n in want}
     # One directory per URL and part asked for (the small files a front end reads are
     # another copy than the whole export), holding the newest version fetched.
-    part = json.dumps([url, None if names is None else sorted(names)])
-    dest = fetch_root() / f"{name}-{hashlib.sha256(part.encode()).hexdigest()[:12]}" / version
-    if not dest.is_dir():
-        _download(fs, root, {n: int(listing[n].get("size", 0)) for n in want}, dest,
-                  f"{what} {url}", progress=progress)
-    return dest
+    with cached(url.rsplit("/", 1)[-1], [url, None if names is None else sorted(names)], version,
+                lambda tmp: _download(fs, root, sizes, tmp, f"{what} {url}", progress=progress)) as d:
+        yield d
 
 
 def _list_artifact(url: str, what: str, *, deep: bool = True):
@@ -211,67 +215,136 @@ def _list_artifact(url: str, what: str, *, deep: bool = True):
     return fs, root, listing, manifest
 
 
-def _download(fs, root: str, sizes: dict[str, int], dest: Path, what: str, *,
-              progress: bool) -> None:
-    """The objects ``sizes`` names under ``root`` into ``dest``, a version directory of
-    ``fetch_prefix``. Made in a temporary directory and renamed into place, so a process
-    that dies mid-download leaves nothing that is taken for a copy (the next fetch clears
-    it). One download per node: processes fetching the same part at once (the replicas of
-    a node of 8 GPUs start together) wait on a file lock and take the first one's copy.
-    Once it is in place, the node's older versions of the part are removed."""
-    import fcntl
-    import shutil
+def _download(fs, root: str, sizes: dict[str, int], tmp: Path, what: str, *,
+              progress: bool) -> str:
+    """The objects ``sizes`` names under ``root`` into the new directory ``tmp`` (a
+    ``cached`` version being made); returns the line that reports it."""
     import sys
     import time
-    import uuid
 
     from opt_ray.artifacts import ArtifactError
     from opt_ray.run_dir import store_errors
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if dest.is_dir():
-            return
-        for stale in dest.parent.glob(".*.tmp-*"):    # a killed fetch's, nobody's now
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-        total, bar, t0 = sum(sizes.values()), None, time.monotonic()
-        try:
-            for n in sizes:
-                (tmp / n).parent.mkdir(parents=True, exist_ok=True)
-            if progress:
-                from tqdm import tqdm
-                # A replica's log is a file: a line every 30 s there, not every second.
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {dest.parent.name}",
-                           mininterval=1.0 if sys.stderr.isatty() else 30.0)
-            with store_errors(what, "a download", "the bucket exists"):
-                # Large files first: they run concurrently, so the longest start first.
-                order = sorted(sizes, key=lambda n: -sizes[n])
-                fs.get([f"{root}/{n}" for n in order], [str(tmp / n) for n in order])
-            for n, want in sizes.items():
-                size = (tmp / n).stat().st_size
-                if size != want:
-                    raise ArtifactError(f"{what}: {n} arrived with {size} of {want} bytes; run "
-                                        f"the command again")
-                if bar is not None:
-                    bar.update(size)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                if not dest.is_dir():   # not a copy by a process the lock missed: an error
-                    raise
-        finally:
+    total, bar, t0 = sum(sizes.values()), None, time.monotonic()
+    try:
+        for n in sizes:
+            (tmp / n).parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            from tqdm import tqdm
+            # A replica's log is a file: a line every 30 s there, not every second.
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {tmp.parent.name}",
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        with store_errors(what, "a download", "the bucket exists"):
+            # Large files first: they run concurrently, so the longest start first.
+            order = sorted(sizes, key=lambda n: -sizes[n])
+            fs.get([f"{root}/{n}" for n in order], [str(tmp / n) for n in order])
+        for n, want in sizes.items():
+            size = (tmp / n).stat().st_size
+            if size != want:
+                raise ArtifactError(f"{what}: {n} arrived with {size} of {want} bytes; run "
+                                    f"the command again")
             if bar is not None:
-                bar.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-        print(f"fetched {what} ({len(sizes)} files, {total / 1e6:.1f} MB in "
-              f"{time.monotonic() - t0:.1f} s) to {dest}", file=sys.stderr, flush=True)
-        # A re-export must not leave a node holding every version (350 GB each at 175b).
-        # A process that loaded one has its tensors in memory; none is being fetched now.
-        for old in dest.parent.iterdir():
-            if old.name != dest.name and not old.name.startswith(".") and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+                bar.update(size)
+    finally:
+        if bar is not None:
+            bar.close()
+    return (f"fetched {what} ({len(sizes)} files, {total / 1e6:.1f} MB in "
+            f"{time.monotonic() - t0:.1f} s)")
+
+
+# ---------------------------------------------------------------- this node's fetch cache
+
+@contextlib.contextmanager
+def cached(name: str, key: Any, version: str, make: Callable[[Path], str]) -> Iterator[Path]:
+    """This node's copy of ``version`` of the source ``key``, in its fetch cache
+    (``run_dir.fetch_root``), made by ``make`` unless it is there; yields its directory.
+    Both kinds of copy go through here: a bucket prefix fetched (``fetched``) and an HF
+    directory built from a training checkpoint (``opt_ray.serve.from_run``).
+
+    Layout: one directory per source (``key``: a URL or a run and the part of it asked
+    for, JSON), named ``NAME-HASH`` (``name`` to read), holding a ``.lock`` file and its
+    versions, one directory each, named ``version``. A new version replaces the older
+    ones of its source (a re-export, a newer checkpoint: a node does not keep every one,
+    350 GB each at 175b).
+
+    - One make per node: the processes that want one source at once (the replicas of a
+      node of 8 GPUs start together) wait on the source's ``.lock``; the first makes the
+      version, the others take it.
+    - ``make(tmp)`` writes the version into the new directory ``tmp`` (a hidden name)
+      and returns a line that says what it did ("fetched ...", "built ..."), printed with
+      the destination once ``tmp`` is renamed into place: a process killed mid-way
+      leaves nothing that is taken for a version, and the next make clears it.
+    - In use: the caller holds a shared ``flock`` on the version's directory while its
+      ``with`` block runs (taken under the source's lock, so before any remover can look).
+      Pruning removes only versions it can lock exclusively, holding their source's
+      ``.lock``: never one being loaded, nor one being made."""
+    import fcntl
+    import shutil
+    import sys
+    import uuid
+
+    from opt_ray.run_dir import fetch_root
+
+    src = fetch_root() / f"{name[:40] or 'fetched'}-{_digest(key, 12)}"
+    dest = src / version
+    src.mkdir(parents=True, exist_ok=True)
+    use = None
+    try:
+        with open(src / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not dest.is_dir():
+                for stale in src.glob(".*.tmp-*"):    # a killed make's, nobody's now
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+                try:
+                    line = make(tmp)
+                    try:
+                        os.rename(tmp, dest)
+                    except OSError:
+                        if not dest.is_dir():   # not a copy by a process the lock missed
+                            raise
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                print(f"{line} to {dest}", file=sys.stderr, flush=True)
+                for old in src.iterdir():
+                    if old.name != dest.name and not old.name.startswith(".") and old.is_dir():
+                        _remove_unused(old)
+            use = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(use, fcntl.LOCK_SH)
+        yield dest
+    finally:
+        if use is not None:
+            os.close(use)
+
+
+def _remove_unused(version: Path) -> bool:
+    """Remove a version directory unless a process holds it (its shared lock); the caller
+    holds its source's ``.lock``. Renamed to a hidden name first, so a removal cut short
+    never leaves a version that looks whole (the next make clears it)."""
+    import fcntl
+    import shutil
+    import uuid
+
+    try:
+        fd = os.open(version, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        gone = version.with_name(f".{version.name}.tmp-gone-{uuid.uuid4().hex[:8]}")
+        os.rename(version, gone)
+    finally:
+        os.close(fd)
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def _digest(obj: Any, n: int) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:n]
 
 
 def check_artifact_url(url: str, work: str | None = None, *, overwrite: bool = False) -> None:

@@ -133,11 +133,11 @@ def load_model(ckpt: EvalCheckpoint, *, dtype: Any = None):
     if ckpt.kind == "hf":
         from opt_ray.model.hf import from_hf
         from opt_ray.run_dir import is_url
-        weights = ckpt.weights
-        if is_url(weights):     # an export in a bucket: fetched to this node once
-            from opt_ray.data.artifact_io import fetch_prefix
-            weights = fetch_prefix(str(weights), "checkpoint")
-        return from_hf(weights, dtype=dtype)
+        if is_url(ckpt.weights):     # an export in a bucket: fetched to this node once
+            from opt_ray.data.artifact_io import fetched
+            with fetched(str(ckpt.weights), "checkpoint") as weights:
+                return from_hf(weights, dtype=dtype)
+        return from_hf(ckpt.weights, dtype=dtype)
     from opt_ray.train.checkpoint import load_model as load_run_model
     return load_run_model(ckpt.weights, dtype=dtype)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import itertools
 import json
 import os
@@ -46,7 +47,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
@@ -814,65 +815,100 @@ _EXPORT_SUBDIRS = ("hf", "export", "export/hf")
 
 
 def resolve_checkpoint(path: str | Path) -> Path | str:
-    """The HF-format directory to serve, from what the user passed: an HF dir (has
+    """What to serve, from what the user passed (``CHECKPOINT_HELP``): an HF dir (has
     config.json), or a training run / checkpoint dir that holds an export (``hf/`` or
-    ``export/``), as written by ``opt-ray export``. Either may be a bucket prefix
+    ``export/``), as written by ``opt-ray export``; or, with no export inside, a training
+    run or one of its checkpoints: the checkpoint to serve (the run's newest committed
+    one, or the one named), from which each process that loads it builds the HF dir on
+    its own node (``opt_ray.serve.from_run``). Any of them may be a bucket prefix
     (``s3://bucket/exports/opt-125m``): its URL is returned, and each process that loads
-    it fetches it to its own node (``local_checkpoint``)."""
+    it fetches or builds it on its own node (``local_checkpoint``). Raises ``UserError``
+    naming the input and the fix, before anything is loaded."""
+    return _resolve(path)[0]
+
+
+def _resolve(path: str | Path):
+    """(``resolve_checkpoint``'s answer, the ``from_run.RunCheckpoint`` when it is a
+    training checkpoint, else None)."""
     from opt_ray.run_dir import is_url
+    from opt_ray.serve import from_run
     if is_url(path):
         return _resolve_url(str(path).rstrip("/"))
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"--checkpoint {p}: no such directory")
+    p = Path(path).expanduser().absolute()
     if (p / "config.json").is_file():
-        return p
+        return p, None
     for sub in _EXPORT_SUBDIRS:
         if (p / sub / "config.json").is_file():
-            return p / sub
-    raise UserError(f"--checkpoint {p}: not an HF-format checkpoint (no config.json) and no "
-                    f"export inside it (hf/ or export/); export the training run first: "
-                    f"opt-ray export {p} --output {p / 'hf'}")
+            return p / sub, None
+    run = from_run.find(p)
+    if run is not None:
+        return run.ckpt, run
+    if not p.exists():
+        raise UserError(f"--checkpoint {p}: no such directory")
+    raise UserError(f"--checkpoint {p}: neither an HF-format checkpoint (no config.json, nor in "
+                    f"hf/ or export/) nor a training run (no checkpoints/); pass a directory "
+                    f"`opt-ray export` or `opt-ray train --output` wrote")
 
 
-def _resolve_url(url: str) -> str:
+def _resolve_url(url: str):
     from opt_ray.run_dir import store_errors
+    from opt_ray.serve import from_run
     from opt_ray.storage import Loc
     with store_errors(f"--checkpoint {url}", "a read", "the bucket exists"):
         for sub in ("", *_EXPORT_SUBDIRS):
             where = f"{url}/{sub}" if sub else url
             if Loc(where).child("config.json").isfile():
-                return where
+                return where, None
+    run = from_run.find(url)
+    if run is not None:
+        return str(run.ckpt), run
     raise UserError(f"--checkpoint {url}: no HF-format checkpoint there (no config.json, nor in "
-                    f"hf/ or export/); export one: opt-ray export RUN --output {url}")
+                    f"hf/ or export/) and no training run (no checkpoints/); pass a prefix "
+                    f"`opt-ray export --output` or `opt-ray train --output` wrote")
 
 
 def checkpoint_name(ref: str | Path) -> str:
-    """The default model id of a resolved checkpoint: its directory's (or prefix's) name."""
-    return str(ref).rstrip("/").rsplit("/", 1)[-1]
+    """The default model id of a resolved checkpoint: its directory's (or prefix's) name;
+    a training run's for one of its checkpoints (``RUN/checkpoints/step_N`` -> RUN)."""
+    parts = str(ref).rstrip("/").rsplit("/", 3)
+    if len(parts) == 4 and parts[2] == "checkpoints" and parts[3].startswith("step_"):
+        return parts[1]
+    return parts[-1]
 
 
-def local_checkpoint(path: str | Path, *, weights: bool = True) -> Path:
-    """A local directory holding the checkpoint ``path`` (``resolve_checkpoint``): itself,
-    or this node's copy of a bucket export, with the weights or (``weights=False``, for a
-    front end) only its small files (``SMALL_FILES``)."""
+@contextlib.contextmanager
+def local_checkpoint(path: str | Path, *, weights: bool = True,
+                     dtype: torch.dtype | None = None) -> Iterator[Path]:
+    """A local HF directory of the checkpoint ``path`` (``resolve_checkpoint``), for the
+    ``with`` block: itself, or this node's copy of a bucket export, or the HF directory
+    this node built from a training checkpoint (its weights in ``dtype``, default
+    float32); with the weights or (``weights=False``, for a front end) only its small
+    files (``SMALL_FILES``; a run's: config.json and tokenizer.json). A copy is held in
+    use until the block ends: the fetch cache removes no version a process is loading."""
     from opt_ray.run_dir import is_url
-    ref = resolve_checkpoint(path)
-    if not is_url(ref):
-        return ref
-    from opt_ray.data.artifact_io import fetch_prefix
-    return fetch_prefix(str(ref), "--checkpoint", names=None if weights else SMALL_FILES,
-                        progress=weights)
+    from opt_ray.serve import from_run
+    ref, run = _resolve(path)
+    if run is not None:
+        with from_run.built(run, weights=weights, dtype=dtype, progress=weights) as d:
+            yield d
+    elif is_url(ref):
+        from opt_ray.data.artifact_io import fetched
+        with fetched(str(ref), "--checkpoint", names=None if weights else SMALL_FILES,
+                     progress=weights) as d:
+            yield d
+    else:
+        yield Path(ref)
 
 
 def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer, eos_token_id) from an HF-format dir with its tokenizer beside it
-    (a bucket one is fetched to this node first); the weights in ``dtype`` (default fp32)."""
+    (a bucket one fetched, a training run's built, on this node first:
+    ``local_checkpoint``); the weights in ``dtype`` (default fp32)."""
     from opt_ray.serve.loading import load_hf_model, load_tokenizer_dir
-    p = local_checkpoint(path)
-    model = load_hf_model(p, dtype)
-    tok = load_tokenizer_dir(p)
-    cfg = json.loads((p / "config.json").read_text())
+    with local_checkpoint(path, dtype=dtype) as p:
+        model = load_hf_model(p, dtype)
+        tok = load_tokenizer_dir(p)
+        cfg = json.loads((p / "config.json").read_text())
     return model, tok, int(cfg.get("eos_token_id", model.config.eos_token_id))
 
 

@@ -13,6 +13,16 @@ from opt_ray.errors import UserError
 # float16 is what OPT's released weights are stored in.
 DTYPES = ("float32", "bfloat16", "float16")
 
+#: What ``--checkpoint`` takes, wherever a checkpoint is served from (``opt-ray serve``,
+#: ``generate``, ``ctl serve deploy``): ``engine.resolve_checkpoint``.
+CHECKPOINT_HELP = (
+    "an HF-format checkpoint dir (config.json + weights + tokenizer, as `opt-ray export` "
+    "writes), or a training run dir (`opt-ray train --output`) or one of its "
+    "checkpoints/step_N: with no export inside it (hf/ or export/), each node that loads it "
+    "builds the HF dir itself from the run's newest committed checkpoint (or the one named), "
+    "in the engine's dtype, into its fetch dir ($OPT_RAY_FETCH_DIR) once per checkpoint; any "
+    "of these may be a bucket prefix (s3://...: fetched to each node once)")
+
 
 @dataclass
 class EngineConfig:

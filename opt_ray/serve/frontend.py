@@ -159,15 +159,17 @@ class Frontend:
     @classmethod
     def for_checkpoint(cls, handle: EngineHandle, checkpoint: str | Path, *, model_name: str | None,
                        max_model_len: int | None = None, config: FrontendConfig | None = None) -> "Frontend":
-        """A front end for an HF-format checkpoint dir: its tokenizer and context (of a
-        bucket export, only those files are fetched: the weights stay with the replicas)."""
+        """A front end for a checkpoint (``resolve_checkpoint``): its tokenizer and context
+        (of a bucket export only those files are fetched, of a training run only the
+        config and tokenizer written: the weights stay with the replicas)."""
         from opt_ray.serve.engine import checkpoint_name, local_checkpoint, resolve_checkpoint
         from opt_ray.serve.loading import load_tokenizer_dir
         ref = resolve_checkpoint(checkpoint)
-        path = local_checkpoint(ref, weights=False)
-        cfg = json.loads((path / "config.json").read_text())
+        with local_checkpoint(ref, weights=False) as path:
+            cfg = json.loads((path / "config.json").read_text())
+            tokenizer = load_tokenizer_dir(path)
         ctx = int(cfg["max_position_embeddings"])
-        return cls(handle, load_tokenizer_dir(path), model_name=model_name or checkpoint_name(ref),
+        return cls(handle, tokenizer, model_name=model_name or checkpoint_name(ref),
                    max_model_len=min(max_model_len or ctx, ctx), vocab_size=int(cfg["vocab_size"]),
                    config=config)
 

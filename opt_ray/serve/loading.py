@@ -69,14 +69,21 @@ def _check_torch_zip(f: str, size: int, fh) -> None:
 
 
 def check_checkpoint(path: Path | str) -> None:
-    """Raise ``UserError`` naming the file when an HF-format dir cannot be served: its
-    config.json is not an OPT config, its tokenizer is missing, a weight file its shard
-    index lists is not there, or a weight file is cut off. Reads headers only
-    (milliseconds, whatever the model size). A bucket export (a URL) is checked where it
-    is: its small files are fetched to this node (and its manifest, if any, matched:
-    ``fetch_prefix``), the objects' sizes come from one listing and the weights' headers
-    are read by range."""
+    """Raise ``UserError`` naming the file when a resolved checkpoint
+    (``engine.resolve_checkpoint``) cannot be served. An HF-format dir: its config.json
+    is not an OPT config, its tokenizer is missing, a weight file its shard index lists
+    is not there, or a weight file is cut off. Reads headers only (milliseconds, whatever
+    the model size). A bucket export (a URL) is checked where it is: its small files are
+    fetched to this node (and its manifest, if any, matched: ``fetch_prefix``), the
+    objects' sizes come from one listing and the weights' headers are read by range. A
+    training checkpoint: ``from_run.check``, which builds no weights."""
     from opt_ray.run_dir import is_url
+    from opt_ray.serve import from_run
+    from opt_ray.storage import Loc
+    if not Loc(path).child("config.json").isfile():
+        run = from_run.find(path)
+        if run is not None:
+            return from_run.check(run)
     if not is_url(path):
         path = Path(path)
         sizes = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}

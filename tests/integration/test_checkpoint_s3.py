@@ -1152,6 +1152,44 @@ def test_tokenizer_export_serving_and_eval_from_the_bucket(s3, shards, tmp_path,
     assert "no HF-format checkpoint there" in capsys.readouterr().err
 
 
+def test_generate_and_front_end_from_a_bucket_run_without_an_export(s3, shards, tmp_path, monkeypatch,
+                                                                    capsys):
+    """`--checkpoint s3://bucket/run`, no export: another node builds the HF directory from
+    the bucket run's newest checkpoint and generates what `opt-ray export` of it does; a
+    second load builds nothing; the front end writes no weights; a bucket run with no
+    committed checkpoint is one line, exit 2."""
+    from opt_ray.cli import main
+    from opt_ray.run_dir import FETCH_ENV, STAGING_ENV
+    from opt_ray.serve.frontend import Frontend
+    from opt_ray.train.loop import train
+    from tests.unit.test_serve_from_run import files, generate
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "trainer"))
+    run = s3.url("runs", "served-run")
+    train(tiny_cfg(shards, run, steps=2, checkpoint_every=2))
+    assert main(["export", run, "--output", str(tmp_path / "hf")]) == 0
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "node"))
+    want, _ = generate(tmp_path / "hf", capsys)
+    got, err = generate(run, capsys)
+    assert got == want and f"built --checkpoint {run} step 2 (float32" in err
+    before = files(tmp_path / "node")
+    assert len(before) == 1
+    got, err = generate(run, capsys)
+    assert got == want and "built" not in err and files(tmp_path / "node") == before
+
+    monkeypatch.setenv(FETCH_ENV, str(tmp_path / "head"))
+    fe = Frontend.for_checkpoint(None, run, model_name=None)
+    assert fe.model_name == "served-run"
+    assert not files(tmp_path / "head") and list((tmp_path / "head").rglob("tokenizer.json"))
+
+    import fsspec
+    fsspec.filesystem("s3").rm_file(f"{run}/checkpoints/step_00000002/manifest.json")  # never committed
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", run, "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and run in err and "no committed checkpoint yet" in err
+
+
 def test_replicas_of_one_node_fetch_an_export_once(s3, tmp_path):
     """Three processes of one node (replicas starting together) fetch the same export at
     once: one downloads it, the others wait for its copy and take it; a copy left half
