@@ -53,8 +53,13 @@ from opt_ray.logbook import LOGBOOK, METRICS
 
 STAGING_ENV = "OPT_RAY_STAGING_DIR"
 #: Where a node keeps what it fetched from a bucket to read as files (a served export, a
-#: tokenizer): ``artifact_io.fetch_prefix``.
+#: tokenizer) and the HF directories it built from a training run to serve:
+#: ``artifact_io.cached``.
 FETCH_ENV = "OPT_RAY_FETCH_DIR"
+#: The most the fetch directory holds (``200GB``, ``500GiB``); past it the least recently
+#: used versions that no process is using are removed (``artifact_io.evict``). Unset or
+#: empty: no limit (each source keeps only its newest version, whatever the total).
+FETCH_MAX_ENV = "OPT_RAY_FETCH_MAX_BYTES"
 MARK = ".mirror.json"
 #: Files of a run directory that live in the bucket, besides the checkpoints. The other
 #: entries of a staging directory (pids, chaos state, Ray Train's, attempt counters) are
@@ -84,6 +89,16 @@ def staging_root() -> Path:
 
 def fetch_root() -> Path:
     return Path(os.environ.get(FETCH_ENV) or Path.home() / ".cache" / "opt-ray" / "fetched")
+
+
+def fetch_max_bytes() -> int | None:
+    """``$OPT_RAY_FETCH_MAX_BYTES`` in bytes, None when unset; a ``UserError`` naming it
+    when it is not a size."""
+    raw = os.environ.get(FETCH_MAX_ENV, "").strip()
+    if not raw:
+        return None
+    from opt_ray.model.hf import parse_size   # imports torch: only when a limit is set
+    return parse_size(raw, FETCH_MAX_ENV)
 
 
 def local_run_dir(output: str | os.PathLike) -> Path:

@@ -160,7 +160,8 @@ def fetched(url: str, what: str, *, names: Sequence[str] | None = None,
     # One directory per URL and part asked for (the small files a front end reads are
     # another copy than the whole export), holding the newest version fetched.
     with cached(url.rsplit("/", 1)[-1], [url, None if names is None else sorted(names)], version,
-                lambda tmp: _download(fs, root, sizes, tmp, f"{what} {url}", progress=progress)) as d:
+                lambda tmp: _download(fs, root, sizes, tmp, f"{what} {url}", progress=progress),
+                need=sum(sizes.values())) as d:
         yield d
 
 
@@ -255,7 +256,8 @@ def _download(fs, root: str, sizes: dict[str, int], tmp: Path, what: str, *,
 # ---------------------------------------------------------------- this node's fetch cache
 
 @contextlib.contextmanager
-def cached(name: str, key: Any, version: str, make: Callable[[Path], str]) -> Iterator[Path]:
+def cached(name: str, key: Any, version: str, make: Callable[[Path], str], *,
+           need: int = 0) -> Iterator[Path]:
     """This node's copy of ``version`` of the source ``key``, in its fetch cache
     (``run_dir.fetch_root``), made by ``make`` unless it is there; yields its directory.
     Both kinds of copy go through here: a bucket prefix fetched (``fetched``) and an HF
@@ -276,8 +278,12 @@ def cached(name: str, key: Any, version: str, make: Callable[[Path], str]) -> It
       leaves nothing that is taken for a version, and the next make clears it.
     - In use: the caller holds a shared ``flock`` on the version's directory while its
       ``with`` block runs (taken under the source's lock, so before any remover can look).
-      Pruning removes only versions it can lock exclusively, holding their source's
-      ``.lock``: never one being loaded, nor one being made."""
+      Pruning and the size cap (``evict``) remove only versions they can lock
+      exclusively, and each source only while they hold its ``.lock``: never one being
+      loaded, nor one being made.
+    - Each use marks the version used (its directory's mtime), for the size cap's
+      least-recently-used order; ``need`` (bytes a make will write) is made room for
+      first."""
     import fcntl
     import shutil
     import sys
@@ -295,6 +301,7 @@ def cached(name: str, key: Any, version: str, make: Callable[[Path], str]) -> It
             if not dest.is_dir():
                 for stale in src.glob(".*.tmp-*"):    # a killed make's, nobody's now
                     shutil.rmtree(stale, ignore_errors=True)
+                evict(need=need)
                 tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
                 try:
                     line = make(tmp)
@@ -309,12 +316,73 @@ def cached(name: str, key: Any, version: str, make: Callable[[Path], str]) -> It
                 for old in src.iterdir():
                     if old.name != dest.name and not old.name.startswith(".") and old.is_dir():
                         _remove_unused(old)
+            os.utime(dest)
             use = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(use, fcntl.LOCK_SH)
+        evict(keep=dest)
         yield dest
     finally:
         if use is not None:
             os.close(use)
+
+
+def evict(*, need: int = 0, keep: Path | None = None) -> list[Path]:
+    """Hold this node's fetch cache to ``run_dir.fetch_max_bytes`` (nothing when unset)
+    with ``need`` bytes more to come: remove the least recently used versions, skipping
+    ``keep``, any version in use and any source whose ``.lock`` another process holds (a
+    fetch or build under way there). One line per version removed. Returns them."""
+    import fcntl
+    import sys
+    import time
+
+    from opt_ray.run_dir import FETCH_MAX_ENV, fetch_max_bytes, fetch_root
+
+    limit = fetch_max_bytes()
+    if limit is None or not fetch_root().is_dir():
+        return []
+    versions = []
+    for src in fetch_root().iterdir():
+        if src.name.startswith(".") or not src.is_dir():
+            continue
+        for v in src.iterdir():
+            try:
+                if not v.name.startswith(".") and v.is_dir():
+                    versions.append((v.stat().st_mtime, _tree_bytes(v), v))
+            except OSError:         # removed meanwhile by another process
+                continue
+    total = sum(size for _, size, _ in versions)
+    if total + need <= limit:
+        return []
+    gone: list[Path] = []
+    for used, size, v in sorted(versions, key=lambda e: e[0]):
+        if total + need <= limit:
+            break
+        if v == keep:
+            continue
+        with open(v.parent / ".lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if not _remove_unused(v):
+                continue
+        total -= size
+        gone.append(v)
+        print(f"evicted {v} ({size / 1e6:.1f} MB, last used {_ago(time.time() - used)} ago) from "
+              f"this node's fetch cache: {FETCH_MAX_ENV}={os.environ[FETCH_MAX_ENV].strip()}",
+              file=sys.stderr, flush=True)
+    if total + need > limit:
+        print(f"this node's fetch cache holds {total / 1e6:.1f} MB"
+              + (f" with {need / 1e6:.1f} MB to come" if need else "")
+              + f", over {FETCH_MAX_ENV}={os.environ[FETCH_MAX_ENV].strip()}: the rest is in use "
+              f"(or being fetched or built)", file=sys.stderr, flush=True)
+    return gone
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _remove_unused(version: Path) -> bool:
@@ -340,6 +408,10 @@ def _remove_unused(version: Path) -> bool:
         os.close(fd)
     shutil.rmtree(gone, ignore_errors=True)
     return True
+
+
+def _tree_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
 def _digest(obj: Any, n: int) -> str:

@@ -217,7 +217,11 @@ def built(rc: RunCheckpoint, *, weights: bool = True, dtype=None,
         (tmp / TOKENIZER).write_bytes(tok)
         return f"wrote the config and tokenizer of --checkpoint {rc.run} step {rc.step}"
 
-    with cached(run.name, key, version, make) as d:
+    need = 0
+    if weights:
+        from opt_ray.config import num_params
+        need = num_params(cfg) * torch.empty((), dtype=dtype).element_size()
+    with cached(run.name, key, version, make, need=need) as d:
         yield d
 
 

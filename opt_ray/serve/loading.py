@@ -77,9 +77,10 @@ def check_checkpoint(path: Path | str) -> None:
     fetched to this node (and its manifest, if any, matched: ``fetch_prefix``), the
     objects' sizes come from one listing and the weights' headers are read by range. A
     training checkpoint: ``from_run.check``, which builds no weights."""
-    from opt_ray.run_dir import is_url
+    from opt_ray.run_dir import fetch_max_bytes, is_url
     from opt_ray.serve import from_run
     from opt_ray.storage import Loc
+    fetch_max_bytes()     # the fetch cache's limit, which every node that loads it reads
     if not Loc(path).child("config.json").isfile():
         run = from_run.find(path)
         if run is not None:

@@ -214,3 +214,23 @@ def test_bad_runs_are_one_line_before_ray(run, tmp_path, monkeypatch, capsys, no
     (notok / "tokenizer.json").unlink()
     refused(notok, "no tokenizer.json", "--tokenizer")
     assert not list((tmp_path / "node").rglob("*.safetensors"))
+
+
+def test_a_size_capped_node_evicts_the_build_used_least_recently(run, tmp_path, monkeypatch, capsys):
+    """OPT_RAY_FETCH_MAX_BYTES with room for one build: serving the run in bf16 after fp32
+    evicts the fp32 build (not in use: its replica has loaded it) to make room."""
+    from opt_ray.run_dir import FETCH_MAX_ENV
+
+    node = tmp_path / "node"
+    monkeypatch.setenv(FETCH_ENV, str(node))
+    monkeypatch.setenv(FETCH_MAX_ENV, "4MB")
+    generate(run["run"], capsys)
+    (fp32,) = node.rglob("model.safetensors")
+    assert 3e6 < fp32.stat().st_size < 4e6
+    want16, _ = generate(run["hf"], capsys, "--dtype", "bfloat16")
+    got16, err = generate(run["run"], capsys, "--dtype", "bfloat16")
+    assert got16 == want16
+    evicted = [ln for ln in err.splitlines() if ln.startswith("evicted")]
+    assert len(evicted) == 1 and str(fp32.parent) in evicted[0], err
+    (bf16,) = node.rglob("model.safetensors")
+    assert bf16 != fp32 and not fp32.parent.exists()
