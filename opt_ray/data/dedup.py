@@ -8,9 +8,10 @@ result under the work dir ``.<output>.dedup-work/`` (a sibling of the output) fo
 killed worker (its task is retried) or a killed driver (run the command again) costs only
 the unfinished splits; the output is identical either way.
 
-A split is an input file, or, for a Parquet or plain jsonl file larger than
-``split_bytes``, a run of its row groups or lines (``readers.plan_splits``; rows and lines
-keep their file-wide numbers, so ids do not depend on the splitting).
+A split is an input file, or, for a Parquet or jsonl file larger than ``split_bytes``, a
+run of its row groups or lines (``readers.plan_splits``: the lines of large jsonl files,
+compressed ones included, are counted by tasks on the executor, not the driver; rows and
+lines keep their file-wide numbers, so ids do not depend on the splitting).
 Documents are named by a ``uid = split << 32 | k`` (``k``: the k-th good record of the
 split), which orders them as the inputs do. The phases and the data between them:
 
@@ -125,11 +126,12 @@ def auto_buckets(files: Sequence[InputFile]) -> int:
     default) of 800 GB of text are ~13 GB of keys each, sorted on one core, while the
     other workers idle. The text's size is estimated from the files' sizes (no request
     per file: a bucket listing's sizes): compressed jsonl x4, Parquet x2."""
-    from opt_ray.data.readers import input_size
+    from opt_ray.data.readers import COMPRESSION_GUESS, input_size
     text = 0
     for f in files:
         name = str(f.path).lower()
-        factor = 4 if name.endswith((".gz", ".zst")) else 2 if f.kind == "parquet" else 1
+        factor = (COMPRESSION_GUESS if name.endswith((".gz", ".zst"))
+                  else 2 if f.kind == "parquet" else 1)
         text += input_size(f) * factor
     return max(2, min(MAX_BUCKETS, -(-text // BUCKET_TEXT_BYTES)))
 
@@ -151,7 +153,7 @@ class DedupConfig:
     shard_bytes: int = 128 << 20  # text characters per output Parquet shard, at most
     shard_rows: int = 200_000    # records per output Parquet shard, at most
     report_clusters: int = 10_000  # clusters listed in dedup_report.json (all: clusters.parquet)
-    split_bytes: int = 256 << 20   # larger Parquet / plain jsonl files: split by row groups / lines
+    split_bytes: int = 256 << 20   # larger Parquet / jsonl files: split by row groups / lines
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -984,7 +986,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
     if cfg.num_buckets is None:
         from dataclasses import replace
         cfg = replace(cfg, num_buckets=auto_buckets(files))
-    files = plan_splits(files, cfg.split_bytes)
+    files = plan_splits(files, cfg.split_bytes, executor)
     url = str(output).rstrip("/") if is_url(output) else None
     out: Path | str = url or Path(output).absolute()
     t_start = time.perf_counter()

@@ -230,8 +230,8 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     ``out`` (atomic), or into a bucket URL (the manifest last; see the module doc): returns
     the artifact's path or URL. ``executor``: where the per-file tasks run (default
     in-process).
-    Parquet and plain jsonl files larger than ``split_bytes`` are split by row groups /
-    lines (``readers.plan_splits``; one task each).
+    Parquet and jsonl files larger than ``split_bytes`` are split by row groups / lines
+    (``readers.plan_splits``; one task each; the lines counted by tasks on ``executor``).
     Raises ``UserError`` for a corpus with no documents or too few tokens for one row."""
     from opt_ray.data.artifact_io import PrehashedArtifactWriter, prepare_work, read_done
     from opt_ray.data.dedup import LocalExecutor
@@ -244,7 +244,7 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     from opt_ray.run_dir import is_url, local_run_dir, store_errors
 
     executor = executor or LocalExecutor()
-    files = plan_splits(list(files), split_bytes)
+    files = plan_splits(list(files), split_bytes, executor)
     tinfo = describe(tok)
     dtype = token_dtype(tinfo["vocab_size"])
     url = str(out).rstrip("/") if is_url(out) else None

@@ -843,7 +843,7 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
 
     from opt_ray.data.readers import plan_splits, resolve_inputs
     from opt_ray.data.shards import ShardDataset, read_shards_manifest
-    from opt_ray.data.tokenize_pipeline import tokenize_files
+    from opt_ray.data.tokenize_pipeline import tokenize_files, tokenize_split
     from opt_ray.data.tokenizer import load_tokenizer, train_tokenizer
     from tests.integration.test_train_gang import WORDS
 
@@ -908,7 +908,7 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
     class Interrupted:
         def map(self, fn, args):
             for k, a in enumerate(args):
-                if k == 1:
+                if k == 1 and fn is tokenize_split:       # (planning counts lines on it too)
                     raise Stop
                 yield fn(*a)
 
@@ -917,7 +917,8 @@ def test_tokenize_reads_the_corpus_from_the_bucket_and_each_task_writes_its_own_
 
         def map(self, fn, args):
             for a in args:
-                self.ran.append(a[1])
+                if fn is tokenize_split:
+                    self.ran.append(a[1])
                 yield fn(*a)
 
     again = s3.url("data", "again")

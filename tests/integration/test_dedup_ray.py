@@ -38,6 +38,39 @@ def test_ray_executor_matches_local(ray_local, tmp_path):
     assert ray_report["counts"]["duplicates_removed"] > 0
 
 
+def _rchar() -> int:
+    return int(next(ln for ln in open("/proc/self/io") if ln.startswith("rchar")).split()[1])
+
+
+@pytest.mark.slow
+def test_large_jsonl_files_are_planned_by_tasks_not_the_driver(ray_local, tmp_path):
+    # Planning used to read every large plain jsonl file whole on the driver (to number
+    # its lines) and kept compressed files whole (one task each, whatever their size).
+    import random
+
+    import zstandard
+
+    from actors.dedup import RayExecutor
+    from opt_ray.data.readers import plan_splits, resolve_inputs
+    rng = random.Random(3)
+    recs = [{"text": " ".join(f"{rng.getrandbits(32):x}" for _ in range(200))} for _ in range(6000)]
+    write_jsonl(tmp_path / "plain.jsonl", recs)
+    raw = (tmp_path / "plain.jsonl").read_bytes()
+    (tmp_path / "packed.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    files = resolve_inputs([str(tmp_path / "plain.jsonl"), str(tmp_path / "packed.jsonl.zst")])
+    step = len(raw) // 8 + 1
+    before = _rchar()
+    local = plan_splits(files, step)                        # in this process: reads them
+    local_read = _rchar() - before
+    planned = plan_splits(files, step, RayExecutor(2))     # (warm: Ray's first-call imports)
+    before = _rchar()
+    assert plan_splits(files, step, RayExecutor(2)) == planned == local
+    driver_read = _rchar() - before
+    assert local_read > len(raw) and driver_read < len(raw) // 16, (local_read, driver_read)
+    assert [f.name for f in planned] == ["plain"] * 8 + ["packed"] * 8
+    assert {f.line_range for f in planned[8:]} != {None}
+
+
 @pytest.mark.slow
 def test_ray_executor_reruns_io_failures_only(ray_local, tmp_path):
     """A task whose I/O failed (a dropped connection, the store giving up) runs again and

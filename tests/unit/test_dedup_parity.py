@@ -172,18 +172,21 @@ def test_sample_corpus_same_kept_set_as_previous(tmp_path):
     assert filt["kept"] == len(kept) - fetch["kept"] > 0
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl.zst"])
 def test_large_files_split_same_output_as_whole_file(tmp_path, fmt):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import zstandard
     recs = planted_corpus(seed=7)
     src = tmp_path / f"in.{fmt}"
     if fmt == "parquet":
         pq.write_table(pa.Table.from_pylist(recs), src, row_group_size=40)
         small = 1                                      # one task per row group
     else:
-        write_jsonl(src, recs)
-        small = src.stat().st_size // 6                # six runs of lines
+        write_jsonl(tmp_path / "in.jsonl", recs)
+        small = (tmp_path / "in.jsonl").stat().st_size // 6   # six runs of lines
+        if fmt == "jsonl.zst":                         # (of the decompressed text)
+            src.write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "in.jsonl").read_bytes()))
     whole = run_dedup([str(src)], str(tmp_path / "whole"), DedupConfig())
     split = run_dedup([str(src)], str(tmp_path / "split"), DedupConfig(split_bytes=small))
     assert split["counts"] == whole["counts"]

@@ -122,3 +122,41 @@ def test_jsonl_split_by_lines_reads_the_same_records_and_errors(tmp_path):
         e1 = InputErrors()
         got = [(r[ID_KEY], r["text"]) for f in splits for r in iter_file(f, errors=e1)]
         assert got == expect and e1.to_dict() == e0.to_dict()
+
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst", "zst-truncated", "gz-truncated"])
+def test_compressed_jsonl_split_by_lines_reads_the_same_records_and_errors(tmp_path, codec):
+    # A compressed file used to be one split whatever its size (the Pile: 30 files of
+    # ~45 GB of text, so 30 tasks at most). Now: runs of lines, each reader skipping the
+    # lines before its own; ids, records and errors as the whole file's.
+    import random
+
+    from opt_ray.data.readers import COMPRESSED_SPLITS, iter_file, plan_splits
+    rng = random.Random(1)
+    lines = []
+    for i in range(3000):
+        r = rng.random()
+        words = " ".join(f"{rng.getrandbits(24):x}" for _ in range(rng.randint(1, 60)))
+        lines.append("\n" if r < 0.05 else "not json\n" if r < 0.07 else
+                     json.dumps({"text": f"{words} {i}"}) + "\n")
+    raw = "".join(lines)[:-1].encode()                  # no final newline
+    packed = gzip.compress(raw) if codec.startswith("gz") else zstandard.ZstdCompressor().compress(raw)
+    if codec.endswith("truncated"):
+        packed = packed[: len(packed) * 2 // 3]
+    p = tmp_path / f"big.jsonl.{codec.split('-')[0]}"
+    p.write_bytes(packed)
+    [whole] = resolve_inputs([str(p)])
+    e0 = InputErrors()
+    expect = [(r[ID_KEY], r["text"]) for r in iter_file(whole, errors=e0)]
+    assert len(expect) > 500
+    if codec.endswith("truncated"):
+        assert e0.total > 0 and "truncated_file" in json.dumps(e0.to_dict()) or \
+            "corrupt_file" in json.dumps(e0.to_dict())
+    for max_bytes in (-(-len(raw) // 5), 1, 10**9):
+        splits = plan_splits([whole], max_bytes)
+        n = {1: COMPRESSED_SPLITS, 10**9: 1}.get(max_bytes, 5)    # of the text, at most 16
+        assert len(splits) == n or codec.endswith("truncated") and 1 < len(splits) < n
+        e1 = InputErrors()
+        got = [(r[ID_KEY], r["text"]) for f in splits for r in iter_file(f, errors=e1)]
+        assert got == expect and e1.to_dict() == e0.to_dict()
