@@ -22,8 +22,17 @@ an engine in ``--serve-dtype`` (default bfloat16) from the fp16 export:
 the engine's dtype), the same in fp32 (what it did before: the engine cast afterwards),
 and the reference, transformers' ``OPTForCausalLM.from_pretrained(path, torch_dtype=...)``.
 
-Run: ``python -m bench.serve_load [--preset 125m] [--dtype fp16] [--trials 3]`` or
-``python -m bench.serve_load --memory [--preset 350m]``.
+``--from-run``: instead, a replica's start from a training run with no export
+(``--checkpoint RUN``: the node builds the HF directory from the run's checkpoint, in the
+engine's ``--serve-dtype``) against one from ``opt-ray export`` of the same checkpoint in
+that dtype: ``run_cold`` (an empty fetch directory: the build, then the load),
+``run_warm`` (again on the node: the build already there) and ``export_local``; plus the
+export's own time, which serving from the run spares. The run: one step of
+``opt-ray train``'s loop on the sample corpus, ``--preset``'s shape.
+
+Run: ``python -m bench.serve_load [--preset 125m] [--dtype fp16] [--trials 3]``,
+``python -m bench.serve_load --memory [--preset 350m]`` or
+``python -m bench.serve_load --from-run [--preset 125m]``.
 """
 
 from __future__ import annotations
@@ -106,6 +115,55 @@ def memory(args, work: Path) -> dict:
                       for s, r in best.items()}}
 
 
+def from_run(args, work: Path) -> dict:
+    from opt_ray.cli import main as cli
+    from opt_ray.data.sample import write_sample_corpus
+    from opt_ray.data.shards import write_shards
+    from opt_ray.data.tokenizer import train_tokenizer
+    from opt_ray.run_dir import FETCH_ENV
+    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from opt_ray.train.loop import TrainConfig, train
+
+    texts = [json.loads(ln)["text"] for ln in
+             write_sample_corpus(work / "sample").read_text().splitlines()]
+    shards = write_shards(({"text": t} for t in texts), train_tokenizer(texts, 1000),
+                          work / "shards", seq_len=64)
+    run = work / "run"
+    train(TrainConfig(data=str(shards), output=str(run), preset=args.preset, steps=1,
+                      batch_tokens=64, micro_batch=1, checkpoint_every=1, guard=False,
+                      precision="fp32", dropout=0.0))
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.serve_dtype]
+    t0 = time.perf_counter()
+    assert cli(["export", str(run), "--output", str(work / "hf"), "--dtype", short]) == 0
+    export_s = time.perf_counter() - t0
+    config = EngineConfig(max_num_seqs=4, max_model_len=256, dtype=args.serve_dtype)
+
+    def start(path: Path) -> float:
+        t0 = time.perf_counter()
+        engine = engine_from_checkpoint(path, config)
+        dt = time.perf_counter() - t0
+        del engine
+        return dt
+
+    runs: dict[str, list[float]] = {"export_local": [], "run_cold": [], "run_warm": []}
+    for t in range(args.trials):
+        os.environ[FETCH_ENV] = str(work / f"node-{t}")        # an empty node each trial
+        order = [("export_local", work / "hf"), ("run_cold", run), ("run_warm", run)]
+        if t % 2:   # the cold build must precede the warm one; the export moves to the end
+            order = order[1:] + order[:1]
+        for side, path in order:
+            runs[side].append(start(path))
+        built = sum(f.stat().st_size for f in (work / f"node-{t}").rglob("*.safetensors"))
+        shutil.rmtree(work / f"node-{t}", ignore_errors=True)
+    best = {k: min(v) for k, v in runs.items()}
+    return {"bench": "serve_load --from-run", "preset": args.preset, "serve_dtype": args.serve_dtype,
+            "export_s": round(export_s, 2), "built_mb": round(built / 1e6, 1), "trials": args.trials,
+            "seconds": {k: round(v, 3) for k, v in best.items()},
+            "seconds_per_trial": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+            "run_cold_vs_export_plus_load": round(best["run_cold"] / (export_s + best["export_local"]), 3),
+            "run_warm_vs_export_local": round(best["run_warm"] / best["export_local"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="125m", help="model shape (default 125m)")
@@ -114,13 +172,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3, help="trials per side (default 3)")
     ap.add_argument("--memory", action="store_true",
                     help="the host memory of a replica's load instead (see the module doc)")
+    ap.add_argument("--from-run", action="store_true",
+                    help="a replica's start from a training run against its export instead")
     ap.add_argument("--serve-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                    help="with --memory: the engine's dtype (default bfloat16)")
+                    help="with --memory or --from-run: the engine's dtype (default bfloat16)")
     args = ap.parse_args()
-    if args.memory:
+    if args.memory or args.from_run:
         work = Path(tempfile.mkdtemp(prefix="bench-serve-mem-"))
         try:
-            res = memory(args, work)
+            res = (memory if args.memory else from_run)(args, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(json.dumps({**res, "machine": f"{platform.machine()} {os.cpu_count()} cores",
