@@ -84,8 +84,7 @@ def find(path: str | Path, what: str = "--checkpoint") -> RunCheckpoint | None:
         root = loc.child("checkpoints")
         if not root.isdir():
             root = loc if loc.name == "checkpoints" and loc.isdir() else None
-        if root is None and not (loc.child("logbook.jsonl").isfile() or
-                                 loc.child(TOKENIZER).isfile() and loc.child(MANIFEST).isfile()):
+        if root is None and not loc.child("logbook.jsonl").isfile():   # not a run's
             return None
         found = committed(root) if root is not None else []
     if not found:

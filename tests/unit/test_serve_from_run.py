@@ -202,6 +202,11 @@ def test_bad_runs_are_one_line_before_ray(run, tmp_path, monkeypatch, capsys, no
     other.mkdir()
     (other / "notes.txt").write_text("hello")
     refused(other, "neither an HF-format checkpoint", "nor a training run")
+    tok = tmp_path / "tok"                 # a tokenizer artifact is not a run either
+    tok.mkdir()
+    shutil.copy(run["run"] / "tokenizer.json", tok / "tokenizer.json")
+    (tok / "manifest.json").write_text('{"kind": "tokenizer", "files": {}}')
+    refused(tok, "neither an HF-format checkpoint", "nor a training run")
     # A committed checkpoint damaged since, and a run without its tokenizer.
     damaged = tmp_path / "damaged"
     shutil.copytree(run["run"], damaged)
