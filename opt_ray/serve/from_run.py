@@ -30,16 +30,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from opt_ray.data.shards import TOKENIZER_FILE as TOKENIZER   # the run's, as `opt-ray train` keeps it
 from opt_ray.errors import UserError
 from opt_ray.storage import Loc, Ref
-
-_STEP = re.compile(r"^step_(\d+)$")
-TOKENIZER = "tokenizer.json"     # where `opt-ray train` keeps the run's (data.shards.TOKENIZER_FILE)
 
 
 @dataclass(frozen=True)
@@ -62,15 +59,15 @@ def find(path: str | Path, what: str = "--checkpoint") -> RunCheckpoint | None:
     is none of these. Raises ``UserError`` for a run with no committed checkpoint yet and
     for a checkpoint directory that is not committed or not there."""
     from opt_ray.artifacts import MANIFEST
-    from opt_ray.train.checkpoint import TRAIN_STATE, committed
+    from opt_ray.train.checkpoint import STEP_DIR, TRAIN_STATE, committed
 
     loc = Loc(path)
     with _reading(f"{what} {path}", loc):
-        if loc.child(TRAIN_STATE).isfile() or (_STEP.match(loc.name) and
+        if loc.child(TRAIN_STATE).isfile() or (STEP_DIR.match(loc.name) and
                                                loc.parent().name == "checkpoints" and
                                                loc.parent().isdir()):
             if loc.child(MANIFEST).isfile() and loc.child(TRAIN_STATE).isfile():
-                m = _STEP.match(loc.name)
+                m = STEP_DIR.match(loc.name)
                 step = int(m.group(1)) if m else int(_train_state(loc, what).get("step", 0))
                 return RunCheckpoint(loc.ref(), run_of(loc.ref()).ref(), step)
             steps = [s for s, _ in committed(loc.parent())]

@@ -63,7 +63,8 @@ from opt_ray.storage import Loc, Ref, _loc  # noqa: F401 (importers use checkpoi
 TRAIN_STATE = "train_state.json"
 #: A checkpoint holding this file is never pruned (``pin``).
 PIN = ".pinned"
-_STEP_RE = re.compile(r"^step_(\d{8})$")
+#: A checkpoint directory's name, ``step_NNNNNNNN``.
+STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(UserError):
@@ -92,7 +93,7 @@ def committed(root: str | os.PathLike) -> list[tuple[int, Ref]]:
     root_loc = _loc(root)
     out = []
     for name in root_loc.names():
-        m = _STEP_RE.match(name)
+        m = STEP_DIR.match(name)
         if m and root_loc.child(name, MANIFEST).isfile():
             out.append((int(m.group(1)), root_loc.child(name).ref()))
     return sorted(out)
@@ -298,7 +299,7 @@ class Checkpointer:
         if self.rank == 0:
             for name in self.loc.names():
                 partial = name.startswith((".tmp-", ".old-")) or (
-                    _STEP_RE.match(name) and not self.loc.child(name, MANIFEST).isfile())
+                    STEP_DIR.match(name) and not self.loc.child(name, MANIFEST).isfile())
                 if partial:
                     self.loc.child(name).rm()
                     self.on_event("checkpoint_partial_removed", path=str(self.loc.child(name)))
