@@ -97,7 +97,7 @@ def fetch_max_bytes() -> int | None:
     raw = os.environ.get(FETCH_MAX_ENV, "").strip()
     if not raw:
         return None
-    from opt_ray.model.hf import parse_size   # imports torch: only when a limit is set
+    from opt_ray.sizes import parse_size
     return parse_size(raw, FETCH_MAX_ENV)
 
 

@@ -12,6 +12,7 @@ import argparse
 from opt_ray.errors import UserError
 
 
+SAMPLE_DEFAULT = "1GB"
 OUTPUT_HELP = ("tokenizer artifact to write: a directory, or a bucket prefix (s3://bucket/tok; "
                "the standard AWS environment variables), uploaded with its manifest last")
 
@@ -42,7 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--min-frequency", type=int, default=2,
                        help="minimum pair count for a merge (default: 2)")
     train.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
+    train.add_argument("--sample", default=SAMPLE_DEFAULT, metavar="SIZE",
+                       help=f"characters of text to train on (default {SAMPLE_DEFAULT}; 'all': the "
+                            "whole corpus): each input file gives its first records up to its "
+                            "share, in proportion to its size, so a corpus of hundreds of GB is "
+                            "not read whole by this one process (BPE merges settle long before)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -54,23 +61,44 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action in ("load", "train"):
         check_output_dir(args.output, overwrite=args.overwrite)   # before any work
+    if args.action == "train":
+        from opt_ray.sizes import parse_size
+        sample = None if args.sample.strip().lower() == "all" else parse_size(args.sample, "--sample")
     if args.action == "load":
         tok = load_tokenizer(args.path)
         from opt_ray.run_dir import is_url
         source = {"from": "load",
                   "path": args.path if is_url(args.path) else str(Path(args.path).absolute())}
     elif args.action == "train":
-        from opt_ray.data.readers import InputErrors, iter_records
+        from tqdm import tqdm
+
+        from opt_ray.data.readers import InputErrors, iter_sample, resolve_inputs, text_weight
         from opt_ray.data.shards import source_info
 
+        files = resolve_inputs(args.corpus)
         errors = InputErrors()
-        records = iter_records(args.corpus, text_field=args.text_field, errors=errors)
-        tok = train_tokenizer((r[args.text_field] for r in records), args.vocab_size,
-                              min_frequency=args.min_frequency)
+        total = sum(text_weight(f) for f in files)
+        bar = tqdm(total=min(sample or total, total), unit="char", unit_scale=True,
+                   desc="tokenizer: reading text", disable=args.no_progress, leave=False)
+        used = {"docs": 0, "chars": 0}
+
+        def texts():
+            for r in iter_sample(files, sample, text_field=args.text_field, errors=errors):
+                used["docs"] += 1
+                used["chars"] += len(r[args.text_field])
+                bar.update(len(r[args.text_field]))
+                yield r[args.text_field]
+
+        tok = train_tokenizer(texts(), args.vocab_size, min_frequency=args.min_frequency)
+        bar.close()
         source = {"from": "train", **source_info(args.corpus), "vocab_size": args.vocab_size,
-                  "min_frequency": args.min_frequency, "bad_records": errors.to_dict()}
+                  "min_frequency": args.min_frequency, "bad_records": errors.to_dict(),
+                  "sample": {"chars_asked": sample, "chars": used["chars"],
+                             "docs": used["docs"], "files": len(files)}}
         if errors.total:
             print(f"tokenizer: skipped {errors.total} bad records (see the manifest)")
+        print(f"tokenizer: trained on {used['chars']:,} characters of {used['docs']:,} documents "
+              f"from {len(files)} files" + ("" if sample is None else f" (--sample {args.sample})"))
     else:
         args._parser.print_help()
         raise UserError("choose an action: 'opt-ray tokenizer load PATH --output DIR' or "

@@ -126,13 +126,8 @@ def auto_buckets(files: Sequence[InputFile]) -> int:
     default) of 800 GB of text are ~13 GB of keys each, sorted on one core, while the
     other workers idle. The text's size is estimated from the files' sizes (no request
     per file: a bucket listing's sizes): compressed jsonl x4, Parquet x2."""
-    from opt_ray.data.readers import COMPRESSION_GUESS, input_size
-    text = 0
-    for f in files:
-        name = str(f.path).lower()
-        factor = (COMPRESSION_GUESS if name.endswith((".gz", ".zst"))
-                  else 2 if f.kind == "parquet" else 1)
-        text += input_size(f) * factor
+    from opt_ray.data.readers import text_weight
+    text = sum(text_weight(f) for f in files)
     return max(2, min(MAX_BUCKETS, -(-text // BUCKET_TEXT_BYTES)))
 
 

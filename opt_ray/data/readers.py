@@ -753,6 +753,33 @@ def iter_file(f: InputFile, *, text_field: str = "text", id_field: str | None = 
         yield from _iter_txt(f, text_field, id_field, errors)
 
 
+def text_weight(f: InputFile) -> int:
+    """A file's estimated bytes of text, from its size alone (no read): compressed jsonl
+    ``COMPRESSION_GUESS`` times its size, Parquet twice."""
+    factor = (COMPRESSION_GUESS if _compressed(f.path) else 2 if f.kind == "parquet" else 1)
+    return input_size(f) * factor
+
+
+def iter_sample(files: list[InputFile], chars: int | None, *, text_field: str = "text",
+                errors: InputErrors | None = None) -> Iterator[dict]:
+    """About ``chars`` characters of text from ``files`` (``resolve_inputs``; None: all of
+    them): from each file, its first records while the text taken from it is below its
+    share of ``chars``, the shares in proportion to the files' estimated text
+    (``text_weight``), so every file contributes and none is read whole. A corpus is
+    shuffled within its files (a dedup output's shards, the Pile's files): a sample of
+    a few GB stands for hundreds. At least one record per file."""
+    weights = [text_weight(f) for f in files]
+    total = sum(weights) or 1
+    for f, w in zip(files, weights):
+        share = None if chars is None else chars * w / total
+        taken = 0
+        for rec in iter_file(f, text_field=text_field, errors=errors):
+            yield rec
+            taken += len(rec[text_field])
+            if share is not None and taken >= share:
+                break
+
+
 def iter_records(inputs: list[str], *, text_field: str = "text", id_field: str | None = None,
                  errors: InputErrors | None = None) -> Iterator[dict]:
     """Stream the documents of ``inputs`` (files and directories, see the module doc).

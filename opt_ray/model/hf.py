@@ -282,18 +282,3 @@ def write_hf(cfg: ModelConfig, read, path: str | os.PathLike, *, dtype: torch.dt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def parse_size(text: str, what: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB``, ``1e9`` -> bytes; ``HFCheckpointError`` naming ``what``."""
-    import re
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text or "", re.IGNORECASE)
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    try:
-        n = int(float(m.group(1)) * units[(m.group(2) or "B").lower()]) if m else 0
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise HFCheckpointError(f"{what} {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
-    return n

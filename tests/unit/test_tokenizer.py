@@ -154,6 +154,51 @@ def test_cli_load_and_train(gpt2_dir, tmp_path, capsys):
     assert "no text" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
+def test_cli_train_reads_a_sample_of_each_file(tmp_path, capsys):
+    # `tokenizer train` read the whole corpus in one process: hundreds of GB at scale.
+    # With --sample, each file gives its first records up to its share (by size).
+    import random
+
+    from opt_ray.cli import main
+    from opt_ray.data.tokenizer import train_tokenizer
+    rng = random.Random(0)
+    docs = {}
+    for name, n in (("a", 300), ("b", 100), ("c", 20)):
+        docs[name] = [" ".join(rng.choice(TRAIN_TEXT).split()[:rng.randint(3, 30)]) + f" {name}{i}"
+                      for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                        for t in docs[name]))
+    sizes = {n: (tmp_path / f"{n}.jsonl").stat().st_size for n in docs}
+    budget = 6000
+    expect = []                                  # the rule, computed here from the files
+    for n in docs:
+        share, taken = budget * sizes[n] / sum(sizes.values()), 0
+        for t in docs[n]:
+            expect.append(t)
+            taken += len(t)
+            if taken >= share:
+                break
+    assert 20 < len(expect) < 200 and all(any(t in expect for t in docs[n]) for n in docs)
+    assert main(["tokenizer", "train", str(tmp_path), "--vocab-size", "400", "--sample",
+                 f"{budget}B", "--output", str(tmp_path / "tok"), "--no-progress"]) == 0
+    ref = train_tokenizer(expect, 400)
+    assert tokenizer_hash(load_tokenizer(tmp_path / "tok")) == tokenizer_hash(ref)
+    m = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert m["source"]["sample"] == {"chars_asked": budget, "chars": sum(map(len, expect)),
+                                     "docs": len(expect), "files": 3}
+    assert f"trained on {sum(map(len, expect)):,} characters" in capsys.readouterr().out
+    # 'all' reads every record; a bad size is one line, before any work.
+    assert main(["tokenizer", "train", str(tmp_path / "c.jsonl"), "--vocab-size", "400",
+                 "--sample", "all", "--output", str(tmp_path / "all"), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    assert m["source"]["sample"]["docs"] == 20
+    assert main(["tokenizer", "train", str(tmp_path), "--vocab-size", "400", "--sample",
+                 "lots", "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sample 'lots' is not a size" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_encode_prepends_bos_like_opt(gpt2_dir, tmp_path):
     """OPT's HF tokenizer prepends </s> (2); so do ours, and saving keeps it."""
     for tok in (load_tokenizer(gpt2_dir), train_tokenizer(TRAIN_TEXT, 500)):
