@@ -11,6 +11,7 @@ Ray must be initialised by the caller (``opt_ray.ray_util.init_ray``).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 from opt_ray.eval.loading import EvalCheckpoint
@@ -21,6 +22,18 @@ class _Worker:
 
     def __init__(self, ckpt: EvalCheckpoint, batch_size: int, dtype: str, device: str | None,
                  threads: int | None):
+        from opt_ray.errors import UserError
+
+        # Bad input is kept for ``info`` to raise: an error in an actor's constructor
+        # reaches the driver only as the actor's death, as text.
+        self.error: UserError | None = None
+        try:
+            self._load(ckpt, batch_size, dtype, device, threads)
+        except UserError as e:
+            self.error = e
+
+    def _load(self, ckpt: EvalCheckpoint, batch_size: int, dtype: str, device: str | None,
+              threads: int | None) -> None:
         import torch
 
         from opt_ray.eval.loading import load_model, load_tokenizer
@@ -28,6 +41,16 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            import socket
+
+            import ray
+            from opt_ray.errors import UserError
+            raise UserError(f"eval worker on {socket.gethostname()}: Ray gave it GPU "
+                            f"{ray.get_gpu_ids()} but torch sees no CUDA device "
+                            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build "
+                            f"of torch on the GPU nodes, or pass --device cpu")
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
         model = load_model(ckpt, dtype=torch_dtype)
@@ -35,6 +58,8 @@ class _Worker:
                              pad_id=model.config.pad_token_id, tokenizer=load_tokenizer(ckpt))
 
     def info(self) -> tuple[Any, int]:
+        if self.error is not None:
+            raise self.error
         m = self.scorer.model
         return m.config, sum(p.numel() for p in m.parameters())
 
@@ -53,10 +78,22 @@ class WorkerPool:
                  threads: int | None = 1):
         import ray
 
-        actor = ray.remote(num_cpus=cpus_per_worker)(_Worker)
+        from opt_ray.errors import UserError
+
+        # One GPU per worker when scoring on CUDA: Ray picks the node and sets the
+        # actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU.
+        actor = ray.remote(num_cpus=cpus_per_worker,
+                           num_gpus=1 if device == "cuda" else 0)(_Worker)
         self.actors = [actor.remote(ckpt, batch_size, dtype, device, threads) for _ in range(workers)]
         # Every actor has loaded the model once this returns (a bad checkpoint fails here).
-        infos = ray.get([a.info.remote() for a in self.actors])
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayTaskError as e:
+            for a in self.actors:
+                ray.kill(a)
+            if isinstance(e.cause, UserError):
+                raise e.cause from None       # bad input: one line, exit 2
+            raise
         self.model_config, self.num_params = infos[0]
 
     def _split(self, n: int, key: Callable[[int], Any]) -> list[list[int]]:

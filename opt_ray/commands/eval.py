@@ -75,6 +75,7 @@ def evaluate(model, data, *, batch_size: int = 8, max_rows: int | None = None) -
     with torch.no_grad():
         for start in range(0, n, batch_size):
             batch = torch.from_numpy(data.batch(range(start, min(start + batch_size, n))))
+            batch = batch.to(next(model.parameters()).device)
             count = batch[:, 1:].numel()
             total += float(model(batch[:, :-1], targets=batch[:, 1:])) * count
             tokens += count
@@ -85,13 +86,18 @@ def evaluate(model, data, *, batch_size: int = 8, max_rows: int | None = None) -
 def run_shards(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from opt_ray.data.shards import ShardDataset
     from opt_ray.eval.loading import load_model, load_tokenizer, locate
 
+    from opt_ray.eval.devices import local_device, resolve_dtype
+
+    device = local_device(args.device)
     ckpt = locate(args.checkpoint)
     # The shards' tokenizer must be the model's (issue 12): ShardDataset compares them.
     data = ShardDataset(args.data, split=args.split, tokenizer=load_tokenizer(ckpt))
-    model = load_model(ckpt)
+    model = load_model(ckpt, dtype=getattr(torch, resolve_dtype(args.dtype, device))).to(device)
     out = evaluate(model, data, batch_size=args.batch_size, max_rows=args.max_rows)
     print(json.dumps({"model": str(args.checkpoint), "data": args.data, "split": args.split, **out}))
     return 0
@@ -162,11 +168,11 @@ def evaluate_tasks(checkpoint, cfg=None, *, address: str | None = None,
     names = T.check_names(tm, cfg.tasks)
     T.check_local_data(tm, names)
     task_objs = T.load_tasks(tm, names)
-    if cfg.workers > 1:
-        from opt_ray.ray_util import init_ray
-        init_ray(address, num_cpus=num_cpus)
+    from opt_ray.eval.devices import place
+    where = place(cfg.device, cfg.dtype, cfg.workers, address=address, num_cpus=num_cpus)
     lm = OptLM.from_checkpoint(checkpoint, batch_size=cfg.batch_size, workers=cfg.workers,
-                               add_bos_token=cfg.add_bos_token, dtype=cfg.dtype, seed=cfg.seed or 0)
+                               add_bos_token=cfg.add_bos_token, dtype=where.dtype,
+                               device=where.device, actors=where.actors, seed=cfg.seed or 0)
     seed = cfg.seed
     seeds = {} if seed is None else {"random_seed": seed, "numpy_random_seed": seed,
                                      "torch_random_seed": seed, "fewshot_random_seed": seed}

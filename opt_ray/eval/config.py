@@ -11,6 +11,10 @@ from typing import Any
 from opt_ray.config import ConfigError, _help
 
 
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def _tasks(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
@@ -44,8 +48,14 @@ class EvalConfig:
     bos: str = field(default="auto", metadata=_help(
         "prepend bos to every input: auto = as the tokenizer does (OPT's prepends </s>; lm-eval's "
         "hf backend does the same), true, false", flag="add-bos-token", choices=("auto", "true", "false")))
-    dtype: str = field(default="float32", metadata=_help(
-        "weights' dtype for scoring (log-softmax is fp32 either way)", choices=("float32", "bfloat16")))
+    device: str = field(default="auto", metadata=_help(
+        "where the model scores: auto = on GPUs where there are any (with --workers > 1, or "
+        "when this driver runs on a Ray cluster (RAY_ADDRESS, --address): the cluster's, one "
+        "per worker, never this machine's alone; else this machine's CUDA), cuda (demand "
+        "them), cpu", choices=DEVICES))
+    dtype: str = field(default="auto", metadata=_help(
+        "weights' dtype for scoring: auto = bfloat16 on GPUs, float32 on CPUs (log-softmax "
+        "is fp32 either way)", choices=DTYPES))
     output: str | None = field(default=None, metadata=_help(
         "write lm-eval's results JSON here", metavar="FILE"))
     log_samples: bool = field(default=False, metadata=_help(
@@ -65,7 +75,8 @@ class EvalConfig:
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
             (self.bos in ("auto", "true", "false"),
              f"--add-bos-token must be auto, true or false, got {self.bos!r}"),
-            (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
         ]
         for ok, msg in checks:
             if not ok:

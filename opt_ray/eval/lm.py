@@ -57,9 +57,11 @@ class OptLM(TemplateLM):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, batch_size: int = 16, workers: int = 1,
                         add_bos_token: bool | None = None, dtype: str = "float32", seed: int = 0,
-                        device: str | None = None, max_gen_toks: int = 256) -> "OptLM":
+                        device: str | None = None, max_gen_toks: int = 256,
+                        actors: bool = False) -> "OptLM":
         """Load ``path`` (HF dir, run dir or checkpoint) and its tokenizer. ``workers`` > 1
-        runs the model on that many Ray actors (Ray must be initialised by the caller)."""
+        (or ``actors``) runs the model on that many Ray actors, each with a GPU when
+        ``device`` is cuda (Ray must be initialised by the caller)."""
         import torch
 
         from opt_ray.eval.loading import load_model, load_tokenizer, locate
@@ -68,7 +70,7 @@ class OptLM(TemplateLM):
         ckpt = locate(path)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
-        if workers > 1:
+        if workers > 1 or actors:
             from actors.eval import WorkerPool
 
             tok = load_tokenizer(ckpt)
@@ -82,10 +84,10 @@ class OptLM(TemplateLM):
             engine = Scorer(model, batch_size=batch_size, device=device, pad_id=cfg.pad_token_id,
                             tokenizer=tok)
             nparams = sum(p.numel() for p in model.parameters())
-        if workers > 1 and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        if (workers > 1 or actors) and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
             load_tokenizer(ckpt, cfg.vocab_size)  # raises the vocabulary error
         info = {**ckpt.describe(), "model_num_parameters": nparams, "model_dtype": dtype,
-                "workers": workers, "add_bos_token": add_bos_token}
+                "workers": workers, "device": device or "cpu", "add_bos_token": add_bos_token}
         return cls(engine, tok, max_length=cfg.max_position_embeddings, add_bos_token=add_bos_token,
                    max_gen_toks=max_gen_toks, seed=seed, info=info)
 

@@ -42,3 +42,65 @@ def test_two_workers_equal_one(ray_local, tmp_path):
     local = OptLM.from_checkpoint(ckpt, batch_size=2).generate_until(reqs, disable_tqdm=True)
     pooled = OptLM.from_checkpoint(ckpt, batch_size=2, workers=2).generate_until(reqs, disable_tqdm=True)
     assert pooled == local
+
+
+_GPU_EVAL = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import ray, torch
+from opt_ray.ray_util import local_ray_kwargs
+from opt_ray.errors import UserError
+from opt_ray.commands.eval import evaluate_tasks
+from opt_ray.eval.devices import place
+
+ckpt, tasks = sys.argv[2], sys.argv[3]
+ray.init(**local_ray_kwargs(), num_cpus=2, num_gpus=2, include_dashboard=False)
+out = {"driver_cuda": torch.cuda.is_available(), "gpus": ray.cluster_resources().get("GPU")}
+out["auto"] = place("auto", "auto", 2).__dict__
+out["cpu"] = place("cpu", "auto", 2).__dict__
+for workers in (2, 3):
+    try:
+        evaluate_tasks(ckpt, tasks=["mc_gpu"], include_path=tasks, workers=workers, batch_size=2)
+        out[workers] = "ran"
+    except UserError as e:
+        out[workers] = str(e)
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_workers_take_the_clusters_gpus_not_the_drivers(ray_local, tmp_path):
+    """`opt-ray eval` ran every worker on the CPU, also on GPU clusters (no device flag;
+    the actors asked Ray for no GPUs). A Ray cluster that advertises 2 GPUs (on this CPU
+    machine) and a driver without CUDA: `--device auto` asks Ray for one GPU per worker
+    (here the actors then find no CUDA: one line naming the GPU Ray gave them), more
+    workers than GPUs is refused before any actor starts, and `--device cpu` takes none.
+    On the session's cluster (no GPUs), `--device cuda` is one clear error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from opt_ray.errors import UserError
+    from opt_ray.eval.devices import Placement, place
+
+    assert place("auto", "auto", 2) == Placement("cpu", "float32", True)
+    with pytest.raises(UserError, match="advertises no GPUs"):
+        place("cuda", "auto", 2)
+    assert place("auto", "bfloat16", 1) == Placement("cpu", "bfloat16", False)
+
+    ckpt = build_hf_checkpoint(tmp_path / "ckpt", max_positions=32)
+    write_mc_task(tmp_path / "tasks", "mc_gpu", mc_rows(4))
+    root = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", _GPU_EVAL, root, str(ckpt), str(tmp_path / "tasks")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["driver_cuda"] is False and out["gpus"] == 2
+    assert out["auto"] == {"device": "cuda", "dtype": "bfloat16", "actors": True}
+    assert out["cpu"] == {"device": "cpu", "dtype": "float32", "actors": True}
+    assert "Ray gave it GPU [" in out["2"] and "torch sees no CUDA device" in out["2"], out["2"]
+    assert "\n" not in out["2"]
+    assert "--workers 3" in out["3"] and "advertises 2" in out["3"], out["3"]
