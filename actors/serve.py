@@ -37,6 +37,7 @@ from opt_ray.serve import api
 from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, QueueFullError,
                                   RequestError, checkpoint_name, engine_from_checkpoint,
                                   resolve_checkpoint)
+from opt_ray.errors import UserError
 from opt_ray.serve.frontend import Frontend, FrontendConfig, as_api_error
 from opt_ray.serve.grpc_service import start_grpc_server
 from opt_ray.serve.http import build_http_app
@@ -64,10 +65,11 @@ class GenerationEngine:
     """A replica holding the model, its KV cache and the engine thread."""
 
     def __init__(self, checkpoint: str, engine_config: dict[str, Any]):
+        self._stop = threading.Event()
+        self.loop = None
         self.engine = engine_from_checkpoint(checkpoint, EngineConfig(**engine_config))
         self.loop = EngineLoop(self.engine)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._stop = threading.Event()
         threading.Thread(target=self._report, name="opt-ray-metrics", daemon=True).start()
 
     async def generate(self, req: EngineRequest) -> AsyncIterator:
@@ -122,7 +124,8 @@ class GenerationEngine:
     def __del__(self):
         # Serve has already drained ongoing requests (graceful_shutdown_timeout_s).
         self._stop.set()
-        self.loop.stop(drain_timeout_s=5.0)
+        if self.loop is not None:        # (None: the constructor failed)
+            self.loop.stop(drain_timeout_s=5.0)
 
 
 class RayEngineHandle:
@@ -197,6 +200,28 @@ class OpenAIIngress:
 # Building and starting the application
 # --------------------------------------------------------------------------------------
 
+def replica_placement(device: str, resources: dict[str, float],
+                      replicas: int) -> tuple[str, dict[str, Any]]:
+    """``(device, ray_actor_options)`` of the engine replicas for ``--device`` on a cluster
+    advertising ``resources`` (``ray.cluster_resources()``). ``auto`` takes GPUs when the
+    cluster has any, never from the driver's CUDA (often a CPU head node): one per
+    replica, reserved through Ray, so Ray places replicas on GPU nodes and each sees only
+    its own GPU (without a reservation every replica of a node would see all its GPUs and
+    load onto the first). Raises ``UserError`` for ``--device cuda`` on a cluster without
+    GPUs and for more replicas than GPUs."""
+    gpus = float(resources.get("GPU", 0))
+    if device == "cuda" and gpus < 1:
+        raise UserError("--device cuda: the Ray cluster advertises no GPUs; use --device cpu, or "
+                        "--device auto to take GPUs only where they exist")
+    if device == "cpu" or gpus < 1:
+        return "cpu", {"num_cpus": 1}
+    if gpus < replicas:
+        raise UserError(f"--replicas {replicas}: each replica takes one GPU and the Ray cluster "
+                        f"advertises {gpus:g}; use --replicas {int(gpus)} or fewer (--max-replicas "
+                        f"may go past it for an autoscaling cluster), or --device cpu")
+    return "cuda", {"num_cpus": 1, "num_gpus": 1}
+
+
 def build_app(checkpoint: str | Path, *, model_name: str | None = None,
               engine_config: EngineConfig | None = None, replicas: int = 1,
               max_replicas: int | None = None, host: str = "127.0.0.1",
@@ -206,6 +231,10 @@ def build_app(checkpoint: str | Path, *, model_name: str | None = None,
     listens on host:grpc_port (None: no gRPC)."""
     path = resolve_checkpoint(checkpoint)
     ecfg = engine_config or EngineConfig()
+    import ray
+    device, actor_options = replica_placement(
+        ecfg.device, ray.cluster_resources() if ray.is_initialized() else {}, replicas)
+    ecfg = dataclasses.replace(ecfg, device=device)
     cfg = dataclasses.asdict(ecfg)
     # Each replica admits its running batch plus its own bounded queue; past that the
     # router's queue (max_queued_requests) is bounded too, and both overflow to 429.
@@ -213,7 +242,8 @@ def build_app(checkpoint: str | Path, *, model_name: str | None = None,
     # The router queue also absorbs the first burst while a new handle learns about the
     # replicas, so it gets room for a full batch beyond the replicas' own queues.
     from ray.serve.config import BackpressureConfig
-    opts: dict[str, Any] = {"max_ongoing_requests": per_replica,
+    opts: dict[str, Any] = {"ray_actor_options": actor_options,
+                            "max_ongoing_requests": per_replica,
                             "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
                             "max_queued_requests": ecfg.max_waiting * max(replicas, 1) + ecfg.max_num_seqs}
     if max_replicas and max_replicas > replicas:
@@ -239,7 +269,6 @@ def app_builder(args: dict[str, Any]):
     ``serve run actors.serve:app_builder checkpoint=PATH replicas=2 max_num_seqs=8``.
     Keys: checkpoint (required), model_name, replicas, max_replicas, host, grpc_port
     (0 = none), and any ``EngineConfig`` or ``FrontendConfig`` field."""
-    from opt_ray.errors import UserError
     args = dict(args)
     if "checkpoint" not in args:
         raise UserError("app_builder needs checkpoint=PATH (an HF-format dir or a training run)")

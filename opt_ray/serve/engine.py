@@ -147,6 +147,31 @@ class EngineStats:
     last_step_decode_rows: int = 0
 
 
+def engine_device(want: str | None) -> str:
+    """This process's device for ``EngineConfig.device``: ``cpu``; ``cuda`` (it must have
+    one); ``auto`` (or None): cuda when this process sees a CUDA device. Under Ray a
+    replica sees only the GPU Ray reserved for it (``actors.serve.replica_placement``)."""
+    if want == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if want == "cuda":
+        import os
+        import socket
+        ray_gpus = ""
+        try:
+            import ray
+            if ray.is_initialized():
+                ray_gpus = f"; Ray gave it GPU {ray.get_gpu_ids()}"
+        except ImportError:
+            pass
+        raise UserError(f"--device cuda: this process on {socket.gethostname()} sees no CUDA device "
+                        f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}{ray_gpus}); install a CUDA build "
+                        f"of torch on the GPU nodes, or pass --device cpu")
+    return "cpu"
+
+
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the GEMMs run in. Half types on a CPU whose kernels have no native
     bf16/fp16 (AVX2 only, like the development machine: bf16 GEMMs there ran 4-7x slower
@@ -308,7 +333,7 @@ class Engine:
         self.config = config or EngineConfig()
         cfg = model.config
         self.dtype = _DTYPES[self.config.dtype]
-        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(engine_device(self.config.device))
         if self.device.type == "cpu":
             self.threads = self.config.threads or default_threads()
             torch.set_num_threads(self.threads)

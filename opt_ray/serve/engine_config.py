@@ -12,6 +12,7 @@ from opt_ray.errors import UserError
 
 # float16 is what OPT's released weights are stored in.
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cuda", "cpu")
 
 #: What ``--checkpoint`` takes, wherever a checkpoint is served from (``opt-ray serve``,
 #: ``generate``, ``ctl serve deploy``): ``engine.resolve_checkpoint``.
@@ -52,7 +53,11 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata={
         "help": "weights and KV cache dtype (OPT's released weights are float16)",
         "choices": list(DTYPES)})
-    device: str | None = field(default=None, metadata={"cli": False})  # None: cuda when available
+    device: str = field(default="auto", metadata={
+        "help": "where a replica runs: auto = on a GPU where there are any (under Ray: the "
+                "cluster's, one per replica, which Ray reserves and gives it alone; never "
+                "taken from the driver's machine), cuda (demand one), cpu",
+        "choices": list(DEVICES)})
     threads: int | None = field(default=None, metadata={
         "help": "torch threads per replica on CPU (default: OMP_NUM_THREADS, which Ray sets to "
                 "the CPUs a replica reserves, else the CPUs this process may run on)"})
@@ -69,3 +74,5 @@ class EngineConfig:
             raise UserError(f"--kv-cache-bytes must be >= 1, got {self.kv_cache_bytes!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise UserError(f"--device must be one of {list(DEVICES)}, got {self.device!r}")

@@ -279,3 +279,67 @@ def test_30mb_prompt_is_refused_quickly_through_the_proxy(server):
     assert small.get("status") == 200
     print(f"\n30 MB prompt through Serve's proxy: 413 after {took:.2f}s")
     assert took < 5, took
+
+
+_GPU_SERVE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import ray, torch
+from ray import serve
+from opt_ray.ray_util import local_ray_kwargs
+from opt_ray.errors import UserError
+from actors.serve import build_app, replica_placement, start
+from tests.conftest import free_port
+
+ray.init(**local_ray_kwargs(), num_cpus=2, num_gpus=2, include_dashboard=False)
+res = ray.cluster_resources()
+out = {"driver_cuda": torch.cuda.is_available(), "gpus": res.get("GPU"),
+       "auto": replica_placement("auto", res, 2), "cpu": replica_placement("cpu", res, 2)}
+try:
+    replica_placement("auto", res, 3)
+except UserError as e:
+    out["three"] = str(e)
+try:   # the replica fails in its constructor: serve.run says why
+    start(build_app(sys.argv[2], replicas=1, grpc_port=None), http_port=free_port())
+    out["replica"] = "deployed"
+except Exception as e:
+    app = serve.status().applications.get("opt-ray")
+    dep = app.deployments.get("GenerationEngine") if app else None
+    out["replica"] = f"{e}; {dep.message if dep else ''}"
+serve.shutdown()
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_replicas_reserve_the_clusters_gpus_one_each(ray_local, tmp_path):
+    """Replicas asked Ray for no GPU: each saw every GPU of its node and loaded onto the
+    first (8 replicas of a node on GPU 0), and Ray placed them with no regard for GPUs.
+    On a Ray cluster that advertises 2 GPUs (on this CPU machine), with a driver without
+    CUDA: `--device auto` reserves one GPU per replica (the replica, finding no CUDA
+    there, says which GPU Ray gave it); more replicas than GPUs is refused before any
+    deploys; `--device cpu` reserves none; on the session's cluster (no GPUs), `--device
+    cuda` is one clear error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from actors.serve import replica_placement
+    from opt_ray.errors import UserError
+
+    assert replica_placement("auto", ray_local.cluster_resources(), 4) == ("cpu", {"num_cpus": 1})
+    with pytest.raises(UserError, match="advertises no GPUs"):
+        replica_placement("cuda", ray_local.cluster_resources(), 1)
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    root = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", _GPU_SERVE, root, str(ckpt)], capture_output=True,
+                       text=True, timeout=240, cwd=tmp_path)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, r.stdout[-2000:] + r.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["driver_cuda"] is False and out["gpus"] == 2
+    assert out["auto"] == ["cuda", {"num_cpus": 1, "num_gpus": 1}]
+    assert out["cpu"] == ["cpu", {"num_cpus": 1}]
+    assert "--replicas 3" in out["three"] and "advertises 2" in out["three"]
+    assert "sees no CUDA device" in out["replica"] and "Ray gave it GPU [" in out["replica"], out["replica"]
