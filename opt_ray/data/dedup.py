@@ -981,22 +981,25 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
     if cfg.num_buckets is None:
         from dataclasses import replace
         cfg = replace(cfg, num_buckets=auto_buckets(files))
-    files = plan_splits(files, cfg.split_bytes, executor)
     url = str(output).rstrip("/") if is_url(output) else None
     out: Path | str = url or Path(output).absolute()
     t_start = time.perf_counter()
+    # The output is checked before planning: counting a large corpus's lines is a read.
+    if url:
+        with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
+            check_artifact_url(url, work_url(url), overwrite=overwrite)
+    elif out.exists() and not overwrite:
+        raise ArtifactError(f"output directory {out} already exists; choose another "
+                            f"--output or pass --overwrite")
+    files = plan_splits(files, cfg.split_bytes, executor)
     fp = _fingerprint(files, cfg, text_field, id_field, strict)
     if url:
         # A bucket output: every task reads and writes the work prefix beside it (no
         # filesystem shared by the nodes); the filter tasks put the shards in place.
         work = Loc(work_url(url))
         with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
-            check_artifact_url(url, work_url(url), overwrite=overwrite)
             resumed = prepare_work(work, fp, Loc(url), overwrite=overwrite)
     else:
-        if out.exists() and not overwrite:
-            raise ArtifactError(f"output directory {out} already exists; choose another "
-                                f"--output or pass --overwrite")
         work = Loc(work_dir(output))
         resumed = prepare_work(work, fp)
     plan = Plan(str(work), tuple(files), cfg, text_field, id_field, strict, output=url)

@@ -244,10 +244,13 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     from opt_ray.run_dir import is_url, local_run_dir, store_errors
 
     executor = executor or LocalExecutor()
+    url = str(out).rstrip("/") if is_url(out) else None
+    if url:     # before planning: counting a large corpus's lines is a read
+        with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
+            check_shards_url(url, overwrite=overwrite)
     files = plan_splits(list(files), split_bytes, executor)
     tinfo = describe(tok)
     dtype = token_dtype(tinfo["vocab_size"])
-    url = str(out).rstrip("/") if is_url(out) else None
     work = tokenize_work_url(url) if url else str(work_dir(out))
     job = TokenizeJob(work, tuple(files), tok.to_str(), tinfo["special_ids"]["eos"],
                       dtype.name, seq_len, max(1, shard_tokens // (seq_len + 1)),
@@ -256,8 +259,6 @@ def tokenize_files(files: Sequence[InputFile], tok: Any, out: str | os.PathLike,
     fp = _fingerprint(job)
     wd = Loc(work)
     with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
-        if url:
-            check_shards_url(url, overwrite=overwrite)
         prepare_work(wd, fp, Loc(url) if url else None, overwrite=overwrite)
         done = read_done([wd.child(f"s{s:05d}") for s in range(len(files))])
     results: dict[int, dict] = {s: info for s, info in enumerate(done) if info is not None}
