@@ -115,13 +115,23 @@ def memory(args, work: Path) -> dict:
                       for s, r in best.items()}}
 
 
+def _start_s(path, config) -> float:
+    """Seconds for a replica's start: ``engine_from_checkpoint`` of ``path``."""
+    from opt_ray.serve.engine import engine_from_checkpoint
+    t0 = time.perf_counter()
+    engine = engine_from_checkpoint(path, config)
+    dt = time.perf_counter() - t0
+    del engine
+    return dt
+
+
 def from_run(args, work: Path) -> dict:
     from opt_ray.cli import main as cli
     from opt_ray.data.sample import write_sample_corpus
     from opt_ray.data.shards import write_shards
     from opt_ray.data.tokenizer import train_tokenizer
     from opt_ray.run_dir import FETCH_ENV
-    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from opt_ray.serve.engine import EngineConfig
     from opt_ray.train.loop import TrainConfig, train
 
     texts = [json.loads(ln)["text"] for ln in
@@ -139,11 +149,7 @@ def from_run(args, work: Path) -> dict:
     config = EngineConfig(max_num_seqs=4, max_model_len=256, dtype=args.serve_dtype)
 
     def start(path: Path) -> float:
-        t0 = time.perf_counter()
-        engine = engine_from_checkpoint(path, config)
-        dt = time.perf_counter() - t0
-        del engine
-        return dt
+        return _start_s(path, config)
 
     runs: dict[str, list[float]] = {"export_local": [], "run_cold": [], "run_warm": []}
     for t in range(args.trials):
@@ -189,7 +195,7 @@ def main() -> None:
 
     from opt_ray.data.artifact_io import publish_dir
     from opt_ray.run_dir import FETCH_ENV
-    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from opt_ray.serve.engine import EngineConfig
     from tests.s3_helpers import S3Server, weed_available
 
     if not weed_available():
@@ -208,11 +214,7 @@ def main() -> None:
         config = EngineConfig(max_num_seqs=4, max_model_len=256)
 
         def start(path: str) -> float:
-            t0 = time.perf_counter()
-            engine = engine_from_checkpoint(path, config)
-            dt = time.perf_counter() - t0
-            del engine
-            return dt
+            return _start_s(path, config)
 
         runs: dict[str, list[float]] = {"local": [], "bucket_cold": [], "bucket_warm": []}
         for t in range(args.trials):

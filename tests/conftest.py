@@ -58,3 +58,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Starting Ray at all means a check came too late."""
+    import opt_ray.commands.serve as cmd
+
+    def tripwire(*a, **kw):
+        raise AssertionError("Ray was started before the input was checked")
+    monkeypatch.setattr(cmd, "init_ray", tripwire)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -28,17 +28,6 @@ def ckpt(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt")
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Starting Ray at all means a check came too late."""
-    import opt_ray.commands.serve as cmd
-
-    def tripwire(*a, **kw):
-        raise AssertionError("Ray was started before the input was checked")
-    monkeypatch.setattr(cmd, "init_ray", tripwire)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def _one_line_error(rc: int, err: str, *needles: str) -> str:
     assert rc == 2, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("opt-ray ")]

@@ -34,17 +34,6 @@ def run(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "shards": shards, "run": root / "run", "hf": root / "hf"}
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Starting Ray at all means a check came too late."""
-    import opt_ray.commands.serve as cmd
-
-    def tripwire(*a, **kw):
-        raise AssertionError("Ray was started before the input was checked")
-    monkeypatch.setattr(cmd, "init_ray", tripwire)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def generate(ckpt: Path | str, capsys, *extra: str) -> tuple[str, str]:
     """(the completion's text, stderr) of `opt-ray generate`, greedy."""
     capsys.readouterr()
