@@ -30,8 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="the prompt text")
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype (default float32; OPT's released weights are float16)")
+    from dataclasses import fields
+
+    from opt_ray.serve.engine_config import EngineConfig
+    for f in fields(EngineConfig):       # the engine's own flags, as `opt-ray serve` has them
+        if f.name in ("dtype", "device"):
+            p.add_argument(f"--{f.name}", default=f.default, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']} (default: {f.default})")
     p.set_defaults(func=run)
 
 
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = resolve_checkpoint(args.checkpoint)
     check_checkpoint(path)
-    engine = engine_from_checkpoint(path, EngineConfig(max_num_seqs=max(args.n, 1), dtype=args.dtype))
+    engine = engine_from_checkpoint(path, EngineConfig(max_num_seqs=max(args.n, 1), dtype=args.dtype,
+                                                            device=args.device))
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
             "seed": args.seed, "stop": args.stop, "min_tokens": args.min_tokens, "n": args.n}

@@ -45,7 +45,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -170,6 +170,15 @@ def engine_device(want: str | None) -> str:
                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}{ray_gpus}); install a CUDA build "
                         f"of torch on the GPU nodes, or pass --device cpu")
     return "cpu"
+
+
+def engine_dtype(want: str, device: str) -> str:
+    """``EngineConfig.dtype`` for a replica on ``device``: ``auto`` is bfloat16 on a GPU
+    (half the bytes of fp32 to hold and stream; bf16's range, as training's), float32 on a
+    CPU (whose half-precision GEMMs are slow without native support)."""
+    if want != "auto":
+        return want
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -330,10 +339,14 @@ class Engine:
 
     def __init__(self, model: OPT, tokenizer, config: EngineConfig | None = None,
                  *, eos_token_id: int | None = None):
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        device = engine_device(config.device)
+        # As run: "auto" resolved (the stats and /v1/models say what a replica does).
+        self.config = replace(config, device=device,
+                                          dtype=engine_dtype(config.dtype, device))
         cfg = model.config
         self.dtype = _DTYPES[self.config.dtype]
-        self.device = torch.device(engine_device(self.config.device))
+        self.device = torch.device(device)
         if self.device.type == "cpu":
             self.threads = self.config.threads or default_threads()
             torch.set_num_threads(self.threads)
@@ -940,5 +953,7 @@ def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None)
 def engine_from_checkpoint(path: str | Path, config: EngineConfig | None = None) -> Engine:
     # Read in the engine's dtype: the engine rounds to it anyway, and a half-precision
     # replica then never holds the model in fp32.
-    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[(config or EngineConfig()).dtype])
+    config = config or EngineConfig()
+    dtype = engine_dtype(config.dtype, engine_device(config.device))
+    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[dtype])
     return Engine(model, tok, config, eos_token_id=eos)

@@ -50,9 +50,10 @@ class EngineConfig:
                 "costs the model's size again in memory; with --dtype bfloat16 on a CPU without "
                 "native bf16, also a bf16 copy for steps of one row (half the bytes to stream; "
                 "1.6x at one request) (default: on)"})
-    dtype: str = field(default="float32", metadata={
-        "help": "weights and KV cache dtype (OPT's released weights are float16)",
-        "choices": list(DTYPES)})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights and KV cache dtype: auto = bfloat16 on a GPU, float32 on a CPU (OPT's "
+                "released weights are float16)",
+        "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={
         "help": "where a replica runs: auto = on a GPU where there are any (under Ray: the "
                 "cluster's, one per replica, which Ray reserves and gives it alone; never "
@@ -72,7 +73,7 @@ class EngineConfig:
             raise UserError(f"--max-model-len must be >= 2, got {self.max_model_len!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise UserError(f"--kv-cache-bytes must be >= 1, got {self.kv_cache_bytes!r}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise UserError(f"--dtype must be one of {['auto', *DTYPES]}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {list(DEVICES)}, got {self.device!r}")

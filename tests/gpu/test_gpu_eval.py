@@ -1,5 +1,6 @@
 """`opt-ray eval` scoring on CUDA (``--device cuda``, the default on GPUs): the same
-log-likelihoods as on the CPU. Skipped cleanly without CUDA (see tests/conftest.py)."""
+log-likelihoods as on the CPU; and the serving engine's defaults there (bf16 on the GPU).
+Skipped cleanly without CUDA (see tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ def test_scorer_on_cuda_matches_cpu(dtype, tol):
         assert abs(a - b) <= tol * max(1.0, abs(a)), (a, b)
     if dtype == torch.float32:
         assert [g for _, g in ref] == [g for _, g in got]
+
+
+def test_serving_engine_defaults_to_bf16_on_the_gpu(tmp_path):
+    from opt_ray.serve.engine import EngineConfig, engine_from_checkpoint
+    from tests.serve_helpers import build_checkpoint
+    e = engine_from_checkpoint(build_checkpoint(tmp_path / "ckpt"), EngineConfig(max_num_seqs=2))
+    assert (e.config.dtype, e.config.device) == ("bfloat16", "cuda")
+    assert {p.dtype for p in e.model.parameters()} == {torch.bfloat16}
+    assert next(e.model.parameters()).device.type == "cuda"
