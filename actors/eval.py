@@ -11,7 +11,6 @@ Ray must be initialised by the caller (``opt_ray.ray_util.init_ray``).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 from opt_ray.eval.loading import EvalCheckpoint
@@ -41,16 +40,9 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        if device == "cuda" and not torch.cuda.is_available():
-            import socket
-
-            import ray
-            from opt_ray.errors import UserError
-            raise UserError(f"eval worker on {socket.gethostname()}: Ray gave it GPU "
-                            f"{ray.get_gpu_ids()} but torch sees no CUDA device "
-                            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
-                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build "
-                            f"of torch on the GPU nodes, or pass --device cpu")
+        if device == "cuda":
+            from opt_ray.eval.devices import local_device
+            local_device(device, where_from_ray=True)    # one line if there is no CUDA here
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
         model = load_model(ckpt, dtype=torch_dtype)

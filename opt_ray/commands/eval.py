@@ -84,23 +84,48 @@ def evaluate(model, data, *, batch_size: int = 8, max_rows: int | None = None) -
 
 
 def run_shards(args: argparse.Namespace) -> int:
+    """Perplexity on shards, in this process or, when this driver runs on a Ray cluster
+    with GPUs and has none itself (``ray job submit`` on a CPU head node), in one Ray task
+    with a GPU (``eval.devices.place``)."""
     import json
 
+    from opt_ray.eval.devices import place
+    from opt_ray.eval.loading import locate
+
+    locate(args.checkpoint)       # a missing checkpoint or tokenizer: one line, before Ray
+    where = place(args.device, args.dtype, 1, address=args.address, num_cpus=args.num_cpus)
+    job = (args.checkpoint, args.data, args.split, where.device, where.dtype, args.batch_size,
+           args.max_rows)
+    if where.actors:
+        import ray
+        try:
+            out = ray.get(ray.remote(num_cpus=1, num_gpus=1)(shards_perplexity).remote(*job))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise e.cause from None       # bad input: one line, exit 2
+            raise
+    else:
+        out = shards_perplexity(*job)
+    print(json.dumps({"model": str(args.checkpoint), "data": args.data, "split": args.split, **out}))
+    return 0
+
+
+def shards_perplexity(checkpoint: str, data: str, split: str, device: str, dtype: str,
+                      batch_size: int, max_rows: int | None) -> dict:
+    """``evaluate`` of ``checkpoint`` on the ``split`` of the shards ``data``, the model in
+    ``dtype`` on ``device`` (where this runs: a GPU Ray gave this task, or this process)."""
     import torch
 
     from opt_ray.data.shards import ShardDataset
+    from opt_ray.eval.devices import local_device
     from opt_ray.eval.loading import load_model, load_tokenizer, locate
 
-    from opt_ray.eval.devices import local_device, resolve_dtype
-
-    device = local_device(args.device)
-    ckpt = locate(args.checkpoint)
+    device = local_device(device, where_from_ray=True)
+    ckpt = locate(checkpoint)
     # The shards' tokenizer must be the model's (issue 12): ShardDataset compares them.
-    data = ShardDataset(args.data, split=args.split, tokenizer=load_tokenizer(ckpt))
-    model = load_model(ckpt, dtype=getattr(torch, resolve_dtype(args.dtype, device))).to(device)
-    out = evaluate(model, data, batch_size=args.batch_size, max_rows=args.max_rows)
-    print(json.dumps({"model": str(args.checkpoint), "data": args.data, "split": args.split, **out}))
-    return 0
+    ds = ShardDataset(data, split=split, tokenizer=load_tokenizer(ckpt))
+    model = load_model(ckpt, dtype=getattr(torch, dtype)).to(device)
+    return evaluate(model, ds, batch_size=batch_size, max_rows=max_rows)
 
 
 # ------------------------------------------------------------------------------ tasks

@@ -52,11 +52,21 @@ def place(device: str, dtype: str, workers: int, *, address: str | None = None,
     return Placement("cuda", resolve_dtype(dtype, "cuda"), True)
 
 
-def local_device(device: str) -> str:
-    """This process's device for ``--device`` (perplexity on shards scores here)."""
+def local_device(device: str, *, where_from_ray: bool = False) -> str:
+    """This process's device for ``--device`` (``auto``: its CUDA if it has one). Raises
+    ``UserError`` for ``cuda`` without a CUDA device, naming what Ray gave it when a Ray
+    task or actor runs this (``where_from_ray``)."""
     import torch
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no CUDA device; pass --device cpu")
+        import socket
+        given = ""
+        if where_from_ray:
+            import ray
+            given = f"Ray gave it GPU {ray.get_gpu_ids()} but "
+        raise UserError(f"eval on {socket.gethostname()}: {given}torch sees no CUDA device (torch "
+                        f"{torch.__version__}, CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build of "
+                        f"torch on the GPU nodes, or pass --device cpu")
     return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 

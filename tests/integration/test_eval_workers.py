@@ -64,6 +64,15 @@ for workers in (2, 3):
         out[workers] = "ran"
     except UserError as e:
         out[workers] = str(e)
+# Perplexity on shards from a driver on the cluster (as `ray job submit` runs it): one
+# Ray task with a GPU, not this driver's CPU.
+import contextlib, io, os
+from opt_ray.cli import main
+os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    out["data_rc"] = main(["eval", ckpt, "--data", tasks])
+out["data_err"] = err.getvalue().strip().splitlines()
 ray.shutdown()
 print("RESULT " + json.dumps(out))
 """
@@ -104,3 +113,5 @@ def test_workers_take_the_clusters_gpus_not_the_drivers(ray_local, tmp_path):
     assert "Ray gave it GPU [" in out["2"] and "torch sees no CUDA device" in out["2"], out["2"]
     assert "\n" not in out["2"]
     assert "--workers 3" in out["3"] and "advertises 2" in out["3"], out["3"]
+    assert out["data_rc"] == 2 and len(out["data_err"]) == 1, out["data_err"]
+    assert "Ray gave it GPU [" in out["data_err"][0] and "no CUDA" in out["data_err"][0]
