@@ -45,7 +45,7 @@ class _Worker:
             local_device(device, where_from_ray=True)    # one line if there is no CUDA here
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
-        model = load_model(ckpt, dtype=torch_dtype)
+        model = load_model(ckpt, dtype=torch_dtype, node_cache=True)
         self.scorer = Scorer(model, batch_size=batch_size, device=device,
                              pad_id=model.config.pad_token_id, tokenizer=load_tokenizer(ckpt))
 

@@ -18,6 +18,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train also starts a PreemptionWatcher actor (one more Ray worker process, ~2 s of a
 # core) on every gang start and restart; no test preempts a node. Users keep it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The node's fetch cache (exports fetched, runs built for serving and eval) of every process
+# the suite starts, Ray workers included: one of the session's, not the user's ~/.cache.
+if "OPT_RAY_FETCH_DIR" not in os.environ:
+    import tempfile
+    os.environ["OPT_RAY_FETCH_DIR"] = tempfile.mkdtemp(prefix="opt-ray-test-fetched-")
 
 
 def committed_steps(run) -> list[int]:

@@ -92,10 +92,9 @@ def run_shards(args: argparse.Namespace) -> int:
     from opt_ray.eval.devices import place
     from opt_ray.eval.loading import locate
 
-    locate(args.checkpoint)       # a missing checkpoint or tokenizer: one line, before Ray
+    ckpt = locate(args.checkpoint)   # verified here, once; a bad one is one line, before Ray
     where = place(args.device, args.dtype, 1, address=args.address, num_cpus=args.num_cpus)
-    job = (args.checkpoint, args.data, args.split, where.device, where.dtype, args.batch_size,
-           args.max_rows)
+    job = (ckpt, args.data, args.split, where.device, where.dtype, args.batch_size, args.max_rows)
     if where.actors:
         import ray
         try:
@@ -110,18 +109,18 @@ def run_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def shards_perplexity(checkpoint: str, data: str, split: str, device: str, dtype: str,
+def shards_perplexity(ckpt, data: str, split: str, device: str, dtype: str,
                       batch_size: int, max_rows: int | None) -> dict:
-    """``evaluate`` of ``checkpoint`` on the ``split`` of the shards ``data``, the model in
-    ``dtype`` on ``device`` (where this runs: a GPU Ray gave this task, or this process)."""
+    """``evaluate`` of ``ckpt`` (``eval.loading.locate``'s) on the ``split`` of the shards
+    ``data``, the model in ``dtype`` on ``device`` (where this runs: a GPU Ray gave this
+    task, or this process)."""
     import torch
 
     from opt_ray.data.shards import ShardDataset
     from opt_ray.eval.devices import local_device
-    from opt_ray.eval.loading import load_model, load_tokenizer, locate
+    from opt_ray.eval.loading import load_model, load_tokenizer
 
     device = local_device(device, where_from_ray=True)
-    ckpt = locate(checkpoint)
     # The shards' tokenizer must be the model's (issue 12): ShardDataset compares them.
     ds = ShardDataset(data, split=split, tokenizer=load_tokenizer(ckpt))
     model = load_model(ckpt, dtype=getattr(torch, dtype)).to(device)

@@ -611,13 +611,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_model(ckpt: str | os.PathLike, *, dtype: torch.dtype | None = None):
+def load_model(ckpt: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               verified: bool = False):
     """An ``OPT`` (plain, unsharded) with the weights of a training checkpoint; ``ckpt``
-    may be a run directory (its newest valid checkpoint) or a checkpoint. For export/eval."""
+    may be a run directory (its newest valid checkpoint) or a checkpoint. For export/eval.
+    ``verified``: ``ckpt`` is a checkpoint the caller has ``resolve``d (hashed) already;
+    hashing it again reads the optimizer's state too (three times the weights in fp32)."""
     from opt_ray.config import ModelConfig
     from opt_ray.model.opt import OPT
 
-    path = resolve(ckpt)
+    path = _loc(ckpt).ref() if verified else resolve(ckpt)
     cfg = ModelConfig.from_dict(read_train_state(path)["model"])
     sd = load_model_state(path)
     with torch.device("meta"):

@@ -115,3 +115,36 @@ def test_workers_take_the_clusters_gpus_not_the_drivers(ray_local, tmp_path):
     assert "--workers 3" in out["3"] and "advertises 2" in out["3"], out["3"]
     assert out["data_rc"] == 2 and len(out["data_err"]) == 1, out["data_err"]
     assert "Ray gave it GPU [" in out["data_err"][0] and "no CUDA" in out["data_err"][0]
+
+
+@pytest.mark.slow
+def test_workers_on_a_run_read_it_once_per_node_and_hash_it_once(ray_local, tmp_path, monkeypatch):
+    """`opt-ray eval RUN --workers N`: each worker re-hashed the whole checkpoint (the
+    optimizer's state too: 13b, ~150 GB each) and read its weights from the run itself.
+    Now the driver hashes it once (`locate`), and the workers of a node read the node's
+    build of it (once per node). Scores equal one process's."""
+    import os
+    from pathlib import Path
+
+    import opt_ray.train.checkpoint as ck
+    from opt_ray.commands.eval import evaluate_tasks
+    from opt_ray.train.loop import train
+    from tests.integration.test_train_gang import make_shards, tiny_cfg
+
+    shards = make_shards(tmp_path / "shards", docs=160)
+    run = tmp_path / "evalrun"
+    train(tiny_cfg(shards, run, steps=2, checkpoint_every=2))
+    write_mc_task(tmp_path / "tasks", "mc_run", mc_rows(6))
+    hashed = []
+    real_verify = ck.verify
+    monkeypatch.setattr(ck, "verify", lambda p, *a, **kw: hashed.append(str(p)) or real_verify(p, *a, **kw))
+    kw = dict(tasks=["mc_run"], include_path=str(tmp_path / "tasks"), batch_size=2, log_samples=True)
+    one = evaluate_tasks(str(run), workers=1, **kw)
+    assert len(hashed) == 1                      # locate's; loading did not hash it again
+    two = evaluate_tasks(str(run), workers=2, **kw)
+    assert len(hashed) == 2                      # the driver's, once; the workers' none
+    for a, b in zip(*(sorted(r["samples"]["mc_run"], key=lambda s: s["doc_id"]) for r in (one, two))):
+        assert [x[0][0] for x in b["resps"]] == pytest.approx([x[0][0] for x in a["resps"]], abs=1e-5)
+    builds = [v for d in Path(os.environ["OPT_RAY_FETCH_DIR"]).glob(f"{run.name}-*")
+              for v in d.iterdir() if not v.name.startswith(".")]
+    assert len(builds) == 1 and any(builds[0].glob("*.safetensors")), builds   # one per node
