@@ -108,9 +108,11 @@ def _locate_url(url: str) -> EvalCheckpoint:
             mirror = RunMirror(run_url)
             mirror.pull()
             run_dir = mirror.local
-    # The bucket's copy: eval workers on other nodes read it from there, not this node's.
-    tok = (f"{run_url}/tokenizer.json"
-           if run_dir and (run_dir / "tokenizer.json").is_file() else None)
+        # The bucket's copy: eval workers on other nodes read it from there, not this
+        # node's. Looked for in the bucket itself: a run copied there (`aws s3 sync`) has
+        # no mirror for the staging copy to follow.
+        tok = (f"{run_url}/tokenizer.json"
+               if run_url and Loc(run_url).child("tokenizer.json").isfile() else None)
     if tok is None:
         raise UserError(f"checkpoint {url} has no tokenizer (expected {run_url or url}/tokenizer.json, "
                         f"which `opt-ray train --output URL` keeps); scores need the tokenizer the "

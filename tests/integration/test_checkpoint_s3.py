@@ -734,6 +734,15 @@ def test_training_reads_its_shards_from_the_bucket(s3, tmp_path, capsys):
         assert main(["eval", str(run), "--data", data]) == 0
         scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert scores[0]["loss"] == scores[1]["loss"] and scores[1]["rows"] > 0
+    # A run copied into a bucket by hand (`aws s3 sync`: no mirror of its staging copy)
+    # evaluates as the local run does; its tokenizer used to be looked for in the mirror.
+    copied = s3.url("data", "copied-run")
+    cfs = fsspec.filesystem("s3")
+    for f in run.rglob("*"):
+        if f.is_file():
+            cfs.put_file(str(f), f"{copied}/{f.relative_to(run).as_posix()}")
+    assert main(["eval", copied, "--data", str(local)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == scores[0]["loss"]
 
     fs = fsspec.filesystem("s3")
     name = train_shards[1]["name"]
