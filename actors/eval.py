@@ -41,8 +41,8 @@ class _Worker:
         if threads:
             torch.set_num_threads(threads)
         if device == "cuda":
-            from opt_ray.eval.devices import local_device
-            local_device(device, where_from_ray=True)    # one line if there is no CUDA here
+            from opt_ray.devices import local_device
+            local_device(device)    # one line if there is no CUDA here
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
         model = load_model(ckpt, dtype=torch_dtype, node_cache=True)

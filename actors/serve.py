@@ -33,11 +33,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from opt_ray import metrics
+from opt_ray.devices import cluster_device
+from opt_ray.errors import UserError
 from opt_ray.serve import api
 from opt_ray.serve.engine import (EngineConfig, EngineLoop, EngineRequest, QueueFullError,
                                   RequestError, checkpoint_name, engine_from_checkpoint,
                                   resolve_checkpoint)
-from opt_ray.errors import UserError
 from opt_ray.serve.frontend import Frontend, FrontendConfig, as_api_error
 from opt_ray.serve.grpc_service import start_grpc_server
 from opt_ray.serve.http import build_http_app
@@ -203,23 +204,14 @@ class OpenAIIngress:
 def replica_placement(device: str, resources: dict[str, float],
                       replicas: int) -> tuple[str, dict[str, Any]]:
     """``(device, ray_actor_options)`` of the engine replicas for ``--device`` on a cluster
-    advertising ``resources`` (``ray.cluster_resources()``). ``auto`` takes GPUs when the
-    cluster has any, never from the driver's CUDA (often a CPU head node): one per
-    replica, reserved through Ray, so Ray places replicas on GPU nodes and each sees only
-    its own GPU (without a reservation every replica of a node would see all its GPUs and
-    load onto the first). Raises ``UserError`` for ``--device cuda`` on a cluster without
-    GPUs and for more replicas than GPUs."""
-    gpus = float(resources.get("GPU", 0))
-    if device == "cuda" and gpus < 1:
-        raise UserError("--device cuda: the Ray cluster advertises no GPUs; use --device cpu, or "
-                        "--device auto to take GPUs only where they exist")
-    if device == "cpu" or gpus < 1:
-        return "cpu", {"num_cpus": 1}
-    if gpus < replicas:
-        raise UserError(f"--replicas {replicas}: each replica takes one GPU and the Ray cluster "
-                        f"advertises {gpus:g}; use --replicas {int(gpus)} or fewer (--max-replicas "
-                        f"may go past it for an autoscaling cluster), or --device cpu")
-    return "cuda", {"num_cpus": 1, "num_gpus": 1}
+    advertising ``resources`` (``ray.cluster_resources()``; ``opt_ray.devices``): one
+    GPU per replica when the cluster has any, reserved through Ray (without a reservation
+    every replica of a node would see all its GPUs and load onto the first). Raises
+    ``UserError`` for ``--device cuda`` on a cluster without GPUs and for more replicas
+    than GPUs."""
+    device = cluster_device(device, resources, replicas, flag="--replicas", each="replica",
+                            hint=" (--max-replicas may go past it for an autoscaling cluster)")
+    return device, {"num_cpus": 1, **({"num_gpus": 1} if device == "cuda" else {})}
 
 
 def build_app(checkpoint: str | Path, *, model_name: str | None = None,

@@ -183,13 +183,9 @@ def gang_configs(cfg: TrainConfig, resources: dict[str, float]):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig
 
-    device = getattr(cfg, "device", "auto")
-    gpus = float(resources.get("GPU", 0))
-    if device == "cuda" and gpus < 1:
-        raise UserError(f"--device cuda: the Ray cluster advertises no GPUs (resources: "
-                        f"{ {k: v for k, v in sorted(resources.items()) if '/' not in k and 'node:' not in k} }); "
-                        f"use --device cpu, or --device auto to take GPUs only where they exist")
-    use_gpu = device == "cuda" or (device == "auto" and gpus >= 1)
+    from opt_ray.devices import cluster_device
+
+    use_gpu = cluster_device(getattr(cfg, "device", "auto"), resources) == "cuda"
     workers = cfg.workers if isinstance(cfg.workers, tuple) else int(cfg.workers)
     scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                             resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1})

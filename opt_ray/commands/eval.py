@@ -117,10 +117,10 @@ def shards_perplexity(ckpt, data: str, split: str, device: str, dtype: str,
     import torch
 
     from opt_ray.data.shards import ShardDataset
-    from opt_ray.eval.devices import local_device
+    from opt_ray.devices import local_device
     from opt_ray.eval.loading import load_model, load_tokenizer
 
-    device = local_device(device, where_from_ray=True)
+    device = local_device(device)
     # The shards' tokenizer must be the model's (issue 12): ShardDataset compares them.
     ds = ShardDataset(data, split=split, tokenizer=load_tokenizer(ckpt))
     model = load_model(ckpt, dtype=getattr(torch, dtype)).to(device)

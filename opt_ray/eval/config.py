@@ -8,10 +8,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from opt_ray.config import ConfigError, _help
+from opt_ray.config import DEVICES, ConfigError, _help
 
-
-DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -51,6 +51,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
+from opt_ray.devices import auto_dtype, local_device
 from opt_ray.errors import UserError
 from opt_ray.model.opt import OPT
 from opt_ray.serve.engine_config import EngineConfig  # noqa: F401 - re-exported
@@ -147,38 +148,12 @@ class EngineStats:
     last_step_decode_rows: int = 0
 
 
-def engine_device(want: str | None) -> str:
-    """This process's device for ``EngineConfig.device``: ``cpu``; ``cuda`` (it must have
-    one); ``auto`` (or None): cuda when this process sees a CUDA device. Under Ray a
-    replica sees only the GPU Ray reserved for it (``actors.serve.replica_placement``)."""
-    if want == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if want == "cuda":
-        import os
-        import socket
-        ray_gpus = ""
-        try:
-            import ray
-            if ray.is_initialized():
-                ray_gpus = f"; Ray gave it GPU {ray.get_gpu_ids()}"
-        except ImportError:
-            pass
-        raise UserError(f"--device cuda: this process on {socket.gethostname()} sees no CUDA device "
-                        f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}{ray_gpus}); install a CUDA build "
-                        f"of torch on the GPU nodes, or pass --device cpu")
-    return "cpu"
-
-
-def engine_dtype(want: str, device: str) -> str:
-    """``EngineConfig.dtype`` for a replica on ``device``: ``auto`` is bfloat16 on a GPU
-    (half the bytes of fp32 to hold and stream; bf16's range, as training's), float32 on a
-    CPU (whose half-precision GEMMs are slow without native support)."""
-    if want != "auto":
-        return want
-    return "bfloat16" if device == "cuda" else "float32"
+def resolved(config: EngineConfig) -> EngineConfig:
+    """``config`` as a replica runs it: its ``auto`` device and dtype resolved in this
+    process (``opt_ray.devices``; under Ray a replica sees only the GPU Ray reserved for
+    it, ``actors.serve.replica_placement``)."""
+    device = local_device(config.device)
+    return replace(config, device=device, dtype=auto_dtype(config.dtype, device))
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -339,14 +314,11 @@ class Engine:
 
     def __init__(self, model: OPT, tokenizer, config: EngineConfig | None = None,
                  *, eos_token_id: int | None = None):
-        config = config or EngineConfig()
-        device = engine_device(config.device)
         # As run: "auto" resolved (the stats and /v1/models say what a replica does).
-        self.config = replace(config, device=device,
-                                          dtype=engine_dtype(config.dtype, device))
+        self.config = resolved(config or EngineConfig())
         cfg = model.config
         self.dtype = _DTYPES[self.config.dtype]
-        self.device = torch.device(device)
+        self.device = torch.device(self.config.device)
         if self.device.type == "cpu":
             self.threads = self.config.threads or default_threads()
             torch.set_num_threads(self.threads)
@@ -953,7 +925,6 @@ def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None)
 def engine_from_checkpoint(path: str | Path, config: EngineConfig | None = None) -> Engine:
     # Read in the engine's dtype: the engine rounds to it anyway, and a half-precision
     # replica then never holds the model in fp32.
-    config = config or EngineConfig()
-    dtype = engine_dtype(config.dtype, engine_device(config.device))
-    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[dtype])
+    config = resolved(config or EngineConfig())
+    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[config.dtype])
     return Engine(model, tok, config, eos_token_id=eos)

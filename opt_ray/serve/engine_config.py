@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opt_ray.config import DEVICES
 from opt_ray.errors import UserError
 
 # float16 is what OPT's released weights are stored in.
 DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("auto", "cuda", "cpu")
 
 #: What ``--checkpoint`` takes, wherever a checkpoint is served from (``opt-ray serve``,
 #: ``generate``, ``ctl serve deploy``): ``engine.resolve_checkpoint``.

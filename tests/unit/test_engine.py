@@ -207,9 +207,10 @@ def test_kv_budget_sets_slot_count(ckpt):
 def test_default_dtype_and_device_are_resolved_where_the_engine_runs(ckpt):
     # --dtype auto / --device auto: float32 on this CPU, bf16 on a GPU (a replica used to
     # default to fp32 there: twice the weights' memory and bytes per decode step).
-    from opt_ray.serve.engine import engine_dtype, engine_from_checkpoint
-    assert (engine_dtype("auto", "cuda"), engine_dtype("auto", "cpu")) == ("bfloat16", "float32")
-    assert engine_dtype("float16", "cuda") == "float16"
+    from opt_ray.devices import auto_dtype
+    from opt_ray.serve.engine import engine_from_checkpoint
+    assert (auto_dtype("auto", "cuda"), auto_dtype("auto", "cpu")) == ("bfloat16", "float32")
+    assert auto_dtype("float16", "cuda") == "float16"
     e = engine_from_checkpoint(ckpt, EngineConfig(max_num_seqs=2))
     assert (e.config.dtype, e.config.device) == ("float32", "cpu")
     assert {p.dtype for p in e.model.parameters()} == {torch.float32}
