@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     from opt_ray.config import ModelConfig
     from opt_ray.model.hf import write_hf
-    from opt_ray.sizes import parse_size
     from opt_ray.run_dir import is_url
+    from opt_ray.sizes import parse_size
     from opt_ray.train.checkpoint import ModelStateReader, read_train_state, resolve
 
     max_shard = parse_size(args.max_shard_size, "--max-shard-size")

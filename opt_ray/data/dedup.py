@@ -861,7 +861,9 @@ class _ShardWriter:
         if self.uids is not None:
             np.save(self.d / f"{name}.uids.npy", np.asarray(self.uids, np.int64))
             self.uids = []
-        self.shards.append(_write_shard(self.d, f"{name}.parquet", self.buf))
+        # The stash is the work dir's: only output shards are hashed (for the manifest).
+        self.shards.append(_write_shard(self.d, f"{name}.parquet", self.buf,
+                                        digest=self.uids is None))
         self.buf, self.nbytes = [], 0
 
     def close(self) -> list[dict[str, Any]]:
@@ -884,7 +886,7 @@ def _put_shards(plan: Plan, tmp: Path, shards: list[dict[str, Any]]) -> None:
     shutil.rmtree(shard_dir)
 
 
-def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
+def _write_shard(d: Path, name: str, rows: list[dict], *, digest: bool = True) -> dict[str, Any]:
     """One Parquet shard of records: a column per field of any record (null where a
     record lacks it; ``Table.from_pylist`` would take the first record's fields only). A
     column whose values Arrow cannot type together (e.g. an int in one record and a
@@ -897,16 +899,18 @@ def _write_shard(d: Path, name: str, rows: list[dict]) -> dict[str, Any]:
             arrays[c] = pa.array(vals)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
-    return _save_shard(d, name, pa.table(arrays))
+    return _save_shard(d, name, pa.table(arrays), digest=digest)
 
 
-def _save_shard(d: Path, name: str, table: Any) -> dict[str, Any]:
+def _save_shard(d: Path, name: str, table: Any, *, digest: bool = True) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from opt_ray.artifacts import sha256_file
     pq.write_table(table, d / name, compression="zstd")
-    return {"file": name, "rows": table.num_rows, "bytes": (d / name).stat().st_size,
-            "sha256": sha256_file(d / name)}
+    info = {"file": name, "rows": table.num_rows, "bytes": (d / name).stat().st_size}
+    if digest:
+        info["sha256"] = sha256_file(d / name)
+    return info
 
 
 # -------------------------------------------------------------------------- the driver
@@ -995,7 +999,7 @@ def run_dedup(inputs: list[str], output: str, cfg: DedupConfig,
     fp = _fingerprint(files, cfg, text_field, id_field, strict)
     if url:
         # A bucket output: every task reads and writes the work prefix beside it (no
-        # filesystem shared by the nodes); the filter tasks put the shards in place.
+        # filesystem shared by the nodes); the fetch and filter tasks put the shards in place.
         work = Loc(work_url(url))
         with store_errors(f"--output {url}", "the work prefix", "the bucket exists"):
             resumed = prepare_work(work, fp, Loc(url), overwrite=overwrite)

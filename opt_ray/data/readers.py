@@ -191,15 +191,14 @@ def split_jsonl(files: list[InputFile], max_bytes: int, executor: Any = None) ->
     out: list[Any] = []
     jobs: list[tuple] = []
     for f in files:
-        size = input_size(f)
         if (f.kind != "jsonl" or f.byte_range is not None or f.line_range is not None
-                or size * (COMPRESSION_GUESS if _compressed(f.path) else 1) <= max_bytes):
+                or text_weight(f) <= max_bytes):
             out.append(f)
         elif _compressed(f.path):
             out.append(("stream", f, len(jobs)))
             jobs.append((len(jobs), f, 0, -1))
         else:
-            cuts = _cut_points(f, size, max_bytes)
+            cuts = _cut_points(f, input_size(f), max_bytes)
             out.append(("ranges", f, len(jobs), cuts))
             jobs.extend((len(jobs), f, a, b) for a, b in zip(cuts[:-1], cuts[1:]))
     if not jobs:

@@ -68,9 +68,10 @@ class OptLM(TemplateLM):
         from opt_ray.eval.scoring import Scorer
 
         ckpt = locate(path)
+        pooled = workers > 1 or actors
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
-        if workers > 1 or actors:
+        if pooled:
             from actors.eval import WorkerPool
 
             tok = load_tokenizer(ckpt)
@@ -84,7 +85,7 @@ class OptLM(TemplateLM):
             engine = Scorer(model, batch_size=batch_size, device=device, pad_id=cfg.pad_token_id,
                             tokenizer=tok)
             nparams = sum(p.numel() for p in model.parameters())
-        if (workers > 1 or actors) and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        if pooled and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
             load_tokenizer(ckpt, cfg.vocab_size)  # raises the vocabulary error
         info = {**ckpt.describe(), "model_num_parameters": nparams, "model_dtype": dtype,
                 "workers": workers, "device": device or "cpu", "add_bos_token": add_bos_token}
