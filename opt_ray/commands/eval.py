@@ -92,6 +92,10 @@ def run_shards(args: argparse.Namespace) -> int:
     from opt_ray.eval.devices import place
     from opt_ray.eval.loading import locate
 
+    for flag, value in (("--workers", args.workers), ("--tp", args.tp)):
+        if value != 1:
+            raise UserError(f"{flag} {value} applies to --tasks; perplexity on shards (--data) runs "
+                            f"in one process, on one GPU: drop {flag}")
     ckpt = locate(args.checkpoint)   # verified here, once; a bad one is one line, before Ray
     where = place(args.device, args.dtype, 1, address=args.address, num_cpus=args.num_cpus)
     job = (ckpt, args.data, args.split, where.device, where.dtype, args.batch_size, args.max_rows)
@@ -193,16 +197,21 @@ def evaluate_tasks(checkpoint, cfg=None, *, address: str | None = None,
     T.check_local_data(tm, names)
     task_objs = T.load_tasks(tm, names)
     from opt_ray.eval.devices import place
-    where = place(cfg.device, cfg.dtype, cfg.workers, address=address, num_cpus=num_cpus)
+    where = place(cfg.device, cfg.dtype, cfg.workers, address=address, num_cpus=num_cpus, tp=cfg.tp)
     lm = OptLM.from_checkpoint(checkpoint, batch_size=cfg.batch_size, workers=cfg.workers,
                                add_bos_token=cfg.add_bos_token, dtype=where.dtype,
-                               device=where.device, actors=where.actors, seed=cfg.seed or 0)
+                               device=where.device, actors=where.actors, seed=cfg.seed or 0,
+                               tp=cfg.tp)
     seed = cfg.seed
     seeds = {} if seed is None else {"random_seed": seed, "numpy_random_seed": seed,
                                      "torch_random_seed": seed, "fewshot_random_seed": seed}
-    results = simple_evaluate(model=lm, tasks=task_objs, task_manager=tm, num_fewshot=cfg.num_fewshot,
-                              limit=cfg.limit, batch_size=cfg.batch_size, log_samples=cfg.log_samples,
-                              **seeds)
+    try:
+        results = simple_evaluate(model=lm, tasks=task_objs, task_manager=tm,
+                                  num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                  batch_size=cfg.batch_size, log_samples=cfg.log_samples, **seeds)
+    finally:
+        if hasattr(lm.engine, "close"):    # the actors and their placement groups
+            lm.engine.close()
     results["config"]["model"] = str(checkpoint)
     return results
 

@@ -39,7 +39,13 @@ class EvalConfig:
         "evaluate at most N documents per task (a number < 1 is a fraction)", type=_limit, metavar="N"))
     batch_size: int = field(default=8, metadata=_help("sequences per forward pass"))
     workers: int = field(default=1, metadata=_help(
-        "Ray actors scoring requests in parallel, each with its own copy of the model"))
+        "Ray actors scoring requests in parallel (one GPU each on GPUs); each --tp of them "
+        "hold one copy of the model"))
+    tp: int = field(default=1, metadata=_help(
+        "tensor-parallel degree: each copy of the model is split across this many actors on "
+        "one node (a multiple of it is --workers), for a model larger than one GPU (66b in "
+        "bf16: --tp 2 on 80 GB GPUs; 175b: --tp 8); must divide the model's heads, ffn_dim "
+        "and vocabulary"))
     seed: int | None = field(default=None, metadata=_help(
         "seed for lm-eval's sampling of documents and few-shot examples, and for sampled "
         "generation (default: lm-eval's seeds)"))
@@ -71,6 +77,7 @@ class EvalConfig:
             (self.limit is None or self.limit > 0, f"--limit must be > 0, got {self.limit}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
+            (self.tp >= 1, f"--tp must be >= 1, got {self.tp}"),
             (self.bos in ("auto", "true", "false"),
              f"--add-bos-token must be auto, true or false, got {self.bos!r}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
@@ -79,6 +86,10 @@ class EvalConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if self.workers % self.tp:
+            raise ConfigError(f"--workers {self.workers} is not a multiple of --tp {self.tp} (each "
+                              f"copy of the model is --tp actors); use --workers "
+                              f"{max(self.tp, self.workers // self.tp * self.tp)}")
         if self.limit is not None and self.limit >= 1:
             if self.limit != int(self.limit):
                 raise ConfigError(f"--limit {self.limit}: a count must be whole (a fraction is < 1)")

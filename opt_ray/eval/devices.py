@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from opt_ray.devices import auto_dtype, cluster_device, local_device
+from opt_ray.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -20,21 +21,28 @@ class Placement:
 
 
 def place(device: str, dtype: str, workers: int, *, address: str | None = None,
-          num_cpus: int | None = None) -> Placement:
-    """The placement for ``--device``, ``--dtype`` and ``--workers``; starts or joins Ray
-    when the work goes to a cluster. Raises ``UserError`` when GPUs are demanded where
-    there are none, or when the cluster has fewer GPUs than workers (one each)."""
-    on_cluster = workers > 1 or bool(address or os.environ.get("RAY_ADDRESS"))
+          num_cpus: int | None = None, tp: int = 1) -> Placement:
+    """The placement for ``--device``, ``--dtype``, ``--workers`` and ``--tp``; starts or
+    joins Ray when the work goes to actors. Raises ``UserError`` when GPUs are demanded
+    where there are none, when the cluster has fewer GPUs than workers (one each), or no
+    node with ``tp`` of them (a tensor-parallel group shares one node)."""
+    on_cluster = workers > 1 or tp > 1 or bool(address or os.environ.get("RAY_ADDRESS"))
     if device == "cpu" or not on_cluster:
         use = local_device(device, fix="run on a GPU machine, or give a Ray cluster with GPUs "
                                        "(--address, RAY_ADDRESS, or --workers > 1 for one)")
-        if workers > 1:
+        if workers > 1 or tp > 1:
             _init(address, num_cpus)
-        return Placement(use, auto_dtype(dtype, use), workers > 1)
+        return Placement(use, auto_dtype(dtype, use), workers > 1 or tp > 1)
     import ray
     _init(address, num_cpus)
     use = cluster_device(device, ray.cluster_resources(), workers)
-    return Placement(use, auto_dtype(dtype, use), use == "cuda" or workers > 1)
+    if use == "cuda" and tp > 1:
+        most = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+        if most < tp:
+            raise UserError(f"--tp {tp}: the actors of one copy of the model share a node (their "
+                            f"all-reduces run every layer) and the Ray cluster's largest node has "
+                            f"{most:g} GPUs; use --tp {int(most)} or fewer, or nodes with {tp} GPUs")
+    return Placement(use, auto_dtype(dtype, use), use == "cuda" or workers > 1 or tp > 1)
 
 
 def _init(address: str | None, num_cpus: int | None) -> None:

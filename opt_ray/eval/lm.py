@@ -58,28 +58,28 @@ class OptLM(TemplateLM):
     def from_checkpoint(cls, path: str | os.PathLike, *, batch_size: int = 16, workers: int = 1,
                         add_bos_token: bool | None = None, dtype: str = "float32", seed: int = 0,
                         device: str | None = None, max_gen_toks: int = 256,
-                        actors: bool = False) -> "OptLM":
+                        actors: bool = False, tp: int = 1) -> "OptLM":
         """Load ``path`` (HF dir, run dir or checkpoint) and its tokenizer. ``workers`` > 1
-        (or ``actors``) runs the model on that many Ray actors, each with a GPU when
-        ``device`` is cuda (Ray must be initialised by the caller)."""
+        (or ``actors``, or ``tp`` > 1) runs the model on that many Ray actors, each with a
+        GPU when ``device`` is cuda, in groups of ``tp`` that each hold one copy of the
+        model split ``tp`` ways (Ray must be initialised by the caller)."""
         import torch
 
         from opt_ray.eval.loading import load_model, load_tokenizer, locate
         from opt_ray.eval.scoring import Scorer
 
         ckpt = locate(path)
-        pooled = workers > 1 or actors
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}[dtype]
+        pooled = workers > 1 or actors or tp > 1
         if pooled:
             from actors.eval import WorkerPool
 
             tok = load_tokenizer(ckpt)
-            engine = WorkerPool(ckpt, workers=workers, batch_size=batch_size, dtype=dtype, device=device)
+            engine = WorkerPool(ckpt, workers=workers, batch_size=batch_size, dtype=dtype, device=device,
+                                tp=tp)
             cfg = engine.model_config
             nparams = engine.num_params
         else:
-            model = load_model(ckpt, dtype=torch_dtype)
+            model = load_model(ckpt, dtype=getattr(torch, dtype))
             cfg = model.config
             tok = load_tokenizer(ckpt, cfg.vocab_size)
             engine = Scorer(model, batch_size=batch_size, device=device, pad_id=cfg.pad_token_id,
@@ -88,7 +88,7 @@ class OptLM(TemplateLM):
         if pooled and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
             load_tokenizer(ckpt, cfg.vocab_size)  # raises the vocabulary error
         info = {**ckpt.describe(), "model_num_parameters": nparams, "model_dtype": dtype,
-                "workers": workers, "device": device or "cpu", "add_bos_token": add_bos_token}
+                "workers": workers, "tp": tp, "device": device or "cpu", "add_bos_token": add_bos_token}
         return cls(engine, tok, max_length=cfg.max_position_embeddings, add_bos_token=add_bos_token,
                    max_gen_toks=max_gen_toks, seed=seed, info=info)
 

@@ -130,32 +130,35 @@ def _tokenizer_in(d: Path) -> Path | None:
     return None
 
 
-def load_model(ckpt: EvalCheckpoint, *, dtype: Any = None, node_cache: bool = False):
+def load_model(ckpt: EvalCheckpoint, *, dtype: Any = None, node_cache: bool = False,
+               sharded: bool = False):
     """The project's ``OPT`` (eval mode) with the checkpoint's weights.
 
     A training checkpoint was verified (hashed) once, by ``locate``; it is not hashed
     again here (each worker hashing it read the optimizer's state too: 13b, ~150 GB per
     worker). ``node_cache`` (the eval workers): the weights are read through this node's
     HF build of the checkpoint (``serve.from_run.built``: once per node, in ``dtype``), so
-    the workers of a node read the checkpoint once between them, not once each."""
-    if ckpt.kind == "run" and node_cache:
+    the workers of a node read the checkpoint once between them, not once each.
+    ``sharded`` (a tensor-parallel worker, ``--tp``): only this rank's part of the model
+    (``model.hf.from_hf_sharded``), read from the HF build or export."""
+    from opt_ray.model.hf import from_hf, from_hf_sharded
+    load = from_hf_sharded if sharded else from_hf
+    if ckpt.kind == "run" and (node_cache or sharded):
         import torch
 
-        from opt_ray.model.hf import from_hf
         from opt_ray.serve.from_run import RunCheckpoint, built, run_of
         from opt_ray.storage import Loc
         rc = RunCheckpoint(Loc(ckpt.weights).ref(), run_of(Loc(ckpt.weights).ref()).ref(),
                            int(ckpt.step or 0))
         with built(rc, dtype=dtype or torch.float32) as d:
-            return from_hf(d, dtype=dtype).eval()
+            return load(d, dtype=dtype).eval()
     if ckpt.kind == "hf":
-        from opt_ray.model.hf import from_hf
         from opt_ray.run_dir import is_url
         if is_url(ckpt.weights):     # an export in a bucket: fetched to this node once
             from opt_ray.data.artifact_io import fetched
             with fetched(str(ckpt.weights), "checkpoint") as weights:
-                return from_hf(weights, dtype=dtype)
-        return from_hf(ckpt.weights, dtype=dtype)
+                return load(weights, dtype=dtype)
+        return load(ckpt.weights, dtype=dtype)
     from opt_ray.train.checkpoint import load_model as load_run_model
     return load_run_model(ckpt.weights, dtype=dtype, verified=True)
 

@@ -10,6 +10,7 @@ in one ``HFCheckpointError`` that names the key. Weights are read safely: safete
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -124,24 +125,54 @@ def _read_weight_file(f: Path, dtype: torch.dtype | None = None) -> dict[str, to
                                 "is the file complete and a safetensors / torch state dict?") from e
 
 
-def _read_weights(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's weight files, cast to ``dtype`` tensor by tensor
-    as they are read: the model is held once, in ``dtype``."""
+def _weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: the single file, or the shards its index names."""
     for single, index in ((SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json"),
                           (BIN_NAME, BIN_NAME + ".index.json")):
         if (path / single).is_file():
-            return _read_weight_file(path / single, dtype)
+            return [path / single]
         if (path / index).is_file():
             try:
                 weight_map = json.loads((path / index).read_text())["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise HFCheckpointError(f"{path / index}: not a readable shard index ({e})") from e
-            out: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(_read_weight_file(path / shard, dtype))
-            return out
+            return [path / shard for shard in sorted(set(weight_map.values()))]
     raise HFCheckpointError(f"{path}: no weights found; expected {SAFETENSORS_NAME} or {BIN_NAME} "
                             "(or a sharded *.index.json)")
+
+
+def _read_weights(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's weight files, cast to ``dtype`` tensor by tensor
+    as they are read: the model is held once, in ``dtype``."""
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        out.update(_read_weight_file(f, dtype))
+    return out
+
+
+def _lazy_tensors(f: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """A weight file's tensors, not yet read: key -> (shape, ``take(dim, lo, hi, dtype)``),
+    which reads rows (dim 0) or columns (dim 1) ``lo:hi`` of it (dim None: all of it),
+    cast to ``dtype``. Safetensors slices read only those bytes; a ``.bin`` is mapped."""
+    def take_slice(sl, dim, lo, hi, dtype):
+        t = sl[:] if dim is None else sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+        return t.to(dtype)
+
+    def take_tensor(t, dim, lo, hi, dtype):
+        t = t if dim is None else t.narrow(dim, lo, hi - lo)
+        return t.to(dtype, copy=True)      # a copy: nothing keeps the mapped file alive
+
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            fh = safe_open(str(f), framework="pt")
+            return {k: (tuple(sl.get_shape()), functools.partial(take_slice, sl))
+                    for k in fh.keys() for sl in [fh.get_slice(k)]}
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        return {k: (tuple(v.shape), functools.partial(take_tensor, v)) for k, v in sd.items()}
+    except Exception as e:
+        raise HFCheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e}); "
+                                "is the file complete and a safetensors / torch state dict?") from e
 
 
 def _check_weights(sd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
@@ -166,14 +197,7 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT
     are assigned, not copied into a randomly initialised model, so loading needs about
     one copy of the weights in memory."""
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise HFCheckpointError(f"{path}: no {CONFIG_NAME}; expected an HF-format OPT checkpoint directory")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-    except ValueError as e:
-        raise HFCheckpointError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from e
-    cfg = config_from_hf(raw, source=str(path / CONFIG_NAME))
-
+    cfg = read_config(path)
     dtype = dtype or torch.float32
     sd = {_normalise_key(k): v for k, v in _read_weights(path, dtype).items()}
     _check_weights(sd, expected_shapes(cfg), str(path))
@@ -190,6 +214,60 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT
     model.lm_head.weight = model.decoder.embed_tokens.weight
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     assert not leftover, leftover  # _check_weights guarantees every tensor was present
+    return model.eval()
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The ``ModelConfig`` of the HF checkpoint directory ``path`` (its ``config.json``)."""
+    if not (path / CONFIG_NAME).is_file():
+        raise HFCheckpointError(f"{path}: no {CONFIG_NAME}; expected an HF-format OPT checkpoint directory")
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise HFCheckpointError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from e
+    return config_from_hf(raw, source=str(path / CONFIG_NAME))
+
+
+def from_hf_sharded(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT:
+    """This tensor-parallel rank's part of an HF-format OPT checkpoint: the model with
+    fairscale's parallel layers (``parallel.apply_tensor_parallel``; needs
+    ``parallel.init_model_parallel`` first), holding only this rank's slice of each split
+    tensor, read as a slice from the files: a rank reads and holds about 1/tp of the
+    weights (plus the replicated LayerNorms, positions and biases), never the whole model.
+    The same checks as ``from_hf`` (every tensor present and of its full shape, the LM head
+    tied), before any weight is read."""
+    from opt_ray.model.parallel import _tp_dim, _tp_world_and_rank, apply_tensor_parallel
+
+    path = Path(path)
+    cfg = read_config(path)
+    dtype = dtype or torch.float32
+    tp, rank = _tp_world_and_rank(None)
+    lazy: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for f in _weight_files(path):
+        lazy.update({_normalise_key(k): v for k, v in _lazy_tensors(f).items()})
+    _check_weights({k: torch.empty(shape, device="meta") for k, (shape, _) in lazy.items()},
+                   expected_shapes(cfg), str(path))
+    with torch.device("meta"):
+        model = OPT(cfg)
+    apply_tensor_parallel(model)       # on meta: the layers' shapes, no weights
+
+    def take(key: str) -> torch.Tensor:
+        shape, read = lazy[key]
+        dim = _tp_dim(key)
+        if dim is None:
+            return read(None, 0, 0, dtype)
+        n = shape[dim] // tp
+        return read(dim, rank * n, (rank + 1) * n, dtype)
+
+    sd = {k: take(k) for k in lazy if k != "lm_head.weight"}
+    if "lm_head.weight" in lazy and not torch.equal(take("lm_head.weight"),
+                                                    sd["model.decoder.embed_tokens.weight"]):
+        raise HFCheckpointError(f"{path}: 'lm_head.weight' differs from 'model.decoder.embed_tokens.weight'; "
+                                "OPT ties them, an untied LM head is not supported")
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.lm_head.weight = model.decoder.embed_tokens.weight
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not leftover, leftover
     return model.eval()
 
 

@@ -58,12 +58,13 @@ ray.init(**local_ray_kwargs(), num_cpus=2, num_gpus=2, include_dashboard=False)
 out = {"driver_cuda": torch.cuda.is_available(), "gpus": ray.cluster_resources().get("GPU")}
 out["auto"] = place("auto", "auto", 2).__dict__
 out["cpu"] = place("cpu", "auto", 2).__dict__
-for workers in (2, 3):
+for key, workers, tp in (("2", 2, 1), ("3", 3, 1), ("tp", 2, 2)):
     try:
-        evaluate_tasks(ckpt, tasks=["mc_gpu"], include_path=tasks, workers=workers, batch_size=2)
-        out[workers] = "ran"
+        evaluate_tasks(ckpt, tasks=["mc_gpu"], include_path=tasks, workers=workers, tp=tp, batch_size=2)
+        out[key] = "ran"
     except UserError as e:
-        out[workers] = str(e)
+        out[key] = str(e)
+out["groups_left"] = [g["state"] for g in ray.util.placement_group_table().values()]
 # Perplexity on shards from a driver on the cluster (as `ray job submit` runs it): one
 # Ray task with a GPU, not this driver's CPU.
 import contextlib, io, os
@@ -114,6 +115,9 @@ def test_workers_take_the_clusters_gpus_not_the_drivers(ray_local, tmp_path):
     assert "Ray gave it GPU [" in out["2"] and "torch sees no CUDA device" in out["2"], out["2"]
     assert "\n" not in out["2"]
     assert "--workers 3" in out["3"] and "advertises 2" in out["3"], out["3"]
+    # --tp 2: the two ranks of one copy take a GPU each from one placement group (freed).
+    assert "Ray gave it GPU [" in out["tp"] and "\n" not in out["tp"], out["tp"]
+    assert out["groups_left"] and set(out["groups_left"]) == {"REMOVED"}, out["groups_left"]
     # Ray forwards other processes' logs to the driver's stderr, each line prefixed with
     # "(pid=...)"; the GCS's line about the failed actors of the step above can land late,
     # here. What the CLI itself writes is one line.
@@ -148,8 +152,13 @@ def test_workers_on_a_run_read_it_once_per_node_and_hash_it_once(ray_local, tmp_
     assert len(hashed) == 1                      # locate's; loading did not hash it again
     two = evaluate_tasks(str(run), workers=2, **kw)
     assert len(hashed) == 2                      # the driver's, once; the workers' none
-    for a, b in zip(*(sorted(r["samples"]["mc_run"], key=lambda s: s["doc_id"]) for r in (one, two))):
+    # Split two ways (--tp 2): each rank reads its half from the same node build.
+    split = evaluate_tasks(str(run), workers=2, tp=2, **kw)
+    assert len(hashed) == 3
+    for a, b, c in zip(*(sorted(r["samples"]["mc_run"], key=lambda s: s["doc_id"])
+                         for r in (one, two, split))):
         assert [x[0][0] for x in b["resps"]] == pytest.approx([x[0][0] for x in a["resps"]], abs=1e-5)
+        assert [x[0][0] for x in c["resps"]] == pytest.approx([x[0][0] for x in a["resps"]], abs=1e-4)
     builds = [v for d in Path(os.environ["OPT_RAY_FETCH_DIR"]).glob(f"{run.name}-*")
               for v in d.iterdir() if not v.name.startswith(".")]
     assert len(builds) == 1 and any(builds[0].glob("*.safetensors")), builds   # one per node
