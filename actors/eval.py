@@ -30,10 +30,8 @@ class _Worker:
 
     def address(self) -> tuple[str, int]:
         """Where the rank-0 actor of a tensor-parallel group takes the others' rendezvous."""
-        import ray
-
-        from opt_ray.ray_util import _free_port
-        return ray.util.get_node_ip_address(), _free_port()
+        from opt_ray.ray_util import rendezvous_address
+        return rendezvous_address()
 
     def start(self, ckpt: EvalCheckpoint, batch_size: int, dtype: str, device: str | None,
               tp: int = 1, rank: int = 0, master: tuple[str, int] | None = None) -> tuple[Any, int, int]:
@@ -49,17 +47,8 @@ class _Worker:
             from opt_ray.devices import local_device
             local_device(device)    # one line if there is no CUDA here
         if tp > 1:
-            from datetime import timedelta
-
-            import torch.distributed as dist
-
-            from opt_ray.model.parallel import init_model_parallel
-            if device == "cuda":
-                torch.cuda.set_device(0)          # the one GPU Ray gave this actor
-            dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                                    init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
-                                    world_size=tp, timeout=timedelta(minutes=30))
-            init_model_parallel(tp)
+            from opt_ray.model.parallel import join_tensor_group
+            join_tensor_group(tp, rank, master, device or "cpu")
         model = load_model(ckpt, dtype=getattr(torch, dtype), node_cache=True, sharded=tp > 1)
         self.scorer = Scorer(model, batch_size=batch_size, device=device,
                              pad_id=model.config.pad_token_id, tokenizer=load_tokenizer(ckpt))

@@ -68,7 +68,11 @@ class GenerationEngine:
     def __init__(self, checkpoint: str, engine_config: dict[str, Any]):
         self._stop = threading.Event()
         self.loop = None
-        self.engine = engine_from_checkpoint(checkpoint, EngineConfig(**engine_config))
+        cfg = EngineConfig(**engine_config)
+        if cfg.tensor_parallel_size > 1:
+            self.engine = _tensor_parallel_engine(checkpoint, cfg)
+        else:
+            self.engine = engine_from_checkpoint(checkpoint, cfg)
         self.loop = EngineLoop(self.engine)
         self.replica = serve.get_replica_context().replica_id.unique_id
         threading.Thread(target=self._report, name="opt-ray-metrics", daemon=True).start()
@@ -127,6 +131,75 @@ class GenerationEngine:
         self._stop.set()
         if self.loop is not None:        # (None: the constructor failed)
             self.loop.stop(drain_timeout_s=5.0)
+
+
+# --------------------------------------------------------------------------------------
+# A replica split over several processes (--tensor-parallel-size)
+# --------------------------------------------------------------------------------------
+
+class _EngineRank:
+    """Rank r > 0 of a tensor-parallel replica, in the replica's placement group (bundle
+    r: one GPU of the replica's node): an engine over this rank's part of the model that
+    follows the replica's model calls (``Engine.follow``)."""
+
+    def __init__(self, engine_config: dict[str, Any]):
+        from opt_ray.serve.engine import resolved
+        self.config = resolved(EngineConfig(**engine_config))   # no CUDA here: raises now
+
+    def start(self, checkpoint: str, rank: int, master: tuple[str, int]) -> None:
+        from opt_ray.model.parallel import join_tensor_group
+        join_tensor_group(self.config.tensor_parallel_size, rank, master, self.config.device)
+        self.engine = engine_from_checkpoint(checkpoint, self.config, sharded=True)
+
+    def follow(self, op: str, args: tuple) -> None:
+        self.engine.follow(op, args)
+
+
+class _RankPeers:
+    """The replica's ranks > 0 (``engine.Peers``): every model call is sent to each, in
+    order (one caller, so Ray runs an actor's calls in the order sent); their results
+    are only checked, once per step, so a failed rank ends the engine."""
+
+    def __init__(self, actors: list):
+        self.actors, self.pending = actors, []
+
+    def send(self, op: str, args: tuple) -> None:
+        self.pending += [a.follow.remote(op, args) for a in self.actors]
+
+    def check(self) -> None:
+        import ray
+        if self.pending:
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            ray.get(done)
+
+
+def _tensor_parallel_engine(checkpoint: str, cfg: EngineConfig):
+    """Rank 0 of a replica split ``cfg.tensor_parallel_size`` ways: starts the other ranks
+    in the replica's placement group (one bundle each, on this node), joins their process
+    group, and returns this rank's engine, which schedules for all of them."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from opt_ray.model.parallel import join_tensor_group
+    from opt_ray.ray_util import rendezvous_address
+    from opt_ray.serve.engine import resolved
+
+    tp = cfg.tensor_parallel_size
+    run = resolved(cfg)
+    pg = ray.util.get_current_placement_group()
+    rank_actor = ray.remote(_EngineRank)
+    opts = {"num_cpus": 1, "num_gpus": 1 if run.device == "cuda" else 0}
+    ranks = [rank_actor.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=r)).remote(dataclasses.asdict(cfg)) for r in range(1, tp)]
+    # Every rank can compute (a GPU without CUDA says so here) before any waits on the others.
+    ray.get([r.__ray_ready__.remote() for r in ranks])
+    master = rendezvous_address()
+    started = [r.start.remote(checkpoint, i, master) for i, r in enumerate(ranks, 1)]
+    join_tensor_group(tp, 0, master, run.device)
+    engine = engine_from_checkpoint(checkpoint, run, sharded=True, peers=_RankPeers(ranks))
+    ray.get(started)
+    engine.ranks = ranks       # held: the rank actors live as long as this replica
+    return engine
 
 
 class RayEngineHandle:
@@ -201,16 +274,22 @@ class OpenAIIngress:
 # Building and starting the application
 # --------------------------------------------------------------------------------------
 
-def replica_placement(device: str, resources: dict[str, float],
-                      replicas: int) -> tuple[str, dict[str, Any]]:
+def replica_placement(device: str, resources: dict[str, float], replicas: int,
+                      tp: int = 1) -> tuple[str, dict[str, Any]]:
     """``(device, ray_actor_options)`` of the engine replicas for ``--device`` on a cluster
     advertising ``resources`` (``ray.cluster_resources()``; ``opt_ray.devices``): one
     GPU per replica when the cluster has any, reserved through Ray (without a reservation
-    every replica of a node would see all its GPUs and load onto the first). Raises
-    ``UserError`` for ``--device cuda`` on a cluster without GPUs and for more replicas
-    than GPUs."""
-    device = cluster_device(device, resources, replicas, flag="--replicas", each="replica",
-                            hint=" (--max-replicas may go past it for an autoscaling cluster)")
+    every replica of a node would see all its GPUs and load onto the first); with ``tp``
+    > 1, one GPU per process of a replica, all on one node. Raises ``UserError`` for
+    ``--device cuda`` on a cluster without GPUs and for more replicas than fit."""
+    hint = " (--max-replicas may go past it for an autoscaling cluster)"
+    device = cluster_device(device, resources, replicas if tp == 1 else None, flag="--replicas",
+                            each="replica", hint=hint)
+    if device == "cuda" and tp > 1:
+        from opt_ray.devices import check_tensor_groups, node_gpus
+        check_tensor_groups(replicas, tp, node_gpus(), what=f"--replicas {replicas} "
+                            f"--tensor-parallel-size {tp}", tp_flag="--tensor-parallel-size",
+                            count_flag="--replicas", count_per_copy=1)
     return device, {"num_cpus": 1, **({"num_gpus": 1} if device == "cuda" else {})}
 
 
@@ -224,8 +303,9 @@ def build_app(checkpoint: str | Path, *, model_name: str | None = None,
     path = resolve_checkpoint(checkpoint)
     ecfg = engine_config or EngineConfig()
     import ray
+    tp = ecfg.tensor_parallel_size
     device, actor_options = replica_placement(
-        ecfg.device, ray.cluster_resources() if ray.is_initialized() else {}, replicas)
+        ecfg.device, ray.cluster_resources() if ray.is_initialized() else {}, replicas, tp)
     ecfg = dataclasses.replace(ecfg, device=device)
     cfg = dataclasses.asdict(ecfg)
     # Each replica admits its running batch plus its own bounded queue; past that the
@@ -238,6 +318,10 @@ def build_app(checkpoint: str | Path, *, model_name: str | None = None,
                             "max_ongoing_requests": per_replica,
                             "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
                             "max_queued_requests": ecfg.max_waiting * max(replicas, 1) + ecfg.max_num_seqs}
+    if tp > 1:
+        # The replica (rank 0) takes the first bundle, its other ranks one each: one node.
+        opts["placement_group_bundles"] = [{"CPU": 1, **({"GPU": 1} if device == "cuda" else {})}] * tp
+        opts["placement_group_strategy"] = "STRICT_PACK"
     if max_replicas and max_replicas > replicas:
         opts["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": max_replicas,
                                       "target_ongoing_requests": ecfg.max_num_seqs,

@@ -36,6 +36,30 @@ def cluster_device(device: str, resources: dict[str, float], count: int | None =
     return "cuda"
 
 
+def check_tensor_groups(copies: int, tp: int, gpus_per_node: list[float], *, what: str,
+                        tp_flag: str, count_flag: str, count_per_copy: int) -> None:
+    """``copies`` copies of a model, each split over ``tp`` GPUs of one node (a tensor-
+    parallel group all-reduces every layer: NVLink, not the network), on nodes with
+    ``gpus_per_node`` GPUs. Raises ``UserError`` saying ``what`` was asked and the fix
+    (``count_flag``, of which one copy takes ``count_per_copy``) when they do not fit."""
+    most = max(gpus_per_node, default=0)
+    if most < tp:
+        raise UserError(f"{tp_flag} {tp}: the GPUs of one copy of the model share a node and the "
+                        f"Ray cluster's largest node has {most:g}; use {tp_flag} {int(most)} or "
+                        f"fewer, or nodes with {tp} GPUs")
+    fit = sum(int(n // tp) for n in gpus_per_node)
+    if fit < copies:
+        raise UserError(f"{what}: {copies} copies of the model on {tp} GPUs of one node each, and "
+                        f"the Ray cluster's nodes hold {fit}; use {count_flag} {fit * count_per_copy} "
+                        f"or fewer, or --device cpu")
+
+
+def node_gpus() -> list[float]:
+    """The GPUs of each live node of the Ray cluster this process is connected to."""
+    import ray
+    return [n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]]
+
+
 def local_device(device: str, *, fix: str = "install a CUDA build of torch on the GPU nodes") -> str:
     """This process's device for ``device``: ``cpu``; ``cuda`` (it must have one); ``auto``:
     cuda when it sees a CUDA device. Raises ``UserError`` for ``cuda`` without one, naming

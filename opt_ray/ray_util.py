@@ -101,6 +101,13 @@ def _agent_port_auto_assigned():
         parameter.RayParams = original
 
 
+def rendezvous_address() -> tuple[str, int]:
+    """This Ray worker's node address and a free port on it: where the other processes of
+    a tensor-parallel group meet the first (``model.parallel.join_tensor_group``)."""
+    import ray
+    return ray.util.get_node_ip_address(), _free_port()
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

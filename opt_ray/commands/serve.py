@@ -48,15 +48,19 @@ def run(args: argparse.Namespace) -> int:
     # Everything knowable is checked before Ray starts: one line each, exit 2. Resolved
     # once: every replica serves this checkpoint (a run's newest now, while it trains on).
     checkpoint = str(resolve_checkpoint(args.checkpoint))
-    check_checkpoint(checkpoint)
+    model = check_checkpoint(checkpoint)
     engine_config = from_args(EngineConfig, args, dest="engine__")
+    if engine_config.tensor_parallel_size > 1:
+        from opt_ray.model.parallel import check_divisible
+        check_divisible(model, engine_config.tensor_parallel_size)
     frontend_config = from_args(FrontendConfig, args, dest="frontend__")
     if args.grpc_port and args.grpc_port == args.http_port:
         raise UserError(f"--grpc-port {args.grpc_port} is also --http-port; give gRPC another port "
                         f"(or 0 for none)")
-    if args.no_ray and (args.replicas != 1 or args.max_replicas or args.address):
-        raise UserError("--no-ray serves one engine in this process: drop --replicas, --max-replicas "
-                        "and --address, or drop --no-ray")
+    if args.no_ray and (args.replicas != 1 or args.max_replicas or args.address
+                        or engine_config.tensor_parallel_size > 1):
+        raise UserError("--no-ray serves one engine in this process: drop --replicas, --max-replicas, "
+                        "--tensor-parallel-size and --address, or drop --no-ray")
     if args.no_ray or not (args.address or os.environ.get("RAY_ADDRESS")):
         # An embedded Ray runs the proxy and the ingress here: their ports must be free.
         # (On a cluster they listen on its nodes, which this machine cannot check.)

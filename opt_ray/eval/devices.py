@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from opt_ray.devices import auto_dtype, cluster_device, local_device
-from opt_ray.errors import UserError
+from opt_ray.devices import auto_dtype, check_tensor_groups, cluster_device, local_device, node_gpus
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,8 @@ def place(device: str, dtype: str, workers: int, *, address: str | None = None,
     _init(address, num_cpus)
     use = cluster_device(device, ray.cluster_resources(), workers)
     if use == "cuda" and tp > 1:
-        most = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-        if most < tp:
-            raise UserError(f"--tp {tp}: the actors of one copy of the model share a node (their "
-                            f"all-reduces run every layer) and the Ray cluster's largest node has "
-                            f"{most:g} GPUs; use --tp {int(most)} or fewer, or nodes with {tp} GPUs")
+        check_tensor_groups(workers // tp, tp, node_gpus(), what=f"--workers {workers} --tp {tp}",
+                            tp_flag="--tp", count_flag="--workers", count_per_copy=tp)
     return Placement(use, auto_dtype(dtype, use), use == "cuda" or workers > 1 or tp > 1)
 
 

@@ -86,6 +86,23 @@ def init_model_parallel(tp_size: int):
     return mpu.get_data_parallel_group(), mpu.get_model_parallel_group()
 
 
+def join_tensor_group(tp: int, rank: int, master: tuple[str, int], device: str) -> None:
+    """Make this process rank ``rank`` of a ``tp``-process world that is one tensor-parallel
+    group (an eval worker's or a serving replica's copy of the model split ``tp`` ways):
+    NCCL on CUDA (this process's one GPU), gloo on CPU, rendezvous at ``master`` (host,
+    port: rank 0's, ``ray_util.rendezvous_address``); then ``init_model_parallel(tp)``."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(0)          # the one GPU Ray gave this process
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
+                            world_size=tp, timeout=timedelta(minutes=30))
+    init_model_parallel(tp)
+
+
 def _tp_world_and_rank(tp_group) -> tuple[int, int]:
     from fairscale.nn.model_parallel import initialize as mpu
 
@@ -132,7 +149,7 @@ def tp_partition_dims(model_or_cfg: OPT | ModelConfig) -> dict[str, int]:
     return {n: d for n in names if (d := _tp_dim(n)) is not None}
 
 
-def _check_divisible(cfg: ModelConfig, tp: int) -> None:
+def check_divisible(cfg: ModelConfig, tp: int) -> None:
     for what, n in (("num_attention_heads", cfg.num_attention_heads), ("ffn_dim", cfg.ffn_dim),
                     ("vocab_size", cfg.vocab_size)):
         if n % tp:
@@ -160,7 +177,7 @@ def apply_tensor_parallel(model: OPT, tp_group=None) -> OPT:
 
     tp, rank = _tp_world_and_rank(tp_group)
     cfg = model.config
-    _check_divisible(cfg, tp)
+    check_divisible(cfg, tp)
     if tp == 1:
         return model
 

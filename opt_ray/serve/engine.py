@@ -47,7 +47,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator, Protocol
 
 import torch
 
@@ -55,7 +55,7 @@ from opt_ray.devices import auto_dtype, local_device
 from opt_ray.errors import UserError
 from opt_ray.model.opt import OPT
 from opt_ray.serve.engine_config import EngineConfig  # noqa: F401 - re-exported
-from opt_ray.serve.runner import ModelRunner, Row, SlotKVCache, cache_dtype
+from opt_ray.serve.runner import ModelRunner, Row, SlotKVCache, cache_dtype, local_heads
 from opt_ray.serve.sampling import SamplingParams, make_generator, sample_batch
 
 
@@ -313,7 +313,10 @@ class Engine:
     ``abort_request`` may be called from any thread; ``step`` from one thread only."""
 
     def __init__(self, model: OPT, tokenizer, config: EngineConfig | None = None,
-                 *, eos_token_id: int | None = None):
+                 *, eos_token_id: int | None = None, peers: Peers | None = None):
+        """``peers``: with the model split over several processes (tensor parallelism),
+        this engine is the group's first rank and schedules for all of them: every model
+        call it makes is sent to ``peers`` first, whose engines ``follow`` it."""
         # As run: "auto" resolved (the stats and /v1/models say what a replica does).
         self.config = resolved(config or EngineConfig())
         cfg = model.config
@@ -334,7 +337,8 @@ class Engine:
         self.max_model_len = min(self.config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
         kv_dtype = cache_dtype(self.compute_dtype, self.device)
-        per_slot = SlotKVCache.bytes_per_slot(cfg.num_hidden_layers, cfg.hidden_size,
+        heads = local_heads(model)       # this process's share of the KV
+        per_slot = SlotKVCache.bytes_per_slot(cfg.num_hidden_layers, heads * cfg.head_dim,
                                               self.max_model_len, kv_dtype)
         num_slots = self.config.max_num_seqs
         if self.config.kv_cache_bytes is not None:
@@ -344,7 +348,8 @@ class Engine:
                     f"engine.kv_cache_bytes={self.config.kv_cache_bytes} holds no sequence of "
                     f"max_model_len={self.max_model_len} ({per_slot} bytes each); raise the "
                     f"budget or lower max_model_len")
-        self.kv = SlotKVCache(cfg.num_hidden_layers, num_slots, cfg.num_attention_heads,
+        self.peers = peers
+        self.kv = SlotKVCache(cfg.num_hidden_layers, num_slots, heads,
                               cfg.head_dim, self.max_model_len, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, prepack=self.config.prepack_weights,
                                   half=self.dtype if self.dtype != self.compute_dtype else None)
@@ -435,6 +440,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One iteration; returns a delta for every request that produced something."""
         try:
+            if self.peers is not None:
+                self.peers.check()                           # a rank that failed ends us
             outputs = self._intake()                         # 1. aborts, new requests
             self._schedule()                                 # 2. admit newcomers
             self._run()                                      # 3.+4. packed forward, sample
@@ -575,6 +582,8 @@ class Engine:
             return
         self.prefill_tokens += n_prefill
         self._last = (len(rows), n_prefill, n_decode)
+        if self.peers is not None:
+            self.peers.send("forward", (tokens, positions, slots, rows, select))
         h = self.runner.forward(tokens, positions, slots, rows, select)
         if not select:                   # only prompt chunks that do not end their prompt
             return
@@ -589,6 +598,8 @@ class Engine:
             if len(seqs) > 1 and not seqs[0].token_ids:     # n > 1: share the prefilled prompt
                 for s in seqs[1:]:
                     P = len(run.req.prompt_token_ids)
+                    if self.peers is not None:
+                        self.peers.send("copy_slot", (seqs[0].slot, s.slot, P))
                     self.kv.copy_slot(seqs[0].slot, s.slot, P)
                     self.slot_ids[s.slot] = self.slot_ids[seqs[0].slot][:P]
         self._sample(logits, samplers)
@@ -681,6 +692,21 @@ class Engine:
 
     # ---- one-shot convenience ------------------------------------------------------------
 
+    @torch.inference_mode()
+    def follow(self, op: str, args: tuple) -> None:
+        """On a rank > 0 of a tensor-parallel engine: the model call the first rank makes
+        (``peers.send``), on this rank's shard and KV; its collectives meet the first
+        rank's. ``forward`` runs the LM head too when the first rank does (rows selected),
+        so that its vocabulary gather meets."""
+        if op == "forward":
+            h = self.runner.forward(*args)
+            if args[4]:
+                self.runner.lm_head(h)
+        elif op == "copy_slot":
+            self.kv.copy_slot(*args)
+        else:
+            raise ValueError(f"unknown engine op {op!r}")
+
     def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> list[CompletionOutput]:
         """Run one request to completion on this thread (the CLI, tests); one output per n."""
         rid = f"local-{next(_ids)}"
@@ -702,6 +728,16 @@ class Engine:
 
 
 _ids = itertools.count()
+
+
+class Peers(Protocol):
+    """The other ranks of a tensor-parallel engine, as its first rank sees them."""
+
+    def send(self, op: str, args: tuple) -> None:
+        """Have every other rank's engine ``follow(op, args)``, in the order sent."""
+
+    def check(self) -> None:
+        """Raise if a rank has failed."""
 
 
 def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
@@ -910,21 +946,27 @@ def local_checkpoint(path: str | Path, *, weights: bool = True,
         yield Path(ref)
 
 
-def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None):
+def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None, *,
+                             sharded: bool = False):
     """(model, tokenizer, eos_token_id) from an HF-format dir with its tokenizer beside it
     (a bucket one fetched, a training run's built, on this node first:
-    ``local_checkpoint``); the weights in ``dtype`` (default fp32)."""
+    ``local_checkpoint``); the weights in ``dtype`` (default fp32). ``sharded``: this
+    tensor-parallel rank's part of the model only (``model.hf.from_hf_sharded``)."""
     from opt_ray.serve.loading import load_hf_model, load_tokenizer_dir
     with local_checkpoint(path, dtype=dtype) as p:
-        model = load_hf_model(p, dtype)
+        model = load_hf_model(p, dtype, sharded=sharded)
         tok = load_tokenizer_dir(p)
         cfg = json.loads((p / "config.json").read_text())
     return model, tok, int(cfg.get("eos_token_id", model.config.eos_token_id))
 
 
-def engine_from_checkpoint(path: str | Path, config: EngineConfig | None = None) -> Engine:
+def engine_from_checkpoint(path: str | Path, config: EngineConfig | None = None, *,
+                           sharded: bool = False, peers: Peers | None = None) -> Engine:
+    """The engine over the checkpoint ``path``. ``sharded``: over this tensor-parallel
+    rank's part of the model (the process group is set up); ``peers``: the other ranks,
+    when this is the first."""
     # Read in the engine's dtype: the engine rounds to it anyway, and a half-precision
     # replica then never holds the model in fp32.
     config = resolved(config or EngineConfig())
-    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[config.dtype])
-    return Engine(model, tok, config, eos_token_id=eos)
+    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[config.dtype], sharded=sharded)
+    return Engine(model, tok, config, eos_token_id=eos, peers=peers)

@@ -59,6 +59,12 @@ class EngineConfig:
                 "cluster's, one per replica, which Ray reserves and gives it alone; never "
                 "taken from the driver's machine), cuda (demand one), cpu",
         "choices": list(DEVICES)})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "processes (GPUs) per replica, on one node: the model is split across them as "
+                "training's tensor parallelism splits it, each holding 1/N of the split weights "
+                "and of the KV cache, for a model larger than one GPU (66b in bf16: 2 on 80 GB "
+                "GPUs; 175b: 8); must divide the model's heads, ffn_dim and vocabulary; "
+                "--kv-cache-bytes is then per process (default: 1)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch threads per replica on CPU (default: OMP_NUM_THREADS, which Ray sets to "
                 "the CPUs a replica reserves, else the CPUs this process may run on)"})
@@ -66,7 +72,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1 (or unset for the reserved CPUs), got {self.threads!r}")
-        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
+        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 2:

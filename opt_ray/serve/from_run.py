@@ -120,8 +120,8 @@ def _model_config(rc: RunCheckpoint):
                         f"({type(e).__name__}: {e}); is this an opt-ray training checkpoint?") from e
 
 
-def check(rc: RunCheckpoint) -> None:
-    """The CLI's check before Ray starts, reading no weights: every file of the
+def check(rc: RunCheckpoint):
+    """The checkpoint's ``ModelConfig``, after the CLI's check before Ray starts, reading no weights: every file of the
     checkpoint there at its manifest's size, the model config and the tokenizer usable
     (the small part of the build: config.json and tokenizer.json, nothing more), and the
     checkpoint holding every tensor of that model at its shape (DCP's metadata).
@@ -149,6 +149,7 @@ def check(rc: RunCheckpoint) -> None:
                 f"no tensor {k!r}" if got is None else f"tensor {k!r} has shape {list(got)}")
                 + f" where its train_state.json's model needs {list(shape)}; it is not a whole "
                   f"checkpoint of this model: serve another")
+    return cfg
 
 
 def _check_files(rc: RunCheckpoint) -> None:

@@ -20,11 +20,12 @@ from pathlib import Path
 from opt_ray.errors import UserError
 
 
-def load_hf_model(path: Path, dtype=None):
+def load_hf_model(path: Path, dtype=None, *, sharded: bool = False):
     """The model of an HF dir, its weights in ``dtype`` as they are read (a replica that
-    serves bf16 never holds the fp32 model: 52 GB of host memory at 13b, per replica)."""
-    from opt_ray.model.hf import from_hf
-    return from_hf(path, dtype=dtype)
+    serves bf16 never holds the fp32 model: 52 GB of host memory at 13b, per replica);
+    ``sharded``: this tensor-parallel rank's part of it only."""
+    from opt_ray.model.hf import from_hf, from_hf_sharded
+    return (from_hf_sharded if sharded else from_hf)(path, dtype=dtype)
 
 
 def load_tokenizer_dir(path: Path):
@@ -68,8 +69,8 @@ def _check_torch_zip(f: str, size: int, fh) -> None:
         raise UserError(f"{f}: cut off or damaged ({e}); copy or download the checkpoint again") from e
 
 
-def check_checkpoint(path: Path | str) -> None:
-    """Raise ``UserError`` naming the file when a resolved checkpoint
+def check_checkpoint(path: Path | str):
+    """The checkpoint's ``ModelConfig``; raises ``UserError`` naming the file when a resolved checkpoint
     (``engine.resolve_checkpoint``) cannot be served. An HF-format dir: its config.json
     is not an OPT config, its tokenizer is missing, a weight file its shard index lists
     is not there, or a weight file is cut off. Reads headers only (milliseconds, whatever
@@ -101,11 +102,11 @@ def check_checkpoint(path: Path | str) -> None:
         fs, root = url_to_fs(url)
         sizes = {e["name"].rsplit("/", 1)[-1]: int(e["size"])
                  for e in fs.ls(root, detail=True) if e.get("type") == "file"}
-        _check_dir(url, small, sizes,
-                   lambda n: fs.open(f"{root.rstrip('/')}/{n}", "rb", block_size=1 << 20))
+        return _check_dir(url, small, sizes,
+                          lambda n: fs.open(f"{root.rstrip('/')}/{n}", "rb", block_size=1 << 20))
 
 
-def _check_dir(where: str, small: Path, sizes: dict[str, int], open_file) -> None:
+def _check_dir(where: str, small: Path, sizes: dict[str, int], open_file):
     """``check_checkpoint`` of the checkpoint ``where``, whose config, tokenizer and shard
     index are in the local directory ``small`` and whose files are ``sizes`` (name ->
     bytes), each opened by ``open_file(name)``."""
@@ -114,7 +115,7 @@ def _check_dir(where: str, small: Path, sizes: dict[str, int], open_file) -> Non
         cfg = json.loads((small / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{where}/config.json: not readable JSON ({e})") from e
-    config_from_hf(cfg, source=f"{where}/config.json")
+    model = config_from_hf(cfg, source=f"{where}/config.json")
     try:
         load_tokenizer_dir(small)
     except UserError as e:
@@ -132,6 +133,7 @@ def _check_dir(where: str, small: Path, sizes: dict[str, int], open_file) -> Non
         check = _check_safetensors if n.endswith(".safetensors") else _check_torch_zip
         with open_file(n) as fh:
             check(f"{where}/{n}", sizes[n], fh)
+    return model
 
 
 #: HF's shard indexes: a sharded checkpoint lists its weight files in one of these.

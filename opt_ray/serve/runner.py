@@ -66,6 +66,11 @@ class SlotKVCache:
             buf[dst, :, :length] = buf[src, :, :length]
 
 
+def local_heads(model: OPT) -> int:
+    """The attention heads this process computes: all, or its tensor-parallel shard."""
+    return model.decoder.layers[0].self_attn.q_proj.weight.shape[0] // model.config.head_dim
+
+
 def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype: the model's, except fp32 for half types on CPU (see above)."""
     if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
@@ -130,7 +135,9 @@ class ModelRunner:
         computes it in fp32); lone-row steps then run their linears in it (see above)."""
         self.model, self.kv = model, kv
         cfg = model.config
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
+        # This process's heads: all of them, or its shard under tensor parallelism.
+        self.num_heads = local_heads(model)
         self.scaling = self.head_dim ** -0.5
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for layer in model.decoder.layers:
@@ -138,7 +145,11 @@ class ModelRunner:
         self.forwards = 0
         # Single-token rows batched in one masked SDPA per layer (see _DecodeGroup).
         self.batch_decode = True
-        self.packed = _PackedLinears.build(model, self.qkv, half=half) if prepack else None
+        # Tensor-parallel layers communicate in their own forward (out_proj and fc2 all-
+        # reduce before their bias), so they run as modules, never prepacked.
+        tensor_parallel = self.num_heads != cfg.num_attention_heads
+        self.packed = (_PackedLinears.build(model, self.qkv, half=half)
+                       if prepack and not tensor_parallel else None)
 
     def forward(self, tokens: list[int], positions: list[int], slots: list[int],
                 rows: list[Row], select: list[int]) -> torch.Tensor:
@@ -319,7 +330,7 @@ def _pack_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     with torch.no_grad():
         w = torch.cat([q.weight, k.weight, v.weight]).contiguous()
         b = torch.cat([q.bias, k.bias, v.bias]).contiguous() if q.bias is not None else None
-        d = q.out_features
+        d = q.weight.shape[0]          # this rank's rows under tensor parallelism
         for j, lin in enumerate((q, k, v)):
             lin.weight = nn.Parameter(w[j * d:(j + 1) * d], requires_grad=False)
             if b is not None:

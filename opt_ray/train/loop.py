@@ -866,7 +866,7 @@ def preflight(cfg: TrainConfig) -> None:
     on the same tokenizer and vocabulary."""
     from opt_ray.artifacts import MANIFEST
     from opt_ray.data.shards import TOKENIZER_FILE, read_shards_manifest, read_shards_tokenizer
-    from opt_ray.model.parallel import ParallelConfigError, _check_divisible
+    from opt_ray.model.parallel import ParallelConfigError, check_divisible
 
     try:
         manifest = read_shards_manifest(cfg.data)
@@ -878,7 +878,7 @@ def preflight(cfg: TrainConfig) -> None:
     for world in cfg.world_sizes():
         plan_recipe(cfg, seq_len, world // cfg.tp)
     try:
-        _check_divisible(model_cfg, cfg.tp)
+        check_divisible(model_cfg, cfg.tp)
     except ParallelConfigError as e:
         raise UserError(f"--tp {cfg.tp} with --preset {cfg.preset}: {e}") from e
 

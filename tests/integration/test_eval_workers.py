@@ -58,6 +58,10 @@ ray.init(**local_ray_kwargs(), num_cpus=2, num_gpus=2, include_dashboard=False)
 out = {"driver_cuda": torch.cuda.is_available(), "gpus": ray.cluster_resources().get("GPU")}
 out["auto"] = place("auto", "auto", 2).__dict__
 out["cpu"] = place("cpu", "auto", 2).__dict__
+try:
+    place("auto", "auto", 4, tp=2)
+except UserError as e:
+    out["tp2x2"] = str(e)
 for key, workers, tp in (("2", 2, 1), ("3", 3, 1), ("tp", 2, 2)):
     try:
         evaluate_tasks(ckpt, tasks=["mc_gpu"], include_path=tasks, workers=workers, tp=tp, batch_size=2)
@@ -112,6 +116,7 @@ def test_workers_take_the_clusters_gpus_not_the_drivers(ray_local, tmp_path):
     assert out["driver_cuda"] is False and out["gpus"] == 2
     assert out["auto"] == {"device": "cuda", "dtype": "bfloat16", "actors": True}
     assert out["cpu"] == {"device": "cpu", "dtype": "float32", "actors": True}
+    assert "--workers 4" in out["tp2x2"] and "advertises 2" in out["tp2x2"], out["tp2x2"]
     assert "Ray gave it GPU [" in out["2"] and "torch sees no CUDA device" in out["2"], out["2"]
     assert "\n" not in out["2"]
     assert "--workers 3" in out["3"] and "advertises 2" in out["3"], out["3"]

@@ -299,6 +299,12 @@ try:
     replica_placement("auto", res, 3)
 except UserError as e:
     out["three"] = str(e)
+out["tp2"] = replica_placement("auto", res, 1, tp=2)
+for key, replicas, tp in (("tp2x2", 2, 2), ("tp4", 1, 4)):
+    try:
+        replica_placement("auto", res, replicas, tp=tp)
+    except UserError as e:
+        out[key] = str(e)
 try:   # the replica fails in its constructor: serve.run says why
     start(build_app(sys.argv[2], replicas=1, grpc_port=None), http_port=free_port())
     out["replica"] = "deployed"
@@ -342,4 +348,9 @@ def test_replicas_reserve_the_clusters_gpus_one_each(ray_local, tmp_path):
     assert out["auto"] == ["cuda", {"num_cpus": 1, "num_gpus": 1}]
     assert out["cpu"] == ["cpu", {"num_cpus": 1}]
     assert "--replicas 3" in out["three"] and "advertises 2" in out["three"]
+    # --tensor-parallel-size: a replica's processes take one GPU each, on one node.
+    assert out["tp2"] == ["cuda", {"num_cpus": 1, "num_gpus": 1}]
+    assert "--replicas 2 --tensor-parallel-size 2" in out["tp2x2"] and "hold 1" in out["tp2x2"] \
+        and "use --replicas 1 or fewer" in out["tp2x2"], out["tp2x2"]
+    assert "largest node has 2; use --tensor-parallel-size 2 or fewer" in out["tp4"], out["tp4"]
     assert "sees no CUDA device" in out["replica"] and "Ray gave it GPU [" in out["replica"], out["replica"]

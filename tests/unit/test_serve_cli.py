@@ -146,3 +146,17 @@ def test_sharded_checkpoint_with_a_missing_weight_file_is_named(ckpt, tmp_path):
     with pytest.raises(UserError, match=f"{parts[-1].name} is listed in "
                                         f"model.safetensors.index.json but missing"):
         check_checkpoint(d)
+
+
+def test_tensor_parallel_size_is_checked_before_ray(ckpt, no_ray, capsys):
+    """A split the model's 4 heads do not allow, or one asked of the Ray-free server: one
+    line each, before Ray starts."""
+    port = str(free_port())
+    rc = main(["serve", "--checkpoint", str(ckpt), "--tensor-parallel-size", "3", "--http-port", port])
+    _one_line_error(rc, capsys.readouterr().err, "tensor-parallel size 3 must divide "
+                    "model.num_attention_heads (4)")
+    rc = main(["serve", "--checkpoint", str(ckpt), "--tensor-parallel-size", "2", "--no-ray",
+               "--http-port", port])
+    _one_line_error(rc, capsys.readouterr().err, "--tensor-parallel-size")
+    rc = main(["serve", "--checkpoint", str(ckpt), "--tensor-parallel-size", "0", "--http-port", port])
+    _one_line_error(rc, capsys.readouterr().err, "--tensor-parallel-size must be >= 1")
