@@ -32,11 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _memory(worker) -> dict[str, float]:
-    """The actor's resident and peak memory (GB), read in the actor."""
-    status = Path("/proc/self/status").read_text().splitlines()
+def proc_memory(pid: int | str = "self") -> dict[str, float]:
+    """A process's resident and peak memory (GB): ``VmRSS`` and ``VmHWM``."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
     kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in status if ln.startswith(("VmRSS", "VmHWM"))}
     return {"rss_gb": kb["VmRSS"] / 1e6, "peak_gb": kb["VmHWM"] / 1e6}
+
+
+def _memory(worker) -> dict[str, float]:
+    """The actor's (``__ray_call__``: run in the actor)."""
+    return proc_memory()
 
 
 def main() -> int:
