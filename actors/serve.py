@@ -115,6 +115,10 @@ class GenerationEngine:
         # The fatal tier: a dead engine fails the health check and Serve replaces us.
         if self.loop.dead is not None:
             raise RuntimeError(f"engine is dead: {self.loop.dead}")
+        if self.engine.peers is not None:
+            # A rank that died leaves this one waiting in a collective (until the process
+            # group's timeout) at the next step: the check fails at once instead.
+            self.engine.peers.alive()
 
     def _report(self) -> None:
         tags = {"replica": self.replica}
@@ -162,14 +166,36 @@ class _RankPeers:
 
     def __init__(self, actors: list):
         self.actors, self.pending = actors, []
+        self._lock = threading.Lock()      # the engine thread sends, the health check checks
 
     def send(self, op: str, args: tuple) -> None:
-        self.pending += [a.follow.remote(op, args) for a in self.actors]
+        refs = [a.follow.remote(op, args) for a in self.actors]
+        with self._lock:
+            self.pending += refs
 
     def check(self) -> None:
         import ray
-        if self.pending:
-            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+        with self._lock:
+            pending = list(self.pending)
+        if not pending:
+            return
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+        ray.get(done)                       # raises a rank's failure
+        with self._lock:
+            gone = set(done)
+            self.pending = [r for r in self.pending if r not in gone]
+
+    def alive(self) -> None:
+        """``check``, and when no call is outstanding, ask every rank whether it is there
+        (a call to a dead actor fails at once; one to a busy rank would wait behind its
+        work, so a rank at work is judged by its calls)."""
+        import ray
+        self.check()
+        with self._lock:
+            idle = not self.pending
+        if idle:
+            refs = [a.__ray_ready__.remote() for a in self.actors]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
             ray.get(done)
 
 

@@ -34,13 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _replica_processes() -> list[int]:
-    """PIDs of the live engine processes: the replica (rank 0) and its other ranks."""
-    from ray.util.state import list_actors
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if "GenerationEngine" in (a.class_name or "") or "_EngineRank" in (a.class_name or "")]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp", type=int, default=2, help="the split side's --tensor-parallel-size")
@@ -61,6 +54,7 @@ def main() -> int:
     from opt_ray.serve.engine import EngineConfig
     from tests.conftest import free_port
     from tests.integration.test_serve_ray import PROMPTS, _wait_ready
+    from tests.serve_helpers import actor_pids
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-tp-", dir=os.environ.get("BENCH_TMP")))
     ckpt = tmp / "ckpt"
@@ -93,7 +87,8 @@ def main() -> int:
                 tokens = sum(pool.map(one, prompts))
             wall = time.perf_counter() - t0
             stats = httpx.get(f"{base}/v1/stats", timeout=30).json()
-            mem = [proc_memory(pid) for pid in _replica_processes()]
+            # The replica (rank 0; Serve names its actor class after the deployment) and its ranks.
+            mem = [proc_memory(pid) for pid in actor_pids("ServeReplica:opt-ray:GenerationEngine", "_EngineRank")]
             sides[tp] = {"start_s": load, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                          "processes": len(mem), "kv_cache_bytes_per_process": stats["kv_cache_bytes"],
                          "rss_gb_per_process": max(m["rss_gb"] for m in mem),

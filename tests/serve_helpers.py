@@ -131,3 +131,12 @@ class LocalServer:
         self.thread.join(10)
         self.engine_loop.stop()
         self.frontend.close()
+
+
+def actor_pids(*class_names: str) -> set[int]:
+    """PIDs of the live actors of these classes on the connected Ray cluster, from the
+    GCS's actor table (Ray's state API needs the dashboard, which test clusters run
+    without)."""
+    import ray
+    return {a["Pid"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"] in class_names}

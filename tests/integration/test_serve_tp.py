@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.integration.test_serve_ray import PROMPTS, _hf_greedy_texts, _wait_ready
-from tests.serve_helpers import build_checkpoint
+from tests.serve_helpers import actor_pids, build_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -48,6 +48,30 @@ def test_a_replica_split_two_ways_answers_as_the_whole_model(ray_local, tmp_path
         stats = httpx.get(f"{base}/v1/stats", timeout=10).json()
         assert stats["kv_cache_bytes"] * 2 == whole_kv, (stats, whole_kv)
         assert stats["num_slots"] == 4 and stats["forwards"] > 0
+
+        # A rank's process dies: the replica's health check fails at once (not when a
+        # collective times out), Serve replaces the replica with its ranks, and it answers
+        # as before.
+        import os
+        import signal
+        import time
+
+        def rank_pids() -> set[int]:
+            return actor_pids("_EngineRank")
+
+        (old,) = rank_pids()
+        os.kill(old, signal.SIGKILL)
+        deadline, text = time.monotonic() + 150, None
+        while time.monotonic() < deadline:
+            try:
+                text = client.completions.create(model="opt-tp", prompt=PROMPTS[2], max_tokens=12,
+                                                 temperature=0, timeout=20).choices[0].text
+                if rank_pids() - {old}:
+                    break
+            except Exception:
+                pass
+            time.sleep(1)
+        assert text == want[2] and len(rank_pids() - {old}) == 1, (text, rank_pids())
     finally:
         serve.shutdown()
     import ray
