@@ -12,7 +12,9 @@ all-reduce over gloo on the same two cores, so the speed says what the split cos
 here, not what NVLink costs on a GPU node.
 
 Workload: the 125m shape (12 x 768, vocab 50272) with random weights (fp32),
-``--max-num-seqs`` KV slots of ``--max-model-len`` tokens.
+``--max-num-seqs`` KV slots of ``--max-model-len`` tokens, no prepacked weight copy on
+either side (``--no-prepack-weights``: a CPU-only second copy that split layers do not
+use and GPUs do not have).
 
 Run: ``python -m bench.serve_tp [--tp 2] [--requests 8] [--max-tokens 32]`` (prints JSON;
 record it in bench/RESULTS.md with the machine and its load average).
@@ -65,8 +67,10 @@ def main() -> int:
     try:
         for tp in (1, args.tp):
             port = free_port()
+            # No prepacked second copy of the weights on either side (a CPU-only copy that
+            # split layers never use; GPUs have none): the split is what is compared.
             cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                               device="cpu", tensor_parallel_size=tp)
+                               device="cpu", tensor_parallel_size=tp, prepack_weights=False)
             t0 = time.perf_counter()
             start(build_app(ckpt, model_name="bench", replicas=1, grpc_port=None, engine_config=cfg),
                   host="127.0.0.1", http_port=port)
