@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ def main() -> int:
                          "peak_gb_per_actor": max(m["peak_gb"] for m in mem), "scores": scores}
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     one, split = sides[1], sides[args.tp]
     diff = max(abs(a[0] - b[0]) for a, b in zip(one.pop("scores"), split.pop("scores")))
     out = {

@@ -27,6 +27,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -100,6 +101,7 @@ def main() -> int:
             serve.shutdown()
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     one_, split = sides[1], sides[args.tp]
     out = {
         "bench": "serve_tp", "tp": args.tp, "requests": args.requests, "max_tokens": args.max_tokens,
