@@ -155,6 +155,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         k.add_argument("--http-port", type=int, default=0)
         k.add_argument("--grpc-port", type=int, default=0)
         k.add_argument("--max-num-seqs", type=int, default=0)
+        k.add_argument("--tensor-parallel-size", type=int, default=0,
+                       help="processes (GPUs) per replica, on one node, the model split across "
+                            "them (default: 1)")
     sa.add_parser("remove").add_argument("name")
     sa.add_parser("list")
     p.set_defaults(func=run)
@@ -171,6 +174,9 @@ def _eval_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--output", default="", help="results JSON file to write")
     k.add_argument("--eval-workers", type=int, default=0,
                    help="Ray actors scoring in parallel (default: the stage's)")
+    k.add_argument("--eval-tp", type=int, default=0,
+                   help="tensor-parallel degree: each copy of the model split over this many "
+                        "of the actors, on one node (--eval-workers is a multiple; default: 1)")
     k.add_argument("--data", default="", help="token shards: perplexity instead of tasks")
     k.add_argument("--split", default="", help="shard split with --data (default: valid)")
     k.add_argument("--max-rows", type=int, default=0, help="rows with --data (default: all)")
@@ -239,7 +245,7 @@ def build_spec(a: argparse.Namespace):
             max_rows=a.max_rows, tasks=[t.strip() for t in a.tasks.split(",") if t.strip()],
             num_fewshot=a.num_fewshot or 0, has_num_fewshot=a.num_fewshot is not None,
             limit=a.limit, include_path=_abs(a.include_path) if a.include_path else "",
-            output=_abs(a.output) if a.output else "", workers=a.eval_workers))
+            output=_abs(a.output) if a.output else "", workers=a.eval_workers, tp=a.eval_tp))
     elif a.kind == "export":
         spec.export.CopyFrom(pb.ExportSpec(run_dir=_abs(a.run_dir), output=_abs(a.output),
                                            step=a.step))
@@ -450,7 +456,8 @@ def run(a: argparse.Namespace) -> int:
                 spec = pb.ServeSpec(name=a.name, checkpoint=_abs(a.checkpoint),
                                     replicas=a.replicas, max_replicas=a.max_replicas,
                                     http_port=a.http_port, grpc_port=a.grpc_port,
-                                    max_num_seqs=a.max_num_seqs)
+                                    max_num_seqs=a.max_num_seqs,
+                                    tensor_parallel_size=a.tensor_parallel_size)
                 app = client.deploy_serve(spec) if sa == "deploy" else client.update_serve(spec)
             elif sa == "remove":
                 app = client.remove_serve(a.name)

@@ -413,9 +413,16 @@ class SpecValidator:
                                                    must_not_exist=True))]
             if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
                 argv += ["--workers", str(s.workers)]
+            if self._int(f"{name}.tp", s.tp, 1, self.bounds.max_workers, zero_ok=True):
+                if (s.workers or 1) % s.tp:
+                    raise SpecError(f"{name}.workers={s.workers or 1} is not a multiple of "
+                                    f"{name}.tp={s.tp} (each copy of the model is tp actors); use "
+                                    f"workers={max(s.tp, (s.workers or 1) // s.tp * s.tp)}")
+                argv += ["--tp", str(s.tp)]
         else:
             task_only = {"num_fewshot": s.has_num_fewshot, "limit": s.limit,
-                         "include_path": s.include_path, "output": s.output, "workers": s.workers}
+                         "include_path": s.include_path, "output": s.output, "workers": s.workers,
+                         "tp": s.tp}
             for fld, given in task_only.items():
                 if given:
                     raise SpecError(f"{name}.{fld} applies to lm-eval tasks only; with data "
@@ -470,6 +477,8 @@ class SpecValidator:
                 argv += [flag, str(getattr(s, fld))]
         if self._int(f"{name}.max_num_seqs", s.max_num_seqs, 1, 4096, zero_ok=True):
             argv += ["--max-num-seqs", str(s.max_num_seqs)]
+        if self._int(f"{name}.tensor_parallel_size", s.tensor_parallel_size, 1, 64, zero_ok=True):
+            argv += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
         return Stage("serve", argv)
 
     # ------------------------------------------------------------------ whole jobs

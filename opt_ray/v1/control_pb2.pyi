@@ -167,7 +167,7 @@ class GuardSpec(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., spike_factor: _Optional[float] = ..., onset_factor: _Optional[float] = ..., window: _Optional[int] = ..., min_steps: _Optional[int] = ..., onset_patience: _Optional[int] = ..., check_nan: _Optional[bool] = ..., grad_spike_factor: _Optional[float] = ..., loss_scale_floor: _Optional[float] = ..., min_checkpoint_loss_scale: _Optional[float] = ..., lr_factor: _Optional[float] = ..., clip_after_rollback: _Optional[float] = ..., skip_batches: _Optional[int] = ..., max_rollbacks: _Optional[int] = ...) -> None: ...
 
 class EvalSpec(_message.Message):
-    __slots__ = ("checkpoint", "data", "split", "max_rows", "tasks", "num_fewshot", "has_num_fewshot", "limit", "include_path", "output", "workers")
+    __slots__ = ("checkpoint", "data", "split", "max_rows", "tasks", "num_fewshot", "has_num_fewshot", "limit", "include_path", "output", "workers", "tp")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class EvalSpec(_message.Message):
     INCLUDE_PATH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     data: str
     split: str
@@ -190,7 +191,8 @@ class EvalSpec(_message.Message):
     include_path: str
     output: str
     workers: int
-    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., split: _Optional[str] = ..., max_rows: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., num_fewshot: _Optional[int] = ..., has_num_fewshot: _Optional[bool] = ..., limit: _Optional[float] = ..., include_path: _Optional[str] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+    tp: int
+    def __init__(self, checkpoint: _Optional[str] = ..., data: _Optional[str] = ..., split: _Optional[str] = ..., max_rows: _Optional[int] = ..., tasks: _Optional[_Iterable[str]] = ..., num_fewshot: _Optional[int] = ..., has_num_fewshot: _Optional[bool] = ..., limit: _Optional[float] = ..., include_path: _Optional[str] = ..., output: _Optional[str] = ..., workers: _Optional[int] = ..., tp: _Optional[int] = ...) -> None: ...
 
 class ExportSpec(_message.Message):
     __slots__ = ("run_dir", "output", "step")
@@ -401,7 +403,7 @@ class JobEvent(_message.Message):
     def __init__(self, time: _Optional[float] = ..., job_id: _Optional[str] = ..., status: _Optional[_Union[Job, _Mapping]] = ..., log: _Optional[str] = ..., metrics_line: _Optional[str] = ..., logbook_line: _Optional[str] = ...) -> None: ...
 
 class ServeSpec(_message.Message):
-    __slots__ = ("name", "checkpoint", "replicas", "max_replicas", "http_port", "grpc_port", "max_num_seqs")
+    __slots__ = ("name", "checkpoint", "replicas", "max_replicas", "http_port", "grpc_port", "max_num_seqs", "tensor_parallel_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +411,7 @@ class ServeSpec(_message.Message):
     HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
     GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     checkpoint: str
     replicas: int
@@ -416,7 +419,8 @@ class ServeSpec(_message.Message):
     http_port: int
     grpc_port: int
     max_num_seqs: int
-    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., http_port: _Optional[int] = ..., grpc_port: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, name: _Optional[str] = ..., checkpoint: _Optional[str] = ..., replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., http_port: _Optional[int] = ..., grpc_port: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class ServeApp(_message.Message):
     __slots__ = ("name", "spec", "job_id", "state", "message")

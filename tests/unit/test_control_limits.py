@@ -185,16 +185,16 @@ def test_eval_spec_becomes_an_opt_ray_eval_command(env):
     spec = pb.EvalSpec(checkpoint=str(run), tasks=["copa", "arc_easy", "my-task*"],
                        num_fewshot=5, has_num_fewshot=True, limit=100,
                        include_path=str(tasks_dir), output=str(env.root / "results.json"),
-                       workers=2)
+                       workers=4, tp=2)
     job = env.client.submit(pb.JobSpec(eval=spec))
     ep = job.attempts[0].entrypoint
     assert ep == (f"opt-ray eval {run} --tasks 'copa,arc_easy,my-task*' --num-fewshot 5 "
                   f"--limit 100 --include-path {tasks_dir} --output {env.root / 'results.json'} "
-                  f"--workers 2")
+                  f"--workers 4 --tp 2")
     args = _parse_eval(ep)  # the real `opt-ray eval` takes exactly this
     tasks = args.tasks if isinstance(args.tasks, str) else ",".join(args.tasks)
-    assert (tasks, args.num_fewshot, args.limit, args.include_path, args.workers) == (
-        "copa,arc_easy,my-task*", 5, 100, str(tasks_dir), 2)
+    assert (tasks, args.num_fewshot, args.limit, args.include_path, args.workers, args.tp) == (
+        "copa,arc_easy,my-task*", 5, 100, str(tasks_dir), 4, 2)
     # Zero-shot is said explicitly; a fraction stays a fraction; defaults add nothing.
     job = env.client.submit(pb.JobSpec(eval=pb.EvalSpec(
         checkpoint=str(run), tasks=["copa"], has_num_fewshot=True, limit=0.25)))
@@ -215,6 +215,9 @@ def test_eval_spec_becomes_an_opt_ray_eval_command(env):
     ({"tasks": ["copa"], "output": "EXISTS"}, "already exists"),
     ({"tasks": ["copa"], "max_rows": 5}, "max_rows applies to data"),
     ({"data": "SHARDS", "limit": 3}, "spec.eval.limit applies to lm-eval tasks only"),
+    ({"tasks": ["copa"], "workers": 3, "tp": 2}, "spec.eval.workers=3 is not a multiple of spec.eval.tp=2"),
+    ({"tasks": ["copa"], "tp": 4}, "use workers=4"),
+    ({"data": "SHARDS", "tp": 2}, "spec.eval.tp applies to lm-eval tasks only"),
 ])
 def test_eval_spec_validation(env, fields, says):
     run = env.root / "run"
@@ -236,10 +239,11 @@ def test_ctl_eval_submits_and_watches_an_eval_job(env, capsys, monkeypatch):
     monkeypatch.chdir(env.root)
     base = ["ctl", "--target", f"127.0.0.1:{env.port}"]
     assert main(base + ["eval", "run", "--tasks", "copa,piqa", "--num-fewshot", "0",
-                        "--limit", "20", "--output", "res.json"]) == 0
+                        "--limit", "20", "--output", "res.json", "--eval-workers", "4",
+                        "--eval-tp", "2"]) == 0
     out = capsys.readouterr().out
     assert (f"opt-ray eval {run} --tasks copa,piqa --num-fewshot 0 --limit 20 "
-            f"--output {env.root / 'res.json'}") in out
+            f"--output {env.root / 'res.json'} --workers 4 --tp 2") in out
     job_id = out.split()[0]
     sid = env.backend.last()
     env.backend.set(sid, pb.SUCCEEDED, logs="copa acc 0.55\n")

@@ -382,12 +382,13 @@ def test_logbook_merges_control_events_with_the_run_dir(env):
 
 def test_serve_deploy_update_remove(env):
     (env.root / "hf").mkdir()
-    spec = pb.ServeSpec(name="opt", checkpoint=str(env.root / "hf"), replicas=2, http_port=8001)
+    spec = pb.ServeSpec(name="opt", checkpoint=str(env.root / "hf"), replicas=2, http_port=8001,
+                        tensor_parallel_size=2)
     app = env.client.deploy_serve(spec)
     first = env.backend.last()
     assert env.backend.jobs[first]["entrypoint"] == (
         f"opt-ray serve --checkpoint {env.root / 'hf'} --model-name opt --replicas 2 "
-        f"--http-port 8001")
+        f"--http-port 8001 --tensor-parallel-size 2")
     with pytest.raises(grpc.RpcError) as ei:
         env.client.deploy_serve(spec)
     assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS
