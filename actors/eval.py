@@ -58,6 +58,16 @@ class _Worker:
     def loglikelihood(self, pairs):
         return self.scorer.loglikelihood(pairs)
 
+    def perplexity(self, ckpt: EvalCheckpoint, data: str, split: str, batch_size: int,
+                   max_rows: int | None) -> dict:
+        """``commands.eval.evaluate`` of this actor's model (or its part: the loss is the
+        vocabulary-parallel one training computes, the same on every rank)."""
+        from opt_ray.commands.eval import evaluate
+        from opt_ray.data.shards import ShardDataset
+        from opt_ray.eval.loading import load_tokenizer
+        ds = ShardDataset(data, split=split, tokenizer=load_tokenizer(ckpt))
+        return evaluate(self.scorer.model, ds, batch_size=batch_size, max_rows=max_rows)
+
     def generate(self, prompts, kwargs):
         return self.scorer.generate(prompts, **kwargs)
 
@@ -158,6 +168,13 @@ class WorkerPool:
             if progress:
                 progress(len(idx))
         return out
+
+    def perplexity(self, ckpt: EvalCheckpoint, data: str, split: str, batch_size: int,
+                   max_rows: int | None) -> dict:
+        """Loss and perplexity on token shards by the first copy of the model (all its
+        ranks, under ``tp``)."""
+        return self._all([[a.perplexity.remote(ckpt, data, split, batch_size, max_rows)
+                           for a in self.groups[0]]])[0]
 
     def loglikelihood(self, pairs: Sequence, progress: Callable[[int], None] | None = None) -> list:
         parts = self._split(len(pairs), lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))

@@ -115,3 +115,10 @@ def mc_rows(n: int, seed: int = 0) -> list[dict]:
         choices.insert(label, right)
         rows.append({"question": " ".join(words[:k]), "choices": choices, "label": label})
     return rows
+
+
+def write_text_shards(tok, out: Path) -> Path:
+    """Token shards (train and valid splits) of rotations of ``TEXTS`` made with ``tok``."""
+    from opt_ray.data.shards import write_shards
+    texts = [" ".join(TEXTS[i:] + TEXTS[:i]) for i in range(len(TEXTS))] * 4
+    return write_shards(({"text": t} for t in texts), tok, out, seq_len=16, valid_fraction=0.3)

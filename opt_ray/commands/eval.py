@@ -92,14 +92,29 @@ def run_shards(args: argparse.Namespace) -> int:
     from opt_ray.eval.devices import place
     from opt_ray.eval.loading import locate
 
-    for flag, value in (("--workers", args.workers), ("--tp", args.tp)):
-        if value != 1:
-            raise UserError(f"{flag} {value} applies to --tasks; perplexity on shards (--data) runs "
-                            f"in one process, on one GPU: drop {flag}")
+    if args.workers != 1:
+        raise UserError(f"--workers {args.workers} applies to --tasks; perplexity on shards (--data) "
+                        f"runs on one copy of the model (one GPU, or --tp N of them): drop --workers")
+    if args.tp < 1:
+        raise UserError(f"--tp must be >= 1, got {args.tp}")
     ckpt = locate(args.checkpoint)   # verified here, once; a bad one is one line, before Ray
-    where = place(args.device, args.dtype, 1, address=args.address, num_cpus=args.num_cpus)
+    where = place(args.device, args.dtype, args.tp, address=args.address, num_cpus=args.num_cpus,
+                  tp=args.tp)
     job = (ckpt, args.data, args.split, where.device, where.dtype, args.batch_size, args.max_rows)
-    if where.actors:
+    if args.tp > 1:
+        # One copy of the model split over --tp actors of one node (actors.eval.WorkerPool);
+        # the shards and their tokenizer are checked here first, before any actor starts.
+        from actors.eval import WorkerPool
+        from opt_ray.data.shards import ShardDataset
+        from opt_ray.eval.loading import load_tokenizer
+        ShardDataset(args.data, split=args.split, tokenizer=load_tokenizer(ckpt))
+        pool = WorkerPool(ckpt, workers=args.tp, tp=args.tp, dtype=where.dtype, device=where.device,
+                          batch_size=args.batch_size)
+        try:
+            out = pool.perplexity(ckpt, args.data, args.split, args.batch_size, args.max_rows)
+        finally:
+            pool.close()
+    elif where.actors:
         import ray
         try:
             out = ray.get(ray.remote(num_cpus=1, num_gpus=1)(shards_perplexity).remote(*job))

@@ -413,16 +413,9 @@ class SpecValidator:
                                                    must_not_exist=True))]
             if self._int(f"{name}.workers", s.workers, 1, self.bounds.max_workers, zero_ok=True):
                 argv += ["--workers", str(s.workers)]
-            if self._int(f"{name}.tp", s.tp, 1, self.bounds.max_workers, zero_ok=True):
-                if (s.workers or 1) % s.tp:
-                    raise SpecError(f"{name}.workers={s.workers or 1} is not a multiple of "
-                                    f"{name}.tp={s.tp} (each copy of the model is tp actors); use "
-                                    f"workers={max(s.tp, (s.workers or 1) // s.tp * s.tp)}")
-                argv += ["--tp", str(s.tp)]
         else:
             task_only = {"num_fewshot": s.has_num_fewshot, "limit": s.limit,
-                         "include_path": s.include_path, "output": s.output, "workers": s.workers,
-                         "tp": s.tp}
+                         "include_path": s.include_path, "output": s.output, "workers": s.workers}
             for fld, given in task_only.items():
                 if given:
                     raise SpecError(f"{name}.{fld} applies to lm-eval tasks only; with data "
@@ -433,6 +426,12 @@ class SpecValidator:
                 if not s.split.replace("_", "").isalnum() or len(s.split) > 64:
                     raise SpecError(f"{name}.split={s.split!r} must be a split name like 'valid'")
                 argv += ["--split", s.split]
+        if self._int(f"{name}.tp", s.tp, 1, self.bounds.max_workers, zero_ok=True):
+            if (s.workers or 1) % s.tp and s.tasks:
+                raise SpecError(f"{name}.workers={s.workers or 1} is not a multiple of "
+                                f"{name}.tp={s.tp} (each copy of the model is tp actors); use "
+                                f"workers={max(s.tp, (s.workers or 1) // s.tp * s.tp)}")
+            argv += ["--tp", str(s.tp)]
         if s.max_rows < 0:
             raise SpecError(f"{name}.max_rows={s.max_rows} must be >= 0 (0: all rows)")
         if s.max_rows:

@@ -45,7 +45,7 @@ class EvalConfig:
         "tensor-parallel degree: each copy of the model is split across this many actors on "
         "one node (a multiple of it is --workers), for a model larger than one GPU (66b in "
         "bf16: --tp 2 on 80 GB GPUs; 175b: --tp 8); must divide the model's heads, ffn_dim "
-        "and vocabulary"))
+        "and vocabulary; with --data, one copy on --tp actors (--workers 1)"))
     seed: int | None = field(default=None, metadata=_help(
         "seed for lm-eval's sampling of documents and few-shot examples, and for sampled "
         "generation (default: lm-eval's seeds)"))

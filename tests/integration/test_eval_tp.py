@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from tests.eval_helpers import TEXTS, build_hf_checkpoint, mc_rows, write_mc_task  # noqa: E402
+from tests.eval_helpers import (TEXTS, build_hf_checkpoint, mc_rows, write_mc_task,  # noqa: E402
+                                write_text_shards)
 
 
 def _sharded_copy(src, dst):
@@ -81,6 +82,19 @@ def test_tensor_parallel_workers_score_as_one_process(ray_local, tmp_path, capsy
     import ray
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
+    # Perplexity on token shards (--data) by one copy split two ways: the loss training's
+    # vocabulary-parallel loss computes equals the whole model's.
+    from opt_ray.data.tokenizer import load_tokenizer
+    shards = write_text_shards(load_tokenizer(ckpt), tmp_path / "shards")
+    ppl = []
+    for extra in ([], ["--tp", "2"]):
+        capsys.readouterr()
+        assert main(["eval", str(ckpt), "--data", str(shards), "--max-rows", "6", *extra]) == 0
+        ppl.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert ppl[1]["rows"] == ppl[0]["rows"] == 6
+    assert ppl[1]["loss"] == pytest.approx(ppl[0]["loss"], abs=1e-5), ppl
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
     # A degree that does not divide the model's 4 heads: one line, exit 2.
     capsys.readouterr()
     assert main(["eval", str(ckpt), "--tasks", "mc_tp", "--include-path", str(tmp_path / "tasks"),
@@ -98,7 +112,8 @@ def test_tp_flags_are_checked_before_anything_starts(capsys):
                          "--workers 3 is not a multiple of --tp 2"),
                         (["--tasks", "x", "--tp", "0"], "--tp must be >= 1"),
                         (["--data", "/nonexistent", "--tp", "2", "--workers", "2"],
-                         "--workers 2 applies to --tasks")):
+                         "--workers 2 applies to --tasks"),
+                        (["--data", "/nonexistent", "--tp", "0"], "--tp must be >= 1")):
         assert main(["eval", "/nonexistent", *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0], err

@@ -217,7 +217,7 @@ def test_eval_spec_becomes_an_opt_ray_eval_command(env):
     ({"data": "SHARDS", "limit": 3}, "spec.eval.limit applies to lm-eval tasks only"),
     ({"tasks": ["copa"], "workers": 3, "tp": 2}, "spec.eval.workers=3 is not a multiple of spec.eval.tp=2"),
     ({"tasks": ["copa"], "tp": 4}, "use workers=4"),
-    ({"data": "SHARDS", "tp": 2}, "spec.eval.tp applies to lm-eval tasks only"),
+    ({"data": "SHARDS", "tp": -1}, "spec.eval.tp=-1 is out of bounds"),
 ])
 def test_eval_spec_validation(env, fields, says):
     run = env.root / "run"

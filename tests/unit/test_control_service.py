@@ -428,8 +428,9 @@ def test_export_and_eval_command_lines(env):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "step=7" in ei.value.details()
     (env.root / "shards").mkdir()
     job = env.client.submit(pb.JobSpec(eval=pb.EvalSpec(checkpoint=str(run), data=str(env.root / "shards"),
-                                                        max_rows=64)))
-    assert job.attempts[0].entrypoint == f"opt-ray eval {run} --data {env.root / 'shards'} --max-rows 64"
+                                                        max_rows=64, tp=2)))
+    assert job.attempts[0].entrypoint == (f"opt-ray eval {run} --data {env.root / 'shards'} --tp 2 "
+                                          f"--max-rows 64")
 
 
 def test_ctl_cli_against_the_server(env, capsys, monkeypatch):

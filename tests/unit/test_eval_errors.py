@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from tests.eval_helpers import TEXTS, build_hf_checkpoint, mc_rows, train_opt_tokenizer, write_mc_task
+from tests.eval_helpers import (TEXTS, build_hf_checkpoint, mc_rows, train_opt_tokenizer, write_mc_task,
+                                write_text_shards)
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +93,6 @@ def test_dataset_download_without_network_is_one_line(ckpt, tasks_dir, capsys, m
     assert "task arc_easy" in err and "network" in err and "--include-path" in err
 
 
-def _shards(tok, out):
-    from opt_ray.data.shards import write_shards
-    texts = [" ".join(TEXTS[i:] + TEXTS[:i]) for i in range(len(TEXTS))] * 4
-    return write_shards(({"text": t} for t in texts), tok, out, seq_len=16, valid_fraction=0.3)
-
-
 def test_shards_mode_loss_equals_transformers_and_refuses_other_tokenizer(ckpt, tmp_path, capsys):
     import numpy as np
     import torch
@@ -107,7 +102,7 @@ def test_shards_mode_loss_equals_transformers_and_refuses_other_tokenizer(ckpt, 
     from opt_ray.data.shards import ShardDataset
     from opt_ray.data.tokenizer import load_tokenizer
 
-    same = _shards(load_tokenizer(ckpt), tmp_path / "same")
+    same = write_text_shards(load_tokenizer(ckpt), tmp_path / "same")
     capsys.readouterr()
     assert main(["eval", str(ckpt), "--data", str(same), "--max-rows", "6"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -119,6 +114,6 @@ def test_shards_mode_loss_equals_transformers_and_refuses_other_tokenizer(ckpt, 
                                                 rows[:, 1:].reshape(-1))
     assert got["rows"] == 6 and got["loss"] == pytest.approx(float(ref), abs=1e-4)
 
-    other = _shards(train_opt_tokenizer(TEXTS[::-1] + ["other words entirely"], 380), tmp_path / "other")
+    other = write_text_shards(train_opt_tokenizer(TEXTS[::-1] + ["other words entirely"], 380), tmp_path / "other")
     err = _fails(capsys, ["eval", str(ckpt), "--data", str(other)])
     assert str(other) in err and "tokenizer" in err
