@@ -39,9 +39,9 @@ class _Worker:
         model's config, its parameter count and the count this actor holds."""
         import torch
 
+        from opt_ray.config import num_params
         from opt_ray.eval.loading import load_model, load_tokenizer
         from opt_ray.eval.scoring import Scorer
-        from opt_ray.config import num_params
 
         if device == "cuda":
             from opt_ray.devices import local_device
