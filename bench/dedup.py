@@ -29,12 +29,18 @@ copies, generated stubs, versions of the same module).
    bucket -> bucket: wall time, phase times, bytes the process read (``rchar``) and
    bytes of the corpus fetched from the bucket (counted at s3fs's ranged read).
 
+8. ``--components DOCS [--copies 4] [--against REV]``: a duplicate-heavy corpus (DOCS
+   distinct documents, each COPIES times) through ``run_dedup`` in a child per run, this
+   tree against REV: the components phase's time, the stage's, the child's peak RSS, and
+   the same kept count and report.
+
 7. ``--zst MB [--against REV]``: one ``.jsonl.zst`` of MB of text through
    ``opt-ray dedup --workers 2`` (Ray start-up included), this tree against REV.
 
 Run: ``python -m bench.dedup [--mb 8] [--subset 5000] [--trials 2]``,
 ``python -m bench.dedup --reads 50 [--against REV] [--trials 3]``,
 ``python -m bench.dedup --zst 100 [--against REV] [--trials 3]``,
+``python -m bench.dedup --components 200000 --against REV``,
 ``python -m bench.dedup --scale 50,200 [--workers 1,2]`` or
 ``python -m bench.dedup --bucket 50 [--trials 3]``.
 """
@@ -332,6 +338,69 @@ def bench_reads(corpus, tmp: Path, mb: float, against: str, trials: int) -> dict
         tree.close()
 
 
+_COMPONENTS = """
+import json, resource, sys, time
+import opt_ray
+from opt_ray.data.dedup import DedupConfig, run_dedup
+t0 = time.perf_counter()
+rep = run_dedup([sys.argv[1]], sys.argv[2], DedupConfig())
+print(json.dumps({"seconds": time.perf_counter() - t0, "timings": rep["timings"],
+                  "counts": rep["counts"], "clusters": rep.get("clusters")[:3],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "module": opt_ray.__file__}))
+"""
+
+
+def bench_components(tmp: Path, docs: int, copies: int, against: str, trials: int) -> dict:
+    """A duplicate-heavy corpus (``docs`` distinct documents, each ``copies`` times, spread
+    over 8 MB files) through ``run_dedup`` (the local executor) in a child process per run,
+    this tree against ``against``: the components phase (clusters, kept ids, the report)
+    and the whole stage, and the child's peak RSS."""
+    import subprocess
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+             for _ in range(5000)]
+    rows = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(docs)] * copies
+    rng.shuffle(rows)
+    (tmp / "dups").mkdir()
+    per = max(1, int(8e6 // 300))
+    for k in range(0, len(rows), per):
+        with open(tmp / "dups" / f"part-{k // per:04d}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in rows[k:k + per])
+    tree = _RefTree(against, tmp / "ref-tree")
+    trees = {f"this tree ({tree.rev})": tree.root, f"{against}": tree.path}
+    runs: dict = {k: [] for k in trees}
+    try:
+        for t in range(trials):
+            for name in (list(trees) if t % 2 == 0 else list(trees)[::-1]):
+                out = tmp / f"out-{t}-{name.split()[0]}"
+                proc = subprocess.run([sys.executable, "-c", _COMPONENTS, str(tmp / "dups"), str(out)],
+                                      capture_output=True, text=True, cwd=tmp,
+                                      env={**os.environ, "PYTHONPATH": str(trees[name])})
+                if proc.returncode:
+                    raise RuntimeError(f"{name}: {proc.stderr[-2000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                assert r["module"].startswith(str(trees[name])), r["module"]
+                runs[name].append(r)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        tree.close()
+    res: dict = {"docs": docs * copies, "distinct": docs, "trials": trials,
+                 "load_1m_end": round(os.getloadavg()[0], 2)}
+    for name, rs in runs.items():
+        med = sorted(rs, key=lambda r: r["timings"]["components_s"])[len(rs) // 2]
+        res[name] = {"components_s_per_trial": [round(r["timings"]["components_s"], 2) for r in rs],
+                     "components_s": round(med["timings"]["components_s"], 2),
+                     "stage_s": round(med["timings"]["total_s"], 2),
+                     "peak_rss_mb": round(med["peak_rss_mb"]), "kept": med["counts"]["docs_kept"],
+                     "report_head": med["clusters"]}
+    new, old = (res[k]["components_s"] for k in trees)
+    res["components_speed_vs_ref"] = round(old / new, 2)
+    assert len({json.dumps([res[k]["kept"], res[k]["report_head"]]) for k in trees}) == 1, \
+        "the two trees kept different documents or reported other clusters"
+    return res
+
+
 def bench_scale(corpus, tmp: Path, sizes_mb: list[float], workers: list[int],
                 dedup: bool = True) -> dict:
     """The dedup CLI on corpora of each size and worker count: MB/s (from the report's
@@ -482,6 +551,10 @@ def main() -> int:
                     help="only this tree against --against, local and bucket, on a corpus of MB")
     ap.add_argument("--against", default="55d9ff1",
                     help="the git revision --reads compares with (default: the last with three reads)")
+    ap.add_argument("--components", type=int, default=None, metavar="DOCS",
+                    help="only a duplicate-heavy corpus of DOCS distinct documents, each --copies "
+                         "times, this tree against --against: the components phase")
+    ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--zst", type=float, default=None, metavar="MB",
                     help="only one .jsonl.zst of MB of text through the CLI, this tree against "
                          "--against (default there: 55d9ff1, where it was one split)")
@@ -493,6 +566,11 @@ def main() -> int:
            "corpus_mb": round(sum(len(t.encode()) for _, t in corpus) / 1e6, 1)}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        if args.components:
+            out["components"] = bench_components(tmp, args.components, args.copies, args.against,
+                                                 args.trials)
+            print(json.dumps(out))
+            return 0
         if args.zst:
             out["zst"] = bench_compressed(corpus, tmp, args.zst, args.against, args.trials)
             print(json.dumps(out))

@@ -226,13 +226,79 @@ def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-_DIGITS = re.compile(r"(\d+)")
+_DIGITS = re.compile(r"([0-9]+)")
 
 
 def natural_key(doc_id: str) -> tuple:
-    """Sort key that orders embedded numbers by value: ``a:9`` < ``a:10``, ``7`` < ``12``."""
+    """Sort key that orders embedded numbers (runs of ASCII digits) by value: ``a:9`` <
+    ``a:10``, ``7`` < ``12``."""
     parts = _DIGITS.split(doc_id)
     return tuple(int(p) if k % 2 else p for k, p in enumerate(parts))
+
+
+#: Digit runs of up to this many digits are compared by ``natural_ranks``'s byte key
+#: (longer ones: the Python ``natural_key``).
+_NATURAL_DIGITS = 64
+
+
+def natural_ranks(ids) -> np.ndarray:
+    """Each id's place in ``natural_key`` order (equal keys: by position), for a pyarrow
+    string array, computed on its bytes with numpy, not per id in Python (the components
+    phase orders tens of millions of ids): every run of digits becomes a marker byte below
+    any other character followed by the number left-padded with zeros to the longest
+    run's width, so that byte order is natural order (``a1`` < ``a-`` < ``ab``, ``9`` <
+    ``10``, ``07`` = ``7``). Ids holding bytes 0 or 1, or a run of more than 64 digits,
+    take the Python key."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    n = len(ids)
+    if not n:
+        return np.empty(0, np.int64)
+    key = _natural_bytes(ids.cast(pa.large_string()))
+    if key is None:
+        py = ids.to_pylist()
+        order = np.array(sorted(range(n), key=lambda i: natural_key(py[i])), dtype=np.int64)
+    else:
+        order = pc.sort_indices(pa.table({"k": key, "i": np.arange(n)}),
+                                sort_keys=[("k", "ascending"), ("i", "ascending")]).to_numpy()
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = np.arange(n)
+    return ranks
+
+
+def _natural_bytes(ids):
+    """``natural_ranks``'s byte key of each id (a pyarrow large_binary array), or None
+    when some id needs the Python key."""
+    import pyarrow as pa
+    if ids.null_count:
+        return None
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset:ids.offset + len(ids) + 1]
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    offsets = offsets - offsets[0]
+    if not len(data):
+        return pa.array([b""] * len(ids), pa.large_binary())
+    if (data <= 1).any():
+        return None
+    digit = (data >= 48) & (data <= 57)
+    at_start = np.zeros(len(data) + 1, dtype=bool)
+    at_start[offsets] = True                                  # (and one past the end)
+    prev = np.concatenate([[False], digit[:-1]])
+    nxt = np.concatenate([digit[1:], [False]])
+    starts = np.flatnonzero(digit & (at_start[:-1] | ~prev))
+    ends = np.flatnonzero(digit & (at_start[1:] | ~nxt))
+    lengths = ends - starts + 1
+    width = int(lengths.max()) if len(lengths) else 0
+    if width > _NATURAL_DIGITS:
+        return None
+    # Before each run: a marker (byte 1) and the zeros that pad it to the widest run's digits.
+    extra = width + 1 - lengths
+    fill = np.zeros(int(extra.sum()), dtype=np.uint8) + ord("0")
+    fill[np.concatenate([[0], np.cumsum(extra, dtype=np.int64)[:-1]])[:len(extra)]] = 1
+    out = np.insert(data, np.repeat(starts, extra), fill)
+    runs_before = np.searchsorted(starts, offsets, side="left")
+    new_offsets = offsets + np.concatenate([[0], np.cumsum(extra, dtype=np.int64)])[runs_before]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(ids),
+                                            [None, pa.py_buffer(new_offsets), pa.py_buffer(out)])
 
 
 def connected_components(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -748,67 +814,79 @@ def components_phase(plan: Plan, n_splits: int) -> dict[str, Any]:
     u, v, sim = np.concatenate(us), np.concatenate(vs), np.concatenate(ss)
     nodes, label = connected_components(u, v)
     u, v, sim = _spanning_forest(u, v, sim)
-    # Ids of the clustered documents only (read from the id partitions).
-    id_of: dict[int, str] = {}
-    for p in range(plan.parts):
-        t = _read_tables(plan.split_dir("sign", s) / f"ids-p{p:04d}.parquet"
-                         for s in range(n_splits))
-        tu = t.column("uid").to_numpy()
-        sel = np.flatnonzero(np.isin(tu, nodes))
-        for uid, i in zip(tu[sel].tolist(), t.column("id").take(sel).to_pylist()):
-            id_of.setdefault(uid, i)       # a duplicate id's first occurrence comes first
-    names = [id_of[int(x)] for x in nodes]
-    keys = [natural_key(n) for n in names]
-    # Kept member per cluster: lowest natural id; sort members by (label, natural id).
-    order = sorted(range(len(nodes)), key=lambda i: (int(label[i]), keys[i]))
-    keep_of: dict[int, int] = {}
-    for i in order:
-        keep_of.setdefault(int(label[i]), i)
-    cluster_keep = np.array([names[keep_of[int(label[i])]] for i in range(len(nodes))],
-                            dtype=object)
-    removed = np.array([keep_of[int(label[i])] != i for i in range(len(nodes))], dtype=bool)
+    names = _clustered_ids(plan, n_splits, nodes)
+    # Kept member per cluster: the lowest natural id (ties: the lowest uid). Arrays only:
+    # a duplicate-heavy corpus has tens of millions of clustered documents.
+    order = np.lexsort((natural_ranks(names), label))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = label[order][1:] != label[order][:-1]
+    group = np.empty(len(order), dtype=np.int64)
+    group[order] = np.cumsum(first) - 1
+    keep_idx = order[first][group]              # per node: the index of its cluster's kept one
+    removed = keep_idx != np.arange(len(nodes))
     rem_uids = np.sort(nodes[removed])
-    node_index = {int(x): i for i, x in enumerate(nodes.tolist())}
     with _Task(out) as tmp:
-        import pyarrow as pa
-        _write_table(tmp / CLUSTERS, {
-            "id": pa.array(names, pa.string()), "uid": nodes,
-            "keep": pa.array(cluster_keep.tolist(), pa.string()), "removed": removed})
-        _write_table(tmp / "edges.parquet", {
-            "a": pa.array([names[node_index[int(x)]] for x in u.tolist()], pa.string()),
-            "b": pa.array([names[node_index[int(x)]] for x in v.tolist()], pa.string()),
-            "similarity": sim})
+        _write_table(tmp / CLUSTERS, {"id": names, "uid": nodes, "keep": names.take(keep_idx),
+                                      "removed": removed})
+        _write_table(tmp / "edges.parquet", {"a": names.take(np.searchsorted(nodes, u)),
+                                             "b": names.take(np.searchsorted(nodes, v)),
+                                             "similarity": sim})
         for s in range(n_splits):
             lo, hi = np.searchsorted(rem_uids, [s << 32, (s + 1) << 32])
             np.save(tmp / f"removed-s{s:05d}.npy", rem_uids[lo:hi])
         # The report's excerpt is made here, so the driver never loads every cluster.
         (tmp / "report_clusters.json").write_text(
             json.dumps(report_clusters(tmp, plan.cfg.report_clusters)))
-        return _finish_task(tmp, c0, {"clusters": int(len(keep_of)), "removed": int(removed.sum()),
+        return _finish_task(tmp, c0, {"clusters": int(first.sum()), "removed": int(removed.sum()),
                                   "exact_duplicates": int(sum(len(x) for x in us[0::2]))})
+
+
+def _clustered_ids(plan: Plan, n_splits: int, nodes: np.ndarray):
+    """The ids of the clustered documents ``nodes`` (sorted uids), as a pyarrow string
+    array aligned with them, read from the id partitions; a duplicated id's first
+    occurrence (in partition, then split order) is the one kept."""
+    import pyarrow as pa
+    uids, ids = [], []
+    for p in range(plan.parts):
+        t = _read_tables(plan.split_dir("sign", s) / f"ids-p{p:04d}.parquet"
+                         for s in range(n_splits))
+        tu = t.column("uid").to_numpy()
+        sel = np.flatnonzero(np.isin(tu, nodes))
+        uids.append(tu[sel])
+        ids.append(t.column("id").take(sel).combine_chunks().cast(pa.string()))
+    if not nodes.size:
+        return pa.array([], pa.string())
+    found, first = np.unique(np.concatenate(uids), return_index=True)
+    assert np.array_equal(found, nodes), "a clustered document has no id"
+    return pa.concat_arrays(ids).take(first)
 
 
 def _spanning_forest(u: np.ndarray, v: np.ndarray, sim: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The edges the report lists: partitions verify independently, so an edge (or a
-    cycle) can arrive twice; keep, in (u, v) order, only those that join two clusters."""
+    cycle) can arrive twice; keep, in (u, v) order, only those that join two clusters.
+    That is Kruskal's forest with each edge weighted by its place in that order (distinct
+    weights: the forest is unique), found by scipy's minimum spanning tree in C, not a
+    Python union-find over every edge."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
     order = np.lexsort((v, u))
     u, v, sim = u[order], v[order], sim[order]
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        while parent.get(x, x) != x:
-            parent[x] = parent.get(parent[x], parent[x])
-            x = parent[x]
-        return x
-
-    keep = np.zeros(len(u), dtype=bool)
-    for k, (a, b) in enumerate(zip(u.tolist(), v.tolist())):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[rb] = ra
-            keep[k] = True
-    return u[keep], v[keep], sim[keep]
+    if not len(u):
+        return u, v, sim
+    # The first of repeated pairs and no self-loops: neither could join two clusters (and
+    # the sparse matrix would add repeats' weights together).
+    keep = np.ones(len(u), dtype=bool)
+    keep[1:] = (u[1:] != u[:-1]) | (v[1:] != v[:-1])
+    keep &= u != v
+    rows = np.flatnonzero(keep)
+    nodes, inv = np.unique(np.concatenate([u[rows], v[rows]]), return_inverse=True)
+    a, b = inv[:len(rows)], inv[len(rows):]
+    graph = coo_matrix((rows + 1.0, (a, b)), shape=(len(nodes), len(nodes))).tocsr()
+    forest = minimum_spanning_tree(graph).tocoo()      # undirected: min over (a,b), (b,a)
+    picked = np.sort(forest.data.astype(np.int64) - 1)
+    return u[picked], v[picked], sim[picked]
 
 
 def filter_split(plan: Plan, s: int, fetch_info: dict[str, Any]) -> dict[str, Any]:
@@ -1158,23 +1236,28 @@ def _report_duplicate_ids(plan: Plan, errors: InputErrors, strict: bool) -> None
 
 def report_clusters(components_dir: Path, limit: int) -> list[dict[str, Any]]:
     """Clusters as ``{"keep", "members", "edges"}`` (ids, sorted naturally), sorted by the
-    kept id, at most ``limit`` of them (``clusters.parquet`` holds every one)."""
+    kept id, at most ``limit`` of them (``clusters.parquet`` holds every one). Only the
+    reported clusters' rows become Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    c = pq.read_table(components_dir / CLUSTERS).to_pydict()
-    e = pq.read_table(components_dir / "edges.parquet").to_pydict()
-    members: dict[str, list[str]] = {}
-    for i, k in zip(c["id"], c["keep"]):
-        members.setdefault(k, []).append(i)
-    keep_of = dict(zip(c["id"], c["keep"]))
+    c = pq.read_table(components_dir / CLUSTERS)
+    kept = np.flatnonzero(~c.column("removed").to_numpy())
+    kept_ids = c.column("id").combine_chunks().take(kept)
+    shown = kept_ids.take(np.argsort(natural_ranks(kept_ids))[:limit])
+    rows = c.filter(pc.is_in(c.column("keep"), value_set=shown)).to_pydict()
+    members: dict[str, list[str]] = {k: [] for k in shown.to_pylist()}
+    for i, k in zip(rows["id"], rows["keep"]):
+        members[k].append(i)
+    keep_of = dict(zip(rows["id"], rows["keep"]))
+    e = pq.read_table(components_dir / "edges.parquet")
+    e = e.filter(pc.is_in(e.column("a"), value_set=pa.array(rows["id"], pa.string()))).to_pydict()
     edges: dict[str, list] = {}
-    for a, b, s in sorted(zip(e["a"], e["b"], e["similarity"]),
-                          key=lambda x: (natural_key(x[0]), natural_key(x[1]))):
-        edges.setdefault(keep_of[a], []).append([a, b, round(float(s), 6)])
-    out = []
-    for k in sorted(members, key=natural_key)[:limit]:
-        out.append({"keep": k, "members": sorted(members[k], key=natural_key),
-                    "edges": edges.get(k, [])})
-    return out
+    for a, b, sim in sorted(zip(e["a"], e["b"], e["similarity"]),
+                            key=lambda x: (natural_key(x[0]), natural_key(x[1]))):
+        edges.setdefault(keep_of[a], []).append([a, b, round(float(sim), 6)])
+    return [{"keep": k, "members": sorted(m, key=natural_key), "edges": edges.get(k, [])}
+            for k, m in members.items()]
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -94,6 +94,64 @@ def test_connected_components_and_natural_key():
     assert sorted(["a:10", "a:9", "a:100", "b:1"], key=natural_key) == ["a:9", "a:10", "a:100", "b:1"]
 
 
+def test_natural_ranks_order_ids_as_natural_key_does():
+    """The Arrow-computed order (what the components phase sorts tens of millions of ids
+    by) equals sorting by ``natural_key`` (equal keys: by position), on the cases that
+    matter (a number against text at the same place, leading zeros, prefixes) and on
+    random ids; ids with numbers past 64 digits take the Python key."""
+    import random
+
+    import pyarrow as pa
+
+    from opt_ray.data.dedup import natural_ranks
+
+    def natural_order(ids):
+        return [ids[i] for i in np.argsort(natural_ranks(pa.array(ids, pa.string())))]
+
+    cases = ["a:10", "a:9", "a:100", "b:1", "7", "12", "a1", "a-", "ab", "a", "07", "a01b", "a1b",
+             "x:0", "x:00", "", "é:3", "é:20", "f12.jsonl:99", "f12.jsonl:100", "f2.jsonl:5", "a 1", "a\t2"]
+    assert natural_order(cases) == sorted(cases, key=natural_key)
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = ["".join(rng.choice("ab-:.0123456789é") for _ in range(rng.randint(0, 8))) for _ in range(40)]
+        assert natural_order(ids) == sorted(ids, key=natural_key)
+    big = ["a" + "9" * 25, "a" + "1" * 22, "a" + "5" * 20, "a" + "0" * 30 + "4", "a" + "7" * 70, "a8"]
+    assert natural_order(big) == sorted(big, key=natural_key)
+
+
+def test_spanning_forest_is_the_union_find_forest_in_edge_order():
+    """The report's edges: in (u, v) order, each edge that joins two clusters, as a
+    union-find over the edges keeps them; with repeated pairs, both orientations and
+    self-loops, as partitions that verify independently produce them."""
+    from opt_ray.data.dedup import _spanning_forest
+
+    def reference(u, v, sim):
+        order = np.lexsort((v, u))
+        parent: dict[int, int] = {}
+
+        def find(x):
+            while parent.get(x, x) != x:
+                x = parent[x]
+            return x
+        keep = []
+        for k in order.tolist():
+            ra, rb = find(int(u[k])), find(int(v[k]))
+            if ra != rb:
+                parent[rb] = ra
+                keep.append(k)
+        return u[keep], v[keep], sim[keep]
+
+    rng = np.random.default_rng(0)
+    for n, m in ((1, 0), (5, 12), (40, 60), (300, 900)):
+        u = rng.integers(0, n, m).astype(np.int64) << 20
+        v = rng.integers(0, n, m).astype(np.int64) << 20
+        if m:
+            u, v = np.concatenate([u, v[:3], u[:2]]), np.concatenate([v, u[:3], v[:2]])
+        sim = rng.random(len(u))
+        for got, want in zip(_spanning_forest(u, v, sim), reference(u, v, sim)):
+            assert np.array_equal(got, want)
+
+
 def check_output(recs, report, threshold, ngram=5):
     """The two guarantees, checked against brute-force exact Jaccard."""
     by_id = {r["doc"]: r for r in recs}
