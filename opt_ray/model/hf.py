@@ -201,14 +201,21 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> OPT
     dtype = dtype or torch.float32
     sd = {_normalise_key(k): v for k, v in _read_weights(path, dtype).items()}
     _check_weights(sd, expected_shapes(cfg), str(path))
-    emb = sd["model.decoder.embed_tokens.weight"]
-    head = sd.pop("lm_head.weight", None)
+    _check_tied(path, sd.pop("lm_head.weight", None), sd["model.decoder.embed_tokens.weight"])
+    with torch.device("meta"):
+        model = OPT(cfg)
+    return _assign(model, sd)
+
+
+def _check_tied(path: Path, head: torch.Tensor | None, emb: torch.Tensor) -> None:
+    """OPT ties its LM head to the token embedding: a checkpoint whose head differs is refused."""
     if head is not None and not torch.equal(head, emb):
         raise HFCheckpointError(f"{path}: 'lm_head.weight' differs from 'model.decoder.embed_tokens.weight'; "
                                 "OPT ties them, an untied LM head is not supported")
 
-    with torch.device("meta"):
-        model = OPT(cfg)
+
+def _assign(model: OPT, sd: Mapping[str, torch.Tensor]) -> OPT:
+    """``model`` (built on meta) with the tensors of ``sd`` as its parameters, in eval mode."""
     model.load_state_dict(sd, strict=False, assign=True)
     # assign=True put a new tensor in embed_tokens only; tie the head to it again.
     model.lm_head.weight = model.decoder.embed_tokens.weight
@@ -236,12 +243,13 @@ def from_hf_sharded(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     weights (plus the replicated LayerNorms, positions and biases), never the whole model.
     The same checks as ``from_hf`` (every tensor present and of its full shape, the LM head
     tied), before any weight is read."""
-    from opt_ray.model.parallel import _tp_dim, _tp_world_and_rank, apply_tensor_parallel
+    from opt_ray.model.parallel import _tp_world_and_rank, apply_tensor_parallel, tp_partition_dims
 
     path = Path(path)
     cfg = read_config(path)
     dtype = dtype or torch.float32
     tp, rank = _tp_world_and_rank(None)
+    dims = tp_partition_dims(cfg)
     lazy: dict[str, tuple[tuple[int, ...], Any]] = {}
     for f in _weight_files(path):
         lazy.update({_normalise_key(k): v for k, v in _lazy_tensors(f).items()})
@@ -253,22 +261,16 @@ def from_hf_sharded(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
     def take(key: str) -> torch.Tensor:
         shape, read = lazy[key]
-        dim = _tp_dim(key)
+        dim = dims.get(key)
         if dim is None:
             return read(None, 0, 0, dtype)
         n = shape[dim] // tp
         return read(dim, rank * n, (rank + 1) * n, dtype)
 
     sd = {k: take(k) for k in lazy if k != "lm_head.weight"}
-    if "lm_head.weight" in lazy and not torch.equal(take("lm_head.weight"),
-                                                    sd["model.decoder.embed_tokens.weight"]):
-        raise HFCheckpointError(f"{path}: 'lm_head.weight' differs from 'model.decoder.embed_tokens.weight'; "
-                                "OPT ties them, an untied LM head is not supported")
-    model.load_state_dict(sd, strict=False, assign=True)
-    model.lm_head.weight = model.decoder.embed_tokens.weight
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    assert not leftover, leftover
-    return model.eval()
+    _check_tied(path, take("lm_head.weight") if "lm_head.weight" in lazy else None,
+                sd["model.decoder.embed_tokens.weight"])
+    return _assign(model, sd)
 
 
 #: HF's ``save_pretrained`` default: a model larger than this is split into files of at
