@@ -153,7 +153,7 @@ class _EngineRank:
     def start(self, checkpoint: str, rank: int, master: tuple[str, int]) -> None:
         from opt_ray.model.parallel import join_tensor_group
         join_tensor_group(self.config.tensor_parallel_size, rank, master, self.config.device)
-        self.engine = engine_from_checkpoint(checkpoint, self.config, sharded=True)
+        self.engine = engine_from_checkpoint(checkpoint, self.config)
 
     def follow(self, op: str, args: tuple) -> None:
         self.engine.follow(op, args)
@@ -222,7 +222,7 @@ def _tensor_parallel_engine(checkpoint: str, cfg: EngineConfig):
     master = rendezvous_address()
     started = [r.start.remote(checkpoint, i, master) for i, r in enumerate(ranks, 1)]
     join_tensor_group(tp, 0, master, run.device)
-    engine = engine_from_checkpoint(checkpoint, run, sharded=True, peers=_RankPeers(ranks))
+    engine = engine_from_checkpoint(checkpoint, run, peers=_RankPeers(ranks))
     ray.get(started)
     engine.ranks = ranks       # held: the rank actors live as long as this replica
     return engine

@@ -961,12 +961,13 @@ def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = None,
 
 
 def engine_from_checkpoint(path: str | Path, config: EngineConfig | None = None, *,
-                           sharded: bool = False, peers: Peers | None = None) -> Engine:
-    """The engine over the checkpoint ``path``. ``sharded``: over this tensor-parallel
-    rank's part of the model (the process group is set up); ``peers``: the other ranks,
-    when this is the first."""
+                           peers: Peers | None = None) -> Engine:
+    """The engine over the checkpoint ``path``: with ``config.tensor_parallel_size`` > 1,
+    over this rank's part of the model (its process group set up); ``peers``: the other
+    ranks, when this is the first."""
     # Read in the engine's dtype: the engine rounds to it anyway, and a half-precision
     # replica then never holds the model in fp32.
     config = resolved(config or EngineConfig())
-    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[config.dtype], sharded=sharded)
+    model, tok, eos = load_model_and_tokenizer(path, _DTYPES[config.dtype],
+                                               sharded=config.tensor_parallel_size > 1)
     return Engine(model, tok, config, eos_token_id=eos, peers=peers)
