@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ray
 
 from opt_ray.errors import UserError
+from opt_ray.ray_util import user_error
 
 RETRIES = 5
 #: Where an exception comes from, for the object store's clients (fsspec's s3fs over
@@ -71,8 +72,8 @@ class RayExecutor:
             try:
                 yield ray.get(ready[0])
             except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, UserError):
+                if (bad := user_error(e)) is not None:
                     for ref in pending:
                         ray.cancel(ref)
-                    raise e.cause from None     # bad input: one line, exit 2
+                    raise bad from None     # bad input: one line, exit 2
                 raise

@@ -126,7 +126,7 @@ class WorkerPool:
         every actor: a group missing a rank would wait on it for ever."""
         import ray
 
-        from opt_ray.errors import UserError
+        from opt_ray.ray_util import user_error
         pending = list(key_of)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -134,8 +134,8 @@ class WorkerPool:
                 value = ray.get(done[0])
             except ray.exceptions.RayError as e:
                 self.close()
-                if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, UserError):
-                    raise e.cause from None       # bad input: one line, exit 2
+                if (bad := user_error(e)) is not None:
+                    raise bad from None       # bad input: one line, exit 2
                 raise
             if done[0] in primary:
                 yield key_of[done[0]], value

@@ -101,6 +101,18 @@ def _agent_port_auto_assigned():
         parameter.RayParams = original
 
 
+def user_error(e: BaseException):
+    """The ``UserError`` (bad input) a Ray task or actor call raised, when ``e`` is Ray's
+    wrapping of one: its caller re-raises it, so that the CLI says it in one line and
+    exits 2 (not Ray's traceback); else None."""
+    import ray
+
+    from opt_ray.errors import UserError
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, UserError):
+        return e.cause
+    return None
+
+
 def rendezvous_address() -> tuple[str, int]:
     """This Ray worker's node address and a free port on it: where the other processes of
     a tensor-parallel group meet the first (``model.parallel.join_tensor_group``)."""

@@ -116,11 +116,12 @@ def run_shards(args: argparse.Namespace) -> int:
             pool.close()
     elif where.actors:
         import ray
+        from opt_ray.ray_util import user_error
         try:
             out = ray.get(ray.remote(num_cpus=1, num_gpus=1)(shards_perplexity).remote(*job))
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, UserError):
-                raise e.cause from None       # bad input: one line, exit 2
+            if (bad := user_error(e)) is not None:
+                raise bad from None       # bad input: one line, exit 2
             raise
     else:
         out = shards_perplexity(*job)
