@@ -292,11 +292,11 @@ def _natural_bytes(ids):
         return None
     # Before each run: a marker (byte 1) and the zeros that pad it to the widest run's digits.
     extra = width + 1 - lengths
-    fill = np.zeros(int(extra.sum()), dtype=np.uint8) + ord("0")
-    fill[np.concatenate([[0], np.cumsum(extra, dtype=np.int64)[:-1]])[:len(extra)]] = 1
+    before = np.concatenate([[0], np.cumsum(extra, dtype=np.int64)])   # inserted before run r
+    fill = np.full(int(before[-1]), ord("0"), dtype=np.uint8)
+    fill[before[:-1]] = 1
     out = np.insert(data, np.repeat(starts, extra), fill)
-    runs_before = np.searchsorted(starts, offsets, side="left")
-    new_offsets = offsets + np.concatenate([[0], np.cumsum(extra, dtype=np.int64)])[runs_before]
+    new_offsets = offsets + before[np.searchsorted(starts, offsets, side="left")]
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(ids),
                                             [None, pa.py_buffer(new_offsets), pa.py_buffer(out)])
 
